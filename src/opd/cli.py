@@ -1,0 +1,303 @@
+"""The `opd` command line: thin wrappers that parse, build a config, and call a component."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.panel import Panel
+from rich.table import Table
+
+from opd.errors import OpdError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="On-policy distillation of LLMs.")
+config_app = typer.Typer(no_args_is_help=True, help="Inspect configuration.")
+app.add_typer(config_app, name="config")
+console = Console(stderr=True)
+
+_PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": ["-h", "--help"]}
+
+
+def _fail(exc: Exception, code: int = 2) -> None:
+    console.print(f"[bold red]error:[/] {exc}")
+    raise typer.Exit(code)
+
+
+def _fields_epilog() -> str:
+    from opd.config import ALIASES, field_paths
+
+    lines = ["Every config field is an option: --section.field VALUE (see `opd config fields`)."]
+    lines.append("Short forms: " + ", ".join(f"--{a} = --{p}" for a, p in ALIASES.items()))
+    return "\n\n".join(lines) + "\n\n" + ", ".join(field_paths())
+
+
+@app.command(context_settings=_PASSTHROUGH, epilog=None)
+def train(
+    ctx: typer.Context,
+    config: Path | None = typer.Option(None, "--config", "-c", help="YAML recipe (see configs/)"),
+    resume: Path | None = typer.Option(None, "--resume", help="continue RUN_DIR from its last checkpoint"),
+) -> None:
+    """Distil a student from a teacher on the student's own rollouts.
+
+    Every config field is also an option, e.g. --loss.signal sampled --rollout.max_new_tokens 512;
+    `opd config fields` lists them all.
+    """
+    from opd.config import load_config
+
+    overrides = list(ctx.args)
+    try:
+        if resume is not None:
+            if not (resume / "config.yaml").is_file() and config is None:
+                raise OpdError(f"--resume {resume}: no config.yaml there; is it a run directory?")
+            cfg = load_config(config or resume / "config.yaml", overrides + ["--run_dir", str(resume)])
+        else:
+            cfg = load_config(config, overrides)
+        _run_training(cfg, resume=resume is not None)
+    except OpdError as exc:
+        from opd.trainer import NonFiniteLossError
+
+        _fail(exc, 3 if isinstance(exc, NonFiniteLossError) else 2)
+
+
+def _run_training(cfg, *, resume: bool) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from opd.trainer import OPDTrainer
+
+    trainer = OPDTrainer(cfg, resume=resume, log=lambda m: console.print(m) if _is_main() else None)
+    trainer.setup()
+    main = trainer.acc.is_main_process
+    if main:
+        _startup_report(trainer)
+    if cfg.startup_checks:
+        _fidelity_at_startup(trainer)
+    remaining = trainer.total_steps - trainer.start_step
+    if main:
+        console.print(f"training {remaining} step(s) into {cfg.run_dir} on {trainer.acc.num_processes} process(es)")
+    with Progress(
+        TextColumn("[bold]opd train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+        TextColumn("{task.description}"), console=console, disable=not main, transient=False,
+    ) as progress:  # fmt: skip
+        task = progress.add_task("", total=trainer.total_steps, completed=trainer.start_step)
+
+        def on_step(step: int, m: dict) -> None:
+            desc = (
+                f"loss {m['loss']:.4g} | overlap {m.get('overlap_ratio', float('nan')):.3f} | "
+                f"H_s {m.get('entropy_student', float('nan')):.3f} | len {m['response_len_mean']:.0f} | "
+                f"{m['tokens_per_s']:.0f} tok/s"
+            )
+            progress.update(task, completed=step, description=desc)
+
+        trainer.train(on_step=on_step)
+    if main:
+        console.print(f"[green]done[/]: metrics in {cfg.run_dir}/metrics.jsonl, final model in {cfg.run_dir}/final")
+    trainer.acc.end_training()
+
+
+def _is_main() -> bool:
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
+
+
+def _startup_report(trainer) -> None:
+    from opd.models import special_tokens_report
+
+    cfg = trainer.cfg
+    table = Table(title="opd: student / teacher", show_header=True)
+    table.add_column("")
+    table.add_column("student")
+    table.add_column("teacher")
+    s_rep = special_tokens_report(trainer.tokenizer, trainer._unwrapped())
+    t_rep = special_tokens_report(trainer.teacher_tokenizer, trainer.teacher.model)
+    table.add_row("path", cfg.student.path, cfg.teacher.path)
+    table.add_row("dtype", cfg.student.dtype, cfg.teacher.dtype)
+    for key in sorted(set(s_rep) | set(t_rep)):
+        table.add_row(str(key), str(s_rep.get(key)), str(t_rep.get(key)))
+    table.add_row("shared vocabulary", str(trainer.vocab_size), str(trainer.vocab_size))
+    console.print(table)
+    for note in trainer.tokenizer_report.get("warnings", []) if isinstance(trainer.tokenizer_report, dict) else []:
+        console.print(f"[yellow]warning:[/] {note}")
+    first = trainer.prompt_texts[0]
+    console.print(Panel(first, title=f"first prompt as rendered (template: {cfg.data.template}); the teacher scores these exact ids"))
+    console.print(f"stop ids: {trainer.stop_ids}; pad id: {trainer.tokenizer.pad_token_id}")
+    try:
+        from opd.data import render_prompt
+
+        t_text = render_prompt(
+            trainer.records[0], trainer.teacher_tokenizer, template=cfg.data.template,
+            chat_template_kwargs=cfg.data.chat_template_kwargs, system_prompt=cfg.data.system_prompt,
+        )  # fmt: skip
+        if t_text != first:
+            console.print(Panel(t_text, title="[yellow]the teacher's own template renders it differently"))
+    except OpdError:
+        pass
+
+
+def _fidelity_at_startup(trainer) -> None:
+    from opd.checks import fidelity_self_test, self_test_rollout
+
+    model = trainer._unwrapped()
+    prompts = trainer.prompt_ids[:2]
+    roll = self_test_rollout(model, prompts, pad_id=trainer.tokenizer.pad_token_id, stop_ids=trainer.stop_ids,
+                             max_new_tokens=min(16, trainer.cfg.rollout.max_new_tokens), seed=trainer.cfg.seed)  # fmt: skip
+    res = fidelity_self_test(model, roll, vocab_size=trainer.vocab_size, k=trainer.cfg.diagnostics.k)
+    if trainer.acc.is_main_process:
+        console.print(("[green]ok[/] " if res.ok else "[red]FAILED[/] ") + f"{res.name}: {res.detail}")
+    if not res.ok:
+        raise OpdError(f"{res.name} failed: {res.detail}; the scoring path is inconsistent, refusing to train")
+
+
+@app.command()
+def check(
+    student: str = typer.Option(..., "--student", help="student model: dir, .gguf or hub id"),
+    teacher: str = typer.Option(..., "--teacher", help="teacher model: dir, .gguf or hub id"),
+    prompts: Path | None = typer.Option(None, "--prompts", help="prompt file for the rendered-prompt check"),
+    template: str = typer.Option("chat", "--template"),
+    student_dtype: str = typer.Option("float32", "--student-dtype"),
+    teacher_dtype: str = typer.Option("float32", "--teacher-dtype"),
+    max_new_tokens: int = typer.Option(16, "--max-new-tokens", help="length of the self-test rollouts"),
+    n_prompts: int = typer.Option(2, "--n-prompts"),
+    k: int = typer.Option(16, "--k"),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
+) -> None:
+    """Tokenizer/vocabulary compatibility, EOS/pad handling, and the teacher-fidelity self-test."""
+    try:
+        ok = _check(student, teacher, prompts, template, student_dtype, teacher_dtype, max_new_tokens, n_prompts, k,
+                    trust_remote_code)  # fmt: skip
+    except OpdError as exc:
+        _fail(exc)
+    if not ok:
+        raise typer.Exit(1)
+
+
+def _check(student, teacher, prompts, template, s_dtype, t_dtype, max_new, n_prompts, k, trc) -> bool:
+    import time
+
+    from opd.checks import CheckResult, determinism_check, fidelity_self_test, pair_diagnostics, self_test_rollout
+    from opd.data import PromptRecord, encode_prompts, load_prompts, render_prompt, uses_chat
+    from opd.models import (
+        check_tokenizers,
+        freeze_teacher,
+        load_model,
+        load_tokenizer,
+        prepare_tokenizer,
+        shared_vocab_size,
+        special_tokens_report,
+    )
+
+    results: list[CheckResult] = []
+    t0 = time.perf_counter()
+    s_tok = prepare_tokenizer(load_tokenizer(student, trust_remote_code=trc))
+    t_tok = prepare_tokenizer(load_tokenizer(teacher, trust_remote_code=trc))
+    try:
+        rep = check_tokenizers(s_tok, t_tok)
+        results.append(CheckResult("tokenizers", True, "identical vocabularies", rep if isinstance(rep, dict) else {}))
+    except OpdError as exc:
+        results.append(CheckResult("tokenizers", False, str(exc)))
+        _print_results(results)
+        return False
+    with console.status("loading models..."):
+        s_model = load_model(student, dtype=s_dtype, trust_remote_code=trc)
+        t_model = freeze_teacher(load_model(teacher, dtype=t_dtype, trust_remote_code=trc))
+    console.print(f"models loaded in {time.perf_counter() - t0:.1f}s")
+    vocab = shared_vocab_size(s_model, t_model, s_tok)
+    results.append(CheckResult("vocabulary", True, f"shared real vocabulary {vocab}; padded rows are sliced away"))
+    s_rep, t_rep = special_tokens_report(s_tok, s_model), special_tokens_report(t_tok, t_model)
+    results.append(CheckResult("special tokens", True, f"student {s_rep} | teacher {t_rep}"))
+    for w in rep.get("warnings", []) if isinstance(rep, dict) else []:
+        results.append(CheckResult("template/EOS", False, w))
+
+    records = load_prompts(prompts)[:n_prompts] if prompts else [
+        PromptRecord(text=t, messages=None, answer=None, source=f"builtin:{i}", raw={})
+        for i, t in enumerate(["What is 12 + 30?", "Name a prime number larger than 10."][:n_prompts])
+    ]  # fmt: skip
+    texts = [render_prompt(r, s_tok, template=template) for r in records]
+    console.print(Panel(texts[0], title=f"rendered prompt (student tokenizer, template {template})"))
+    try:
+        t_text = render_prompt(records[0], t_tok, template=template)
+        if t_text != texts[0]:
+            results.append(CheckResult("rendered prompt", False, "the teacher's tokenizer renders the prompt differently: "
+                                       f"{t_text!r}"))  # fmt: skip
+    except OpdError:
+        pass
+    ids = encode_prompts(texts, s_tok, max_prompt_tokens=100_000, sources=[r.source for r in records],
+                         add_special_tokens=not uses_chat(template))  # fmt: skip
+    stop = sorted({int(s_tok.eos_token_id)} | _gen_eos(s_model)) if s_tok.eos_token_id is not None else sorted(_gen_eos(s_model))
+    with console.status("self-test rollouts and scoring..."):
+        roll = self_test_rollout(s_model, ids, pad_id=s_tok.pad_token_id, stop_ids=stop, max_new_tokens=max_new)
+        results.append(fidelity_self_test(s_model, roll, vocab_size=vocab, k=k))
+        results.append(determinism_check(t_model, roll))
+        diag = pair_diagnostics(s_model, t_model, roll, vocab_size=vocab, k=k)
+    results.append(CheckResult("pair metrics (informational)", True,
+                               ", ".join(f"{k_}={v:.4g}" for k_, v in diag.items() if "/" not in k_), diag))  # fmt: skip
+    _print_results(results)
+    console.print(f"check finished in {time.perf_counter() - t0:.1f}s")
+    return all(r.ok for r in results if r.name not in ("template/EOS", "rendered prompt"))
+
+
+def _gen_eos(model) -> set[int]:
+    e = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if e is None:
+        return set()
+    return {int(e)} if isinstance(e, int) else {int(i) for i in e}
+
+
+def _print_results(results) -> None:
+    table = Table(title="opd check")
+    table.add_column("check")
+    table.add_column("result")
+    table.add_column("detail", overflow="fold")
+    for r in results:
+        table.add_row(r.name, "[green]ok[/]" if r.ok else "[red]FAIL[/]" if r.name not in ("template/EOS", "rendered prompt") else "[yellow]warn[/]", r.detail)
+    Console().print(table)
+
+
+@app.command()
+def tiny(out_dir: Path = typer.Argument(Path("runs/tiny"), help="where to write student/, teacher/, prompts.jsonl")) -> None:
+    """Build a tiny random student/teacher pair and a prompt file, for smoke runs with no download."""
+    from opd.tiny import save_tiny_pair
+
+    paths = save_tiny_pair(out_dir)
+    for name, p in paths.items():
+        console.print(f"{name}: {p}")
+
+
+@config_app.command("show")
+def config_show(
+    ctx: typer.Context,
+    config: Path | None = typer.Option(None, "--config", "-c"),
+) -> None:
+    """Print the fully resolved config (defaults + YAML + overrides) as YAML."""
+    from opd.config import dump_config, load_config
+
+    try:
+        sys.stdout.write(dump_config(load_config(config, list(ctx.args))))
+    except OpdError as exc:
+        _fail(exc)
+
+
+config_app.registered_commands[-1].context_settings = _PASSTHROUGH
+
+
+@config_app.command("fields")
+def config_fields() -> None:
+    """List every config field (each is also a --section.field CLI option)."""
+    from opd.config import field_paths
+
+    table = Table(show_header=True)
+    table.add_column("option")
+    table.add_column("description")
+    for path, desc in field_paths().items():
+        table.add_row(f"--{path}", desc)
+    Console().print(table)
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

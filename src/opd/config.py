@@ -1,0 +1,300 @@
+"""Typed, validated run configuration.
+
+Every field is reachable three ways: a default here, a YAML file, and a ``--section.field value`` CLI
+option. Unknown keys are errors (``extra="forbid"``) because a misspelt key that silently keeps its
+default is the most expensive kind of config bug in a GPU-days run.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from opd.errors import ConfigError
+
+Dtype = Literal["float32", "bfloat16", "float16", "auto"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LoraConfig(_Section):
+    """LoRA through peft; off by default (the paper trains all weights)."""
+
+    enabled: bool = False
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: str | list[str] = "all-linear"
+    merge_on_save: bool = Field(True, description="save the final model merged, usable without peft")
+
+
+class StudentConfig(_Section):
+    path: str = Field("", description="local dir, .gguf file, or hub id (hub only when online)")
+    dtype: Dtype = Field("float32", description="fp32 master weights: bf16 swallows 1e-6 updates")
+    trust_remote_code: bool = False
+    lora: LoraConfig = LoraConfig()
+
+
+class TeacherConfig(_Section):
+    path: str = Field("", description="local dir, .gguf file, or hub id; must share the student's tokenizer")
+    dtype: Dtype = Field("float32", description="bfloat16 halves teacher memory and time")
+    trust_remote_code: bool = False
+
+
+class DataConfig(_Section):
+    prompts: str = Field("", description="JSONL, Parquet or CSV with `prompt` or `messages`, optional `answer`")
+    prompt_field: str = "prompt"
+    messages_field: str = "messages"
+    answer_field: str = "answer"
+    template: str = Field(
+        "chat",
+        description="raw | chat | dapo | boxed | chat:<named or format string> | a format string with {prompt}",
+    )
+    chat_template_kwargs: dict[str, Any] = Field(default_factory=dict, description="e.g. {enable_thinking: false}")
+    system_prompt: str | None = None
+    max_prompt_tokens: int = Field(1024, ge=1)
+    shuffle: bool = True
+
+
+class RolloutConfig(_Section):
+    rollouts_per_prompt: int = Field(4, ge=1)
+    temperature: float = Field(1.0, ge=0.0, description="sampling temperature; 0 = greedy")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, description="0 = off; truncated sampling biases the sampled-token estimator")
+    max_new_tokens: int = Field(256, ge=1, description="response budget (paper: 7168)")
+    batch_size: int = Field(8, ge=1, description="prompts per generate call (each with all its rollouts)")
+    stop_token_ids: list[int] = Field(default_factory=list, description="extra stop ids besides EOS")
+
+
+class LossConfig(_Section):
+    signal: Literal["sampled", "topk", "full"] = "topk"
+    divergence: Literal["reverse_kl", "forward_kl", "jsd", "tvd"] = "reverse_kl"
+    k: int = Field(16, ge=1)
+    support: Literal["student", "teacher", "overlap", "non_overlap", "union"] = "student"
+    renorm: Literal["both", "weights"] = Field("both", description="both = paper Eq. 5; weights = released code")
+    beta: float = Field(0.5, ge=0.0, le=1.0, description="generalized JSD (TRL convention)")
+    chunk_size: int | None = Field(2048, ge=1, description="rows per chunk for full-vocabulary math")
+
+    @model_validator(mode="after")
+    def _combination(self) -> LossConfig:
+        from opd.objectives import validate_objective
+
+        try:
+            validate_objective(self.signal, self.divergence, self.support, self.renorm, self.beta, self.k)
+        except ValueError as exc:
+            raise ValueError(f"loss: {exc}") from None
+        return self
+
+
+class OptimConfig(_Section):
+    lr: float = Field(1e-6, gt=0.0)
+    weight_decay: float = Field(0.01, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0.0)
+    max_grad_norm: float | None = Field(1.0, description="grad-norm clip; null disables")
+    schedule: Literal["constant", "warmup", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    warmup_ratio: float = Field(0.0, ge=0.0, le=1.0, description="used when warmup_steps is 0")
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0, description="cosine floor as a fraction of lr")
+
+
+class DiagnosticsConfig(_Section):
+    k: int = Field(16, ge=1, description="top-k for overlap metrics, independent of the loss k")
+    position_bins: int = Field(4, ge=0, description="response-position bins for the long-horizon metrics")
+
+
+class TrackingConfig(_Section):
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "opd"
+    run_name: str | None = None
+
+
+class TrainConfig(_Section):
+    student: StudentConfig = StudentConfig()
+    teacher: TeacherConfig = TeacherConfig()
+    data: DataConfig = DataConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    loss: LossConfig = LossConfig()
+    optim: OptimConfig = OptimConfig()
+    diagnostics: DiagnosticsConfig = DiagnosticsConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    run_dir: str = "runs/opd"
+    steps: int | None = Field(None, ge=1, description="optimizer steps; default: one epoch of prompts")
+    prompts_per_step: int = Field(64, ge=1, description="global, across all processes")
+    micro_batch_size: int = Field(8, ge=1, description="sequences per forward/backward (grad accumulation)")
+    seed: int = 0
+    checkpoint_every: int = Field(50, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    stop_on_nan: bool = True
+    save_final: bool = True
+    startup_checks: bool = Field(True, description="tokenizer/EOS checks and the teacher-fidelity self-test")
+
+    def require_paths(self) -> None:
+        """Paths have no sensible default, but `opd config show` must work without them."""
+        missing = [
+            name
+            for name, value in (
+                ("student.path", self.student.path),
+                ("teacher.path", self.teacher.path),
+                ("data.prompts", self.data.prompts),
+            )
+            if not value
+        ]
+        if missing:
+            raise ConfigError(
+                f"missing required setting(s): {', '.join(missing)}; set them in the YAML file "
+                f"or as CLI options, e.g. --{missing[0]} VALUE"
+            )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading and overrides
+
+# Short CLI spellings for the options people type most; everything else is --section.field.
+ALIASES: dict[str, str] = {
+    "student": "student.path",
+    "teacher": "teacher.path",
+    "prompts": "data.prompts",
+    "template": "data.template",
+    "lr": "optim.lr",
+    "signal": "loss.signal",
+    "divergence": "loss.divergence",
+    "k": "loss.k",
+}
+
+
+def field_paths(model: type[BaseModel] = TrainConfig, prefix: str = "") -> dict[str, str]:
+    """Every settable dotted path with its description, for help text and override checking."""
+    out: dict[str, str] = {}
+    for name, info in model.model_fields.items():
+        ann = info.annotation
+        path = f"{prefix}{name}"
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out.update(field_paths(ann, path + "."))
+        else:
+            out[path] = info.description or ""
+    return out
+
+
+def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"cannot set {dotted}: {key} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """Turn ``--a.b value`` / ``--a.b=value`` / ``--a-b value`` into a nested dict.
+
+    Values are parsed as YAML scalars so ``--loss.k 8`` is an int and ``--tracking.wandb true`` a bool.
+    Unknown paths fail here, with the closest known names, rather than deep inside pydantic.
+    """
+    known = field_paths()
+    tree: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}: options look like --section.field VALUE")
+        key = arg[2:]
+        if "=" in key:
+            key, raw = key.split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args):
+                raise ConfigError(f"option {arg} needs a value")
+            raw = args[i + 1]
+            i += 2
+        key = key.replace("-", "_")
+        key = ALIASES.get(key, key)
+        if key not in known and not key.startswith("data.chat_template_kwargs."):
+            import difflib
+
+            close = difflib.get_close_matches(key, list(known) + list(ALIASES), n=3)
+            hint = f" did you mean {', '.join('--' + c for c in close)}?" if close else ""
+            raise ConfigError(f"unknown option --{key}.{hint} `opd config fields` lists every option")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        if isinstance(value, str):  # YAML 1.1 reads "1e-5" as a string; people mean a number
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        # Paths and templates are strings even when they look like numbers or YAML.
+        if key.endswith(".path") or key in ("data.prompts", "run_dir", "data.template"):
+            value = raw
+        _set_path(tree, key, value)
+    return tree
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _format_validation(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; `opd config fields` lists every key)"
+        got = err.get("input")
+        shown = "" if isinstance(got, dict) or err["type"] == "extra_forbidden" else f" (got {got!r})"
+        lines.append(f"  {loc}: {msg}{shown}")
+    return "\n".join(lines)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{p}:{mark.line + 1}" if mark is not None else str(p)
+        raise ConfigError(f"{where}: not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def build_config(data: dict[str, Any], source: str = "config") -> TrainConfig:
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation(exc, source)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """YAML file (optional) with CLI overrides on top."""
+    data = read_yaml(path) if path else {}
+    over = parse_overrides(overrides or [])
+    source = f"{path} + command line" if path and over else str(path or "command line")
+    return build_config(deep_merge(data, over), source)
+
+
+def dump_config(cfg: BaseModel) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

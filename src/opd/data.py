@@ -1,0 +1,502 @@
+"""Prompt files, prompt templates, tokenisation limits and the resumable prompt cursor.
+
+Everything here fails early and loudly: a bad record found at step 3,000 of a GPU run wastes hours,
+so `load_prompts` validates every record up front and every error names `file:line` (or `file:row N`)
+and the field, and says what to do about it.
+
+Template grammar (the `template` argument of `render_prompt`, a config string):
+
+=================  ==========================================================================
+``raw``            the prompt text exactly as in the file (no chat template)
+``chat``           the tokenizer's chat template; a text prompt becomes one user message
+``<name>``         a named template from `TEMPLATES` (``dapo``, ``boxed``), result used as raw text
+``<format>``       any string containing ``{prompt}``, filled by plain substitution (not
+                   `str.format`, so literal braces such as ``\\boxed{}`` survive)
+``chat:<x>``       fill ``<name>``/``<format>`` first, then wrap it as the chat user message
+=================  ==========================================================================
+
+For records that carry `messages`, only chat templates apply; ``chat:<x>`` fills the last user
+message. Templates are how a run aligns its prompts with the teacher's own format (paper, Recipe B),
+so the rendered text is meant to be shown for both models at start-up.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from opd.errors import ConfigError, DataError
+
+# DAPO-Math-17K's own wording (the paper's default prompt set), instruction first, problem in the middle
+# and the reminder last, so that students see training prompts exactly as the DAPO data spells them.
+DAPO_TEMPLATE = (
+    "Solve the following math problem step by step. The last line of your response should be of the form "
+    "Answer: $Answer (without quotes) where $Answer is the answer to the problem.\n\n"
+    "{prompt}\n\n"
+    'Remember to put your answer on its own line after "Answer:".'
+)
+# The teacher-aligned template of the paper (Qwen/DeepSeek math post-training format).
+BOXED_TEMPLATE = "{prompt} Please reason step by step, and put your final answer within \\boxed{}."
+
+TEMPLATES: dict[str, str] = {"dapo": DAPO_TEMPLATE, "boxed": BOXED_TEMPLATE}
+
+SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".csv": "csv"}
+
+
+@dataclass
+class PromptRecord:
+    """One prompt as read from a file; exactly one of `text` and `messages` is set.
+
+    `source` travels with the record so that every later failure (too long, bad template) can point the
+    user at the line to fix; `raw` keeps the whole row for verifiers and logging.
+    """
+
+    text: str | None
+    messages: list[dict[str, Any]] | None
+    answer: str | None
+    source: str
+    raw: dict[str, Any] = field(repr=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_prompts(
+    path: str | Path,
+    *,
+    prompt_field: str | None = "prompt",
+    messages_field: str | None = "messages",
+    answer_field: str | None = "answer",
+) -> list[PromptRecord]:
+    """Read and validate every record of a JSONL / Parquet / CSV prompt file.
+
+    Field names may be dotted paths into nested objects (``reward_model.ground_truth``, as in verl's
+    DAPO parquet). A prompt field holding a list of ``{role, content}`` messages is read as messages,
+    which is how verl-style datasets store chat prompts. Pass ``None`` for a field to ignore it, e.g.
+    when a file has both a ``prompt`` and a ``messages`` column and you want only one.
+    """
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise DataError(f"{p}: prompt file not found; check data.prompts (paths are relative to the cwd).")
+    if p.is_dir():
+        raise DataError(f"{p}: is a directory; data.prompts must name a .jsonl, .parquet or .csv file.")
+    kind = SUFFIXES.get(p.suffix.lower())
+    if kind is None:
+        raise DataError(
+            f"{p}: unknown prompt file extension {p.suffix!r}; use .jsonl (or .json lines), .parquet or .csv."
+        )
+    rows = {"jsonl": _read_jsonl, "parquet": _read_parquet, "csv": _read_csv}[kind](p)
+    records = [
+        _to_record(row, source, prompt_field, messages_field, answer_field, csv_cells=kind == "csv")
+        for source, row in rows
+    ]
+    if not records:
+        raise DataError(f"{p}: no records found (the file is empty); add prompts or point data.prompts elsewhere.")
+    return records
+
+
+def _read_jsonl(p: Path) -> list[tuple[str, dict[str, Any]]]:
+    text = p.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        # A whole-file JSON array (a common .json export) rather than JSON lines.
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(
+                f"{p}:{e.lineno}: invalid JSON ({e.msg}, column {e.colno}); fix the file or write JSON lines."
+            ) from e
+        return [(f"{p}:row {i}", _require_object(item, f"{p}:row {i}")) for i, item in enumerate(items, 1)]
+    out = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        source = f"{p}:{lineno}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(
+                f"{source}: invalid JSON ({e.msg}, column {e.colno}); each line must be one JSON object."
+            ) from e
+        out.append((source, _require_object(obj, source)))
+    return out
+
+
+def _require_object(obj: Any, source: str) -> dict[str, Any]:
+    if not isinstance(obj, dict):
+        raise DataError(
+            f"{source}: expected a JSON object like {{\"prompt\": ...}}, got {type(obj).__name__}; "
+            "each record must be an object."
+        )
+    return obj
+
+
+def _read_parquet(p: Path) -> list[tuple[str, dict[str, Any]]]:
+    import pyarrow.parquet as pq
+
+    try:
+        rows = pq.read_table(p).to_pylist()
+    except Exception as e:  # pyarrow raises several types for unreadable files
+        raise DataError(f"{p}: cannot read as Parquet ({e}); check the file is a valid .parquet file.") from e
+    return [(f"{p}:row {i}", row) for i, row in enumerate(rows, 1)]
+
+
+def _read_csv(p: Path) -> list[tuple[str, dict[str, Any]]]:
+    with p.open(newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        # Row numbers count data records from 1 (the header is not a row), matching Parquet.
+        return [(f"{p}:row {i}", dict(row)) for i, row in enumerate(reader, 1)]
+
+
+def _lookup(row: dict[str, Any], name: str | None) -> Any:
+    """A field by name, or by dotted path into nested dicts when no top-level key has that name."""
+    if name is None:
+        return None
+    if name in row:
+        return row[name]
+    cur: Any = row
+    for part in name.split("."):
+        if not isinstance(cur, dict) or part not in cur:
+            return None
+        cur = cur[part]
+    return cur
+
+
+def _is_missing(value: Any, csv_cells: bool) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, float) and math.isnan(value):  # pandas-written parquet marks nulls as NaN
+        return True
+    return csv_cells and value == ""  # an empty CSV cell means "no value"
+
+
+def _to_record(
+    row: dict[str, Any],
+    source: str,
+    prompt_field: str | None,
+    messages_field: str | None,
+    answer_field: str | None,
+    *,
+    csv_cells: bool,
+) -> PromptRecord:
+    prompt = _lookup(row, prompt_field)
+    messages = _lookup(row, messages_field)
+    prompt = None if _is_missing(prompt, csv_cells) else prompt
+    messages = None if _is_missing(messages, csv_cells) else messages
+    if isinstance(prompt, list):
+        if messages is not None:
+            raise DataError(
+                f"{source}: both {prompt_field!r} (a message list) and {messages_field!r} are set; "
+                "keep one, or set the other field name to null in the data config."
+            )
+        messages, prompt = prompt, None
+        messages_field = prompt_field
+    if prompt is None and messages is None:
+        fields = " nor ".join(repr(f) for f in (prompt_field, messages_field) if f)
+        keys = ", ".join(sorted(row)) or "none"
+        raise DataError(
+            f"{source}: record has neither {fields} (its fields: {keys}); "
+            "add one, or set data.prompt_field / data.messages_field to the right column."
+        )
+    if prompt is not None and messages is not None:
+        raise DataError(
+            f"{source}: both {prompt_field!r} and {messages_field!r} are set; keep one, or set the other "
+            "field name to null in the data config."
+        )
+    text = None
+    if prompt is not None:
+        if not isinstance(prompt, str):
+            raise DataError(
+                f"{source}: field {prompt_field!r} must be a string, got {type(prompt).__name__} "
+                f"({_short(prompt)}); quote it in the file."
+            )
+        if not prompt.strip():
+            raise DataError(f"{source}: field {prompt_field!r} is empty; remove the record or fill it in.")
+        text = prompt
+    else:
+        messages = _check_messages(messages, source, str(messages_field), csv_cells=csv_cells)
+    answer = _lookup(row, answer_field)
+    if _is_missing(answer, csv_cells):
+        answer = None
+    elif isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
+        raise DataError(
+            f"{source}: field {answer_field!r} must be a string or a number, got {type(answer).__name__} "
+            f"({_short(answer)}); write the reference answer as a string."
+        )
+    elif not isinstance(answer, str):
+        answer = str(answer)  # numeric answers ("answer": 19) are common and unambiguous
+    return PromptRecord(text=text, messages=messages, answer=answer, source=source, raw=row)
+
+
+def _check_messages(value: Any, source: str, name: str, *, csv_cells: bool) -> list[dict[str, Any]]:
+    if csv_cells and isinstance(value, str):
+        # A CSV cell cannot hold a list; accept the JSON spelling of one.
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise DataError(
+                f"{source}: field {name!r} must be a JSON list of {{role, content}} objects in a CSV cell "
+                f"({e.msg}); fix the cell or use a JSONL file."
+            ) from e
+    hint = 'write it as [{"role": "user", "content": "..."}]'
+    if not isinstance(value, list) or not value:
+        raise DataError(
+            f"{source}: field {name!r} must be a non-empty list of {{role, content}} messages, got "
+            f"{type(value).__name__} ({_short(value)}); {hint}."
+        )
+    out = []
+    for i, msg in enumerate(value):
+        if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
+            raise DataError(
+                f"{source}: field {name!r}, message {i} must be an object with 'role' and 'content', got "
+                f"{_short(msg)}; {hint}."
+            )
+        if not isinstance(msg["role"], str) or not isinstance(msg["content"], str):
+            raise DataError(
+                f"{source}: field {name!r}, message {i}: 'role' and 'content' must be strings, got "
+                f"role={_short(msg['role'])}, content={_short(msg['content'])}; {hint}."
+            )
+        out.append(dict(msg))
+    if out[-1]["role"] == "assistant":
+        # A conversation that already ends with the answer is SFT data; rolling out after it would
+        # train on a continuation of a finished reply.
+        raise DataError(
+            f"{source}: field {name!r} ends with an assistant message; prompts must end with a user turn. "
+            "Drop the assistant reply (SFT data is not a prompt set)."
+        )
+    return out
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    s = repr(value)
+    return s if len(s) <= limit else s[: limit - 3] + "..."
+
+
+# --------------------------------------------------------------------------------------------------
+# Templates
+
+
+def uses_chat(template: str) -> bool:
+    """Whether `template` renders through the tokenizer's chat template (which then owns BOS)."""
+    return template == "chat" or template.startswith("chat:")
+
+
+def _resolve_format(spec: str) -> str | None:
+    """The format string a non-chat template spec names; None for ``raw``."""
+    if spec == "raw":
+        return None
+    if spec in TEMPLATES:
+        return TEMPLATES[spec]
+    if "{prompt}" in spec:
+        return spec
+    names = ", ".join(["raw", "chat", *TEMPLATES, "chat:<name>"])
+    raise ConfigError(
+        f"unknown prompt template {spec!r}: use one of {names}, or a format string containing {{prompt}}."
+    )
+
+
+def _fill(fmt: str | None, text: str) -> str:
+    # str.replace, not str.format: templates contain literal braces (\boxed{}, LaTeX).
+    return text if fmt is None else fmt.replace("{prompt}", text)
+
+
+def validate_template(template: str) -> None:
+    """Raise ConfigError for a template spec that `render_prompt` would reject, before any data is read."""
+    inner = template[len("chat:") :] if template.startswith("chat:") else template
+    if template != "chat":
+        _resolve_format(inner)
+
+
+def render_prompt(
+    record: PromptRecord,
+    tokenizer: Any,
+    *,
+    template: str = "chat",
+    chat_template_kwargs: dict[str, Any] | None = None,
+    system_prompt: str | None = None,
+) -> str:
+    """The exact prompt string a model is given for `record` (see the module docstring for `template`).
+
+    `system_prompt` is added (chat templates only) to records that do not bring their own system message;
+    a record's own system message wins, since the data author chose it for that record.
+    """
+    chat = uses_chat(template)
+    fmt = None
+    if template != "chat":
+        fmt = _resolve_format(template[len("chat:") :] if chat else template)
+    if not chat:
+        if system_prompt:
+            raise ConfigError(
+                f"system_prompt needs a chat template, but template is {template!r}; use template: chat "
+                "(or chat:<name>), or put the instruction into a format string."
+            )
+        if record.messages is not None:
+            raise DataError(
+                f"{record.source}: record has messages, which template {template!r} cannot render; "
+                "use template: chat (or chat:<name>)."
+            )
+        return _fill(fmt, record.text or "")
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(
+            f"template {template!r} needs a chat template, but the tokenizer "
+            f"({getattr(tokenizer, 'name_or_path', '?')}) has none (common for base models); use "
+            "template: raw, a named template such as dapo, or a format string with {prompt}."
+        )
+    if record.messages is not None:
+        messages = [dict(m) for m in record.messages]
+        if fmt is not None:
+            users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+            if not users:
+                raise DataError(
+                    f"{record.source}: template {template!r} fills the last user message, but the record "
+                    "has none; add a user message or use template: chat."
+                )
+            messages[users[-1]]["content"] = _fill(fmt, messages[users[-1]]["content"])
+    else:
+        messages = [{"role": "user", "content": _fill(fmt, record.text or "")}]
+    if system_prompt and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    try:
+        return tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=False, **(chat_template_kwargs or {})
+        )
+    except Exception as e:  # Jinja raises TemplateError / TypeError / ValueError from user templates
+        raise DataError(
+            f"{record.source}: the tokenizer's chat template failed on this record ({type(e).__name__}: {e}); "
+            "check the record's roles and data.chat_template_kwargs."
+        ) from e
+
+
+# --------------------------------------------------------------------------------------------------
+# Tokenisation and batching
+
+
+def encode_prompts(
+    texts: Sequence[str],
+    tokenizer: Any,
+    *,
+    max_prompt_tokens: int,
+    sources: Sequence[str],
+    add_special_tokens: bool,
+) -> list[list[int]]:
+    """Token ids of rendered prompts, refusing any prompt over the limit.
+
+    Refusing instead of truncating: a left-truncated prompt loses its question and a right-truncated one
+    its generation prompt, both silently. Pass `add_special_tokens=not uses_chat(template)`: chat
+    templates already contain BOS and a second one shifts the teacher's view of the prompt.
+    """
+    if len(texts) != len(sources):
+        raise ValueError(f"encode_prompts: {len(texts)} texts but {len(sources)} sources")
+    if not texts:
+        return []
+    ids = tokenizer(list(texts), add_special_tokens=add_special_tokens)["input_ids"]
+    for seq, source in zip(ids, sources):
+        if len(seq) > max_prompt_tokens:
+            raise DataError(
+                f"{source}: prompt is {len(seq)} tokens, over data.max_prompt_tokens={max_prompt_tokens}; "
+                "raise data.max_prompt_tokens, or shorten or filter out this prompt."
+            )
+        if not seq:
+            raise DataError(f"{source}: prompt encodes to zero tokens; remove the record or fill it in.")
+    return [list(seq) for seq in ids]
+
+
+def left_pad(batch: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack prompts with padding on the left, so every prompt ends where generation starts.
+
+    The mask comes from lengths, never from comparing ids with `pad_id`, because `pad_id` is often
+    the EOS id.
+    """
+    if not batch:
+        raise ValueError("left_pad: empty batch")
+    width = max(len(seq) for seq in batch)
+    if width == 0:
+        raise ValueError("left_pad: all sequences are empty")
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, seq in enumerate(batch):
+        if not seq:
+            raise ValueError(f"left_pad: sequence {i} is empty")
+        input_ids[i, width - len(seq) :] = torch.as_tensor(list(seq), dtype=torch.long)
+        mask[i, width - len(seq) :] = 1
+    return input_ids, mask
+
+
+# --------------------------------------------------------------------------------------------------
+# Cursor
+
+
+class PromptCursor:
+    """An endless, deterministic stream of record indices, resumable from a small JSON state.
+
+    Each epoch is a fresh permutation drawn from a generator seeded by (seed, epoch) alone, so the order
+    never depends on how many prompts were drawn per call or on process history: a run resumed from
+    `state_dict()` draws exactly the prompts the uninterrupted run would have.
+    """
+
+    def __init__(self, n_records: int, *, seed: int, shuffle: bool = True) -> None:
+        if n_records <= 0:
+            raise DataError("PromptCursor: no records to draw from; the prompt file is empty.")
+        self.n_records = n_records
+        self.seed = int(seed)
+        self.shuffle = shuffle
+        self.epoch = 0
+        self.position = 0
+        self._order: list[int] | None = None
+
+    def _epoch_order(self, epoch: int) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.n_records))
+        g = torch.Generator()
+        # Mix (seed, epoch) into one 63-bit seed; distinct pairs give distinct permutations in practice.
+        g.manual_seed((self.seed * 1_000_003 + epoch * 7_919 + 0x5EED) % (2**63 - 1))
+        return torch.randperm(self.n_records, generator=g).tolist()
+
+    def next_indices(self, n: int) -> list[int]:
+        """The next `n` record indices, continuing into the next epoch's permutation when one runs out."""
+        if n < 0:
+            raise ValueError(f"next_indices: n must be >= 0, got {n}")
+        out: list[int] = []
+        while len(out) < n:
+            if self._order is None:
+                self._order = self._epoch_order(self.epoch)
+            take = min(n - len(out), self.n_records - self.position)
+            out.extend(self._order[self.position : self.position + take])
+            self.position += take
+            if self.position == self.n_records:
+                self.epoch += 1
+                self.position = 0
+                self._order = None
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "seed": self.seed,
+            "n_records": self.n_records,
+            "shuffle": self.shuffle,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a position; refuse a state from a different data set, which would silently reorder."""
+        n = state.get("n_records", self.n_records)
+        if n != self.n_records or int(state["seed"]) != self.seed or state.get("shuffle", self.shuffle) != self.shuffle:
+            raise DataError(
+                f"cannot resume the prompt cursor: checkpoint has n_records={n}, seed={state['seed']}, "
+                f"shuffle={state.get('shuffle')}, but this run has n_records={self.n_records}, "
+                f"seed={self.seed}, shuffle={self.shuffle}; resume with the same prompt file and seed."
+            )
+        position = int(state["position"])
+        if not 0 <= position < self.n_records:
+            raise DataError(f"cannot resume the prompt cursor: position {position} out of range")
+        self.epoch = int(state["epoch"])
+        self.position = position
+        self._order = None

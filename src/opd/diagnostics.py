@@ -1,0 +1,273 @@
+"""Per-token diagnostics of student/teacher agreement on student rollouts (paper brief §2).
+
+Everything is accumulated as float64 SUMS and COUNTS first (``diagnostic_sums``) and divided only at the
+end (``finalize``). That split exists so the trainer can add micro-batches and all-reduce across
+processes and still get the exact token-weighted mean of the whole batch; averaging per-micro-batch means
+would weight tokens by how the batch happened to be split.
+
+Conventions decided here (the brief left them open):
+- ``overlap_mass_student`` / ``overlap_mass_teacher`` count a position with an empty overlap I_t as mass
+  0. The released code skips such positions, which biases the mass upward exactly when the models
+  disagree most (the failing runs this metric is meant to expose).
+- ``overlap_token_advantage`` is averaged only over positions with a non-empty I_t: the per-token
+  quantity (1/|I_t|)·Σ A_t(v) is undefined (0/0) there, and imputing 0 would read as "perfect
+  agreement". ``overlap_empty_frac`` reports how many positions were excluded.
+- ``k`` is clamped to the vocabulary size, and ``overlap_ratio`` divides by that clamped k.
+- Position bins use the index along T, i.e. response tokens must start at t = 0 (right padding).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from opd.objectives import (
+    compute_dtype,
+    masked_positions,
+    row_chunks,
+    shared_vocab,
+    support_log_probs,
+)
+
+__all__ = [
+    "BINNED_METRICS",
+    "MEAN_METRICS",
+    "diagnostic_sums",
+    "finalize",
+    "merge_sums",
+    "sequence_mean_reward",
+    "token_diagnostics",
+]
+
+# metric name -> the count it is a mean over
+MEAN_METRICS: dict[str, str] = {
+    "overlap_ratio": "tokens",
+    "overlap_token_advantage": "overlap_nonempty",
+    "entropy_student": "tokens",
+    "entropy_teacher": "tokens",
+    "entropy_gap": "tokens",
+    "overlap_mass_student": "tokens",
+    "overlap_mass_teacher": "tokens",
+    "reverse_kl": "tokens",
+    "forward_kl": "tokens",
+}
+BINNED_METRICS: tuple[str, ...] = (
+    "overlap_ratio",
+    "overlap_mass_student",
+    "overlap_mass_teacher",
+    "entropy_student",
+    "entropy_teacher",
+    "entropy_gap",
+    "reverse_kl",
+)
+
+
+def _xlogy_sum(a: Tensor, log_a: Tensor) -> Tensor:
+    """Σ a·log a with 0·log 0 = 0, so −inf logits (banned tokens) do not turn entropies into NaN."""
+    return torch.where(a > 0, a * log_a, 0.0).sum(-1)
+
+
+def _kl_sum(a: Tensor, log_a: Tensor, log_b: Tensor) -> Tensor:
+    return torch.where(a > 0, a * (log_a - log_b), 0.0).sum(-1)
+
+
+def _row_metrics(s_rows: Tensor, t_rows: Tensor, k: int) -> dict[str, Tensor]:
+    """Every per-token quantity for one chunk of rows; each value is ``[N]``."""
+    log_p = torch.log_softmax(s_rows, dim=-1)
+    log_q = torch.log_softmax(t_rows, dim=-1)
+    p = log_p.exp()
+    q = log_q.exp()
+    h_p = -_xlogy_sum(p, log_p)
+    h_q = -_xlogy_sum(q, log_q)
+    rkl = _kl_sum(p, log_p, log_q)
+    fkl = _kl_sum(q, log_q, log_p)
+    del p, q
+
+    kk = min(k, s_rows.shape[-1])
+    sp = s_rows.topk(kk, dim=-1).indices
+    sq = t_rows.topk(kk, dim=-1).indices
+    in_i = (sp.unsqueeze(-1) == sq.unsqueeze(-2)).any(-1)  # slots of S^p that are also in S^q
+    size = in_i.sum(-1)
+    nonempty = size > 0
+    lp_i = log_p.gather(-1, sp)
+    lq_i = log_q.gather(-1, sp)
+    mass_p = torch.where(in_i, lp_i.exp(), 0.0).sum(-1)
+    mass_q = torch.where(in_i, lq_i.exp(), 0.0).sum(-1)
+    # Renormalise on I_t in log space; empty rows get every slot as a stand-in so values stay finite,
+    # then are zeroed and excluded through the non-empty count.
+    safe = in_i | ~nonempty.unsqueeze(-1)
+    lpt = support_log_probs(lp_i, safe)
+    lqt = support_log_probs(lq_i, safe)
+    adv = torch.where(in_i, lpt.exp() * (lqt - lpt), 0.0).sum(-1) / size.clamp_min(1).to(lp_i.dtype)
+    return {
+        "overlap_ratio": size.to(lp_i.dtype) / kk,
+        "overlap_token_advantage": torch.where(nonempty, adv, 0.0),
+        "entropy_student": h_p,
+        "entropy_teacher": h_q,
+        "entropy_gap": (h_q - h_p).abs(),
+        "overlap_mass_student": mass_p,
+        "overlap_mass_teacher": mass_q,
+        "reverse_kl": rkl,
+        "forward_kl": fkl,
+        "_nonempty": nonempty,
+    }
+
+
+@torch.no_grad()
+def diagnostic_sums(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    mask: Tensor,
+    *,
+    k: int = 16,
+    vocab_size: int | None = None,
+    chunk_size: int | None = 2048,
+    position_bins: int = 0,
+    bin_len: int | None = None,
+) -> dict[str, Tensor]:
+    """Float64 scalar sums and counts of every diagnostic over the masked tokens.
+
+    The key set depends only on ``position_bins`` (all bins are always present, possibly 0), so every
+    process produces the same keys and the dict can be all-reduced key by key. Sums are ``<name>__sum``;
+    counts are ``tokens__count``, ``overlap_nonempty__count`` and ``tokens/bin{i}__count``.
+    """
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k={k!r} must be an integer >= 1")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size!r} must be a positive integer or None")
+    if position_bins < 0:
+        raise ValueError(f"position_bins={position_bins} must be >= 0")
+    if position_bins > 0 and (bin_len is None or bin_len < 1):
+        raise ValueError("position_bins > 0 needs bin_len >= 1 (the response budget in tokens)")
+    if student_logits.shape[:2] != teacher_logits.shape[:2] or tuple(mask.shape) != tuple(
+        student_logits.shape[:2]
+    ):
+        raise ValueError(
+            f"shape mismatch: student {tuple(student_logits.shape)}, teacher {tuple(teacher_logits.shape)}, "
+            f"mask {tuple(mask.shape)}"
+        )
+    student, teacher = shared_vocab(student_logits, teacher_logits, vocab_size)
+    dtype = compute_dtype(student, teacher)
+    device = student.device
+    f64 = torch.float64
+
+    sums: dict[str, Tensor] = {f"{name}__sum": torch.zeros((), dtype=f64, device=device) for name in MEAN_METRICS}
+    sums["tokens__count"] = torch.zeros((), dtype=f64, device=device)
+    sums["overlap_nonempty__count"] = torch.zeros((), dtype=f64, device=device)
+    binned = {name: torch.zeros(position_bins, dtype=f64, device=device) for name in BINNED_METRICS}
+    bin_tokens = torch.zeros(position_bins, dtype=f64, device=device)
+
+    b_idx, t_idx = masked_positions(mask)
+    for start, stop in row_chunks(b_idx.numel(), chunk_size):
+        bi, ti = b_idx[start:stop], t_idx[start:stop]
+        metrics = _row_metrics(student[bi, ti].to(dtype), teacher[bi, ti].to(dtype), k)
+        nonempty = metrics.pop("_nonempty")
+        for name, values in metrics.items():
+            sums[f"{name}__sum"] += values.sum().to(f64)
+        sums["tokens__count"] += float(stop - start)
+        sums["overlap_nonempty__count"] += nonempty.sum().to(f64)
+        if position_bins > 0:
+            assert bin_len is not None
+            bins = (ti * position_bins // bin_len).clamp_max(position_bins - 1)
+            bin_tokens.index_add_(0, bins, torch.ones_like(bins, dtype=f64))
+            for name in BINNED_METRICS:
+                binned[name].index_add_(0, bins, metrics[name].to(f64))
+
+    for i in range(position_bins):
+        sums[f"tokens/bin{i}__count"] = bin_tokens[i].clone()
+        for name in BINNED_METRICS:
+            sums[f"{name}/bin{i}__sum"] = binned[name][i].clone()
+    return sums
+
+
+def merge_sums(a: dict[str, Tensor], b: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Add two sum dicts (micro-batches or processes); a key missing on one side counts as zero."""
+    out = {key: value.clone() for key, value in a.items()}
+    for key, value in b.items():
+        out[key] = out[key] + value if key in out else value.clone()
+    return out
+
+
+def finalize(sums: dict[str, Tensor]) -> dict[str, float]:
+    """Divide sums by their counts; a mean with zero count is omitted rather than reported as NaN or 0.
+
+    Omission keeps logs honest (no fake 0 KL for an empty batch) and NaN out of dashboards. ``n_tokens``
+    is always present.
+    """
+    tokens = float(sums.get("tokens__count", torch.zeros(())))
+    out: dict[str, float] = {"n_tokens": tokens}
+    for key, value in sums.items():
+        if not key.endswith("__sum"):
+            continue
+        name = key[: -len("__sum")]
+        base, _, suffix = name.partition("/")
+        if base not in MEAN_METRICS:
+            raise ValueError(f"unknown diagnostic sum {key!r}")
+        count_key = MEAN_METRICS[base] + (f"/{suffix}" if suffix else "") + "__count"
+        count = float(sums.get(count_key, torch.zeros(())))
+        if count > 0:
+            out[name] = float(value) / count
+    if tokens > 0:
+        nonempty = float(sums.get("overlap_nonempty__count", torch.zeros(())))
+        out["overlap_empty_frac"] = (tokens - nonempty) / tokens
+    return out
+
+
+def token_diagnostics(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    mask: Tensor,
+    *,
+    k: int = 16,
+    vocab_size: int | None = None,
+    chunk_size: int | None = 2048,
+    position_bins: int = 0,
+    bin_len: int | None = None,
+) -> dict[str, float]:
+    """Token-weighted means of every diagnostic for one batch (see module docstring for conventions)."""
+    return finalize(
+        diagnostic_sums(
+            student_logits,
+            teacher_logits,
+            mask,
+            k=k,
+            vocab_size=vocab_size,
+            chunk_size=chunk_size,
+            position_bins=position_bins,
+            bin_len=bin_len,
+        )
+    )
+
+
+@torch.no_grad()
+def sequence_mean_reward(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    response_tokens: Tensor,
+    mask: Tensor,
+    vocab_size: int | None = None,
+    chunk_size: int | None = 2048,
+) -> Tensor:
+    """r̄(y) ``[B]``: mean over a sequence's masked tokens of log q_t(y_t) − log p_t(y_t).
+
+    The paper uses it as a sequence-level score (AUROC of r̄ separating correct from incorrect rollouts).
+    A row with no masked token gets 0.0 rather than NaN so downstream statistics never see NaN; filter
+    such rows with ``mask.any(1)`` when they matter.
+    """
+    if tuple(response_tokens.shape) != tuple(mask.shape) or tuple(mask.shape) != tuple(student_logits.shape[:2]):
+        raise ValueError("response_tokens and mask must both be [B, T] matching the logits")
+    student, teacher = shared_vocab(student_logits, teacher_logits, vocab_size)
+    dtype = compute_dtype(student, teacher)
+    batch = student.shape[0]
+    totals = torch.zeros(batch, dtype=dtype, device=student.device)
+    b_idx, t_idx = masked_positions(mask)
+    for start, stop in row_chunks(b_idx.numel(), chunk_size):
+        bi, ti = b_idx[start:stop], t_idx[start:stop]
+        s_rows = student[bi, ti].to(dtype)
+        t_rows = teacher[bi, ti].to(dtype)
+        y = response_tokens[bi, ti].long().unsqueeze(-1)
+        log_p = s_rows.gather(-1, y).squeeze(-1) - torch.logsumexp(s_rows, dim=-1)
+        log_q = t_rows.gather(-1, y).squeeze(-1) - torch.logsumexp(t_rows, dim=-1)
+        totals.index_add_(0, bi, log_q - log_p)
+    counts = mask.bool().sum(-1).clamp_min(1).to(dtype)
+    return totals / counts

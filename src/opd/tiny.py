@@ -1,0 +1,249 @@
+"""Tiny but real tokenizer and Llama models, built locally.
+
+Tests (and the offline lab) need models that exercise the same code paths as real checkpoints: a
+`tokenizers`-backed fast tokenizer with BOS/EOS/PAD, a Jinja chat template and added special tokens, and
+`save_pretrained` directories that `from_pretrained` reloads, with no hub access. A character-level
+vocabulary keeps them small enough to build in milliseconds while still round-tripping arbitrary
+ASCII text exactly.
+
+The teacher written by `save_tiny_pair` has its output layer padded to a multiple of 64, like Qwen2.5
+7B/14B, so the padded-vocabulary trap (field notes #5) is present in every test that uses the pair.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import string
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, processors
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
+ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
+
+# Characters of the tiny vocabulary; `build_tiny_tokenizer(charset=...)` can take another set to make a
+# deliberately incompatible tokenizer for mismatch tests.
+DEFAULT_CHARSET = string.digits + string.ascii_letters + string.punctuation + " \n"
+
+# Assistant turns end with EOS so that a conversation rendered for SFT teaches the model to stop, matching
+# how generation is stopped (on eos_token_id). `enable_thinking=False` appends an empty think block like
+# Qwen3, which gives tests a real template variable to pass through `chat_template_kwargs`.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\\n' + message['content'] }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}"
+    "{{ '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}"
+    "{{ '<|assistant|>\\n' }}"
+    "{% if enable_thinking is defined and not enable_thinking %}{{ '<think>\\n\\n</think>\\n\\n' }}{% endif %}"
+    "{% endif %}"
+)
+
+
+def build_tiny_tokenizer(charset: str = DEFAULT_CHARSET) -> PreTrainedTokenizerFast:
+    """A character-level fast tokenizer with BOS post-processing and a chat template.
+
+    Special tokens come first (ids 0..3: pad, bos, eos, unk) so their ids are stable across charsets;
+    role markers are added special tokens, so a rendered chat template maps each marker to one id.
+    A BPE model with no merges is exactly character-level and, unlike WordLevel, needs no
+    pre-tokenizer to split text into characters (newlines and spaces included).
+    """
+    chars = list(dict.fromkeys(charset))  # de-duplicate, keep order
+    vocab: dict[str, int] = {}
+    for tok in (PAD, BOS, EOS, UNK, *chars):
+        vocab[tok] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=UNK))
+    backend.decoder = decoders.Fuse()
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A $B:1", special_tokens=[(BOS, vocab[BOS])]
+    )
+    backend.add_special_tokens([PAD, BOS, EOS, UNK])
+    backend.add_special_tokens(list(ROLE_TOKENS))
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        unk_token=UNK,
+        additional_special_tokens=list(ROLE_TOKENS),
+        chat_template=CHAT_TEMPLATE,
+        clean_up_tokenization_spaces=False,
+    )
+    return tok
+
+
+def build_tiny_model(
+    tokenizer: PreTrainedTokenizerFast,
+    *,
+    hidden: int = 32,
+    layers: int = 2,
+    heads: int = 4,
+    vocab_pad_to: int | None = None,
+    seed: int = 0,
+) -> LlamaForCausalLM:
+    """A randomly initialised Llama whose special-token ids agree with `tokenizer`.
+
+    `vocab_pad_to` rounds the embedding/output size up to a multiple, reproducing checkpoints whose
+    logits have more rows than the tokenizer has tokens; callers must slice those rows away.
+    """
+    n_tokens = len(tokenizer)
+    vocab_size = n_tokens
+    if vocab_pad_to:
+        vocab_size = -(-n_tokens // vocab_pad_to) * vocab_pad_to
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=1024,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return model.eval()
+
+
+def tiny_prompts(n: int = 64, *, seed: int = 0) -> list[dict[str, str]]:
+    """Short addition problems with answers: enough structure for rollouts and answer checks."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        a, b = rng.randint(0, 49), rng.randint(0, 49)
+        out.append({"prompt": f"{a}+{b}=", "answer": str(a + b)})
+    return out
+
+
+def save_tiny_pair(out_dir: str | Path, *, seed: int = 0) -> dict[str, Path]:
+    """Write a student dir, a padded-vocabulary teacher dir and a prompt file; return their paths.
+
+    Student and teacher share one tokenizer (same vocabulary, as OPD requires) but differ in width and
+    in output size, so tests see the same-family-padded-vocab situation of real pairs.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = build_tiny_tokenizer()
+    paths: dict[str, Path] = {}
+    for name, kwargs in (
+        ("student", {"hidden": 32, "layers": 2, "seed": seed}),
+        ("teacher", {"hidden": 48, "layers": 2, "vocab_pad_to": 64, "seed": seed + 1}),
+    ):
+        model = build_tiny_model(tok, **kwargs)
+        path = out / name
+        model.save_pretrained(path)
+        tok.save_pretrained(path)
+        paths[name] = path
+    prompts = out / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in tiny_prompts(64, seed=seed)))
+    paths["prompts"] = prompts
+    return paths
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte → printable-character table, which GGUF `gpt2` tokenizers store tokens in."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def save_tiny_gguf(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, path: str | Path) -> Path:
+    """Write a tiny Llama as an F32 GGUF file, the format the real offline models ship in.
+
+    Lets tests exercise the GGUF load path (dequantisation, config from metadata, the
+    `quantization_config` that must be dropped before `save_pretrained`) without a 100 MB download.
+    Q/K weights are permuted the way llama.cpp's converter does, because transformers un-permutes them
+    on load; the vocabulary is stored as a `gpt2` (byte-level) tokenizer with no merges, which is
+    exactly character-level for ASCII text.
+    """
+    import gguf
+    import numpy as np
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cfg = model.config
+    n_head, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name("opd-tiny")
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(n_kv)
+    writer.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_vocab_size(cfg.vocab_size)
+
+    byte_map = _bytes_to_unicode()
+    id_to_tok = {i: t for t, i in tokenizer.get_vocab().items()}
+    special = set(tokenizer.all_special_ids)
+    tokens, types = [], []
+    for i in range(cfg.vocab_size):
+        tok = id_to_tok.get(i)
+        if tok is None:
+            # transformers' byte-level GGUF converter adds `<|endoftext|>` when the file lacks it, which
+            # would make the loaded tokenizer one longer than the model; a padded row can carry it.
+            tokens.append("<|endoftext|>" if i == len(id_to_tok) else f"<extra_{i}>")
+            types.append(gguf.TokenType.CONTROL if i == len(id_to_tok) else gguf.TokenType.UNUSED)
+        elif i in special:
+            tokens.append(tok)
+            types.append(gguf.TokenType.CONTROL)
+        else:
+            tokens.append("".join(byte_map[b] for b in tok.encode("utf-8")))
+            types.append(gguf.TokenType.NORMAL)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_scores([0.0] * len(tokens))
+    writer.add_bos_token_id(tokenizer.bos_token_id)
+    writer.add_eos_token_id(tokenizer.eos_token_id)
+    writer.add_pad_token_id(tokenizer.pad_token_id)
+    writer.add_add_bos_token(True)
+    if tokenizer.chat_template:
+        writer.add_chat_template(tokenizer.chat_template)
+
+    def permute(w: np.ndarray, heads: int) -> np.ndarray:
+        return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+    sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    writer.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        writer.add_tensor(f"blk.{i}.attn_norm.weight", sd[p + "input_layernorm.weight"])
+        writer.add_tensor(f"blk.{i}.attn_q.weight", permute(sd[p + "self_attn.q_proj.weight"], n_head))
+        writer.add_tensor(f"blk.{i}.attn_k.weight", permute(sd[p + "self_attn.k_proj.weight"], n_kv))
+        writer.add_tensor(f"blk.{i}.attn_v.weight", sd[p + "self_attn.v_proj.weight"])
+        writer.add_tensor(f"blk.{i}.attn_output.weight", sd[p + "self_attn.o_proj.weight"])
+        writer.add_tensor(f"blk.{i}.ffn_norm.weight", sd[p + "post_attention_layernorm.weight"])
+        writer.add_tensor(f"blk.{i}.ffn_gate.weight", sd[p + "mlp.gate_proj.weight"])
+        writer.add_tensor(f"blk.{i}.ffn_up.weight", sd[p + "mlp.up_proj.weight"])
+        writer.add_tensor(f"blk.{i}.ffn_down.weight", sd[p + "mlp.down_proj.weight"])
+    writer.add_tensor("output_norm.weight", sd["model.norm.weight"])
+    if "lm_head.weight" in sd and not cfg.tie_word_embeddings:
+        writer.add_tensor("output.weight", sd["lm_head.weight"])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

@@ -1,0 +1,461 @@
+"""The OPD loop: student rollouts, teacher scores at student-visited states, the objective, one step.
+
+Built on accelerate so the same code runs in one process or data-parallel under torchrun /
+`accelerate launch`. Three invariants carry the design:
+
+- The loss is a token mean over ALL response tokens of the step, across micro-batches and processes:
+  each micro-batch contributes sum(per-token loss) * world_size / global_token_count, so gradient
+  accumulation and the number of processes do not change the gradient (TRL #4719).
+- Rollout sampling is seeded by (seed, step, position of the prompt chunk in the global batch), so the
+  same global batch gives the same rollouts on 1 or N processes and after a resume.
+- One optimizer step per batch of rollouts: the policy that sampled is the policy being scored, so the
+  student's "old" log-probs are the detached values of the training forward itself (PPO ratio 1). The
+  student is scored with dropout off for the same reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from opd import checkpoint as ckpt
+from opd.config import TrainConfig, dump_config
+from opd.data import PromptCursor, encode_prompts, load_prompts, render_prompt, uses_chat
+from opd.diagnostics import diagnostic_sums, finalize, merge_sums
+from opd.errors import ConfigError, OpdError
+from opd.models import (
+    check_tokenizers,
+    freeze_teacher,
+    load_model,
+    load_tokenizer,
+    prepare_tokenizer,
+    shared_vocab_size,
+    special_tokens_report,
+)
+from opd.objectives import per_token_loss, signal_stats
+from opd.rollout import HFGenerator, Rollout, SamplingParams, chunk_seed
+from opd.scoring import response_logits
+from opd.teacher import HFTeacher
+from opd.tracking import MetricsLogger
+
+
+def _step_of(line: str) -> int:
+    try:
+        return int(json.loads(line).get("step", 1 << 62))
+    except (json.JSONDecodeError, AttributeError):
+        return 1 << 62
+
+
+class NonFiniteLossError(OpdError):
+    """Raised when a step produced NaN/inf; the optimizer step is not taken."""
+
+
+def lr_lambda(schedule: str, total_steps: int, warmup: int, min_ratio: float):
+    """Multiplier of the base lr at optimizer step s (0-based), for LambdaLR."""
+
+    def fn(s: int) -> float:
+        if warmup > 0 and s < warmup and schedule in ("warmup", "cosine"):
+            return (s + 1) / warmup
+        if schedule == "cosine":
+            span = max(1, total_steps - warmup)
+            progress = min(1.0, (s - warmup) / span)
+            return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        return 1.0
+
+    return fn
+
+
+@dataclass
+class StepResult:
+    step: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    samples: list[dict[str, Any]] = field(default_factory=list)
+
+
+class OPDTrainer:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        *,
+        resume: bool = False,
+        accelerator: Accelerator | None = None,
+        log: Any = None,
+    ):
+        cfg.require_paths()
+        self.cfg = cfg
+        self.resume = resume
+        self.acc = accelerator or Accelerator()
+        self.log = log or (lambda msg: self.acc.print(msg))
+        self.run_dir = Path(cfg.run_dir)
+        self.start_step = 0
+        self.last_checkpoint: Path | None = None
+
+    # ------------------------------------------------------------------------------------------------
+    # set-up
+
+    def setup(self) -> None:
+        cfg, acc = self.cfg, self.acc
+        world = acc.num_processes
+        if cfg.prompts_per_step % world:
+            raise ConfigError(
+                f"prompts_per_step={cfg.prompts_per_step} must be divisible by the number of processes ({world})"
+            )
+        if not self.resume and ckpt.list_checkpoints(self.run_dir):
+            raise ConfigError(
+                f"{self.run_dir} already holds checkpoints: resume it with `opd train --resume {self.run_dir}` "
+                "or choose another run_dir (nothing was overwritten)"
+            )
+        set_seed(cfg.seed)
+
+        self.tokenizer = prepare_tokenizer(load_tokenizer(cfg.student.path, trust_remote_code=cfg.student.trust_remote_code))
+        teacher_tok = prepare_tokenizer(load_tokenizer(cfg.teacher.path, trust_remote_code=cfg.teacher.trust_remote_code))
+        self.tokenizer_report = check_tokenizers(self.tokenizer, teacher_tok)
+        self.teacher_tokenizer = teacher_tok
+
+        student = load_model(cfg.student.path, dtype=cfg.student.dtype, trust_remote_code=cfg.student.trust_remote_code)
+        teacher = load_model(cfg.teacher.path, dtype=cfg.teacher.dtype, trust_remote_code=cfg.teacher.trust_remote_code)
+        self.vocab_size = shared_vocab_size(student, teacher, self.tokenizer)
+        if cfg.student.dtype in ("bfloat16", "float16"):
+            self.log(
+                f"[yellow]warning:[/] student.dtype={cfg.student.dtype}: low-precision master weights can "
+                f"swallow lr={cfg.optim.lr:g} updates entirely; the paper trains fp32 master weights"
+            )
+        if cfg.student.lora.enabled:
+            student = self._wrap_lora(student)
+
+        # Prompts: render and encode everything up front so a bad record fails before any compute.
+        records = load_prompts(
+            cfg.data.prompts,
+            prompt_field=cfg.data.prompt_field,
+            messages_field=cfg.data.messages_field,
+            answer_field=cfg.data.answer_field,
+        )
+        self.records = records
+        texts = [
+            render_prompt(
+                r,
+                self.tokenizer,
+                template=cfg.data.template,
+                chat_template_kwargs=cfg.data.chat_template_kwargs,
+                system_prompt=cfg.data.system_prompt,
+            )
+            for r in records
+        ]
+        self.prompt_texts = texts
+        self.prompt_ids = encode_prompts(
+            texts,
+            self.tokenizer,
+            max_prompt_tokens=cfg.data.max_prompt_tokens,
+            sources=[r.source for r in records],
+            add_special_tokens=not uses_chat(cfg.data.template),
+        )
+        self.cursor = PromptCursor(len(records), seed=cfg.seed, shuffle=cfg.data.shuffle)
+        self.total_steps = cfg.steps or math.ceil(len(records) / cfg.prompts_per_step)
+
+        params = [p for p in student.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            params, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay
+        )
+        warmup = cfg.optim.warmup_steps or round(cfg.optim.warmup_ratio * self.total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(cfg.optim.schedule, self.total_steps, warmup, cfg.optim.min_lr_ratio)
+        )
+        # The scheduler is deliberately not passed to prepare(): accelerate would step it once per process.
+        self.student, self.optimizer = acc.prepare(student, self.optimizer)
+        self.student.eval()  # dropout off: the loss is taken under the policy that sampled
+        self.teacher = HFTeacher(freeze_teacher(teacher).to(acc.device))
+        stop_ids = self._stop_ids(self._unwrapped())
+        self.stop_ids = stop_ids
+        self.generator = HFGenerator(self._unwrapped(), pad_id=self.tokenizer.pad_token_id, stop_ids=stop_ids)
+        self.sampling = SamplingParams(
+            temperature=cfg.rollout.temperature,
+            top_p=cfg.rollout.top_p,
+            top_k=cfg.rollout.top_k,
+            max_new_tokens=cfg.rollout.max_new_tokens,
+        )
+
+        resume_step = None
+        if self.resume:
+            latest = ckpt.latest_checkpoint(self.run_dir)
+            if latest is None:
+                raise ConfigError(f"--resume {self.run_dir}: no complete checkpoint found in {ckpt.checkpoint_dir(self.run_dir)}")
+            state = ckpt.load_checkpoint(
+                latest, model=self._unwrapped(), optimizer=self.optimizer, scheduler=self.scheduler
+            )
+            self.start_step = int(state["step"])
+            self.cursor.load_state_dict(state["cursor"])
+            self.last_checkpoint = latest
+            resume_step = self.start_step
+            self.log(f"resumed from {latest} at step {self.start_step}")
+
+        if acc.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            ckpt.atomic_write_text(self.run_dir / "config.yaml", dump_config(cfg))
+            samples = self.run_dir / "samples.jsonl"
+            if samples.exists():
+                keep = [ln for ln in samples.read_text().splitlines() if resume_step is not None and _step_of(ln) <= resume_step]
+                ckpt.atomic_write_text(samples, "".join(k + "\n" for k in keep))
+        self.metrics = MetricsLogger(
+            self.run_dir,
+            enabled=acc.is_main_process,
+            tensorboard=cfg.tracking.tensorboard,
+            wandb=cfg.tracking.wandb,
+            wandb_project=cfg.tracking.wandb_project,
+            run_name=cfg.tracking.run_name,
+            config=cfg.model_dump(mode="json"),
+            resume_step=resume_step,
+        )
+
+    def _wrap_lora(self, model: torch.nn.Module) -> torch.nn.Module:
+        try:
+            from peft import LoraConfig as PeftLora
+            from peft import get_peft_model
+        except ImportError as exc:  # pragma: no cover - peft is a dependency
+            raise ConfigError("student.lora.enabled needs peft: pip install peft") from exc
+        lc = self.cfg.student.lora
+        peft_cfg = PeftLora(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=lc.target_modules)
+        return get_peft_model(model, peft_cfg)
+
+    def _unwrapped(self) -> torch.nn.Module:
+        return self.acc.unwrap_model(self.student)
+
+    def _stop_ids(self, model: torch.nn.Module) -> list[int]:
+        ids = set(self.cfg.rollout.stop_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(int(self.tokenizer.eos_token_id))
+        gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        if isinstance(gen_eos, int):
+            ids.add(gen_eos)
+        elif gen_eos:
+            ids.update(int(i) for i in gen_eos)
+        return sorted(ids)
+
+    # ------------------------------------------------------------------------------------------------
+    # one step
+
+    def _rollouts(self, step: int, indices: list[int]) -> list[Rollout]:
+        """This process's share of the step's prompts, generated in seeded chunks."""
+        acc, cfg = self.acc, self.cfg
+        per = len(indices) // acc.num_processes
+        offset = acc.process_index * per
+        mine = indices[offset : offset + per]
+        out = []
+        bs = cfg.rollout.batch_size
+        for c in range(0, len(mine), bs):
+            chunk = mine[c : c + bs]
+            seed = chunk_seed(cfg.seed, step, offset + c)
+            out.append(
+                self.generator.generate(
+                    [self.prompt_ids[i] for i in chunk], self.sampling, cfg.rollout.rollouts_per_prompt, seed, chunk
+                )
+            )
+        return out
+
+    def _reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        if self.acc.num_processes == 1:
+            return t
+        return self.acc.reduce(t.to(self.acc.device), reduction=op)
+
+    def train_step(self, step: int) -> StepResult:
+        """Step `step` (1-based): rollouts, scoring, loss, one optimizer update."""
+        cfg, acc = self.cfg, self.acc
+        device = acc.device
+        world = acc.num_processes
+        t0 = time.perf_counter()
+        indices = self.cursor.next_indices(cfg.prompts_per_step)
+        rollouts = self._rollouts(step, indices)
+        t_rollout = time.perf_counter() - t0
+
+        local_tokens = sum(int(r.response_mask.sum()) for r in rollouts)
+        global_tokens = int(self._reduce(torch.tensor(float(local_tokens), dtype=torch.float64)).item())
+        micro = [r.select(slice(s, s + cfg.micro_batch_size)) for r in rollouts for s in range(0, len(r), cfg.micro_batch_size)]
+
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        reward_sum = torch.zeros((), dtype=torch.float64)
+        best_adv = torch.tensor([-1.0, 0.0], dtype=torch.float64)  # (|adv|, p - q there)
+        sums: dict[str, torch.Tensor] = {}
+        t_teacher = 0.0
+        t_update0 = time.perf_counter()
+        lc = cfg.loss
+        for i, mb in enumerate(micro):
+            ts = time.perf_counter()
+            t_logits = self.teacher.score(mb)
+            t_teacher += time.perf_counter() - ts
+            mask = mb.response_mask.to(device)
+            tokens = mb.response_ids.to(device)
+            n_mb = int(mask.sum())
+            sync = contextlib.nullcontext() if i == len(micro) - 1 else acc.no_sync(self.student)
+            with sync:
+                s_logits = response_logits(self.student, mb)
+                per_tok = per_token_loss(
+                    s_logits, t_logits, tokens, mask, signal=lc.signal, divergence=lc.divergence, k=lc.k,
+                    support=lc.support, renorm=lc.renorm, beta=lc.beta, chunk_size=lc.chunk_size,
+                    vocab_size=self.vocab_size,
+                )  # fmt: skip
+                scale = world / max(global_tokens, 1)
+                acc.backward(per_tok.sum() * scale)
+            loss_sum += per_tok.detach().double().sum().cpu()
+            with torch.no_grad():
+                s_det = s_logits.detach()
+                sums = merge_sums(
+                    sums,
+                    diagnostic_sums(
+                        s_det, t_logits, mask, k=cfg.diagnostics.k, vocab_size=self.vocab_size,
+                        chunk_size=lc.chunk_size, position_bins=cfg.diagnostics.position_bins,
+                        bin_len=cfg.rollout.max_new_tokens,
+                    ),
+                )  # fmt: skip
+                if n_mb:
+                    st = signal_stats(
+                        s_det, t_logits, tokens, mask, signal=lc.signal, k=lc.k, support=lc.support,
+                        vocab_size=self.vocab_size,
+                    )  # fmt: skip
+                    reward_sum += st["reward_mean"] * n_mb
+                    if st["adv_max_abs"] > best_adv[0]:
+                        best_adv = torch.tensor([st["adv_max_abs"], st["p_minus_q_at_max_adv"]], dtype=torch.float64)
+            del s_logits, t_logits, per_tok
+
+        max_norm = cfg.optim.max_grad_norm
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        if max_norm is not None:
+            grad_norm = acc.clip_grad_norm_(params, max_norm)
+        else:
+            grads = [p.grad.detach().norm() for p in params if p.grad is not None]
+            grad_norm = torch.stack(grads).norm() if grads else torch.zeros(())
+        grad_norm = float(grad_norm)
+
+        # Cross-process reductions: exact sums, then means on every rank.
+        loss_total = float(self._reduce(loss_sum)) / max(global_tokens, 1)
+        reward_mean = float(self._reduce(reward_sum)) / max(global_tokens, 1)
+        keys = sorted(sums)
+        if keys:
+            vec = self._reduce(torch.stack([sums[k].double().cpu() for k in keys]))
+            sums = {k: vec[j].cpu() for j, k in enumerate(keys)}
+        if world > 1:
+            gathered = acc.gather(best_adv.to(device).unsqueeze(0)).cpu()
+            best_adv = gathered[int(gathered[:, 0].argmax())]
+        lengths = torch.cat([r.lengths.double() for r in rollouts])
+        trunc = torch.cat([r.truncated.double() for r in rollouts])
+        len_stats = self._reduce(torch.stack([lengths.sum(), trunc.sum(), torch.tensor(float(len(lengths)))]))
+        len_max_t = lengths.max().unsqueeze(0)
+        len_max = float(acc.gather(len_max_t.to(device)).max() if world > 1 else len_max_t.max())
+
+        if not (math.isfinite(loss_total) and math.isfinite(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLossError(f"non-finite loss ({loss_total}) or grad norm ({grad_norm}) at step {step}")
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        t_update = time.perf_counter() - t_update0 - t_teacher
+        elapsed = time.perf_counter() - t0
+
+        n_seq = float(len_stats[2])
+        metrics: dict[str, float] = {
+            "loss": loss_total,
+            "grad_norm": grad_norm,
+            "lr": float(self.scheduler.get_last_lr()[0]),
+            "reward_mean": reward_mean,
+            "kl_sampled": -reward_mean,
+            "adv_max_abs": float(best_adv[0]),
+            "p_minus_q_at_max_adv": float(best_adv[1]),
+            "response_len_mean": float(len_stats[0]) / max(n_seq, 1),
+            "response_len_max": len_max,
+            "truncation_rate": float(len_stats[1]) / max(n_seq, 1),
+            "response_tokens": float(global_tokens),
+            "tokens_per_s": global_tokens / elapsed,
+            "step_time_s": elapsed,
+            "time_rollout_s": t_rollout,
+            "time_teacher_s": t_teacher,
+            "time_update_s": t_update,
+            "epoch": float(self.cursor.state_dict()["epoch"]),
+        }
+        metrics.update(finalize(sums))
+        samples = []
+        if acc.is_main_process and rollouts:
+            r = rollouts[0]
+            samples.append(
+                {
+                    "step": step,
+                    "prompt": self.prompt_texts[r.prompt_index[0]],
+                    "response": self.tokenizer.decode(r.response_ids[0][r.response_mask[0]]),
+                    "truncated": bool(r.truncated[0]),
+                }
+            )
+        return StepResult(step, metrics, samples)
+
+    # ------------------------------------------------------------------------------------------------
+    # the run
+
+    def save(self, step: int) -> Path | None:
+        path = None
+        if self.acc.is_main_process:
+            path = ckpt.save_checkpoint(
+                self.run_dir, step, model=self._unwrapped(), optimizer=self.optimizer, scheduler=self.scheduler,
+                state={"cursor": self.cursor.state_dict(), "seed": self.cfg.seed, "total_steps": self.total_steps},
+                keep=self.cfg.keep_checkpoints,
+            )  # fmt: skip
+            self.last_checkpoint = path
+        self.acc.wait_for_everyone()
+        return path
+
+    def save_final(self) -> Path | None:
+        out = self.run_dir / "final"
+        if self.acc.is_main_process:
+            model = self._unwrapped()
+            if self.cfg.student.lora.enabled and self.cfg.student.lora.merge_on_save:
+                import copy
+
+                model = copy.deepcopy(model).merge_and_unload()
+            tmp = self.run_dir / ".final.tmp"
+            if tmp.exists():
+                import shutil
+
+                shutil.rmtree(tmp)
+            model.save_pretrained(tmp, safe_serialization=True)
+            self.tokenizer.save_pretrained(tmp)
+            if out.exists():
+                import shutil
+
+                shutil.rmtree(out)
+            tmp.rename(out)
+        self.acc.wait_for_everyone()
+        return out
+
+    def train(self, on_step: Any = None) -> list[dict[str, float]]:
+        """Run from start_step to total_steps; returns the metrics of the steps run."""
+        history = []
+        samples_path = self.run_dir / "samples.jsonl"
+        try:
+            for step in range(self.start_step + 1, self.total_steps + 1):
+                try:
+                    result = self.train_step(step)
+                except NonFiniteLossError as exc:
+                    if self.cfg.stop_on_nan:
+                        where = self.last_checkpoint or "none (no checkpoint was written yet)"
+                        raise NonFiniteLossError(f"{exc}; stopped, last good checkpoint: {where}") from None
+                    self.log(f"[yellow]warning:[/] {exc}; step skipped (stop_on_nan is false)")
+                    continue
+                self.metrics.log(step, result.metrics)
+                if self.acc.is_main_process and result.samples:
+                    with open(samples_path, "a") as fh:
+                        for s in result.samples:
+                            fh.write(json.dumps(s) + "\n")
+                history.append(result.metrics)
+                if on_step is not None:
+                    on_step(step, result.metrics)
+                if step % self.cfg.checkpoint_every == 0 or step == self.total_steps:
+                    self.save(step)
+            if self.cfg.save_final:
+                self.save_final()
+        finally:
+            self.metrics.close()
+        return history
