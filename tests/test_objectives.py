@@ -66,7 +66,7 @@ def ref_divergence(logp: dict[int, Tensor], logq: dict[int, Tensor], divergence:
     for v in logp:
         p, q = torch.exp(logp[v]), torch.exp(logq[v])
         if divergence == "reverse_kl" or (divergence == "jsd" and beta == 1.0):
-            if float(p) > 0:
+            if float(p.detach()) > 0:
                 total = total + p * (logp[v] - logq[v])
         elif divergence == "forward_kl" or (divergence == "jsd" and beta == 0.0):
             if float(q) > 0:
@@ -86,7 +86,7 @@ def ref_token(srow: Tensor, trow: Tensor, y: int, cfg: dict) -> Tensor:
     if signal == "sampled":
         logp_y = srow[y] - ref_logsumexp([srow[v] for v in vocab])
         logq_y = trow[y] - ref_logsumexp([trow[v] for v in vocab])
-        reward = float(logq_y) - float(logp_y)
+        reward = float(logq_y) - float(logp_y.detach())
         return -reward * logp_y
     if signal == "full":
         return ref_divergence(
@@ -105,11 +105,11 @@ def ref_token(srow: Tensor, trow: Tensor, y: int, cfg: dict) -> Tensor:
     # released-code weighting
     lse_s = ref_logsumexp([srow[v] for v in vocab])
     lse_t = float(ref_logsumexp([trow[v] for v in vocab]))
-    mass = sum(math.exp(float(srow[v] - lse_s)) for v in support)
+    mass = sum(math.exp(float((srow[v] - lse_s).detach())) for v in support)
     loss = torch.zeros((), dtype=F64)
     for v in support:
         logp_live = srow[v] - lse_s
-        lp, lq = float(logp_live), float(trow[v]) - lse_t
+        lp, lq = float(logp_live.detach()), float(trow[v]) - lse_t
         weight = math.exp(lp) / mass
         loss = loss - weight * (lq - lp) * logp_live
     return loss
@@ -155,9 +155,13 @@ def valid_configs() -> list[dict]:
     configs: list[dict] = [{"signal": "sampled", "divergence": "reverse_kl"}]
     configs += [{"signal": "full", "divergence": d} for d in DIVERGENCES]
     configs += [
-        {"signal": "topk", "divergence": d, "support": s, "renorm": "both"} for d in DIVERGENCES for s in SUPPORTS
+        {"signal": "topk", "divergence": d, "support": s, "renorm": "both"}
+        for d in DIVERGENCES
+        for s in SUPPORTS
     ]
-    configs += [{"signal": "topk", "divergence": "reverse_kl", "support": s, "renorm": "weights"} for s in SUPPORTS]
+    configs += [
+        {"signal": "topk", "divergence": "reverse_kl", "support": s, "renorm": "weights"} for s in SUPPORTS
+    ]
     return configs
 
 
@@ -205,7 +209,8 @@ def test_matches_reference(cfg: dict, shape: tuple[int, int, int], chunk_size: i
 
 @pytest.mark.parametrize("beta", [0.0, 1e-3, 0.1, 0.5, 0.9, 1.0])
 @pytest.mark.parametrize(
-    "base", [{"signal": "full"}, {"signal": "topk", "support": "union"}, {"signal": "topk", "support": "student"}]
+    "base",
+    [{"signal": "full"}, {"signal": "topk", "support": "union"}, {"signal": "topk", "support": "student"}],
 )
 def test_jsd_interior_matches_reference(base: dict, beta: float) -> None:
     cfg = {**base, "divergence": "jsd", "beta": beta}
@@ -361,7 +366,9 @@ def test_k_at_least_vocab_equals_full(divergence: str) -> None:
 
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 @pytest.mark.parametrize("chunk_size", [None, 1])
-def test_disjoint_topk_overlap_support_gives_zero_without_nan(divergence: str, chunk_size: int | None) -> None:
+def test_disjoint_topk_overlap_support_gives_zero_without_nan(
+    divergence: str, chunk_size: int | None
+) -> None:
     student = torch.zeros(1, 2, 6, dtype=F64)
     student[0, :, 0:2] = torch.tensor([5.0, 4.0], dtype=F64)
     teacher = torch.zeros(1, 2, 6, dtype=F64)
@@ -447,7 +454,7 @@ def test_empty_mask_gives_zero_with_graph(cfg: dict, chunk_size: int | None) -> 
     mask = torch.zeros(2, 3, dtype=torch.bool)
     loss = token_loss(student, teacher, tokens, mask, chunk_size=chunk_size, **impl_kwargs(cfg))
     assert loss.requires_grad
-    assert float(loss) == 0.0
+    assert float(loss.detach()) == 0.0
     (grad,) = torch.autograd.grad(loss, student)
     assert torch.all(grad == 0)
 
@@ -502,7 +509,12 @@ def test_validate_objective_rejects(args: tuple, match: str) -> None:
 def test_validate_objective_accepts_all_valid() -> None:
     for cfg in CONFIGS:
         validate_objective(
-            cfg["signal"], cfg["divergence"], cfg.get("support", "student"), cfg.get("renorm", "both"), 0.5, 16
+            cfg["signal"],
+            cfg["divergence"],
+            cfg.get("support", "student"),
+            cfg.get("renorm", "both"),
+            0.5,
+            16,
         )
     validate_objective("full", "jsd", "student", "both", 0, 1)
     validate_objective("full", "jsd", "student", "both", 1, 1)

@@ -15,7 +15,7 @@ from opd.errors import OpdError
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="On-policy distillation of LLMs.")
 config_app = typer.Typer(no_args_is_help=True, help="Inspect configuration.")
 app.add_typer(config_app, name="config")
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 
 _PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": ["-h", "--help"]}
 
@@ -190,8 +190,10 @@ def _check(student, teacher, prompts, template, s_dtype, t_dtype, max_new, n_pro
 
     results: list[CheckResult] = []
     t0 = time.perf_counter()
-    s_tok = prepare_tokenizer(load_tokenizer(student, trust_remote_code=trc))
-    t_tok = prepare_tokenizer(load_tokenizer(teacher, trust_remote_code=trc))
+    s_tok = load_tokenizer(student, trust_remote_code=trc)
+    t_tok = load_tokenizer(teacher, trust_remote_code=trc)
+    prepare_tokenizer(s_tok)
+    prepare_tokenizer(t_tok)
     try:
         rep = check_tokenizers(s_tok, t_tok)
         results.append(CheckResult("tokenizers", True, "identical vocabularies", rep if isinstance(rep, dict) else {}))

@@ -99,7 +99,9 @@ def load_prompts(
         for source, row in rows
     ]
     if not records:
-        raise DataError(f"{p}: no records found (the file is empty); add prompts or point data.prompts elsewhere.")
+        raise DataError(
+            f"{p}: no records found (the file is empty); add prompts or point data.prompts elsewhere."
+        )
     return records
 
 
@@ -132,7 +134,7 @@ def _read_jsonl(p: Path) -> list[tuple[str, dict[str, Any]]]:
 def _require_object(obj: Any, source: str) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise DataError(
-            f"{source}: expected a JSON object like {{\"prompt\": ...}}, got {type(obj).__name__}; "
+            f'{source}: expected a JSON object like {{"prompt": ...}}, got {type(obj).__name__}; '
             "each record must be an object."
         )
     return obj
@@ -397,7 +399,7 @@ def encode_prompts(
     if not texts:
         return []
     ids = tokenizer(list(texts), add_special_tokens=add_special_tokens)["input_ids"]
-    for seq, source in zip(ids, sources):
+    for seq, source in zip(ids, sources, strict=True):
         if len(seq) > max_prompt_tokens:
             raise DataError(
                 f"{source}: prompt is {len(seq)} tokens, over data.max_prompt_tokens={max_prompt_tokens}; "
@@ -488,7 +490,11 @@ class PromptCursor:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a position; refuse a state from a different data set, which would silently reorder."""
         n = state.get("n_records", self.n_records)
-        if n != self.n_records or int(state["seed"]) != self.seed or state.get("shuffle", self.shuffle) != self.shuffle:
+        if (
+            n != self.n_records
+            or int(state["seed"]) != self.seed
+            or state.get("shuffle", self.shuffle) != self.shuffle
+        ):
             raise DataError(
                 f"cannot resume the prompt cursor: checkpoint has n_records={n}, seed={state['seed']}, "
                 f"shuffle={state.get('shuffle')}, but this run has n_records={self.n_records}, "

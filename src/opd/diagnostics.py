@@ -151,7 +151,9 @@ def diagnostic_sums(
     device = student.device
     f64 = torch.float64
 
-    sums: dict[str, Tensor] = {f"{name}__sum": torch.zeros((), dtype=f64, device=device) for name in MEAN_METRICS}
+    sums: dict[str, Tensor] = {
+        f"{name}__sum": torch.zeros((), dtype=f64, device=device) for name in MEAN_METRICS
+    }
     sums["tokens__count"] = torch.zeros((), dtype=f64, device=device)
     sums["overlap_nonempty__count"] = torch.zeros((), dtype=f64, device=device)
     binned = {name: torch.zeros(position_bins, dtype=f64, device=device) for name in BINNED_METRICS}
@@ -254,7 +256,9 @@ def sequence_mean_reward(
     A row with no masked token gets 0.0 rather than NaN so downstream statistics never see NaN; filter
     such rows with ``mask.any(1)`` when they matter.
     """
-    if tuple(response_tokens.shape) != tuple(mask.shape) or tuple(mask.shape) != tuple(student_logits.shape[:2]):
+    if tuple(response_tokens.shape) != tuple(mask.shape) or tuple(mask.shape) != tuple(
+        student_logits.shape[:2]
+    ):
         raise ValueError("response_tokens and mask must both be [B, T] matching the logits")
     student, teacher = shared_vocab(student_logits, teacher_logits, vocab_size)
     dtype = compute_dtype(student, teacher)

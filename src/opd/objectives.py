@@ -437,7 +437,9 @@ def per_token_loss(
         return zeros.index_put((b_idx, t_idx), losses)
 
     need_grad = torch.is_grad_enabled() and student.requires_grad
-    return _ChunkedRowLoss.apply(student, teacher, tokens, b_idx, t_idx, row_loss, chunk_size, dtype, need_grad)
+    return _ChunkedRowLoss.apply(
+        student, teacher, tokens, b_idx, t_idx, row_loss, chunk_size, dtype, need_grad
+    )
 
 
 def token_loss(

@@ -155,7 +155,11 @@ def save_tiny_pair(out_dir: str | Path, *, seed: int = 0) -> dict[str, Path]:
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte → printable-character table, which GGUF `gpt2` tokenizers store tokens in."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -163,17 +167,20 @@ def _bytes_to_unicode() -> dict[int, str]:
             bs.append(b)
             cs.append(256 + n)
             n += 1
-    return dict(zip(bs, map(chr, cs)))
+    return dict(zip(bs, map(chr, cs), strict=True))
 
 
-def save_tiny_gguf(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, path: str | Path) -> Path:
-    """Write a tiny Llama as an F32 GGUF file, the format the real offline models ship in.
+def save_tiny_gguf(
+    model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, path: str | Path, *, quant: str = "F32"
+) -> Path:
+    """Write a tiny Llama as a GGUF file, the format the real offline models ship in.
 
     Lets tests exercise the GGUF load path (dequantisation, config from metadata, the
     `quantization_config` that must be dropped before `save_pretrained`) without a 100 MB download.
     Q/K weights are permuted the way llama.cpp's converter does, because transformers un-permutes them
     on load; the vocabulary is stored as a `gpt2` (byte-level) tokenizer with no merges, which is
-    exactly character-level for ASCII text.
+    exactly character-level for ASCII text. `quant="Q8_0"` stores the 2-D weights block-quantized
+    (row sizes must be multiples of 32), like the real Q4 files, so loading must de-quantize.
     """
     import gguf
     import numpy as np
@@ -226,22 +233,30 @@ def save_tiny_gguf(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, 
     def permute(w: np.ndarray, heads: int) -> np.ndarray:
         return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
+    qtype = gguf.GGMLQuantizationType[quant]
+
+    def add(name: str, w: np.ndarray) -> None:
+        if qtype == gguf.GGMLQuantizationType.F32 or w.ndim == 1:
+            writer.add_tensor(name, w)
+        else:
+            writer.add_tensor(name, gguf.quants.quantize(w, qtype), raw_dtype=qtype)
+
     sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
-    writer.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
+    add("token_embd.weight", sd["model.embed_tokens.weight"])
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}."
-        writer.add_tensor(f"blk.{i}.attn_norm.weight", sd[p + "input_layernorm.weight"])
-        writer.add_tensor(f"blk.{i}.attn_q.weight", permute(sd[p + "self_attn.q_proj.weight"], n_head))
-        writer.add_tensor(f"blk.{i}.attn_k.weight", permute(sd[p + "self_attn.k_proj.weight"], n_kv))
-        writer.add_tensor(f"blk.{i}.attn_v.weight", sd[p + "self_attn.v_proj.weight"])
-        writer.add_tensor(f"blk.{i}.attn_output.weight", sd[p + "self_attn.o_proj.weight"])
-        writer.add_tensor(f"blk.{i}.ffn_norm.weight", sd[p + "post_attention_layernorm.weight"])
-        writer.add_tensor(f"blk.{i}.ffn_gate.weight", sd[p + "mlp.gate_proj.weight"])
-        writer.add_tensor(f"blk.{i}.ffn_up.weight", sd[p + "mlp.up_proj.weight"])
-        writer.add_tensor(f"blk.{i}.ffn_down.weight", sd[p + "mlp.down_proj.weight"])
-    writer.add_tensor("output_norm.weight", sd["model.norm.weight"])
+        add(f"blk.{i}.attn_norm.weight", sd[p + "input_layernorm.weight"])
+        add(f"blk.{i}.attn_q.weight", permute(sd[p + "self_attn.q_proj.weight"], n_head))
+        add(f"blk.{i}.attn_k.weight", permute(sd[p + "self_attn.k_proj.weight"], n_kv))
+        add(f"blk.{i}.attn_v.weight", sd[p + "self_attn.v_proj.weight"])
+        add(f"blk.{i}.attn_output.weight", sd[p + "self_attn.o_proj.weight"])
+        add(f"blk.{i}.ffn_norm.weight", sd[p + "post_attention_layernorm.weight"])
+        add(f"blk.{i}.ffn_gate.weight", sd[p + "mlp.gate_proj.weight"])
+        add(f"blk.{i}.ffn_up.weight", sd[p + "mlp.up_proj.weight"])
+        add(f"blk.{i}.ffn_down.weight", sd[p + "mlp.down_proj.weight"])
+    add("output_norm.weight", sd["model.norm.weight"])
     if "lm_head.weight" in sd and not cfg.tie_word_embeddings:
-        writer.add_tensor("output.weight", sd["lm_head.weight"])
+        add("output.weight", sd["lm_head.weight"])
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -93,7 +93,8 @@ class OPDTrainer:
         cfg.require_paths()
         self.cfg = cfg
         self.resume = resume
-        self.acc = accelerator or Accelerator()
+        # Without a GPU, accelerate only joins a torchrun process group when told it runs on CPU (gloo).
+        self.acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
         self.log = log or (lambda msg: self.acc.print(msg))
         self.run_dir = Path(cfg.run_dir)
         self.start_step = 0
@@ -116,8 +117,9 @@ class OPDTrainer:
             )
         set_seed(cfg.seed)
 
-        self.tokenizer = prepare_tokenizer(load_tokenizer(cfg.student.path, trust_remote_code=cfg.student.trust_remote_code))
-        teacher_tok = prepare_tokenizer(load_tokenizer(cfg.teacher.path, trust_remote_code=cfg.teacher.trust_remote_code))
+        self.tokenizer = load_tokenizer(cfg.student.path, trust_remote_code=cfg.student.trust_remote_code)
+        teacher_tok = load_tokenizer(cfg.teacher.path, trust_remote_code=cfg.teacher.trust_remote_code)
+        self.tokenizer_notes = prepare_tokenizer(self.tokenizer) + prepare_tokenizer(teacher_tok)
         self.tokenizer_report = check_tokenizers(self.tokenizer, teacher_tok)
         self.teacher_tokenizer = teacher_tok
 

@@ -1,0 +1,333 @@
+"""Loading the student and teacher, and the checks that must pass before their scores are comparable.
+
+OPD scores the student's token ids with the teacher, so the two must agree on what every id means
+(same vocabulary), the teacher's logits must be cut to that shared vocabulary (padded output layers
+differ between sizes of one family), and the EOS/chat-template setup of both must be visible at start-up
+(field notes #5, #6, #7).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig, PreTrainedModel
+
+from opd.errors import ConfigError, ModelError, TokenizerMismatchError
+
+log = logging.getLogger(__name__)
+
+DTYPES: dict[str, torch.dtype | str] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "auto": "auto",
+}
+_DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+
+# Words in hub/network failures; anything else (a broken config, a bad GGUF) is re-raised as is.
+_OFFLINE_MARKERS = (
+    "connect",
+    "offline",
+    "resolve",
+    "not a valid model identifier",
+    "does not appear to have",
+    "repository not found",
+    "couldn't find",
+    "404",
+    "name or service not known",
+)
+
+
+def resolve_dtype(dtype: str) -> torch.dtype | str:
+    """The torch dtype for a config string; unknown names fail here rather than inside transformers."""
+    name = _DTYPE_ALIASES.get(str(dtype).lower(), str(dtype).lower())
+    if name not in DTYPES:
+        raise ConfigError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}.")
+    return DTYPES[name]
+
+
+def _classify(spec: str) -> tuple[str, Path | None]:
+    """('dir' | 'gguf' | 'hub', path) for a model spec; local-looking specs that do not exist fail here."""
+    p = Path(spec).expanduser()
+    if p.is_dir():
+        return "dir", p
+    if p.suffix.lower() == ".gguf":
+        if not p.is_file():
+            raise ModelError(f"GGUF file not found: {p}; check the path.")
+        return "gguf", p
+    if p.exists():
+        raise ModelError(f"{p} is a file but not a .gguf; pass a model directory or a .gguf file.")
+    if spec.startswith(("/", "./", "../", "~")) or spec.count("/") > 1:
+        raise ModelError(f"model path not found: {p}; pass an existing directory, a .gguf file or a hub id.")
+    return "hub", None
+
+
+def _hub_error(spec: str, what: str, err: Exception) -> ModelError | None:
+    text = f"{type(err).__name__} {err}".lower()
+    module = type(err).__module__
+    networky = isinstance(err, OSError) or module.startswith(
+        ("huggingface_hub", "httpx", "requests", "urllib3")
+    )
+    if networky and any(m in text for m in _OFFLINE_MARKERS):
+        return ModelError(
+            f"cannot load {what} {spec!r}: it is not a local directory or .gguf file, and the Hugging Face Hub "
+            f"is unreachable or has no such repository ({type(err).__name__}: {str(err).splitlines()[0]}). "
+            "Pass a local model directory or a .gguf path (or download it first where the hub is reachable)."
+        )
+    return None
+
+
+def load_tokenizer(spec: str, *, trust_remote_code: bool = False) -> Any:
+    """A tokenizer from a directory, a .gguf file or a hub id (hub only when online)."""
+    kind, path = _classify(spec)
+    try:
+        if kind == "dir":
+            return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+        if kind == "gguf":
+            assert path is not None
+            return AutoTokenizer.from_pretrained(
+                str(path.parent), gguf_file=path.name, trust_remote_code=trust_remote_code
+            )
+        return AutoTokenizer.from_pretrained(spec, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        if kind == "hub" and (err := _hub_error(spec, "tokenizer", e)) is not None:
+            raise err from e
+        raise
+
+
+def load_model(spec: str, *, dtype: str = "float32", trust_remote_code: bool = False) -> PreTrainedModel:
+    """A causal LM in eval mode, freshly loaded on every call.
+
+    No caching on purpose: student and teacher may come from the same file but the student gets trained,
+    so they must never share parameters.
+    """
+    torch_dtype = resolve_dtype(dtype)
+    kind, path = _classify(spec)
+    try:
+        if kind == "dir":
+            model = AutoModelForCausalLM.from_pretrained(
+                str(path), dtype=torch_dtype, trust_remote_code=trust_remote_code
+            )
+        elif kind == "gguf":
+            assert path is not None
+            # dequantize=True: with the `kernels` package installed transformers would otherwise keep the
+            # weights packed in GGUF blocks, which cannot be trained or saved as safetensors.
+            model = AutoModelForCausalLM.from_pretrained(
+                str(path.parent),
+                gguf_file=path.name,
+                dtype=torch_dtype,
+                quantization_config=GgufConfig(dequantize=True),
+                trust_remote_code=trust_remote_code,
+            )
+            _drop_gguf_quantization(model)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                spec, dtype=torch_dtype, trust_remote_code=trust_remote_code
+            )
+    except Exception as e:
+        if kind == "hub" and (err := _hub_error(spec, "model", e)) is not None:
+            raise err from e
+        raise
+    return model.eval()
+
+
+def _drop_gguf_quantization(model: PreTrainedModel) -> None:
+    """Forget that the weights came from GGUF: they are already de-quantized to plain tensors.
+
+    Depending on the transformers version and path, a GGUF quantizer and `config.quantization_config`
+    stay on the model, which makes `save_pretrained` refuse to write (or a saved config claim GGUF
+    quantization) and blocks dtype casts; dequantize=True removes most of it, this removes the rest.
+    """
+    if getattr(model.config, "quantization_config", None) is not None:
+        try:
+            delattr(model.config, "quantization_config")
+        except AttributeError:
+            model.config.quantization_config = None
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    if hasattr(model, "quantization_method"):
+        with contextlib.suppress(AttributeError):
+            delattr(model, "quantization_method")
+    if getattr(model, "is_quantized", False):
+        model.is_quantized = False
+
+
+def prepare_tokenizer(tok: Any) -> list[str]:
+    """Make a tokenizer fit for batched generation; return notes on what was changed, for the start-up print.
+
+    Left padding keeps every prompt's last token at the same position, where generation starts. A
+    missing pad token is set to EOS (the usual choice), which means masks must come from lengths,
+    never from `ids == pad_id`, or generated EOS tokens get masked out.
+    """
+    notes: list[str] = []
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise ModelError(
+                f"tokenizer {getattr(tok, 'name_or_path', '?')!r} has neither a pad nor an EOS token; "
+                "generation cannot stop or batch. Use a tokenizer that defines eos_token."
+            )
+        tok.pad_token = tok.eos_token
+        notes.append(
+            f"tokenizer has no pad token: using EOS {tok.eos_token!r} (id {tok.eos_token_id}) as pad; "
+            "masks are built from lengths, so generated EOS tokens still count."
+        )
+    if tok.padding_side != "left":
+        notes.append(
+            f"padding_side {tok.padding_side!r} -> 'left' (prompts must end where generation starts)."
+        )
+        tok.padding_side = "left"
+    for note in notes:
+        log.warning(note)
+    return notes
+
+
+def _vocab_diff(a: dict[str, int], b: dict[str, int], limit: int = 5) -> list[str]:
+    out = []
+    for token in sorted(set(a) | set(b), key=lambda t: (a.get(t, b.get(t, 0)), t)):
+        ia, ib = a.get(token), b.get(token)
+        if ia != ib:
+            out.append(f"{token!r}: student id {ia}, teacher id {ib}")
+            if len(out) >= limit:
+                break
+    return out
+
+
+def check_tokenizers(student_tok: Any, teacher_tok: Any) -> dict[str, Any]:
+    """Compare the two tokenizers; refuse different vocabularies, warn about EOS/BOS/template differences.
+
+    The teacher scores the student's token ids. If an id maps to different strings in the two
+    vocabularies, every teacher log-prob is for a token the student never produced, silently
+    (TRL #4562). opd has no cross-tokenizer mode, so this is an error, not a warning.
+    """
+    sv, tv = student_tok.get_vocab(), teacher_tok.get_vocab()
+    report: dict[str, Any] = {
+        "student_vocab_size": len(sv),
+        "teacher_vocab_size": len(tv),
+        "same_vocab": sv == tv,
+        "warnings": [],
+    }
+    if sv != tv:
+        diffs = _vocab_diff(sv, tv)
+        raise TokenizerMismatchError(
+            f"student and teacher tokenizers have different vocabularies (student {len(sv)} tokens, "
+            f"teacher {len(tv)}); e.g. " + "; ".join(diffs) + ". The teacher would score the student's ids "
+            "as different strings (TRL #4562). Use a teacher from the same tokenizer family as the student; "
+            "opd does not support cross-tokenizer distillation."
+        )
+    warnings: list[str] = report["warnings"]
+    for name in ("eos", "bos", "pad"):
+        s_id, t_id = getattr(student_tok, f"{name}_token_id"), getattr(teacher_tok, f"{name}_token_id")
+        s_tok, t_tok = getattr(student_tok, f"{name}_token"), getattr(teacher_tok, f"{name}_token")
+        report[f"student_{name}"] = (s_tok, s_id)
+        report[f"teacher_{name}"] = (t_tok, t_id)
+        if s_id != t_id and name != "pad":
+            warnings.append(
+                f"{name.upper()} differs: student {s_tok!r} (id {s_id}), teacher {t_tok!r} (id {t_id}); "
+                "the student may never emit the token the teacher expects to end on (runaway length)."
+                if name == "eos"
+                else f"{name.upper()} differs: student {s_tok!r} (id {s_id}), teacher {t_tok!r} (id {t_id})."
+            )
+    s_tpl, t_tpl = getattr(student_tok, "chat_template", None), getattr(teacher_tok, "chat_template", None)
+    report["student_has_chat_template"] = bool(s_tpl)
+    report["teacher_has_chat_template"] = bool(t_tpl)
+    report["same_chat_template"] = s_tpl == t_tpl
+    if s_tpl != t_tpl:
+        which = (
+            "only the teacher has one"
+            if not s_tpl
+            else "only the student has one"
+            if not t_tpl
+            else "they differ"
+        )
+        warnings.append(
+            f"chat templates: {which}; both models are scored on the prompt rendered with the student's "
+            "template. Check the rendered prompt for both models at start-up."
+        )
+    for w in warnings:
+        log.warning(w)
+    return report
+
+
+def _rows(model: PreTrainedModel) -> tuple[int, int]:
+    """(output rows, input embedding rows) of a model."""
+    out = model.get_output_embeddings()
+    n_out = out.weight.shape[0] if out is not None and hasattr(out, "weight") else model.config.vocab_size
+    emb = model.get_input_embeddings()
+    n_in = emb.weight.shape[0] if emb is not None and hasattr(emb, "weight") else model.config.vocab_size
+    return int(n_out), int(n_in)
+
+
+def shared_vocab_size(student_model: PreTrainedModel, teacher_model: PreTrainedModel, tokenizer: Any) -> int:
+    """The number of logit columns both models share: the tokenizer's real vocabulary.
+
+    Checkpoints of one family pad their output layers to different sizes (Qwen2.5: 151936 vs 152064);
+    columns past the real vocabulary are never produced by the tokenizer and must be sliced away before
+    comparing distributions, or the softmaxes differ in support. Counts the highest id, not just
+    `len(tokenizer)`, in case a vocabulary has holes.
+    """
+    vocab = tokenizer.get_vocab()
+    n = max(len(tokenizer), max(vocab.values(), default=-1) + 1)
+    sizes = {}
+    for name, model in (("student", student_model), ("teacher", teacher_model)):
+        n_out, n_in = _rows(model)
+        sizes[name] = n_out
+        if min(n_out, n_in) < n:
+            raise ModelError(
+                f"the {name} model is too small for the tokenizer: {n_out} output rows and {n_in} embedding "
+                f"rows, but the tokenizer has {n} tokens. The {name} was trained with a different "
+                "tokenizer; pass the tokenizer that belongs to it."
+            )
+    log.info(
+        "vocabulary: shared %d tokens; student logits %d, teacher logits %d (extra rows are sliced away)",
+        n,
+        sizes["student"],
+        sizes["teacher"],
+    )
+    return n
+
+
+def _as_list(x: Any) -> list[int]:
+    if x is None:
+        return []
+    return [int(v) for v in x] if isinstance(x, (list, tuple)) else [int(x)]
+
+
+def special_tokens_report(tokenizer: Any, model: PreTrainedModel) -> dict[str, Any]:
+    """Special tokens as tokenizer, config and generation config see them, for the start-up print.
+
+    Generation stops on `generation_config.eos_token_id`; if the tokenizer's EOS (the one the chat
+    template ends turns with) is not among those ids, rollouts run to the length limit.
+    """
+    gen = getattr(model, "generation_config", None)
+    gen_eos = _as_list(getattr(gen, "eos_token_id", None)) if gen is not None else []
+    report: dict[str, Any] = {
+        name: {"token": getattr(tokenizer, f"{name}_token"), "id": getattr(tokenizer, f"{name}_token_id")}
+        for name in ("bos", "eos", "pad")
+    }
+    report["config_eos_ids"] = _as_list(getattr(model.config, "eos_token_id", None))
+    report["generation_eos_ids"] = gen_eos
+    report["has_chat_template"] = bool(getattr(tokenizer, "chat_template", None))
+    warnings = []
+    eos_id = tokenizer.eos_token_id
+    if eos_id is not None and gen_eos and eos_id not in gen_eos:
+        warnings.append(
+            f"tokenizer EOS {tokenizer.eos_token!r} (id {eos_id}) is not a generation stop id {gen_eos}; "
+            "rollouts may not stop where the template ends a turn."
+        )
+    if not gen_eos and eos_id is None:
+        warnings.append("no EOS anywhere: generation only stops at the length limit.")
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id == eos_id:
+        warnings.append("pad token is EOS: masks must come from lengths, not from pad ids.")
+    report["warnings"] = warnings
+    return report
+
+
+def freeze_teacher(model: PreTrainedModel) -> PreTrainedModel:
+    """No gradients and eval mode: the teacher must never hold grads or optimizer state (field notes #10)."""
+    model.requires_grad_(False)
+    model.eval()
+    return model

@@ -1,0 +1,31 @@
+"""Shared fixtures: a real character-level tokenizer and a saved tiny student/teacher pair.
+
+Everything is built locally (no hub access); the teacher's vocabulary is padded to a multiple of 64,
+so every test that uses the pair meets the padded-vocabulary situation of real same-family pairs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from opd.tiny import build_tiny_tokenizer, save_tiny_pair
+
+
+@pytest.fixture
+def tiny_tokenizer():
+    """A fresh tokenizer per test, since tests may mutate it (pad token, padding side)."""
+    return build_tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_pair(tmp_path_factory) -> dict[str, Path]:
+    """{"student", "teacher", "prompts"} paths of a saved pair; read-only, shared by all tests."""
+    return save_tiny_pair(tmp_path_factory.mktemp("tiny_pair"))
+
+
+@pytest.fixture(scope="session")
+def tiny_pair_dir(tiny_pair) -> Path:
+    """The directory holding `student/`, `teacher/` (vocab padded to 128) and `prompts.jsonl`."""
+    return tiny_pair["student"].parent

@@ -1,0 +1,195 @@
+"""End-to-end OPD on tiny real (randomly initialised) Hugging Face models built in the test."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from opd.config import load_config
+from opd.tiny import save_tiny_pair
+from opd.trainer import NonFiniteLossError, OPDTrainer
+
+REQUIRED = [
+    "loss", "grad_norm", "lr", "overlap_ratio", "overlap_token_advantage", "entropy_student", "entropy_teacher",
+    "entropy_gap", "overlap_mass_student", "overlap_mass_teacher", "p_minus_q_at_max_adv", "response_len_mean",
+    "response_len_max", "truncation_rate", "tokens_per_s", "step_time_s", "overlap_ratio/bin0",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory) -> dict[str, Path]:
+    return save_tiny_pair(tmp_path_factory.mktemp("pair"))
+
+
+def _args(pair, run_dir, **extra) -> list[str]:
+    base = {
+        "student": str(pair["student"]), "teacher": str(pair["teacher"]), "prompts": str(pair["prompts"]),
+        "run_dir": str(run_dir), "prompts_per_step": 4, "micro_batch_size": 8, "rollout.rollouts_per_prompt": 2,
+        "rollout.max_new_tokens": 8, "rollout.batch_size": 2, "optim.lr": 1e-3, "steps": 2,
+        "checkpoint_every": 1, "tracking.tensorboard": False, "diagnostics.k": 8, "loss.k": 8,
+    }  # fmt: skip
+    base.update(extra)
+    out = []
+    for k, v in base.items():
+        out += [f"--{k}", str(v)]
+    return out
+
+
+def _trainer(pair, run_dir, resume=False, **extra) -> OPDTrainer:
+    cfg = load_config(None, _args(pair, run_dir, **extra))
+    t = OPDTrainer(cfg, resume=resume, log=lambda m: None)
+    t.setup()
+    return t
+
+
+def _params(t: OPDTrainer) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in t._unwrapped().state_dict().items()}
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"loss.signal": "topk"},
+        {"loss.signal": "topk", "loss.renorm": "weights", "loss.support": "overlap"},
+        {"loss.signal": "sampled"},
+        {"loss.signal": "full", "loss.divergence": "jsd", "loss.beta": 0.3},
+    ],
+)
+def test_train_runs_and_logs(pair, tmp_path, extra):
+    t = _trainer(pair, tmp_path / "run", **extra)
+    before = _params(t)
+    hist = t.train()
+    assert len(hist) == 2
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    for key in REQUIRED:
+        assert key in rows[0], key
+    assert 0 < rows[0]["overlap_ratio"] <= 1
+    after = _params(t)
+    assert any(not torch.equal(before[k], after[k]) for k in before), "no parameter changed"
+    from transformers import AutoModelForCausalLM
+
+    final = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final")
+    for k, v in final.state_dict().items():
+        torch.testing.assert_close(v, after[k])
+
+
+def test_gradient_accumulation_gives_the_same_update(pair, tmp_path):
+    """Micro-batches of 1 vs one micro-batch of all 8 sequences: same parameters after a step."""
+    kw = {"steps": 1, "optim.max_grad_norm": "null", "loss.signal": "topk"}
+    a = _trainer(pair, tmp_path / "a", micro_batch_size=1, **kw)
+    a.train()
+    b = _trainer(pair, tmp_path / "b", micro_batch_size=8, **kw)
+    b.train()
+    pa, pb = _params(a), _params(b)
+    for k in pa:
+        torch.testing.assert_close(pa[k], pb[k], atol=1e-6, rtol=1e-5)
+    # and the loss is the same token mean
+    ra = json.loads((tmp_path / "a" / "metrics.jsonl").read_text().splitlines()[0])
+    rb = json.loads((tmp_path / "b" / "metrics.jsonl").read_text().splitlines()[0])
+    assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5, abs=1e-7)
+
+
+def test_nan_stops_and_keeps_last_good_checkpoint(pair, tmp_path):
+    t = _trainer(pair, tmp_path / "run", steps=4)
+    t.start_step = 0
+    t.total_steps = 1
+    t.train()  # step 1 ok, checkpoint written
+    with torch.no_grad():
+        for p in t.teacher.model.parameters():
+            p.fill_(float("nan"))
+    t.start_step, t.total_steps = 1, 4
+    t.metrics = type(t.metrics)(t.run_dir, enabled=True, tensorboard=False, resume_step=1)
+    with pytest.raises(NonFiniteLossError, match="step_00000001"):
+        t.train()
+    saved = load_file(tmp_path / "run" / "checkpoints" / "step_00000001" / "model.safetensors")
+    assert all(torch.isfinite(v).all() for v in saved.values())
+
+
+def test_refuses_to_overwrite_a_run(pair, tmp_path):
+    _trainer(pair, tmp_path / "run", steps=1).train()
+    from opd.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--resume"):
+        _trainer(pair, tmp_path / "run", steps=1)
+
+
+def test_lora_trains_and_saves_merged(pair, tmp_path):
+    t = _trainer(pair, tmp_path / "run", steps=1, **{"student.lora.enabled": "true", "student.lora.r": 4})
+    t.train()
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final")
+    assert not any("lora" in k for k in m.state_dict())
+
+
+def _cli(args: list[str], **kw) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "opd.cli", "train", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_matches_uninterrupted_run(pair, tmp_path):
+    extra = {"steps": 6, "checkpoint_every": 2}
+    full = _cli(_args(pair, tmp_path / "full", **extra))
+    out, _ = full.communicate(timeout=600)
+    assert full.returncode == 0, out
+
+    run = tmp_path / "killed"
+    proc = _cli(_args(pair, run, **extra))
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    resumed = _cli(["--resume", str(run)])
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, out
+    assert "resumed from" in out
+    steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    a = load_file(tmp_path / "full" / "final" / "model.safetensors")
+    b = load_file(run / "final" / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=0, rtol=0)
+    la = [json.loads(x)["loss"] for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    lb = [json.loads(x)["loss"] for x in metrics.read_text().splitlines()]
+    assert la == lb
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(pair, tmp_path):
+    """torchrun with 2 CPU ranks (gloo): same parameters after a step as 1 process, same global batch."""
+    extra = {"steps": 1, "optim.max_grad_norm": "null"}
+    one = _cli(_args(pair, tmp_path / "one", **extra))
+    out1, _ = one.communicate(timeout=600)
+    assert one.returncode == 0, out1
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    two = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "opd.cli",
+         "train", *_args(pair, tmp_path / "two", **extra)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert two.returncode == 0, two.stdout + two.stderr
+    assert "on 2 process(es)" in two.stderr + two.stdout
+    a = load_file(tmp_path / "one" / "final" / "model.safetensors")
+    b = load_file(tmp_path / "two" / "final" / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
+    m1 = json.loads((tmp_path / "one" / "metrics.jsonl").read_text().splitlines()[0])
+    m2 = json.loads((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()[0])
+    for key in ("loss", "overlap_ratio", "entropy_student", "response_tokens", "response_len_max"):
+        assert m1[key] == pytest.approx(m2[key], rel=1e-5), key
