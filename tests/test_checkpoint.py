@@ -20,13 +20,15 @@ def test_roundtrip_and_pruning(tmp_path):
     model, opt, sched = _objs(0)
     for step in (1, 2, 3):
         rng_at_save = torch.get_rng_state()
-        ckpt.save_checkpoint(tmp_path, step, model=model, optimizer=opt, scheduler=sched, state={"cursor": {"a": step}}, keep=2)
+        ckpt.save_checkpoint(
+            tmp_path, step, model=model, optimizer=opt, scheduler=sched, state={"cursor": {"a": step}}, keep=2
+        )
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [2, 3]
     m2, o2, s2 = _objs(1)
     torch.manual_seed(123)
     state = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path), model=m2, optimizer=o2, scheduler=s2)
     assert state["step"] == 3 and state["cursor"] == {"a": 3}
-    for a, b in zip(model.state_dict().values(), m2.state_dict().values()):
+    for a, b in zip(model.state_dict().values(), m2.state_dict().values(), strict=False):
         assert torch.equal(a, b)
     assert torch.equal(o2.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
     assert s2.last_epoch == sched.last_epoch

@@ -9,8 +9,15 @@ from opd.errors import ConfigError
 def test_every_field_is_an_option_and_overrides_parse(tmp_path):
     paths = field_paths()
     assert "loss.signal" in paths and "rollout.max_new_tokens" in paths and "student.lora.r" in paths
-    tree = parse_overrides(["--loss.k", "8", "--tracking.wandb=true", "--student", "x/y", "--optim.lr", "1e-5"])
-    assert tree == {"loss": {"k": 8}, "tracking": {"wandb": True}, "student": {"path": "x/y"}, "optim": {"lr": 1e-5}}
+    tree = parse_overrides(
+        ["--loss.k", "8", "--tracking.wandb=true", "--student", "x/y", "--optim.lr", "1e-5"]
+    )
+    assert tree == {
+        "loss": {"k": 8},
+        "tracking": {"wandb": True},
+        "student": {"path": "x/y"},
+        "optim": {"lr": 1e-5},
+    }
     cfg = load_config(None, ["--rollout.max-new-tokens", "12", "--student.lora.enabled", "true"])
     assert cfg.rollout.max_new_tokens == 12 and cfg.student.lora.enabled
 

@@ -50,7 +50,9 @@ def fidelity_self_test(
     t = score_frozen(model, rollout)
     mask = rollout.response_mask.to(device)
     tokens = rollout.response_ids.to(device)
-    values: dict[str, Any] = {"max_abs_logit_diff": float((s.float() - t.float()).abs().max()) if mask.any() else 0.0}
+    values: dict[str, Any] = {
+        "max_abs_logit_diff": float((s.float() - t.float()).abs().max()) if mask.any() else 0.0
+    }
     variants = {
         "sampled": {"signal": "sampled"},
         "topk_both": {"signal": "topk", "renorm": "both"},
@@ -78,7 +80,10 @@ def determinism_check(teacher_model: torch.nn.Module, rollout: Rollout) -> Check
     b = score_frozen(teacher_model, rollout).float()
     diff = float((a - b).abs().max()) if a.numel() else 0.0
     return CheckResult(
-        "teacher determinism", diff == 0.0, f"max |logit difference| between two scorings = {diff:.3g}", {"max_diff": diff}
+        "teacher determinism",
+        diff == 0.0,
+        f"max |logit difference| between two scorings = {diff:.3g}",
+        {"max_diff": diff},
     )
 
 

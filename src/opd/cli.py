@@ -17,7 +17,11 @@ config_app = typer.Typer(no_args_is_help=True, help="Inspect configuration.")
 app.add_typer(config_app, name="config")
 console = Console(stderr=True, soft_wrap=True)
 
-_PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": ["-h", "--help"]}
+_PASSTHROUGH = {
+    "allow_extra_args": True,
+    "ignore_unknown_options": True,
+    "help_option_names": ["-h", "--help"],
+}
 
 
 def _fail(exc: Exception, code: int = 2) -> None:
@@ -25,15 +29,7 @@ def _fail(exc: Exception, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def _fields_epilog() -> str:
-    from opd.config import ALIASES, field_paths
-
-    lines = ["Every config field is an option: --section.field VALUE (see `opd config fields`)."]
-    lines.append("Short forms: " + ", ".join(f"--{a} = --{p}" for a, p in ALIASES.items()))
-    return "\n\n".join(lines) + "\n\n" + ", ".join(field_paths())
-
-
-@app.command(context_settings=_PASSTHROUGH, epilog=None)
+@app.command(context_settings=_PASSTHROUGH)
 def train(
     ctx: typer.Context,
     config: Path | None = typer.Option(None, "--config", "-c", help="YAML recipe (see configs/)"),
@@ -62,7 +58,14 @@ def train(
 
 
 def _run_training(cfg, *, resume: bool) -> None:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     from opd.trainer import OPDTrainer
 
@@ -75,7 +78,9 @@ def _run_training(cfg, *, resume: bool) -> None:
         _fidelity_at_startup(trainer)
     remaining = trainer.total_steps - trainer.start_step
     if main:
-        console.print(f"training {remaining} step(s) into {cfg.run_dir} on {trainer.acc.num_processes} process(es)")
+        console.print(
+            f"training {remaining} step(s) into {cfg.run_dir} on {trainer.acc.num_processes} process(es)"
+        )
     with Progress(
         TextColumn("[bold]opd train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
         TextColumn("{task.description}"), console=console, disable=not main, transient=False,
@@ -92,7 +97,9 @@ def _run_training(cfg, *, resume: bool) -> None:
 
         trainer.train(on_step=on_step)
     if main:
-        console.print(f"[green]done[/]: metrics in {cfg.run_dir}/metrics.jsonl, final model in {cfg.run_dir}/final")
+        console.print(
+            f"[green]done[/]: metrics in {cfg.run_dir}/metrics.jsonl, final model in {cfg.run_dir}/final"
+        )
     trainer.acc.end_training()
 
 
@@ -118,10 +125,17 @@ def _startup_report(trainer) -> None:
         table.add_row(str(key), str(s_rep.get(key)), str(t_rep.get(key)))
     table.add_row("shared vocabulary", str(trainer.vocab_size), str(trainer.vocab_size))
     console.print(table)
-    for note in trainer.tokenizer_report.get("warnings", []) if isinstance(trainer.tokenizer_report, dict) else []:
+    for note in (
+        trainer.tokenizer_report.get("warnings", []) if isinstance(trainer.tokenizer_report, dict) else []
+    ):
         console.print(f"[yellow]warning:[/] {note}")
     first = trainer.prompt_texts[0]
-    console.print(Panel(first, title=f"first prompt as rendered (template: {cfg.data.template}); the teacher scores these exact ids"))
+    console.print(
+        Panel(
+            first,
+            title=f"first prompt as rendered (template: {cfg.data.template}); the teacher scores these exact ids",
+        )
+    )
     console.print(f"stop ids: {trainer.stop_ids}; pad id: {trainer.tokenizer.pad_token_id}")
     try:
         from opd.data import render_prompt
@@ -147,7 +161,9 @@ def _fidelity_at_startup(trainer) -> None:
     if trainer.acc.is_main_process:
         console.print(("[green]ok[/] " if res.ok else "[red]FAILED[/] ") + f"{res.name}: {res.detail}")
     if not res.ok:
-        raise OpdError(f"{res.name} failed: {res.detail}; the scoring path is inconsistent, refusing to train")
+        raise OpdError(
+            f"{res.name} failed: {res.detail}; the scoring path is inconsistent, refusing to train"
+        )
 
 
 @app.command()
@@ -176,7 +192,13 @@ def check(
 def _check(student, teacher, prompts, template, s_dtype, t_dtype, max_new, n_prompts, k, trc) -> bool:
     import time
 
-    from opd.checks import CheckResult, determinism_check, fidelity_self_test, pair_diagnostics, self_test_rollout
+    from opd.checks import (
+        CheckResult,
+        determinism_check,
+        fidelity_self_test,
+        pair_diagnostics,
+        self_test_rollout,
+    )
     from opd.data import PromptRecord, encode_prompts, load_prompts, render_prompt, uses_chat
     from opd.models import (
         check_tokenizers,
@@ -196,7 +218,9 @@ def _check(student, teacher, prompts, template, s_dtype, t_dtype, max_new, n_pro
     prepare_tokenizer(t_tok)
     try:
         rep = check_tokenizers(s_tok, t_tok)
-        results.append(CheckResult("tokenizers", True, "identical vocabularies", rep if isinstance(rep, dict) else {}))
+        results.append(
+            CheckResult("tokenizers", True, "identical vocabularies", rep if isinstance(rep, dict) else {})
+        )
     except OpdError as exc:
         results.append(CheckResult("tokenizers", False, str(exc)))
         _print_results(results)
@@ -206,7 +230,9 @@ def _check(student, teacher, prompts, template, s_dtype, t_dtype, max_new, n_pro
         t_model = freeze_teacher(load_model(teacher, dtype=t_dtype, trust_remote_code=trc))
     console.print(f"models loaded in {time.perf_counter() - t0:.1f}s")
     vocab = shared_vocab_size(s_model, t_model, s_tok)
-    results.append(CheckResult("vocabulary", True, f"shared real vocabulary {vocab}; padded rows are sliced away"))
+    results.append(
+        CheckResult("vocabulary", True, f"shared real vocabulary {vocab}; padded rows are sliced away")
+    )
     s_rep, t_rep = special_tokens_report(s_tok, s_model), special_tokens_report(t_tok, t_model)
     results.append(CheckResult("special tokens", True, f"student {s_rep} | teacher {t_rep}"))
     for w in rep.get("warnings", []) if isinstance(rep, dict) else []:
@@ -227,9 +253,15 @@ def _check(student, teacher, prompts, template, s_dtype, t_dtype, max_new, n_pro
         pass
     ids = encode_prompts(texts, s_tok, max_prompt_tokens=100_000, sources=[r.source for r in records],
                          add_special_tokens=not uses_chat(template))  # fmt: skip
-    stop = sorted({int(s_tok.eos_token_id)} | _gen_eos(s_model)) if s_tok.eos_token_id is not None else sorted(_gen_eos(s_model))
+    stop = (
+        sorted({int(s_tok.eos_token_id)} | _gen_eos(s_model))
+        if s_tok.eos_token_id is not None
+        else sorted(_gen_eos(s_model))
+    )
     with console.status("self-test rollouts and scoring..."):
-        roll = self_test_rollout(s_model, ids, pad_id=s_tok.pad_token_id, stop_ids=stop, max_new_tokens=max_new)
+        roll = self_test_rollout(
+            s_model, ids, pad_id=s_tok.pad_token_id, stop_ids=stop, max_new_tokens=max_new
+        )
         results.append(fidelity_self_test(s_model, roll, vocab_size=vocab, k=k))
         results.append(determinism_check(t_model, roll))
         diag = pair_diagnostics(s_model, t_model, roll, vocab_size=vocab, k=k)
@@ -248,17 +280,20 @@ def _gen_eos(model) -> set[int]:
 
 
 def _print_results(results) -> None:
-    table = Table(title="opd check")
-    table.add_column("check")
-    table.add_column("result")
-    table.add_column("detail", overflow="fold")
+    soft = ("template/EOS", "rendered prompt")
+    out = Console(soft_wrap=True)
+    out.print("[bold]opd check[/]")
     for r in results:
-        table.add_row(r.name, "[green]ok[/]" if r.ok else "[red]FAIL[/]" if r.name not in ("template/EOS", "rendered prompt") else "[yellow]warn[/]", r.detail)
-    Console().print(table)
+        mark = "[green]ok[/]" if r.ok else ("[yellow]warn[/]" if r.name in soft else "[red]FAIL[/]")
+        out.print(f"  {mark} {r.name}: {r.detail}")
 
 
 @app.command()
-def tiny(out_dir: Path = typer.Argument(Path("runs/tiny"), help="where to write student/, teacher/, prompts.jsonl")) -> None:
+def tiny(
+    out_dir: Path = typer.Argument(
+        Path("runs/tiny"), help="where to write student/, teacher/, prompts.jsonl"
+    ),
+) -> None:
     """Build a tiny random student/teacher pair and a prompt file, for smoke runs with no download."""
     from opd.tiny import save_tiny_pair
 

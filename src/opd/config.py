@@ -7,6 +7,7 @@ default is the most expensive kind of config bug in a GPU-days run.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from pathlib import Path
 from typing import Any, Literal
@@ -48,7 +49,9 @@ class TeacherConfig(_Section):
 
 
 class DataConfig(_Section):
-    prompts: str = Field("", description="JSONL, Parquet or CSV with `prompt` or `messages`, optional `answer`")
+    prompts: str = Field(
+        "", description="JSONL, Parquet or CSV with `prompt` or `messages`, optional `answer`"
+    )
     prompt_field: str = "prompt"
     messages_field: str = "messages"
     answer_field: str = "answer"
@@ -56,7 +59,9 @@ class DataConfig(_Section):
         "chat",
         description="raw | chat | dapo | boxed | chat:<named or format string> | a format string with {prompt}",
     )
-    chat_template_kwargs: dict[str, Any] = Field(default_factory=dict, description="e.g. {enable_thinking: false}")
+    chat_template_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="e.g. {enable_thinking: false}"
+    )
     system_prompt: str | None = None
     max_prompt_tokens: int = Field(1024, ge=1)
     shuffle: bool = True
@@ -77,7 +82,9 @@ class LossConfig(_Section):
     divergence: Literal["reverse_kl", "forward_kl", "jsd", "tvd"] = "reverse_kl"
     k: int = Field(16, ge=1)
     support: Literal["student", "teacher", "overlap", "non_overlap", "union"] = "student"
-    renorm: Literal["both", "weights"] = Field("both", description="both = paper Eq. 5; weights = released code")
+    renorm: Literal["both", "weights"] = Field(
+        "both", description="both = paper Eq. 5; weights = released code"
+    )
     beta: float = Field(0.5, ge=0.0, le=1.0, description="generalized JSD (TRL convention)")
     chunk_size: int | None = Field(2048, ge=1, description="rows per chunk for full-vocabulary math")
 
@@ -230,10 +237,8 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
         except yaml.YAMLError:
             value = raw
         if isinstance(value, str):  # YAML 1.1 reads "1e-5" as a string; people mean a number
-            try:
+            with contextlib.suppress(ValueError):
                 value = float(value)
-            except ValueError:
-                pass
         # Paths and templates are strings even when they look like numbers or YAML.
         if key.endswith(".path") or key in ("data.prompts", "run_dir", "data.template"):
             value = raw

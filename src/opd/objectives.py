@@ -47,7 +47,7 @@ DIVERGENCES: tuple[str, ...] = ("reverse_kl", "forward_kl", "jsd", "tvd")
 SUPPORTS: tuple[str, ...] = ("student", "teacher", "overlap", "non_overlap", "union")
 RENORMS: tuple[str, ...] = ("both", "weights")
 
-RowLoss = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
+RowLoss = Callable[[Tensor, Tensor, Tensor | None], Tensor]
 
 
 # --------------------------------------------------------------------------------------------------------

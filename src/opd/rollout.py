@@ -138,7 +138,6 @@ class HFGenerator:
             length_penalty=1.0,
             num_beams=1,
             min_new_tokens=0,
-            min_length=0,
             max_new_tokens=params.max_new_tokens,
             eos_token_id=self.stop_ids,
             pad_token_id=self.pad_id,

@@ -52,7 +52,7 @@ class MetricsLogger:
             atomic_write_text(self.path, "".join(k + "\n" for k in kept))
         elif resume_step is None and self.path.exists():
             self.path.unlink()
-        self._fh = open(self.path, "a")
+        self._fh = open(self.path, "a")  # noqa: SIM115 - held for the whole run, closed in close()
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -64,7 +64,9 @@ class MetricsLogger:
             try:
                 import wandb as wb
             except ImportError as exc:
-                raise RuntimeError("tracking.wandb is true but wandb is not installed: pip install wandb") from exc
+                raise RuntimeError(
+                    "tracking.wandb is true but wandb is not installed: pip install wandb"
+                ) from exc
             self._wandb = wb.init(project=wandb_project, name=run_name, config=config, resume="allow")
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
@@ -74,7 +76,9 @@ class MetricsLogger:
         self._fh.write(json.dumps(row) + "\n")
         self._fh.flush()
         os.fsync(self._fh.fileno())
-        scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        scalars = {
+            k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
         if self._tb is not None:
             for k, v in scalars.items():
                 self._tb.add_scalar(k, v, step)

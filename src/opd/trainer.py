@@ -39,7 +39,6 @@ from opd.models import (
     load_tokenizer,
     prepare_tokenizer,
     shared_vocab_size,
-    special_tokens_report,
 )
 from opd.objectives import per_token_loss, signal_stats
 from opd.rollout import HFGenerator, Rollout, SamplingParams, chunk_seed
@@ -123,13 +122,25 @@ class OPDTrainer:
         self.tokenizer_report = check_tokenizers(self.tokenizer, teacher_tok)
         self.teacher_tokenizer = teacher_tok
 
-        student = load_model(cfg.student.path, dtype=cfg.student.dtype, trust_remote_code=cfg.student.trust_remote_code)
-        teacher = load_model(cfg.teacher.path, dtype=cfg.teacher.dtype, trust_remote_code=cfg.teacher.trust_remote_code)
+        student = load_model(
+            cfg.student.path, dtype=cfg.student.dtype, trust_remote_code=cfg.student.trust_remote_code
+        )
+        teacher = load_model(
+            cfg.teacher.path, dtype=cfg.teacher.dtype, trust_remote_code=cfg.teacher.trust_remote_code
+        )
         self.vocab_size = shared_vocab_size(student, teacher, self.tokenizer)
         if cfg.student.dtype in ("bfloat16", "float16"):
             self.log(
                 f"[yellow]warning:[/] student.dtype={cfg.student.dtype}: low-precision master weights can "
                 f"swallow lr={cfg.optim.lr:g} updates entirely; the paper trains fp32 master weights"
+            )
+        ro = cfg.rollout
+        if ro.top_p < 1.0 or ro.top_k > 0 or ro.temperature != 1.0:
+            self.log(
+                f"[yellow]warning:[/] rollouts sample with temperature={ro.temperature}, top_p={ro.top_p}, "
+                f"top_k={ro.top_k}, but the loss scores them under the untempered student policy: the samples "
+                "are off-policy and the sampled-token estimator is biased (set all three to 1.0 / 1.0 / 0 "
+                "for the unbiased on-policy objective)"
             )
         if cfg.student.lora.enabled:
             student = self._wrap_lora(student)
@@ -165,7 +176,11 @@ class OPDTrainer:
 
         params = [p for p in student.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
-            params, lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay
+            params,
+            lr=cfg.optim.lr,
+            betas=cfg.optim.betas,
+            eps=cfg.optim.eps,
+            weight_decay=cfg.optim.weight_decay,
         )
         warmup = cfg.optim.warmup_steps or round(cfg.optim.warmup_ratio * self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -189,7 +204,9 @@ class OPDTrainer:
         if self.resume:
             latest = ckpt.latest_checkpoint(self.run_dir)
             if latest is None:
-                raise ConfigError(f"--resume {self.run_dir}: no complete checkpoint found in {ckpt.checkpoint_dir(self.run_dir)}")
+                raise ConfigError(
+                    f"--resume {self.run_dir}: no complete checkpoint found in {ckpt.checkpoint_dir(self.run_dir)}"
+                )
             state = ckpt.load_checkpoint(
                 latest, model=self._unwrapped(), optimizer=self.optimizer, scheduler=self.scheduler
             )
@@ -204,7 +221,11 @@ class OPDTrainer:
             ckpt.atomic_write_text(self.run_dir / "config.yaml", dump_config(cfg))
             samples = self.run_dir / "samples.jsonl"
             if samples.exists():
-                keep = [ln for ln in samples.read_text().splitlines() if resume_step is not None and _step_of(ln) <= resume_step]
+                keep = [
+                    ln
+                    for ln in samples.read_text().splitlines()
+                    if resume_step is not None and _step_of(ln) <= resume_step
+                ]
                 ckpt.atomic_write_text(samples, "".join(k + "\n" for k in keep))
         self.metrics = MetricsLogger(
             self.run_dir,
@@ -224,7 +245,9 @@ class OPDTrainer:
         except ImportError as exc:  # pragma: no cover - peft is a dependency
             raise ConfigError("student.lora.enabled needs peft: pip install peft") from exc
         lc = self.cfg.student.lora
-        peft_cfg = PeftLora(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=lc.target_modules)
+        peft_cfg = PeftLora(
+            r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=lc.target_modules
+        )
         return get_peft_model(model, peft_cfg)
 
     def _unwrapped(self) -> torch.nn.Module:
@@ -257,7 +280,11 @@ class OPDTrainer:
             seed = chunk_seed(cfg.seed, step, offset + c)
             out.append(
                 self.generator.generate(
-                    [self.prompt_ids[i] for i in chunk], self.sampling, cfg.rollout.rollouts_per_prompt, seed, chunk
+                    [self.prompt_ids[i] for i in chunk],
+                    self.sampling,
+                    cfg.rollout.rollouts_per_prompt,
+                    seed,
+                    chunk,
                 )
             )
         return out
@@ -279,7 +306,11 @@ class OPDTrainer:
 
         local_tokens = sum(int(r.response_mask.sum()) for r in rollouts)
         global_tokens = int(self._reduce(torch.tensor(float(local_tokens), dtype=torch.float64)).item())
-        micro = [r.select(slice(s, s + cfg.micro_batch_size)) for r in rollouts for s in range(0, len(r), cfg.micro_batch_size)]
+        micro = [
+            r.select(slice(s, s + cfg.micro_batch_size))
+            for r in rollouts
+            for s in range(0, len(r), cfg.micro_batch_size)
+        ]
 
         loss_sum = torch.zeros((), dtype=torch.float64)
         reward_sum = torch.zeros((), dtype=torch.float64)
@@ -323,7 +354,9 @@ class OPDTrainer:
                     )  # fmt: skip
                     reward_sum += st["reward_mean"] * n_mb
                     if st["adv_max_abs"] > best_adv[0]:
-                        best_adv = torch.tensor([st["adv_max_abs"], st["p_minus_q_at_max_adv"]], dtype=torch.float64)
+                        best_adv = torch.tensor(
+                            [st["adv_max_abs"], st["p_minus_q_at_max_adv"]], dtype=torch.float64
+                        )
             del s_logits, t_logits, per_tok
 
         max_norm = cfg.optim.max_grad_norm
@@ -353,7 +386,9 @@ class OPDTrainer:
 
         if not (math.isfinite(loss_total) and math.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteLossError(f"non-finite loss ({loss_total}) or grad norm ({grad_norm}) at step {step}")
+            raise NonFiniteLossError(
+                f"non-finite loss ({loss_total}) or grad norm ({grad_norm}) at step {step}"
+            )
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)

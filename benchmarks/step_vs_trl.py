@@ -1,0 +1,687 @@
+"""One on-policy distillation step, opd vs TRL's `DistillationTrainer`, on the same models and prompts.
+
+A "step" is: sample the student's rollouts for a batch of prompts, score them with the teacher, take one
+optimizer update. Both frameworks run that step on the same student/teacher checkpoints, the same prompts
+(in file order), the same sequences per step (prompts x rollouts), the same response budget, fp32, AdamW
+(lr, betas, eps, weight decay 0, grad-norm clip 1.0, constant schedule), temperature 1.0 with no top-p/top-k,
+full-vocabulary reverse KL, one forward/backward per step (no gradient accumulation) and no vLLM.
+
+Each framework runs in its own subprocess so its peak memory is its own. Warm-up steps are run but not
+timed. Step time is measured around the whole step on both sides (after a CUDA synchronize on GPU);
+generated tokens are counted from what each side actually generated (tokens up to and including the first
+EOS, as both frameworks mask them), so a side whose samples stop early is not credited with tokens it did
+not produce.
+
+    python benchmarks/step_vs_trl.py                      # tiny pair from opd.tiny.save_tiny_pair
+    python benchmarks/step_vs_trl.py --size small         # bigger random Llamas: compute-bound step
+    python benchmarks/step_vs_trl.py --student S --teacher T --prompts P.jsonl --json out.json
+
+See benchmarks/README.md for what is (and is not) identical between the two sides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+# Model sizes for --size (the tiny one is exactly opd.tiny.save_tiny_pair).
+SIZES: dict[str, dict[str, dict[str, int]]] = {
+    "tiny": {
+        "student": {"hidden": 32, "layers": 2, "heads": 4},
+        "teacher": {"hidden": 48, "layers": 2, "heads": 4},
+    },
+    "small": {
+        "student": {"hidden": 256, "layers": 4, "heads": 4},
+        "teacher": {"hidden": 384, "layers": 6, "heads": 6},
+    },
+}
+
+OPD_SIGNALS = ("full", "topk", "sampled")
+
+
+# ----------------------------------------------------------------------------------------------------
+# helpers shared by parent and children
+
+
+def _rss_now_mb() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def _hwm_mb() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def _reset_hwm() -> bool:
+    """Reset the kernel's peak-RSS counter (VmHWM) for this process; Linux only."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _maxrss_mb() -> float:
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r / 1024 / 1024 if sys.platform == "darwin" else r / 1024  # bytes on macOS, KiB on Linux
+
+
+def _sync(torch_mod: Any) -> None:
+    if torch_mod.cuda.is_available():
+        torch_mod.cuda.synchronize()
+
+
+def _memory_report(torch_mod: Any, rss_import: float, rss_setup: float, hwm_reset: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "rss_after_import_mb": rss_import,
+        "rss_after_setup_mb": rss_setup,
+        "peak_rss_mb": _maxrss_mb(),  # whole process, loading included
+        "peak_rss_steps_mb": _hwm_mb() if hwm_reset else None,  # since the training steps began
+    }
+    if torch_mod.cuda.is_available():
+        out["cuda_peak_alloc_mb"] = torch_mod.cuda.max_memory_allocated() / 2**20
+        out["cuda_peak_reserved_mb"] = torch_mod.cuda.max_memory_reserved() / 2**20
+    return out
+
+
+def _child_prologue(threads: int) -> Any:
+    import torch
+
+    torch.set_num_threads(threads)
+    return torch
+
+
+# ----------------------------------------------------------------------------------------------------
+# opd child
+
+
+def run_opd(spec: dict[str, Any]) -> dict[str, Any]:
+    torch = _child_prologue(spec["threads"])
+    from opd.config import load_config
+    from opd.trainer import OPDTrainer
+
+    rss_import = _rss_now_mb()
+    total = spec["warmup"] + spec["steps"]
+    signal = spec["signal"]
+    overrides = [
+        "--student", spec["student"], "--teacher", spec["teacher"], "--prompts", spec["prompts"],
+        "--run_dir", spec["run_dir"],
+        "--prompts_per_step", str(spec["prompts_per_step"]),
+        "--rollout.rollouts_per_prompt", str(spec["rollouts"]),
+        "--rollout.max_new_tokens", str(spec["max_new_tokens"]),
+        "--rollout.batch_size", str(spec["prompts_per_step"]),  # one generate call per step, like TRL
+        "--rollout.temperature", "1.0", "--rollout.top_p", "1.0", "--rollout.top_k", "0",
+        "--micro_batch_size", str(spec["prompts_per_step"] * spec["rollouts"]),  # one fwd/bwd, like TRL
+        "--steps", str(total),
+        "--loss.signal", signal, "--loss.divergence", "reverse_kl",
+        "--student.dtype", "float32", "--teacher.dtype", "float32",
+        "--optim.lr", str(spec["lr"]), "--optim.weight_decay", "0.0", "--optim.max_grad_norm", "1.0",
+        "--optim.schedule", "constant",
+        "--data.shuffle", "false",  # prompts in file order, like the TRL side
+        "--tracking.tensorboard", "false", "--checkpoint_every", "1000000", "--save_final", "false",
+        "--startup_checks", "false", "--seed", "0",
+    ]  # fmt: skip
+    cfg = load_config(None, overrides)
+    tr = OPDTrainer(cfg, log=lambda m: None)
+    tr.setup()
+    _sync(torch)
+    rss_setup = _rss_now_mb()
+
+    # Count what was generated, from the rollouts themselves.
+    counts = {"seqs": 0, "prompt_tokens": 0, "response_tokens": 0, "truncated": 0}
+    gen = tr.generator.generate
+
+    def counting_generate(*a: Any, **k: Any) -> Any:
+        r = gen(*a, **k)
+        counts["seqs"] += len(r)
+        counts["prompt_tokens"] += int(r.prompt_mask.sum())
+        counts["response_tokens"] += int(r.response_mask.sum())
+        counts["truncated"] += int(r.truncated.sum())
+        return r
+
+    tr.generator.generate = counting_generate  # type: ignore[method-assign]
+
+    hwm_reset = _reset_hwm()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    steps = []
+    for step in range(1, total + 1):
+        for key in counts:
+            counts[key] = 0
+        _sync(torch)
+        t0 = time.perf_counter()
+        res = tr.train_step(step)
+        _sync(torch)
+        dt = time.perf_counter() - t0
+        m = res.metrics
+        steps.append(
+            {
+                "step": step,
+                "warmup": step <= spec["warmup"],
+                "time_s": dt,
+                "time_rollout_s": m["time_rollout_s"],
+                "time_teacher_s": m["time_teacher_s"],
+                "time_update_s": m["time_update_s"],
+                "seqs": counts["seqs"],
+                "prompt_tokens": counts["prompt_tokens"],
+                "response_tokens": counts["response_tokens"],
+                "opd_response_tokens_metric": m["response_tokens"],
+                "truncated": counts["truncated"],
+                "loss": m["loss"],
+            }
+        )
+    tr.metrics.close()
+    return {
+        "framework": f"opd[{signal}]",
+        "device": str(tr.acc.device),
+        "steps": steps,
+        "memory": _memory_report(torch, rss_import, rss_setup, hwm_reset),
+        "notes": [
+            f"loss.signal={signal} reverse_kl, rollout.batch_size={spec['prompts_per_step']} prompts x "
+            f"{spec['rollouts']} rollouts in one generate call, micro_batch_size="
+            f"{spec['prompts_per_step'] * spec['rollouts']} (one fwd/bwd), per-step diagnostics included",
+        ],
+    }
+
+
+# ----------------------------------------------------------------------------------------------------
+# TRL child
+
+
+def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
+    torch = _child_prologue(spec["threads"])
+    import trl
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import DistillationConfig, DistillationTrainer
+
+    rss_import = _rss_now_mb()
+    cuda = torch.cuda.is_available()
+    total = spec["warmup"] + spec["steps"]
+    n_seq = spec["prompts_per_step"] * spec["rollouts"]
+
+    tok = AutoTokenizer.from_pretrained(spec["student"], padding_side="left", truncation_side="left")
+    student = AutoModelForCausalLM.from_pretrained(spec["student"], dtype=torch.float32)
+    teacher = AutoModelForCausalLM.from_pretrained(spec["teacher"], dtype=torch.float32)
+    notes = []
+    s_vocab = student.config.get_text_config().vocab_size
+    t_vocab = teacher.config.get_text_config().vocab_size
+    if t_vocab != s_vocab:
+        # TRL refuses a teacher whose vocab_size differs (padded output layers, e.g. Qwen2.5 7B vs 0.5B).
+        # opd slices the teacher's logits to the shared vocabulary; cutting the teacher's embedding and
+        # output rows beyond the student's vocabulary is the same objective (those rows are never real tokens).
+        teacher.resize_token_embeddings(s_vocab)
+        notes.append(f"teacher vocab {t_vocab} cut to the student's {s_vocab} (TRL requires equal vocab_size)")
+
+    # TRL's DistillationTrainer samples ONE completion per prompt row (n=1, no num_generations knob), so
+    # prompts x rollouts sequences per step = each prompt repeated `rollouts` times, consecutively, with the
+    # dataset not shuffled: the step-k batch holds the same prompts as opd's step k.
+    records = [json.loads(line) for line in Path(spec["prompts"]).read_text().splitlines() if line.strip()]
+    rows = [{"prompt": [{"role": "user", "content": r["prompt"]}]} for r in records for _ in range(spec["rollouts"])]
+    dataset = Dataset.from_list(rows)
+
+    args = DistillationConfig(
+        output_dir=spec["run_dir"],
+        # batch shape: every step generates n_seq sequences in one generate call and trains on them in one
+        # forward/backward (the on-policy generation happens every step: TRL 1.16's trainer is fully on-policy)
+        per_device_train_batch_size=n_seq,
+        gradient_accumulation_steps=1,
+        max_steps=total,
+        shuffle_dataset=False,
+        dataloader_num_workers=0,
+        # objective: beta=1.0 is reverse KL in TRL's generalized-JSD convention; sampling at temperature 1
+        beta=1.0,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        max_completion_length=spec["max_new_tokens"],
+        use_vllm=False,
+        # optimizer as opd's: torch.optim.AdamW (not the fused default), constant lr, no weight decay, clip 1.0
+        learning_rate=spec["lr"],
+        optim="adamw_torch",
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        adam_beta1=0.9,
+        adam_beta2=0.999,
+        adam_epsilon=1e-8,
+        max_grad_norm=1.0,
+        # precision / memory: fp32 like opd; TRL defaults to bf16=True and gradient_checkpointing=True
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=False,
+        disable_dropout=True,
+        use_cpu=not cuda,
+        seed=0,
+        # no logging / saving inside the timed region
+        report_to="none",
+        logging_steps=10**9,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    notes.append(
+        f"trl {trl.__version__}: per_device_train_batch_size={n_seq} ({spec['prompts_per_step']} prompts x "
+        f"{spec['rollouts']} repeated rows, n=1 each), grad_accum=1, beta=1.0 (reverse KL), temperature=1.0, "
+        "gradient_checkpointing=False, bf16=False, optim=adamw_torch, chunked hidden-state JSD loss"
+    )
+
+    counts = {"seqs": 0, "prompt_tokens": 0, "response_tokens": 0, "truncated": 0, "rollout_s": 0.0, "teacher_s": 0.0}
+    steps: list[dict[str, Any]] = []
+    state: dict[str, Any] = {"t0": 0.0, "rss_setup": float("nan"), "hwm_reset": False}
+
+    class StepTimer(TrainerCallback):
+        def on_train_begin(self, args, st, control, **kw):  # optimizer and dataloader exist by now
+            _sync(torch)
+            state["rss_setup"] = _rss_now_mb()
+            state["hwm_reset"] = _reset_hwm()
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+
+        def on_step_begin(self, args, st, control, **kw):
+            for key in counts:
+                counts[key] = 0
+            _sync(torch)
+            state["t0"] = time.perf_counter()
+
+        def on_step_end(self, args, st, control, **kw):
+            _sync(torch)
+            dt = time.perf_counter() - state["t0"]
+            step = len(steps) + 1
+            steps.append(
+                {
+                    "step": step,
+                    "warmup": step <= spec["warmup"],
+                    "time_s": dt,
+                    "time_rollout_s": counts["rollout_s"],
+                    "time_teacher_s": counts["teacher_s"],
+                    "time_update_s": dt - counts["rollout_s"] - counts["teacher_s"],
+                    "seqs": counts["seqs"],
+                    "prompt_tokens": counts["prompt_tokens"],
+                    "response_tokens": counts["response_tokens"],
+                    "truncated": counts["truncated"],
+                }
+            )
+
+    trainer = DistillationTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tok,
+        callbacks=[StepTimer()],
+    )
+
+    # Instrument generation (rollout time + the completions it returned, EOS-masked by TRL itself) and the
+    # teacher's backbone forward (teacher time); everything else in the step counts as the update.
+    gen_single = trainer._generate_single_turn
+
+    def timed_generate(prompt_ids, *a, **k):
+        _sync(torch)
+        t = time.perf_counter()
+        completion_ids = gen_single(prompt_ids, *a, **k)
+        _sync(torch)
+        counts["rollout_s"] += time.perf_counter() - t
+        counts["seqs"] += len(completion_ids)
+        counts["prompt_tokens"] += sum(len(p) for p in prompt_ids)
+        counts["response_tokens"] += sum(len(c) for c in completion_ids)
+        eos = set(trainer.eos_token_ids)
+        counts["truncated"] += sum(1 for c in completion_ids if not c or c[-1] not in eos)
+        return completion_ids
+
+    trainer._generate_single_turn = timed_generate  # type: ignore[method-assign]
+    last_hidden = trainer._get_last_hidden_state
+    teacher_unwrapped = trainer.accelerator.unwrap_model(trainer.teacher_model)
+
+    def timed_last_hidden(model, *a, **k):
+        if model is not teacher_unwrapped:
+            return last_hidden(model, *a, **k)
+        _sync(torch)
+        t = time.perf_counter()
+        out = last_hidden(model, *a, **k)
+        _sync(torch)
+        counts["teacher_s"] += time.perf_counter() - t
+        return out
+
+    trainer._get_last_hidden_state = timed_last_hidden  # type: ignore[method-assign]
+
+    trainer.train()
+    if len(steps) != total:
+        raise RuntimeError(f"TRL ran {len(steps)} optimizer steps, expected {total}")
+    return {
+        "framework": "trl",
+        "device": str(trainer.accelerator.device),
+        "steps": steps,
+        "memory": _memory_report(torch, rss_import, state["rss_setup"], state["hwm_reset"]),
+        "notes": notes,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------
+# parent: build models, run children, report
+
+
+def build_models(size: str, out: Path) -> dict[str, str]:
+    if size == "tiny":
+        from opd.tiny import save_tiny_pair
+
+        paths = save_tiny_pair(out)
+        return {k: str(v) for k, v in paths.items()}
+    from opd.tiny import build_tiny_model, build_tiny_tokenizer, tiny_prompts
+
+    tok = build_tiny_tokenizer()
+    paths = {}
+    for name, seed, pad in (("student", 0, None), ("teacher", 1, 64)):
+        dims = SIZES[size][name]
+        model = build_tiny_model(
+            tok, hidden=dims["hidden"], layers=dims["layers"], heads=dims["heads"], vocab_pad_to=pad, seed=seed
+        )
+        model.save_pretrained(out / name)
+        tok.save_pretrained(out / name)
+        paths[name] = str(out / name)
+    prompts = out / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in tiny_prompts(64, seed=0)))
+    paths["prompts"] = str(prompts)
+    return paths
+
+
+def model_summary(path: str) -> str:
+    try:
+        cfg = json.loads((Path(path) / "config.json").read_text())
+        return (
+            f"{cfg.get('model_type', '?')} hidden={cfg.get('hidden_size')} layers={cfg.get('num_hidden_layers')} "
+            f"vocab={cfg.get('vocab_size')}"
+        )
+    except (OSError, json.JSONDecodeError):
+        return path
+
+
+def run_child(name: str, spec: dict[str, Any], workdir: Path, timeout: float) -> dict[str, Any]:
+    spec_path = workdir / f"{name}.spec.json"
+    out_path = workdir / f"{name}.result.json"
+    log_path = workdir / f"{name}.log"
+    spec = {**spec, "run_dir": str(workdir / f"run_{name}"), "result": str(out_path)}
+    spec_path.write_text(json.dumps(spec))
+    env = dict(os.environ)
+    threads = str(spec["threads"])
+    env.update(
+        OMP_NUM_THREADS=threads,
+        MKL_NUM_THREADS=threads,
+        TOKENIZERS_PARALLELISM="false",
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TRANSFORMERS_VERBOSITY="error",
+        WANDB_DISABLED="true",
+        WANDB_MODE="disabled",
+    )
+    t = time.perf_counter()
+    with open(log_path, "w") as log:
+        proc = subprocess.run(
+            [sys.executable, os.path.abspath(__file__), "--_child", str(spec_path)],
+            stdout=log, stderr=subprocess.STDOUT, env=env, timeout=timeout,
+        )  # fmt: skip
+    wall = time.perf_counter() - t
+    if proc.returncode != 0 or not out_path.exists():
+        tail = "\n".join(log_path.read_text().splitlines()[-25:])
+        return {"framework": name, "error": f"exit code {proc.returncode}; log tail:\n{tail}"}
+    res = json.loads(out_path.read_text())
+    res["process_wall_s"] = wall
+    return res
+
+
+def summarize(res: dict[str, Any]) -> dict[str, Any]:
+    timed = [s for s in res["steps"] if not s["warmup"]]
+    if not timed:
+        raise ValueError("no timed steps (use --steps >= 1)")
+    times = [s["time_s"] for s in timed]
+    tokens = sum(s["response_tokens"] for s in timed)
+    mem = res["memory"]
+    return {
+        "median_step_s": statistics.median(times),
+        "min_step_s": min(times),
+        "max_step_s": max(times),
+        "median_rollout_s": statistics.median(s["time_rollout_s"] for s in timed),
+        "median_teacher_s": statistics.median(s["time_teacher_s"] for s in timed),
+        "median_update_s": statistics.median(s["time_update_s"] for s in timed),
+        "tokens_per_s": tokens / sum(times),
+        "response_tokens_per_step": tokens / len(timed),
+        "seqs_per_step": statistics.mean(s["seqs"] for s in timed),
+        "prompt_tokens_per_step": statistics.mean(s["prompt_tokens"] for s in timed),
+        "truncated_per_step": statistics.mean(s["truncated"] for s in timed),
+        "timed_steps": len(timed),
+        "peak_rss_mb": mem["peak_rss_mb"],
+        "peak_rss_steps_mb": mem.get("peak_rss_steps_mb"),
+        "rss_after_import_mb": mem["rss_after_import_mb"],
+        "cuda_peak_alloc_mb": mem.get("cuda_peak_alloc_mb"),
+    }
+
+
+def _fmt(v: Any, nd: int = 3) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{nd}f}"
+    return str(v)
+
+
+def print_report(meta: dict[str, Any], results: dict[str, dict[str, Any]]) -> None:
+    print()
+    print("=" * 100)
+    print("one on-policy distillation step: opd vs TRL DistillationTrainer")
+    print(f"  device={meta['device']}  torch threads={meta['threads']}  size={meta['size']}")
+    print(f"  student: {meta['student_desc']}")
+    print(f"  teacher: {meta['teacher_desc']}")
+    print(
+        f"  per step: {meta['prompts_per_step']} prompts x {meta['rollouts']} rollouts = "
+        f"{meta['prompts_per_step'] * meta['rollouts']} sequences, max_new_tokens={meta['max_new_tokens']}, "
+        f"temperature 1.0, fp32, AdamW lr={meta['lr']:g}; {meta['warmup']} warm-up + {meta['steps']} timed steps"
+    )
+    print("=" * 100)
+    cols = [
+        ("framework", 13), ("median step s", 13), ("rollout s", 9), ("teacher s", 9), ("update s", 8),
+        ("gen tok/s", 9), ("seqs/step", 9), ("resp tok/step", 13), ("prompt tok/step", 15),
+        ("peak RSS MB", 11), ("steps RSS MB", 12),
+    ]  # fmt: skip
+    has_cuda = any("cuda_peak_alloc_mb" in r.get("summary", {}) and r["summary"]["cuda_peak_alloc_mb"] for r in results.values())
+    if has_cuda:
+        cols.append(("CUDA peak MB", 12))
+    print("  ".join(f"{c:>{w}}" for c, w in cols))
+    for name, r in results.items():
+        if "error" in r:
+            print(f"{name:>13}  FAILED: {r['error'].splitlines()[0]}")
+            continue
+        s = r["summary"]
+        vals = [
+            name, _fmt(s["median_step_s"]), _fmt(s["median_rollout_s"]), _fmt(s["median_teacher_s"]),
+            _fmt(s["median_update_s"]), _fmt(s["tokens_per_s"], 1), _fmt(s["seqs_per_step"], 1),
+            _fmt(s["response_tokens_per_step"], 1), _fmt(s["prompt_tokens_per_step"], 1),
+            _fmt(s["peak_rss_mb"], 0), _fmt(s["peak_rss_steps_mb"], 0),
+        ]  # fmt: skip
+        if has_cuda:
+            vals.append(_fmt(s.get("cuda_peak_alloc_mb"), 0))
+        print("  ".join(f"{v:>{w}}" for v, (_, w) in zip(vals, cols, strict=True)))
+    trl = results.get("trl")
+    if trl and "summary" in trl:
+        t = trl["summary"]
+        print()
+        print("ratios vs TRL (throughput: opd gen tok/s / TRL gen tok/s, >1 = opd faster; memory: opd / TRL, <1 = opd smaller)")
+        for name, r in results.items():
+            if name == "trl" or "summary" not in r:
+                continue
+            s = r["summary"]
+            line = (
+                f"  {name:>13}: throughput x{s['tokens_per_s'] / t['tokens_per_s']:.2f}  "
+                f"step time x{s['median_step_s'] / t['median_step_s']:.2f}  "
+                f"peak RSS x{s['peak_rss_mb'] / t['peak_rss_mb']:.2f}"
+            )
+            if s.get("peak_rss_steps_mb") and t.get("peak_rss_steps_mb"):
+                line += f"  steps-phase RSS x{s['peak_rss_steps_mb'] / t['peak_rss_steps_mb']:.2f}"
+            if s.get("cuda_peak_alloc_mb") and t.get("cuda_peak_alloc_mb"):
+                line += f"  CUDA peak x{s['cuda_peak_alloc_mb'] / t['cuda_peak_alloc_mb']:.2f}"
+            print(line)
+    print()
+    print("what each side did:")
+    for name, r in results.items():
+        if "summary" not in r:
+            continue
+        s = r["summary"]
+        print(
+            f"  {name}: device {r['device']}, {s['timed_steps']} timed steps, {s['seqs_per_step']:.0f} sequences/step, "
+            f"{s['response_tokens_per_step']:.1f} generated tokens/step (incl. EOS; "
+            f"{s['truncated_per_step']:.1f} seqs/step hit the budget), "
+            f"RSS after imports {s['rss_after_import_mb']:.0f} MB"
+        )
+        for n in r.get("notes", []):
+            print(f"      {n}")
+    print()
+    print(
+        "notes: peak RSS = ru_maxrss of the framework's own subprocess (model loading and imports included); "
+        "steps RSS = peak RSS after setup, over the training steps (VmHWM reset). Step time is wall time of "
+        "the whole step; rollout/teacher/update are each framework's split (opd: its own timers; TRL: "
+        "timers around generate and the teacher backbone forward, the rest is update)."
+    )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--student", help="student model dir (default: build one, see --size)")
+    p.add_argument("--teacher", help="teacher model dir")
+    p.add_argument("--prompts", help="JSONL with a 'prompt' field per line")
+    p.add_argument("--size", choices=sorted(SIZES), default="tiny", help="models to build when no paths are given")
+    p.add_argument("--prompts-per-step", type=int, default=4)
+    p.add_argument("--rollouts", type=int, default=2, help="rollouts per prompt")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--steps", type=int, default=3, help="timed steps")
+    p.add_argument("--warmup", type=int, default=1, help="untimed warm-up steps")
+    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--threads", type=int, default=2, help="torch/OMP threads in each child")
+    p.add_argument(
+        "--frameworks", default="trl," + ",".join(f"opd-{s}" for s in OPD_SIGNALS),
+        help="comma list of trl, opd-full, opd-topk, opd-sampled (run in this order)",
+    )  # fmt: skip
+    p.add_argument("--json", help="write the full results here")
+    p.add_argument("--keep", help="keep models, logs and run dirs in this directory")
+    p.add_argument("--child-timeout", type=float, default=3600)
+    p.add_argument("--_child", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def child_main(spec_path: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    res = run_trl(spec) if spec["framework"] == "trl" else run_opd(spec)
+    Path(spec["result"]).write_text(json.dumps(res))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args._child:
+        child_main(args._child)
+        return 0
+    given = [args.student, args.teacher, args.prompts]
+    if any(given) and not all(given):
+        print("error: pass all of --student, --teacher and --prompts, or none", file=sys.stderr)
+        return 2
+    frameworks = [f.strip() for f in args.frameworks.split(",") if f.strip()]
+    bad = [f for f in frameworks if f != "trl" and f.removeprefix("opd-") not in OPD_SIGNALS]
+    if bad:
+        print(f"error: unknown framework(s) {bad}", file=sys.stderr)
+        return 2
+
+    tmp = None
+    if args.keep:
+        workdir = Path(args.keep)
+        workdir.mkdir(parents=True, exist_ok=True)
+    else:
+        tmp = tempfile.TemporaryDirectory(prefix="opd_step_vs_trl_")
+        workdir = Path(tmp.name)
+    try:
+        if all(given):
+            paths = {"student": args.student, "teacher": args.teacher, "prompts": args.prompts}
+            size = "custom"
+        else:
+            paths = build_models(args.size, workdir / "models")
+            size = args.size
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cuda":
+            device += f" ({torch.cuda.get_device_name(0)})"
+        base = {
+            "student": str(Path(paths["student"]).resolve()),
+            "teacher": str(Path(paths["teacher"]).resolve()),
+            "prompts": str(Path(paths["prompts"]).resolve()),
+            "prompts_per_step": args.prompts_per_step,
+            "rollouts": args.rollouts,
+            "max_new_tokens": args.max_new_tokens,
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "lr": args.lr,
+            "threads": args.threads,
+        }
+        results: dict[str, dict[str, Any]] = {}
+        for fw in frameworks:
+            spec = {**base, "framework": "trl" if fw == "trl" else "opd", "signal": fw.removeprefix("opd-")}
+            print(f"running {fw} ...", flush=True)
+            try:
+                res = run_child(fw, spec, workdir, args.child_timeout)
+            except subprocess.TimeoutExpired:
+                res = {"framework": fw, "error": f"timed out after {args.child_timeout:.0f} s"}
+            if "error" not in res:
+                res["summary"] = summarize(res)
+                print(
+                    f"  {fw}: median step {res['summary']['median_step_s']:.3f} s, "
+                    f"{res['summary']['tokens_per_s']:.1f} tok/s (process {res['process_wall_s']:.1f} s)",
+                    flush=True,
+                )
+            else:
+                print(f"  {fw} FAILED:\n{res['error']}", flush=True)
+            results[fw] = res
+        meta = {
+            **{k: v for k, v in base.items()},
+            "size": size,
+            "device": device,
+            "student_desc": model_summary(base["student"]),
+            "teacher_desc": model_summary(base["teacher"]),
+            "python": sys.version.split()[0],
+            "torch": torch.__version__,
+        }
+        try:
+            import transformers
+            import trl
+
+            meta["transformers"] = transformers.__version__
+            meta["trl"] = trl.__version__
+        except ImportError:
+            pass
+        print_report(meta, results)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+            print(f"wrote {args.json}")
+        return 0 if all("error" not in r for r in results.values()) else 1
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
