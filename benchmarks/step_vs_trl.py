@@ -42,6 +42,11 @@ SIZES: dict[str, dict[str, dict[str, int]]] = {
         "student": {"hidden": 256, "layers": 4, "heads": 4},
         "teacher": {"hidden": 384, "layers": 6, "heads": 6},
     },
+    # for a GPU: big enough that kernels, not Python per-token overhead, dominate the step
+    "medium": {
+        "student": {"hidden": 512, "layers": 8, "heads": 8},
+        "teacher": {"hidden": 768, "layers": 12, "heads": 12},
+    },
 }
 
 OPD_SIGNALS = ("full", "topk", "sampled")
@@ -232,13 +237,19 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
         # opd slices the teacher's logits to the shared vocabulary; cutting the teacher's embedding and
         # output rows beyond the student's vocabulary is the same objective (those rows are never real tokens).
         teacher.resize_token_embeddings(s_vocab)
-        notes.append(f"teacher vocab {t_vocab} cut to the student's {s_vocab} (TRL requires equal vocab_size)")
+        notes.append(
+            f"teacher vocab {t_vocab} cut to the student's {s_vocab} (TRL requires equal vocab_size)"
+        )
 
     # TRL's DistillationTrainer samples ONE completion per prompt row (n=1, no num_generations knob), so
     # prompts x rollouts sequences per step = each prompt repeated `rollouts` times, consecutively, with the
     # dataset not shuffled: the step-k batch holds the same prompts as opd's step k.
     records = [json.loads(line) for line in Path(spec["prompts"]).read_text().splitlines() if line.strip()]
-    rows = [{"prompt": [{"role": "user", "content": r["prompt"]}]} for r in records for _ in range(spec["rollouts"])]
+    rows = [
+        {"prompt": [{"role": "user", "content": r["prompt"]}]}
+        for r in records
+        for _ in range(spec["rollouts"])
+    ]
     dataset = Dataset.from_list(rows)
 
     args = DistillationConfig(
@@ -286,7 +297,14 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
         "gradient_checkpointing=False, bf16=False, optim=adamw_torch, chunked hidden-state JSD loss"
     )
 
-    counts = {"seqs": 0, "prompt_tokens": 0, "response_tokens": 0, "truncated": 0, "rollout_s": 0.0, "teacher_s": 0.0}
+    counts = {
+        "seqs": 0,
+        "prompt_tokens": 0,
+        "response_tokens": 0,
+        "truncated": 0,
+        "rollout_s": 0.0,
+        "teacher_s": 0.0,
+    }
     steps: list[dict[str, Any]] = []
     state: dict[str, Any] = {"t0": 0.0, "rss_setup": float("nan"), "hwm_reset": False}
 
@@ -394,7 +412,12 @@ def build_models(size: str, out: Path) -> dict[str, str]:
     for name, seed, pad in (("student", 0, None), ("teacher", 1, 64)):
         dims = SIZES[size][name]
         model = build_tiny_model(
-            tok, hidden=dims["hidden"], layers=dims["layers"], heads=dims["heads"], vocab_pad_to=pad, seed=seed
+            tok,
+            hidden=dims["hidden"],
+            layers=dims["layers"],
+            heads=dims["heads"],
+            vocab_pad_to=pad,
+            seed=seed,
         )
         model.save_pretrained(out / name)
         tok.save_pretrained(out / name)
@@ -476,6 +499,22 @@ def summarize(res: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def merge_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Pool the timed steps of repeated runs of one framework; memory is the worst run's."""
+    bad = [r for r in runs if "error" in r]
+    if bad:
+        return bad[0]
+    steps = [s for r in runs for s in r["steps"]]
+    mem: dict[str, Any] = {}
+    for key in runs[0]["memory"]:
+        vals = [r["memory"][key] for r in runs if r["memory"].get(key) is not None]
+        mem[key] = max(vals) if vals else None
+    merged = {**runs[0], "steps": steps, "memory": mem, "repeats": len(runs)}
+    merged["summary"] = summarize(merged)
+    merged["per_run_median_step_s"] = [summarize(r)["median_step_s"] for r in runs]
+    return merged
+
+
 def _fmt(v: Any, nd: int = 3) -> str:
     if v is None:
         return "-"
@@ -495,14 +534,18 @@ def print_report(meta: dict[str, Any], results: dict[str, dict[str, Any]]) -> No
         f"  per step: {meta['prompts_per_step']} prompts x {meta['rollouts']} rollouts = "
         f"{meta['prompts_per_step'] * meta['rollouts']} sequences, max_new_tokens={meta['max_new_tokens']}, "
         f"temperature 1.0, fp32, AdamW lr={meta['lr']:g}; {meta['warmup']} warm-up + {meta['steps']} timed steps"
+        f" per run, {meta['repeats']} run(s) per framework"
     )
     print("=" * 100)
     cols = [
-        ("framework", 13), ("median step s", 13), ("rollout s", 9), ("teacher s", 9), ("update s", 8),
+        ("framework", 13), ("median step s", 13), ("min step s", 10), ("rollout s", 9), ("teacher s", 9), ("update s", 8),
         ("gen tok/s", 9), ("seqs/step", 9), ("resp tok/step", 13), ("prompt tok/step", 15),
-        ("peak RSS MB", 11), ("steps RSS MB", 12),
+        ("peak RSS MB", 11), ("steps RSS MB", 12), ("over imports MB", 15),
     ]  # fmt: skip
-    has_cuda = any("cuda_peak_alloc_mb" in r.get("summary", {}) and r["summary"]["cuda_peak_alloc_mb"] for r in results.values())
+    has_cuda = any(
+        "cuda_peak_alloc_mb" in r.get("summary", {}) and r["summary"]["cuda_peak_alloc_mb"]
+        for r in results.values()
+    )
     if has_cuda:
         cols.append(("CUDA peak MB", 12))
     print("  ".join(f"{c:>{w}}" for c, w in cols))
@@ -512,10 +555,11 @@ def print_report(meta: dict[str, Any], results: dict[str, dict[str, Any]]) -> No
             continue
         s = r["summary"]
         vals = [
-            name, _fmt(s["median_step_s"]), _fmt(s["median_rollout_s"]), _fmt(s["median_teacher_s"]),
+            name, _fmt(s["median_step_s"]), _fmt(s["min_step_s"]), _fmt(s["median_rollout_s"]), _fmt(s["median_teacher_s"]),
             _fmt(s["median_update_s"]), _fmt(s["tokens_per_s"], 1), _fmt(s["seqs_per_step"], 1),
             _fmt(s["response_tokens_per_step"], 1), _fmt(s["prompt_tokens_per_step"], 1),
             _fmt(s["peak_rss_mb"], 0), _fmt(s["peak_rss_steps_mb"], 0),
+            _fmt(s["peak_rss_mb"] - s["rss_after_import_mb"], 0),
         ]  # fmt: skip
         if has_cuda:
             vals.append(_fmt(s.get("cuda_peak_alloc_mb"), 0))
@@ -524,16 +568,22 @@ def print_report(meta: dict[str, Any], results: dict[str, dict[str, Any]]) -> No
     if trl and "summary" in trl:
         t = trl["summary"]
         print()
-        print("ratios vs TRL (throughput: opd gen tok/s / TRL gen tok/s, >1 = opd faster; memory: opd / TRL, <1 = opd smaller)")
+        print(
+            "ratios vs TRL (throughput: opd gen tok/s / TRL gen tok/s, >1 = opd faster; memory: opd / TRL, <1 = opd smaller)"
+        )
         for name, r in results.items():
             if name == "trl" or "summary" not in r:
                 continue
             s = r["summary"]
             line = (
                 f"  {name:>13}: throughput x{s['tokens_per_s'] / t['tokens_per_s']:.2f}  "
-                f"step time x{s['median_step_s'] / t['median_step_s']:.2f}  "
+                f"step time x{s['median_step_s'] / t['median_step_s']:.2f} (min x{s['min_step_s'] / t['min_step_s']:.2f})  "
                 f"peak RSS x{s['peak_rss_mb'] / t['peak_rss_mb']:.2f}"
             )
+            s_over = s["peak_rss_mb"] - s["rss_after_import_mb"]
+            t_over = t["peak_rss_mb"] - t["rss_after_import_mb"]
+            if t_over > 0:
+                line += f"  RSS over imports x{s_over / t_over:.2f}"
             if s.get("peak_rss_steps_mb") and t.get("peak_rss_steps_mb"):
                 line += f"  steps-phase RSS x{s['peak_rss_steps_mb'] / t['peak_rss_steps_mb']:.2f}"
             if s.get("cuda_peak_alloc_mb") and t.get("cuda_peak_alloc_mb"):
@@ -556,6 +606,7 @@ def print_report(meta: dict[str, Any], results: dict[str, dict[str, Any]]) -> No
     print()
     print(
         "notes: peak RSS = ru_maxrss of the framework's own subprocess (model loading and imports included); "
+        "over imports = peak RSS minus RSS right after importing the framework (what loading + training added); "
         "steps RSS = peak RSS after setup, over the training steps (VmHWM reset). Step time is wall time of "
         "the whole step; rollout/teacher/update are each framework's split (opd: its own timers; TRL: "
         "timers around generate and the teacher backbone forward, the rest is update)."
@@ -563,11 +614,15 @@ def print_report(meta: dict[str, Any], results: dict[str, dict[str, Any]]) -> No
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--student", help="student model dir (default: build one, see --size)")
     p.add_argument("--teacher", help="teacher model dir")
     p.add_argument("--prompts", help="JSONL with a 'prompt' field per line")
-    p.add_argument("--size", choices=sorted(SIZES), default="tiny", help="models to build when no paths are given")
+    p.add_argument(
+        "--size", choices=sorted(SIZES), default="tiny", help="models to build when no paths are given"
+    )
     p.add_argument("--prompts-per-step", type=int, default=4)
     p.add_argument("--rollouts", type=int, default=2, help="rollouts per prompt")
     p.add_argument("--max-new-tokens", type=int, default=32)
@@ -579,6 +634,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--frameworks", default="trl," + ",".join(f"opd-{s}" for s in OPD_SIGNALS),
         help="comma list of trl, opd-full, opd-topk, opd-sampled (run in this order)",
     )  # fmt: skip
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="run every framework this many times, order rotated, steps pooled",
+    )
     p.add_argument("--json", help="write the full results here")
     p.add_argument("--keep", help="keep models, logs and run dirs in this directory")
     p.add_argument("--child-timeout", type=float, default=3600)
@@ -638,26 +699,36 @@ def main(argv: list[str] | None = None) -> int:
             "lr": args.lr,
             "threads": args.threads,
         }
-        results: dict[str, dict[str, Any]] = {}
-        for fw in frameworks:
-            spec = {**base, "framework": "trl" if fw == "trl" else "opd", "signal": fw.removeprefix("opd-")}
-            print(f"running {fw} ...", flush=True)
-            try:
-                res = run_child(fw, spec, workdir, args.child_timeout)
-            except subprocess.TimeoutExpired:
-                res = {"framework": fw, "error": f"timed out after {args.child_timeout:.0f} s"}
-            if "error" not in res:
-                res["summary"] = summarize(res)
-                print(
-                    f"  {fw}: median step {res['summary']['median_step_s']:.3f} s, "
-                    f"{res['summary']['tokens_per_s']:.1f} tok/s (process {res['process_wall_s']:.1f} s)",
-                    flush=True,
-                )
-            else:
-                print(f"  {fw} FAILED:\n{res['error']}", flush=True)
-            results[fw] = res
+        runs: dict[str, list[dict[str, Any]]] = {fw: [] for fw in frameworks}
+        for rnd in range(args.repeats):
+            # Rotate the order each round so slow drift in machine load does not favour one framework.
+            order = frameworks[rnd % len(frameworks) :] + frameworks[: rnd % len(frameworks)]
+            for fw in order:
+                spec = {
+                    **base,
+                    "framework": "trl" if fw == "trl" else "opd",
+                    "signal": fw.removeprefix("opd-"),
+                }
+                tag = fw if args.repeats == 1 else f"{fw}.r{rnd}"
+                print(f"running {tag} ...", flush=True)
+                try:
+                    res = run_child(tag, spec, workdir, args.child_timeout)
+                except subprocess.TimeoutExpired:
+                    res = {"framework": fw, "error": f"timed out after {args.child_timeout:.0f} s"}
+                if "error" not in res:
+                    one = summarize(res)
+                    print(
+                        f"  {tag}: median step {one['median_step_s']:.3f} s, {one['tokens_per_s']:.1f} tok/s "
+                        f"(process {res['process_wall_s']:.1f} s)",
+                        flush=True,
+                    )
+                else:
+                    print(f"  {tag} FAILED:\n{res['error']}", flush=True)
+                runs[fw].append(res)
+        results = {fw: merge_runs(rs) for fw, rs in runs.items()}
         meta = {
-            **{k: v for k, v in base.items()},
+            **base,
+            "repeats": args.repeats,
             "size": size,
             "device": device,
             "student_desc": model_summary(base["student"]),

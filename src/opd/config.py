@@ -52,9 +52,9 @@ class DataConfig(_Section):
     prompts: str = Field(
         "", description="JSONL, Parquet or CSV with `prompt` or `messages`, optional `answer`"
     )
-    prompt_field: str = "prompt"
-    messages_field: str = "messages"
-    answer_field: str = "answer"
+    prompt_field: str | None = Field("prompt", description="null to ignore this column")
+    messages_field: str | None = Field("messages", description="null to ignore this column")
+    answer_field: str | None = Field("answer", description="null to ignore this column")
     template: str = Field(
         "chat",
         description="raw | chat | dapo | boxed | chat:<named or format string> | a format string with {prompt}",
