@@ -193,3 +193,57 @@ def test_two_processes_match_one(pair, tmp_path):
     m2 = json.loads((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()[0])
     for key in ("loss", "overlap_ratio", "entropy_student", "response_tokens", "response_len_max"):
         assert m1[key] == pytest.approx(m2[key], rel=1e-5), key
+
+
+@pytest.mark.slow
+def test_repeated_random_kills_then_resume_match_uninterrupted(pair, tmp_path):
+    """SIGKILL at arbitrary moments (start-up, mid-step, mid-checkpoint), resume each time: same result."""
+    import random
+
+    from opd.checkpoint import latest_checkpoint
+
+    extra = {"steps": 8, "checkpoint_every": 1}
+    t0 = time.time()
+    full = _cli(_args(pair, tmp_path / "full", **extra))
+    out, _ = full.communicate(timeout=600)
+    assert full.returncode == 0, out
+    wall = time.time() - t0  # kill times are drawn across a whole run, start-up included
+    run = tmp_path / "killed"
+    rng = random.Random(1234)
+    kills = 0
+
+    def start() -> subprocess.Popen:
+        return _cli(["--resume", str(run)] if latest_checkpoint(run) else _args(pair, run, **extra))
+
+    for _ in range(10):
+        proc = start()
+        try:
+            proc.wait(timeout=rng.uniform(0.3, 1.0) * wall)
+            break
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            kills += 1
+    else:
+        proc = start()
+        proc.wait(timeout=600)
+    assert proc.returncode == 0, proc.stdout.read()
+    assert kills >= 1
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 9))
+    a = load_file(tmp_path / "full" / "final" / "model.safetensors")
+    b = load_file(run / "final" / "model.safetensors")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_lr_schedules():
+    from opd.trainer import lr_lambda
+
+    const = lr_lambda("constant", 10, 0, 0.0)
+    assert [const(s) for s in range(3)] == [1.0, 1.0, 1.0]
+    warm = lr_lambda("warmup", 10, 4, 0.0)
+    assert [warm(s) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    cos = lr_lambda("cosine", 10, 2, 0.1)
+    assert cos(0) == 0.5 and cos(2) == pytest.approx(1.0) and cos(10) == pytest.approx(0.1)
+    assert cos(6) == pytest.approx(0.1 + 0.9 * 0.5)
