@@ -36,7 +36,9 @@ def test_check_refuses_a_different_tokenizer(pair, tmp_path):
     model = build_tiny_model(tok)
     model.save_pretrained(tmp_path / "other")
     tok.save_pretrained(tmp_path / "other")
-    res = runner.invoke(app, ["check", "--student", str(pair["student"]), "--teacher", str(tmp_path / "other")])
+    res = runner.invoke(
+        app, ["check", "--student", str(pair["student"]), "--teacher", str(tmp_path / "other")]
+    )
     assert res.exit_code != 0
     assert "FAIL" in _out(res) and "vocab" in _out(res).lower()
 

@@ -21,7 +21,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _fetch():
-    spec = importlib.util.spec_from_file_location("fetch_real_models", ROOT / "scripts" / "fetch_real_models.py")
+    spec = importlib.util.spec_from_file_location(
+        "fetch_real_models", ROOT / "scripts" / "fetch_real_models.py"
+    )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -68,6 +70,8 @@ def test_check_on_qwen_coder_pair(tmp_path):
     out = _out(res)
     print(out)
     assert res.exit_code == 0, out
-    assert "ok tokenizers" in out and "ok teacher-fidelity self-test" in out and "ok teacher determinism" in out
+    assert (
+        "ok tokenizers" in out and "ok teacher-fidelity self-test" in out and "ok teacher determinism" in out
+    )
     assert "shared real vocabulary 151936" in out
     assert torch.get_num_threads() >= 1
