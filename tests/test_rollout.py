@@ -31,10 +31,13 @@ def test_model_generation_config_does_not_leak_into_sampling():
     model.generation_config.temperature = 0.01
     model.generation_config.repetition_penalty = 5.0
     model.generation_config.do_sample = False
+    model.generation_config.min_p = 0.999
+    model.generation_config.suppress_tokens = list(range(4, 60))
     prompt = tok("12+3=")["input_ids"]
     roll = gen.generate([prompt], SamplingParams(max_new_tokens=8), n=16, seed=1, prompt_index=[0])
     distinct = {tuple(r.tolist()) for r in roll.response_ids}
-    assert len(distinct) > 8, "top_k=1 / greedy leaked from generation_config: rollouts are identical"
+    assert len(distinct) > 8, "top_k=1 / min_p / greedy leaked from generation_config: rollouts are identical"
+    assert ((roll.response_ids >= 4) & (roll.response_ids < 60)).any(), "suppress_tokens leaked"
 
 
 def test_sampling_is_seeded_and_batch_layout_is_consistent():

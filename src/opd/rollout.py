@@ -122,13 +122,17 @@ class HFGenerator:
     def _generation_config(self, params: SamplingParams) -> GenerationConfig:
         greedy = params.temperature == 0.0
         # Every logits-shaping option is set explicitly: generate() fills unset (None) fields from the
-        # model's own generation_config, which would silently sample from a different policy.
+        # model's own generation_config, which would silently sample from a different policy. Options
+        # whose neutral value still installs a (no-op, but per-token costly) processor are neutralised
+        # only when the model's config actually sets them.
+        own = getattr(self.model, "generation_config", None)
+        guarded = {"min_p": 0.0, "suppress_tokens": [], "begin_suppress_tokens": []}
+        extra = {k: v for k, v in guarded.items() if getattr(own, k, None) is not None}
         return GenerationConfig(
             do_sample=not greedy,
             temperature=1.0 if greedy else params.temperature,
             top_p=params.top_p,
             top_k=params.top_k,
-            min_p=0.0,
             typical_p=1.0,
             epsilon_cutoff=0.0,
             eta_cutoff=0.0,
@@ -142,12 +146,11 @@ class HFGenerator:
             eos_token_id=self.stop_ids,
             pad_token_id=self.pad_id,
             bad_words_ids=None,
-            suppress_tokens=[],
-            begin_suppress_tokens=[],
             forced_bos_token_id=None,
             forced_eos_token_id=None,
             renormalize_logits=False,
             use_cache=True,
+            **extra,
         )
 
     @torch.no_grad()
