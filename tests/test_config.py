@@ -61,3 +61,10 @@ def test_missing_paths_are_named():
     cfg = load_config(None, [])
     with pytest.raises(ConfigError, match="student.path"):
         cfg.require_paths()
+
+
+def test_string_fields_keep_text_and_optional_ones_take_null():
+    tree = parse_overrides(
+        ["--student", "123", "--data.template", "{prompt} [x]", "--data.prompt_field", "null"]
+    )
+    assert tree == {"student": {"path": "123"}, "data": {"template": "{prompt} [x]", "prompt_field": None}}

@@ -123,6 +123,25 @@ class TrackingConfig(_Section):
     run_name: str | None = None
 
 
+class EvalConfig(_Section):
+    """Evaluation, both `opd eval` and in the training loop (the paper evaluates in the loop)."""
+
+    prompts: str = Field(
+        "", description="held-out problems with an `answer` field; empty disables in-loop eval"
+    )
+    samples: int = Field(16, ge=1, description="k samples per problem (avg@k, pass@k)")
+    temperature: float = Field(0.7, ge=0.0)
+    top_p: float = Field(0.95, gt=0.0, le=1.0)
+    max_new_tokens: int = Field(1024, ge=1)
+    batch_size: int = Field(8, ge=1, description="problems per generate call")
+    verifier: str = Field("math", description="math | exact | module.path:callable")
+    every: int = Field(
+        0, ge=0, description="in-loop eval every N steps (0 = off); also at step 0 and the end"
+    )
+    max_problems: int | None = Field(None, ge=1, description="evaluate only the first N problems")
+    seed: int = 0
+
+
 class TrainConfig(_Section):
     student: StudentConfig = StudentConfig()
     teacher: TeacherConfig = TeacherConfig()
@@ -132,6 +151,7 @@ class TrainConfig(_Section):
     optim: OptimConfig = OptimConfig()
     diagnostics: DiagnosticsConfig = DiagnosticsConfig()
     tracking: TrackingConfig = TrackingConfig()
+    eval: EvalConfig = EvalConfig()
 
     run_dir: str = "runs/opd"
     steps: int | None = Field(None, ge=1, description="optimizer steps; default: one epoch of prompts")
@@ -191,6 +211,18 @@ def field_paths(model: type[BaseModel] = TrainConfig, prefix: str = "") -> dict[
     return out
 
 
+def _string_fields(model: type[BaseModel], prefix: str = "") -> dict[str, bool]:
+    """Dotted paths of string fields, mapped to whether they also accept null."""
+    out: dict[str, bool] = {}
+    for name, info in model.model_fields.items():
+        ann = info.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out.update(_string_fields(ann, f"{prefix}{name}."))
+        elif ann is str or ann == (str | None):
+            out[f"{prefix}{name}"] = ann != str
+    return out
+
+
 def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     node = tree
@@ -202,13 +234,18 @@ def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
-def parse_overrides(args: list[str]) -> dict[str, Any]:
+def parse_overrides(
+    args: list[str], model: type[BaseModel] | None = None, aliases: dict[str, str] | None = None
+) -> dict[str, Any]:
     """Turn ``--a.b value`` / ``--a.b=value`` / ``--a-b value`` into a nested dict.
 
     Values are parsed as YAML scalars so ``--loss.k 8`` is an int and ``--tracking.wandb true`` a bool.
     Unknown paths fail here, with the closest known names, rather than deep inside pydantic.
     """
-    known = field_paths()
+    model = model or TrainConfig
+    aliases = ALIASES if aliases is None else aliases
+    known = field_paths(model)
+    string_fields = _string_fields(model)
     tree: dict[str, Any] = {}
     i = 0
     while i < len(args):
@@ -225,11 +262,11 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
             raw = args[i + 1]
             i += 2
         key = key.replace("-", "_")
-        key = ALIASES.get(key, key)
+        key = aliases.get(key, key)
         if key not in known and not key.startswith("data.chat_template_kwargs."):
             import difflib
 
-            close = difflib.get_close_matches(key, list(known) + list(ALIASES), n=3)
+            close = difflib.get_close_matches(key, list(known) + list(aliases), n=3)
             hint = f" did you mean {', '.join('--' + c for c in close)}?" if close else ""
             raise ConfigError(f"unknown option --{key}.{hint} `opd config fields` lists every option")
         try:
@@ -239,9 +276,9 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
         if isinstance(value, str):  # YAML 1.1 reads "1e-5" as a string; people mean a number
             with contextlib.suppress(ValueError):
                 value = float(value)
-        # Paths and templates are strings even when they look like numbers or YAML.
-        if key.endswith(".path") or key in ("data.prompts", "run_dir", "data.template"):
-            value = raw
+        # String fields (paths, templates, ...) take the text as typed, even when it looks like YAML.
+        if key in string_fields:
+            value = None if raw in ("null", "~") and string_fields[key] else raw
         _set_path(tree, key, value)
     return tree
 
@@ -286,19 +323,27 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def build_config(data: dict[str, Any], source: str = "config") -> TrainConfig:
+def build_config(data: dict[str, Any], source: str = "config", model: type[BaseModel] | None = None) -> Any:
     try:
-        return TrainConfig.model_validate(data)
+        return (model or TrainConfig).model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_format_validation(exc, source)) from None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
-    """YAML file (optional) with CLI overrides on top."""
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    model: type[BaseModel] | None = None,
+    aliases: dict[str, str] | None = None,
+) -> Any:
+    """YAML file (optional) with CLI overrides on top, validated against `model` (default TrainConfig).
+
+    Other commands (sft, generate, ...) pass their own config class and short aliases.
+    """
     data = read_yaml(path) if path else {}
-    over = parse_overrides(overrides or [])
+    over = parse_overrides(overrides or [], model, aliases)
     source = f"{path} + command line" if path and over else str(path or "command line")
-    return build_config(deep_merge(data, over), source)
+    return build_config(deep_merge(data, over), source, model)
 
 
 def dump_config(cfg: BaseModel) -> str:
