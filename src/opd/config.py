@@ -219,7 +219,7 @@ def _string_fields(model: type[BaseModel], prefix: str = "") -> dict[str, bool]:
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             out.update(_string_fields(ann, f"{prefix}{name}."))
         elif ann is str or ann == (str | None):
-            out[f"{prefix}{name}"] = ann != str
+            out[f"{prefix}{name}"] = ann is not str
     return out
 
 
