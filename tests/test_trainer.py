@@ -247,3 +247,15 @@ def test_lr_schedules():
     cos = lr_lambda("cosine", 10, 2, 0.1)
     assert cos(0) == 0.5 and cos(2) == pytest.approx(1.0) and cos(10) == pytest.approx(0.1)
     assert cos(6) == pytest.approx(0.1 + 0.9 * 0.5)
+
+
+def test_in_loop_evaluation_is_logged(pair, tmp_path):
+    extra = {"steps": 3, "eval.prompts": str(pair["prompts"]), "eval.every": 2, "eval.samples": 2,
+             "eval.max_new_tokens": 4, "eval.max_problems": 3, "eval.verifier": "exact"}  # fmt: skip
+    t = _trainer(pair, tmp_path / "run", **extra)
+    t.train()
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if r.get("kind") == "eval"]
+    assert [r["step"] for r in evals] == [0, 2, 3]
+    assert all("eval/avg@2" in r and "eval/pass@2" in r for r in evals)
+    assert [r["step"] for r in rows if r.get("kind") != "eval"] == [1, 2, 3]

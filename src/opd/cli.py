@@ -332,6 +332,19 @@ def config_fields() -> None:
     Console().print(table)
 
 
+from opd.cli_eval import register as _register_eval  # noqa: E402
+
+_register_eval(app)
+
+from opd.cli_prompts import register as _register_prompts  # noqa: E402
+
+_register_prompts(app)
+
+from opd.cli_recipes import register as _register_recipes  # noqa: E402
+
+_register_recipes(app)
+
+
 def main() -> None:  # pragma: no cover
     app()
 

@@ -70,7 +70,11 @@ def sample_responses(
     for start in range(0, len(prompt_ids), batch_size):
         idx = indices[start : start + batch_size]
         roll = gen.generate(
-            [list(p) for p in prompt_ids[start : start + batch_size]], params, n, chunk_seed(seed, 0, idx[0]), idx
+            [list(p) for p in prompt_ids[start : start + batch_size]],
+            params,
+            n,
+            chunk_seed(seed, 0, idx[0]),
+            idx,
         )
         batch = []
         for row in range(len(roll)):

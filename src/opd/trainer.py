@@ -467,11 +467,33 @@ class OPDTrainer:
         self.acc.wait_for_everyone()
         return out
 
+    def _evaluator(self):
+        """In-loop evaluation on held-out problems (the paper evaluates during training), or None."""
+        ec = self.cfg.eval
+        if not ec.prompts or ec.every <= 0:
+            return None
+        from opd.eval import InLoopEvaluator
+
+        return InLoopEvaluator(ec, self.cfg.data, self.tokenizer)
+
+    def evaluate(self, evaluator: Any, step: int) -> dict[str, float]:
+        """Run on the main process only (the others wait); logged at `step` with the training metrics."""
+        metrics: dict[str, float] = {}
+        if self.acc.is_main_process:
+            metrics = evaluator.run(self._unwrapped())
+            self.metrics.log(step, {"kind": "eval", **metrics})
+            self.log("eval @ step {}: {}".format(step, ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())))
+        self.acc.wait_for_everyone()
+        return metrics
+
     def train(self, on_step: Any = None) -> list[dict[str, float]]:
         """Run from start_step to total_steps; returns the metrics of the steps run."""
         history = []
         samples_path = self.run_dir / "samples.jsonl"
+        evaluator = self._evaluator()
         try:
+            if evaluator is not None and self.start_step == 0:
+                self.evaluate(evaluator, 0)
             for step in range(self.start_step + 1, self.total_steps + 1):
                 try:
                     result = self.train_step(step)
@@ -489,6 +511,8 @@ class OPDTrainer:
                 history.append(result.metrics)
                 if on_step is not None:
                     on_step(step, result.metrics)
+                if evaluator is not None and (step % self.cfg.eval.every == 0 or step == self.total_steps):
+                    self.evaluate(evaluator, step)
                 if step % self.cfg.checkpoint_every == 0 or step == self.total_steps:
                     self.save(step)
             if self.cfg.save_final:
