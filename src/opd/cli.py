@@ -209,6 +209,7 @@ def _check(student, teacher, prompts, template, s_dtype, t_dtype, max_new, n_pro
         shared_vocab_size,
         special_tokens_report,
     )
+    from opd.sampling import stop_ids_for
 
     results: list[CheckResult] = []
     t0 = time.perf_counter()
@@ -253,11 +254,7 @@ def _check(student, teacher, prompts, template, s_dtype, t_dtype, max_new, n_pro
         pass
     ids = encode_prompts(texts, s_tok, max_prompt_tokens=100_000, sources=[r.source for r in records],
                          add_special_tokens=not uses_chat(template))  # fmt: skip
-    stop = (
-        sorted({int(s_tok.eos_token_id)} | _gen_eos(s_model))
-        if s_tok.eos_token_id is not None
-        else sorted(_gen_eos(s_model))
-    )
+    stop = stop_ids_for(s_tok, s_model)
     with console.status("self-test rollouts and scoring..."):
         roll = self_test_rollout(
             s_model, ids, pad_id=s_tok.pad_token_id, stop_ids=stop, max_new_tokens=max_new
@@ -270,13 +267,6 @@ def _check(student, teacher, prompts, template, s_dtype, t_dtype, max_new, n_pro
     _print_results(results)
     console.print(f"check finished in {time.perf_counter() - t0:.1f}s")
     return all(r.ok for r in results if r.name not in ("template/EOS", "rendered prompt"))
-
-
-def _gen_eos(model) -> set[int]:
-    e = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if e is None:
-        return set()
-    return {int(e)} if isinstance(e, int) else {int(i) for i in e}
 
 
 def _print_results(results) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,7 @@ from opd.models import (
 )
 from opd.objectives import per_token_loss, signal_stats
 from opd.rollout import HFGenerator, Rollout, SamplingParams, chunk_seed
+from opd.sampling import stop_ids_for
 from opd.scoring import response_logits
 from opd.teacher import HFTeacher
 from opd.tracking import MetricsLogger
@@ -190,7 +192,7 @@ class OPDTrainer:
         self.student, self.optimizer = acc.prepare(student, self.optimizer)
         self.student.eval()  # dropout off: the loss is taken under the policy that sampled
         self.teacher = HFTeacher(freeze_teacher(teacher).to(acc.device))
-        stop_ids = self._stop_ids(self._unwrapped())
+        stop_ids = stop_ids_for(self.tokenizer, self._unwrapped(), cfg.rollout.stop_token_ids)
         self.stop_ids = stop_ids
         self.generator = HFGenerator(self._unwrapped(), pad_id=self.tokenizer.pad_token_id, stop_ids=stop_ids)
         self.sampling = SamplingParams(
@@ -252,17 +254,6 @@ class OPDTrainer:
 
     def _unwrapped(self) -> torch.nn.Module:
         return self.acc.unwrap_model(self.student)
-
-    def _stop_ids(self, model: torch.nn.Module) -> list[int]:
-        ids = set(self.cfg.rollout.stop_token_ids)
-        if self.tokenizer.eos_token_id is not None:
-            ids.add(int(self.tokenizer.eos_token_id))
-        gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-        if isinstance(gen_eos, int):
-            ids.add(gen_eos)
-        elif gen_eos:
-            ids.update(int(i) for i in gen_eos)
-        return sorted(ids)
 
     # ------------------------------------------------------------------------------------------------
     # one step
@@ -454,14 +445,10 @@ class OPDTrainer:
                 model = copy.deepcopy(model).merge_and_unload()
             tmp = self.run_dir / ".final.tmp"
             if tmp.exists():
-                import shutil
-
                 shutil.rmtree(tmp)
             model.save_pretrained(tmp, safe_serialization=True)
             self.tokenizer.save_pretrained(tmp)
             if out.exists():
-                import shutil
-
                 shutil.rmtree(out)
             tmp.rename(out)
         self.acc.wait_for_everyone()
