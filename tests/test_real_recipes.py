@@ -20,7 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _fetch():
-    spec = importlib.util.spec_from_file_location("fetch_real_models", ROOT / "scripts" / "fetch_real_models.py")
+    spec = importlib.util.spec_from_file_location(
+        "fetch_real_models", ROOT / "scripts" / "fetch_real_models.py"
+    )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
