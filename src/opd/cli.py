@@ -10,26 +10,15 @@ from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
 
+from opd.cli_common import PASSTHROUGH, console, fail, is_main
 from opd.errors import OpdError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="On-policy distillation of LLMs.")
 config_app = typer.Typer(no_args_is_help=True, help="Inspect configuration.")
 app.add_typer(config_app, name="config")
-console = Console(stderr=True, soft_wrap=True)
-
-_PASSTHROUGH = {
-    "allow_extra_args": True,
-    "ignore_unknown_options": True,
-    "help_option_names": ["-h", "--help"],
-}
 
 
-def _fail(exc: Exception, code: int = 2) -> None:
-    console.print(f"[bold red]error:[/] {exc}")
-    raise typer.Exit(code)
-
-
-@app.command(context_settings=_PASSTHROUGH)
+@app.command(context_settings=PASSTHROUGH)
 def train(
     ctx: typer.Context,
     config: Path | None = typer.Option(None, "--config", "-c", help="YAML recipe (see configs/)"),
@@ -54,7 +43,7 @@ def train(
     except OpdError as exc:
         from opd.trainer import NonFiniteLossError
 
-        _fail(exc, 3 if isinstance(exc, NonFiniteLossError) else 2)
+        fail(exc, 3 if isinstance(exc, NonFiniteLossError) else 2)
 
 
 def _run_training(cfg, *, resume: bool) -> None:
@@ -69,7 +58,7 @@ def _run_training(cfg, *, resume: bool) -> None:
 
     from opd.trainer import OPDTrainer
 
-    trainer = OPDTrainer(cfg, resume=resume, log=lambda m: console.print(m) if _is_main() else None)
+    trainer = OPDTrainer(cfg, resume=resume, log=lambda m: console.print(m) if is_main() else None)
     trainer.setup()
     main = trainer.acc.is_main_process
     if main:
@@ -101,12 +90,6 @@ def _run_training(cfg, *, resume: bool) -> None:
             f"[green]done[/]: metrics in {cfg.run_dir}/metrics.jsonl, final model in {cfg.run_dir}/final"
         )
     trainer.acc.end_training()
-
-
-def _is_main() -> bool:
-    from accelerate import PartialState
-
-    return PartialState().is_main_process
 
 
 def _startup_report(trainer) -> None:
@@ -184,7 +167,7 @@ def check(
         ok = _check(student, teacher, prompts, template, student_dtype, teacher_dtype, max_new_tokens, n_prompts, k,
                     trust_remote_code)  # fmt: skip
     except OpdError as exc:
-        _fail(exc)
+        fail(exc)
     if not ok:
         raise typer.Exit(1)
 
@@ -303,10 +286,10 @@ def config_show(
     try:
         sys.stdout.write(dump_config(load_config(config, list(ctx.args))))
     except OpdError as exc:
-        _fail(exc)
+        fail(exc)
 
 
-config_app.registered_commands[-1].context_settings = _PASSTHROUGH
+config_app.registered_commands[-1].context_settings = PASSTHROUGH
 
 
 @config_app.command("fields")

@@ -21,24 +21,20 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from opd.cli_common import console, fail
 from opd.errors import ConfigError, OpdError
 
 prompts_app = typer.Typer(
     no_args_is_help=True,
     help="Teacher-aligned prompt sets (paper Recipe B): compare templates, select, de-duplicate.",
 )
-err = Console(stderr=True, soft_wrap=True)  # progress, notes and errors
+err = console  # progress, notes and errors
 _CONFIG_HELP = "YAML file with any of this command's options (command-line options win)"
 
 
 def register(app: typer.Typer) -> None:
     """Attach the `prompts` command group to the main `opd` app."""
     app.add_typer(prompts_app, name="prompts")
-
-
-def _fail(exc: Exception, code: int = 2) -> None:
-    err.print(Text.assemble(("error: ", "bold red"), str(exc)))
-    raise typer.Exit(code)
 
 
 def _out(soft_wrap: bool = True) -> Console:
@@ -124,7 +120,7 @@ def render(
         _require(cfg, "prompts", "model")
         _render(cfg)
     except OpdError as exc:
-        _fail(exc)
+        fail(exc)
 
 
 def _render(cfg: Any) -> None:
@@ -248,7 +244,7 @@ def select(
             )
         _select(cfg)
     except OpdError as exc:
-        _fail(exc)
+        fail(exc)
 
 
 def _select(cfg: Any) -> None:
@@ -480,7 +476,7 @@ def dedup(
         _require(cfg, "input", *(() if cfg.self_dedup else ("against",)))
         _dedup(cfg)
     except OpdError as exc:
-        _fail(exc)
+        fail(exc)
 
 
 def _dedup(cfg: Any) -> None:

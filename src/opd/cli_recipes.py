@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -23,26 +22,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from opd.cli_common import PASSTHROUGH, console, fail, is_main
 from opd.errors import OpdError
-
-console = Console(stderr=True, soft_wrap=True)
-
-_PASSTHROUGH = {
-    "allow_extra_args": True,
-    "ignore_unknown_options": True,
-    "help_option_names": ["-h", "--help"],
-}
-
-
-def _fail(exc: Exception, code: int = 2) -> None:
-    console.print(f"[bold red]error:[/] {exc}")
-    raise typer.Exit(code)
-
-
-def _is_main() -> bool:
-    from accelerate import PartialState
-
-    return PartialState().is_main_process
 
 
 def _progress(name: str, enabled: bool = True) -> Progress:
@@ -85,7 +66,7 @@ def sft_with_progress(cfg: Any, *, resume: bool, log: Callable[[str], Any] | Non
     """Set up and run an `opd.sft.SFTTrainer` with a progress bar; returns the trainer."""
     from opd.sft import SFTTrainer
 
-    log = log or (lambda m: console.print(m) if _is_main() else None)
+    log = log or (lambda m: console.print(m) if is_main() else None)
     trainer = SFTTrainer(cfg, resume=resume, log=log)
     trainer.setup()
     main = trainer.acc.is_main_process
@@ -112,7 +93,7 @@ def sft_with_progress(cfg: Any, *, resume: bool, log: Callable[[str], Any] | Non
 def register(app: typer.Typer) -> None:
     """Add the recipe commands to the `opd` app."""
 
-    @app.command(context_settings=_PASSTHROUGH)
+    @app.command(context_settings=PASSTHROUGH)
     def generate(
         ctx: typer.Context,
         config: Path | None = typer.Option(None, "--config", "-c", help="YAML with GenerateConfig fields"),
@@ -130,9 +111,9 @@ def register(app: typer.Typer) -> None:
             cfg = load_config(config, list(ctx.args), model=GenerateConfig, aliases=GENERATE_ALIASES)
             generate_with_progress(cfg)
         except OpdError as exc:
-            _fail(exc)
+            fail(exc)
 
-    @app.command(context_settings=_PASSTHROUGH)
+    @app.command(context_settings=PASSTHROUGH)
     def sft(
         ctx: typer.Context,
         config: Path | None = typer.Option(None, "--config", "-c", help="YAML with SFTConfig fields"),
@@ -164,9 +145,9 @@ def register(app: typer.Typer) -> None:
         except OpdError as exc:
             from opd.trainer import NonFiniteLossError
 
-            _fail(exc, 3 if isinstance(exc, NonFiniteLossError) else 2)
+            fail(exc, 3 if isinstance(exc, NonFiniteLossError) else 2)
 
-    @app.command("cold-start", context_settings=_PASSTHROUGH)
+    @app.command("cold-start", context_settings=PASSTHROUGH)
     def cold_start(
         ctx: typer.Context,
         config: Path | None = typer.Option(
@@ -183,10 +164,10 @@ def register(app: typer.Typer) -> None:
 
         try:
             cfg = load_config(config, list(ctx.args), model=ColdStartConfig, aliases={})
-            out = run_cold_start(cfg, log=lambda m: console.print(m) if _is_main() else None)
-            if _is_main():
+            out = run_cold_start(cfg, log=lambda m: console.print(m) if is_main() else None)
+            if is_main():
                 console.print(f"[green]cold start done[/]: {json.dumps({k: str(v) for k, v in out.items()})}")
         except OpdError as exc:
             from opd.trainer import NonFiniteLossError
 
-            _fail(exc, 3 if isinstance(exc, NonFiniteLossError) else 2)
+            fail(exc, 3 if isinstance(exc, NonFiniteLossError) else 2)
