@@ -51,7 +51,15 @@ def resolve_dtype(dtype: str) -> torch.dtype | str:
 
 
 def _classify(spec: str) -> tuple[str, Path | None]:
-    """('dir' | 'gguf' | 'hub', path) for a model spec; local-looking specs that do not exist fail here."""
+    """('dir' | 'gguf' | 'hub', path) for a model spec; local-looking specs that do not exist fail here.
+
+    ``lab:NAME`` names a model of the lab zoo shipped with opd (``lab:student``, ...); it resolves to
+    that model's directory, so lab models go through exactly the loader real checkpoints use.
+    """
+    if spec.startswith("lab:"):
+        from opd.lab.zoo import zoo_path  # lazy: the lab is optional weight for ordinary loads
+
+        return "dir", zoo_path(spec[len("lab:") :].strip())
     p = Path(spec).expanduser()
     if p.is_dir():
         return "dir", p
