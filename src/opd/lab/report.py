@@ -1,0 +1,419 @@
+"""`opd lab report`: every lab result in one markdown (and HTML) report, verdicts computed from files.
+
+The report reads only ``<runs>/<experiment>/<arm>/seed<k>/result.json`` (and an experiment's
+``probe.json``) and hands them to each experiment's verdict function (`opd.lab.experiments`): nothing in
+the claims table is typed by hand, and an experiment with no result files is listed as "not run". The
+summaries written next to the results (``summary.json``) come from the same function, `summarize`.
+
+The document is built once as a list of blocks (heading, paragraph, table, image) and rendered to both
+markdown and a self-contained HTML page, so the two never disagree and no markdown library is needed.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from opd.lab.experiments import (
+    EXPERIMENTS,
+    ExperimentData,
+    ExperimentSpec,
+    Stat,
+    Verdict,
+    aggregate,
+)
+
+__all__ = [
+    "build_report",
+    "comparison_rows",
+    "claims_table",
+    "load_probe",
+    "load_results",
+    "summarize",
+    "write_summary",
+]
+
+METRIC_LABELS: dict[str, str] = {
+    "gap_before": "gap-level acc before (%)",
+    "gap_after": "gap-level acc after (%)",
+    "gap_origin": "gap-level acc of the original student (%)",
+    "gap_teacher": "teacher gap-level acc (%)",
+    "gap_delta": "gap-level change (pts)",
+    "gap_recovery": "gap recovery (%)",
+    "easy_delta": "easy-level change (pts)",
+    "easy_after": "easy-level acc after (%)",
+    "novel_delta": "new-level change (pts)",
+    "overlap_ratio_initial": "overlap ratio k=4, start",
+    "overlap_ratio_final": "overlap ratio k=4, end",
+    "overlap_ratio_mean": "overlap ratio k=4, mean",
+    "overlap_mass_student_initial": "overlap mass (student), start",
+    "overlap_mass_student_final": "overlap mass (student), end",
+    "overlap_mass_student_mean": "overlap mass (student), mean",
+    "overlap_mass_teacher_final": "overlap mass (teacher), end",
+    "overlap_token_advantage_initial": "overlap-token advantage, start",
+    "overlap_token_advantage_final": "overlap-token advantage, end",
+    "entropy_gap_initial": "entropy gap, start",
+    "entropy_gap_final": "entropy gap, end",
+    "entropy_student_mean": "student entropy, mean",
+    "reverse_kl_initial": "reverse KL, start",
+    "reverse_kl_final": "reverse KL, end",
+    "grad_norm_max": "max grad norm",
+}
+STANDARD_METRICS: tuple[str, ...] = (
+    "gap_before", "gap_after", "gap_teacher", "gap_delta", "gap_recovery", "easy_delta", "novel_delta",
+    "overlap_ratio_initial", "overlap_ratio_final", "overlap_mass_student_initial", "overlap_mass_student_final",
+    "overlap_mass_teacher_final", "overlap_token_advantage_initial", "overlap_token_advantage_final",
+    "entropy_gap_initial", "entropy_gap_final", "reverse_kl_initial", "reverse_kl_final", "wall_time_s",
+)  # fmt: skip
+"""Aggregated for every experiment in summary.json (beside its own headline), for uniform tables."""
+PERCENT = {"gap_before", "gap_after", "gap_origin", "gap_teacher", "gap_delta", "gap_recovery", "easy_delta",
+           "easy_after", "novel_delta"}  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading and summarising
+
+
+def load_results(runs: str | Path, experiment: str) -> list[dict[str, Any]]:
+    """Every readable result.json of an experiment (partial or corrupt files are skipped)."""
+    out = []
+    for path in sorted(Path(runs, experiment).glob("*/seed*/result.json")):
+        try:
+            res = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            continue
+        res.setdefault("arm", path.parent.parent.name)
+        res.setdefault("seed", int(path.parent.name[4:]) if path.parent.name[4:].isdigit() else 0)
+        res["_path"] = str(path)
+        out.append(res)
+    return out
+
+
+def load_probe(runs: str | Path, experiment: str) -> dict[str, Any] | None:
+    try:
+        return json.loads(Path(runs, experiment, "probe.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _clean(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_clean(v) for v in x]
+    return x
+
+
+def summarize(
+    spec: ExperimentSpec, results: Sequence[dict[str, Any]], probe: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Mean and spread over seeds per arm, and the verdicts, from result dicts alone."""
+    known = {a.name for a in spec.arms}
+    results = [r for r in results if r.get("arm") in known]
+    arms, runs = aggregate(results)
+    gap = int(results[0].get("gap_level", 4)) if results else 4
+    data = ExperimentData(spec=spec, arms=arms, runs=runs, probe=probe, gap_level=gap)
+    verdicts: list[Verdict] = spec.verdict(data)
+    per_level: dict[str, dict[str, Any]] = {}
+    for arm, stats in arms.items():
+        per_level[arm] = {k: s.to_json() for k, s in stats.items() if k.startswith(("acc_before/", "acc_after/",
+                                                                                      "acc_teacher/"))}  # fmt: skip
+    return _clean(
+        {
+            "experiment": spec.name,
+            "title": spec.title,
+            "description": spec.description,
+            "status": "not run" if not results else ("complete" if _complete(spec, results) else "partial"),
+            "gap_level": gap,
+            "seeds": sorted({int(r.get("seed", 0)) for r in results}),
+            "steps": sorted({int(r.get("steps", 0)) for r in results}),
+            "runs": len(results),
+            "headline_metrics": list(spec.headline),
+            "runs_trained": sum(1 for r in results if not r.get("reused_from")),
+            "arms": {
+                a.name: {
+                    "label": a.title,
+                    "student": a.student,
+                    "teacher": a.teacher,
+                    "seeds": len(runs.get(a.name, [])),
+                    "headline": {
+                        m: arms[a.name][m].to_json()
+                        for m in dict.fromkeys([*spec.headline, *STANDARD_METRICS])
+                        if a.name in arms and m in arms[a.name]
+                    },
+                }
+                for a in spec.arms
+            },  # fmt: skip
+            "per_level": per_level,
+            "probe": {k: v for k, v in (probe or {}).items() if k != "fingerprint"} or None,
+            "verdicts": [v.to_json() for v in verdicts],
+            "wall_time_s": sum(float(r.get("wall_time_s") or 0) for r in results if not r.get("reused_from")),
+        }
+    )
+
+
+def _complete(spec: ExperimentSpec, results: Sequence[dict[str, Any]]) -> bool:
+    have = {(r.get("arm"), int(r.get("seed", 0))) for r in results}
+    return all((a.name, s) in have for a in spec.arms for s in spec.seeds)
+
+
+def write_summary(spec: ExperimentSpec, runs: str | Path) -> dict[str, Any]:
+    """Summarise an experiment's result files into <runs>/<experiment>/summary.json; returns it."""
+    from opd.checkpoint import atomic_write_text
+
+    summary = summarize(spec, load_results(runs, spec.name), load_probe(runs, spec.name))
+    path = Path(runs, spec.name, "summary.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tables
+
+
+def _fmt_stat(metric: str, s: dict[str, Any] | Stat | None) -> str:
+    if s is None:
+        return "–"
+    if isinstance(s, Stat):
+        s = s.to_json()
+    if not s.get("n"):
+        return "–"
+    scale = 100.0 if metric in PERCENT else 1.0
+    digits = 1 if metric in PERCENT else 3
+    txt = f"{scale * s['mean']:.{digits}f}"
+    if s["n"] > 1:
+        txt += f" ± {scale * s['std']:.{digits}f}"
+    return txt
+
+
+def comparison_rows(
+    summary: dict[str, Any], metrics: Sequence[str] | None = None
+) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of an experiment's arms x headline metrics, mean ± std over seeds."""
+    arms = summary.get("arms", {})
+    metrics = list(metrics or summary.get("headline_metrics") or [])
+    header = ["arm", "seeds", *[METRIC_LABELS.get(m, m) for m in metrics]]
+    rows = []
+    for a in arms.values():
+        rows.append(
+            [
+                a["label"],
+                str(a.get("seeds", 0)),
+                *[_fmt_stat(m, a.get("headline", {}).get(m)) for m in metrics],
+            ]
+        )
+    return header, rows
+
+
+def claims_table(summaries: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """The report's main table: paper claim — lab result (numbers) — status, one row per claim."""
+    header = ["experiment", "paper claim", "lab result", "status"]
+    rows = []
+    for s in summaries:
+        seeds = len(s.get("seeds", []))
+        name = s["title"].split(":")[0] + (f" ({seeds} seed{'s' if seeds != 1 else ''})" if seeds else "")
+        for v in s.get("verdicts", []):
+            rows.append([name, f"({v['finding']}) {v['claim']}", v["result"], v["status"]])
+    return header, rows
+
+
+def _per_level_table(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    levels = sorted({int(k.split("/L")[1]) for arm in summary.get("per_level", {}).values() for k in arm})
+    header = [
+        "arm",
+        *[f"L{lv} before → after (%)" for lv in levels],
+        *[f"teacher L{lv} (%)" for lv in levels],
+    ]
+    rows = []
+    for arm, stats in summary.get("per_level", {}).items():
+        label = summary["arms"].get(arm, {}).get("label", arm)
+        cells = []
+        for lv in levels:
+            b, a = stats.get(f"acc_before/L{lv}"), stats.get(f"acc_after/L{lv}")
+            cells.append(f"{_fmt_stat('gap_before', b)} → {_fmt_stat('gap_after', a)}")
+        cells += [_fmt_stat("gap_teacher", stats.get(f"acc_teacher/L{lv}")) for lv in levels]
+        rows.append([label, *cells])
+    return header, rows
+
+
+# ----------------------------------------------------------------------------------------------------
+# Document model and rendering
+
+
+@dataclass
+class Block:
+    kind: str  # h1 | h2 | h3 | p | table | img
+    text: str = ""
+    header: list[str] | None = None
+    rows: list[list[str]] | None = None
+
+
+def _md_cell(s: str) -> str:
+    return str(s).replace("|", "\\|").replace("\n", " ")
+
+
+def render_markdown(blocks: Sequence[Block]) -> str:
+    out: list[str] = []
+    for b in blocks:
+        if b.kind in ("h1", "h2", "h3"):
+            out.append("#" * int(b.kind[1]) + " " + b.text)
+        elif b.kind == "p":
+            out.append(b.text)
+        elif b.kind == "table":
+            assert b.header is not None and b.rows is not None
+            out.append("| " + " | ".join(_md_cell(h) for h in b.header) + " |")
+            out.append("| " + " | ".join("---" for _ in b.header) + " |")
+            out += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in b.rows]
+        elif b.kind == "img":
+            out.append(f"![{b.header[0] if b.header else ''}]({b.text})")
+        out.append("")
+    return "\n".join(out)
+
+
+_STATUS_COLOURS = {
+    "reproduced": "#1a7f37",
+    "partly": "#9a6700",
+    "not reproduced": "#cf222e",
+    "not run": "#6e7781",
+}
+
+
+def render_html(blocks: Sequence[Block], title: str) -> str:
+    body: list[str] = []
+    for b in blocks:
+        if b.kind in ("h1", "h2", "h3"):
+            body.append(f"<{b.kind}>{html.escape(b.text)}</{b.kind}>")
+        elif b.kind == "p":
+            body.append(f"<p>{html.escape(b.text)}</p>")
+        elif b.kind == "table":
+            assert b.header is not None and b.rows is not None
+            head = "".join(f"<th>{html.escape(h)}</th>" for h in b.header)
+            rows = []
+            for row in b.rows:
+                cells = []
+                for c in row:
+                    colour = _STATUS_COLOURS.get(c)
+                    style = f' style="color:{colour};font-weight:bold"' if colour else ""
+                    cells.append(f"<td{style}>{html.escape(str(c))}</td>")
+                rows.append("<tr>" + "".join(cells) + "</tr>")
+            body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>")
+        elif b.kind == "img":
+            alt = html.escape(b.header[0] if b.header else "")
+            body.append(f'<p><img src="{html.escape(b.text)}" alt="{alt}" style="max-width:100%"></p>')
+    css = ("body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;line-height:1.4}"
+           "table{border-collapse:collapse;margin:1em 0;font-size:0.9em}td,th{border:1px solid #d0d7de;"
+           "padding:4px 8px;vertical-align:top}th{background:#f6f8fa}")  # fmt: skip
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{css}</style></head><body>{''.join(body)}</body></html>\n")  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------
+# The report
+
+
+def _relpath(path: Path, start: Path) -> str:
+    try:
+        return path.resolve().relative_to(start.resolve()).as_posix()
+    except ValueError:
+        import os
+
+        return Path(os.path.relpath(path.resolve(), start.resolve())).as_posix()
+
+
+def build_report(
+    runs: str | Path = "runs/lab",
+    out: str | Path | None = None,
+    *,
+    experiments: dict[str, ExperimentSpec] | None = None,
+    plots: bool = True,
+    html_out: bool = True,
+    extra: Sequence[tuple[str, str]] = (),
+) -> dict[str, Any]:
+    """Write the report; returns {"markdown": path, "html": path|None, "summaries": [...], "figures": [...]}.
+
+    `extra` adds (heading, paragraph) sections at the end (the demo adds its wall time there).
+    """
+    runs = Path(runs)
+    out = Path(out) if out is not None else runs / "report.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    experiments = experiments or EXPERIMENTS
+    summaries: list[dict[str, Any]] = []
+    figures: dict[str, list[Path]] = {}
+    for spec in experiments.values():
+        results = load_results(runs, spec.name)
+        summary = summarize(spec, results, load_probe(runs, spec.name))
+        summaries.append(summary)
+        if plots and results:
+            from opd.lab.plots import plot_experiment
+
+            figures[spec.name] = plot_experiment(spec, results, runs / spec.name / "figures")
+
+    blocks: list[Block] = [
+        Block("h1", "opd lab report"),
+        Block(
+            "p",
+            f"Generated {time.strftime('%Y-%m-%d %H:%M')} from the result files under {runs}. Every "
+            "status below is computed by the experiment's verdict function from those files "
+            "(opd.lab.experiments); accuracies are greedy on the zoo's 200 held-out problems per "
+            "level, overlap metrics use top-4 sets of the ~23-symbol vocabulary, numbers are mean ± "
+            "standard deviation over seeds.",
+        ),  # fmt: skip
+        Block("h2", "Paper claims vs the lab"),
+    ]
+    header, rows = claims_table(summaries)
+    blocks.append(Block("table", header=header, rows=rows))
+    not_run = [s["title"] for s in summaries if s["status"] == "not run"]
+    partial = [
+        f"{s['title']} ({s['runs']} runs, seeds {s['seeds']})" for s in summaries if s["status"] == "partial"
+    ]
+    if not_run:
+        blocks.append(Block("p", "Not run: " + "; ".join(not_run) + ". Run them with `opd lab run NAME`."))
+    if partial:
+        blocks.append(Block("p", "Run with fewer seeds or arms than specified: " + "; ".join(partial) + "."))
+
+    for s in summaries:
+        blocks.append(Block("h2", s["title"]))
+        blocks.append(Block("p", s["description"]))
+        if s["status"] == "not run":
+            blocks.append(Block("p", "Not run."))
+            continue
+        blocks.append(
+            Block(
+                "p",
+                f"{s['runs']} run(s), seeds {s['seeds']}, steps {s['steps']}, training+eval "
+                f"time {s['wall_time_s']:.0f} s (runs reused from other experiments not counted).",
+            )
+        )
+        header, rows = comparison_rows(s)
+        blocks.append(Block("table", header=header, rows=rows))
+        header, rows = _per_level_table(s)
+        if rows:
+            blocks.append(Block("table", header=header, rows=rows))
+        if s.get("probe"):
+            p = s["probe"]
+            blocks.append(Block("p", "Probe: " + ", ".join(
+                f"{k} = {v:.4g}" if isinstance(v, float) else f"{k} = {v}" for k, v in p.items())))  # fmt: skip
+        vh = ["claim", "status", "lab result"]
+        vr = [[f"{v['claim_id']}: {v['claim']}", v["status"], v["result"]] for v in s["verdicts"]]
+        blocks.append(Block("table", header=vh, rows=vr))
+        for fig in figures.get(s["experiment"], []):
+            blocks.append(Block("img", _relpath(fig, out.parent), header=[fig.stem]))
+    for heading, text in extra:
+        blocks += [Block("h2", heading), Block("p", text)]
+
+    out.write_text(render_markdown(blocks), encoding="utf-8")
+    html_path = None
+    if html_out:
+        html_path = out.with_suffix(".html")
+        html_path.write_text(render_html(blocks, "opd lab report"), encoding="utf-8")
+    return {"markdown": out, "html": html_path, "summaries": summaries,
+            "figures": [f for fs in figures.values() for f in fs]}  # fmt: skip
