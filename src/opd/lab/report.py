@@ -123,7 +123,7 @@ def summarize(
     data = ExperimentData(spec=spec, arms=arms, runs=runs, probe=probe, gap_level=gap)
     verdicts: list[Verdict] = spec.verdict(data)
     per_level: dict[str, dict[str, Any]] = {}
-    for arm, stats in arms.items():
+    for arm, stats in sorted(arms.items(), key=lambda kv: [a.name for a in spec.arms].index(kv[0])):
         per_level[arm] = {k: s.to_json() for k, s in stats.items() if k.startswith(("acc_before/", "acc_after/",
                                                                                       "acc_teacher/"))}  # fmt: skip
     return _clean(
