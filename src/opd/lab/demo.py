@@ -160,7 +160,7 @@ def run_demo(
     wall = time.monotonic() - t0
     rep = build_report(runs, runs / "report.md", extra=[("Demo", (
         f"`opd demo` ran {', '.join(ran) or 'nothing'} in {wall / 60:.1f} min of wall time "
-        f"(budget {budget_minutes:g} min)."))])  # fmt: skip
+        f"(budget {budget_minutes:g} min); runs whose result files already existed were reused, not re-trained."))])  # fmt: skip
     for s in summaries:
         print_summary(out, s)
     out.print(f"demo wall time: {wall / 60:.1f} min; report: {rep['markdown']} (HTML: {rep['html']})")
