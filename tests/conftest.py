@@ -29,3 +29,15 @@ def tiny_pair(tmp_path_factory) -> dict[str, Path]:
 def tiny_pair_dir(tiny_pair) -> Path:
     """The directory holding `student/`, `teacher/` (vocab padded to 128) and `prompts.jsonl`."""
     return tiny_pair["student"].parent
+
+
+@pytest.fixture(scope="session")
+def real_models():
+    """scripts/fetch_real_models.py as a module (`ensure_model`, `ensure_gguf`), for the `real` tests."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "fetch_real_models.py"
+    spec = importlib.util.spec_from_file_location("fetch_real_models", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

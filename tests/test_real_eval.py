@@ -9,9 +9,7 @@ SmolLM2-135M does not follow "box your answer" instructions, so this uses the ``
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -19,22 +17,12 @@ from typer.testing import CliRunner
 from opd.cli import app
 
 pytestmark = pytest.mark.real
-ROOT = Path(__file__).resolve().parents[1]
 
 PAIRS = [(7, 5), (3, 4), (10, 6), (12, 9), (2, 8), (15, 3), (6, 6), (9, 1), (20, 5), (11, 4)]
 
 
-def _fetch():
-    spec = importlib.util.spec_from_file_location(
-        "fetch_real_models", ROOT / "scripts" / "fetch_real_models.py"
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_opd_eval_smollm2_arithmetic(tmp_path):
-    model = _fetch().ensure_model("smollm2")
+def test_opd_eval_smollm2_arithmetic(tmp_path, real_models):
+    model = real_models.ensure_model("smollm2")
     prompts = tmp_path / "arith.jsonl"
     prompts.write_text(
         "".join(json.dumps({"prompt": f"What is {a} + {b}?", "answer": a + b}) + "\n" for a, b in PAIRS)

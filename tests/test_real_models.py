@@ -6,9 +6,7 @@ Marked `real`: excluded from the default suite, run with `pytest -m real` (downl
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,25 +15,15 @@ from typer.testing import CliRunner
 from opd.cli import app
 
 pytestmark = pytest.mark.real
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _fetch():
-    spec = importlib.util.spec_from_file_location(
-        "fetch_real_models", ROOT / "scripts" / "fetch_real_models.py"
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _out(res) -> str:
     return " ".join((res.output or "").split())
 
 
-def test_two_opd_steps_on_smollm2_gguf(tmp_path):
+def test_two_opd_steps_on_smollm2_gguf(tmp_path, real_models):
     """SmolLM2-135M-Instruct loaded from its GGUF file as both student and teacher: 2 real steps."""
-    fetch = _fetch()
+    fetch = real_models
     gguf = fetch.ensure_gguf("smollm2")
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"What is {a} + {b}?", "answer": str(a + b)}) + "\n"
@@ -61,9 +49,9 @@ def test_two_opd_steps_on_smollm2_gguf(tmp_path):
     assert sum(p.numel() for p in m.parameters()) > 100e6
 
 
-def test_check_on_qwen_coder_pair(tmp_path):
+def test_check_on_qwen_coder_pair(tmp_path, real_models):
     """`opd check` on the real same-family pair: Qwen2.5-Coder 0.5B student, 1.5B teacher (bf16)."""
-    fetch = _fetch()
+    fetch = real_models
     student, teacher = fetch.ensure_model("qwen-0.5b"), fetch.ensure_model("qwen-1.5b")
     res = CliRunner().invoke(app, ["check", "--student", str(student), "--teacher", str(teacher),
                                    "--teacher-dtype", "bfloat16", "--max-new-tokens", "24"])  # fmt: skip

@@ -5,9 +5,7 @@ Marked `real` (run with `pytest -m real`); the model comes from scripts/fetch_re
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,20 +14,10 @@ from typer.testing import CliRunner
 from opd.cli import app
 
 pytestmark = pytest.mark.real
-ROOT = Path(__file__).resolve().parents[1]
 
 
-def _fetch():
-    spec = importlib.util.spec_from_file_location(
-        "fetch_real_models", ROOT / "scripts" / "fetch_real_models.py"
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_generate_then_sft_on_smollm2(tmp_path):
-    model = _fetch().ensure_model("smollm2")
+def test_generate_then_sft_on_smollm2(tmp_path, real_models):
+    model = real_models.ensure_model("smollm2")
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"What is {a} + {b}?", "answer": str(a + b)}) + "\n"
                                for a, b in [(7, 5), (3, 4), (10, 6), (12, 9), (2, 8), (15, 3)]))  # fmt: skip

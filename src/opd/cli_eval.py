@@ -79,10 +79,10 @@ def run_eval_command(cfg: Any, out: Console) -> dict[str, Any]:
     from opd.checkpoint import atomic_write_text
     from opd.data import load_prompts, validate_template
     from opd.eval import (
-        _clean,
         check_answers,
         evaluate,
         gap_recovery,
+        json_safe,
         model_entries,
         release_memory,
         write_results,
@@ -162,7 +162,7 @@ def run_eval_command(cfg: Any, out: Console) -> dict[str, Any]:
             f"[yellow]gap recovery needs --before, --after and --teacher; missing {', '.join(missing)}[/]"
         )
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
-    atomic_write_text(Path(cfg.out) / "comparison.json", json.dumps(_clean(comparison), indent=2) + "\n")
+    atomic_write_text(Path(cfg.out) / "comparison.json", json.dumps(json_safe(comparison), indent=2) + "\n")
     return comparison
 
 

@@ -46,6 +46,7 @@ __all__ = [
     "check_answers",
     "evaluate",
     "gap_recovery",
+    "json_safe",
     "pass_at_k",
     "rollout_reward_auroc",
     "summarize",
@@ -425,14 +426,14 @@ def _json_default(x: Any) -> Any:
     return str(x)
 
 
-def _clean(x: Any) -> Any:
+def json_safe(x: Any) -> Any:
     """NaN/inf become null: JSON has no NaN and strict parsers (jq, JS) reject Python's spelling."""
     if isinstance(x, float) and not math.isfinite(x):
         return None
     if isinstance(x, dict):
-        return {k: _clean(v) for k, v in x.items()}
+        return {k: json_safe(v) for k, v in x.items()}
     if isinstance(x, list):
-        return [_clean(v) for v in x]
+        return [json_safe(v) for v in x]
     return x
 
 
@@ -447,10 +448,10 @@ def write_results(result: EvalResult, out_dir: str | Path, name: str) -> dict[st
     out.mkdir(parents=True, exist_ok=True)
     samples_path = out / f"{name}.samples.jsonl"
     summary_path = out / f"{name}.summary.json"
-    lines = [json.dumps(_clean(p.to_json()), default=_json_default) + "\n" for p in result.problems]
+    lines = [json.dumps(json_safe(p.to_json()), default=_json_default) + "\n" for p in result.problems]
     atomic_write_text(samples_path, "".join(lines))
     atomic_write_text(
-        summary_path, json.dumps(_clean(result.summary), indent=2, default=_json_default) + "\n"
+        summary_path, json.dumps(json_safe(result.summary), indent=2, default=_json_default) + "\n"
     )
     return {"samples": samples_path, "summary": summary_path}
 

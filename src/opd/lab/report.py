@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import html
 import json
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from opd.eval import json_safe
 from opd.lab.experiments import (
     EXPERIMENTS,
     ExperimentData,
@@ -102,16 +102,6 @@ def load_probe(runs: str | Path, experiment: str) -> dict[str, Any] | None:
         return None
 
 
-def _clean(x: Any) -> Any:
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _clean(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_clean(v) for v in x]
-    return x
-
-
 def summarize(
     spec: ExperimentSpec, results: Sequence[dict[str, Any]], probe: dict[str, Any] | None = None
 ) -> dict[str, Any]:
@@ -126,7 +116,7 @@ def summarize(
     for arm, stats in sorted(arms.items(), key=lambda kv: [a.name for a in spec.arms].index(kv[0])):
         per_level[arm] = {k: s.to_json() for k, s in stats.items() if k.startswith(("acc_before/", "acc_after/",
                                                                                       "acc_teacher/"))}  # fmt: skip
-    return _clean(
+    return json_safe(
         {
             "experiment": spec.name,
             "title": spec.title,
