@@ -317,6 +317,10 @@ from opd.cli_recipes import register as _register_recipes  # noqa: E402
 
 _register_recipes(app)
 
+from opd.cli_doctor import register as _register_doctor  # noqa: E402
+
+_register_doctor(app)
+
 from opd.lab.cli import register as _register_lab  # noqa: E402
 
 _register_lab(app)

@@ -1,0 +1,167 @@
+"""`opd doctor`: the pure pieces against hand computations, the verdict rules, and real runs."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from opd.doctor import (
+    DoctorConfig,
+    DoctorThresholds,
+    continuation_prefixes,
+    novelty_stats,
+    run_doctor,
+    verdict,
+)
+from opd.doctor_report import write_doctor_report
+
+
+def test_novelty_stats_by_hand() -> None:
+    s = [[True, False, False], [True, True, True], [False, False], [True, False]]
+    t = [[True, True, False], [True, True, False], [True, True], [False, False]]
+    out = novelty_stats(s, t)
+    s_acc = (1 / 3 + 1 + 0 + 0.5) / 4
+    t_acc = (2 / 3 + 2 / 3 + 1 + 0) / 4
+    assert out["student_acc"] == pytest.approx(s_acc)
+    assert out["teacher_acc"] == pytest.approx(t_acc)
+    assert out["accuracy_gap"] == pytest.approx(t_acc - s_acc)
+    # majority-solved: student solves #2 only (#4 is a tie: not solved); teacher solves #1, #2, #3
+    assert out["teacher_only_share"] == pytest.approx(2 / 4)
+    assert out["student_only_share"] == 0.0
+    assert out["problems"] == 4
+
+
+def test_novelty_stats_skips_problems_without_samples() -> None:
+    out = novelty_stats([[True], []], [[False], [True]])
+    assert out["problems"] == 1 and out["student_acc"] == 1.0 and out["teacher_acc"] == 0.0
+    empty = novelty_stats([[]], [[]])
+    assert empty["problems"] == 0 and math.isnan(empty["accuracy_gap"])
+
+
+def test_continuation_prefixes_never_swallow_the_stop_token() -> None:
+    assert continuation_prefixes([10, 4, 2, 1], 0.5) == [5, 2, None, None]
+    assert continuation_prefixes([10], 0.0) == [0]
+    assert continuation_prefixes([10], 0.95) == [None]  # 9 of 10 tokens: only the EOS would be left
+
+
+def _m(**kw: float) -> dict[str, float]:
+    base = {"reverse_kl": 0.3, "overlap_ratio": 0.7, "overlap_mass_student": 0.98, "overlap_mass_teacher": 0.99,
+            "overlap_token_advantage": -0.07, "entropy_gap": 0.07}  # fmt: skip
+    base.update(kw)
+    return base
+
+
+@pytest.mark.parametrize(
+    ("metrics", "code"),
+    [
+        (_m(reverse_kl=0.0), "identical"),
+        (_m(overlap_mass_teacher=0.46), "incompatible"),
+        (_m(overlap_token_advantage=-0.43), "incompatible"),
+        (_m(), "compatible_unknown_novelty"),
+        (_m(student_acc=0.5, teacher_acc=0.45, accuracy_gap=-0.05, teacher_only_share=0.0), "weak_teacher"),
+        (_m(student_acc=0.5, teacher_acc=0.55, accuracy_gap=0.05, teacher_only_share=0.05), "no_gain"),
+        (_m(student_acc=0.5, teacher_acc=0.55, accuracy_gap=0.05, teacher_only_share=0.2), "go"),
+        (_m(student_acc=0.3, teacher_acc=0.9, accuracy_gap=0.6, teacher_only_share=0.6), "go"),
+    ],
+)
+def test_verdict_rules(metrics: dict[str, float], code: str) -> None:
+    v = verdict(metrics, DoctorThresholds())
+    assert v.code == code
+    assert v.headline and v.recipe and v.reasons
+
+
+def test_verdict_thresholds_are_configurable() -> None:
+    m = _m(
+        overlap_mass_teacher=0.85, student_acc=0.3, teacher_acc=0.9, accuracy_gap=0.6, teacher_only_share=0.6
+    )
+    assert verdict(m, DoctorThresholds()).code == "incompatible"
+    assert verdict(m, DoctorThresholds(min_overlap_mass=0.8)).code == "go"
+
+
+def test_config_rejects_bad_depths() -> None:
+    with pytest.raises(ValueError, match="depths"):
+        DoctorConfig(depths=[1.5])
+
+
+def test_doctor_on_the_tiny_pair_end_to_end(tmp_path: Path) -> None:
+    from opd.tiny import save_tiny_pair
+
+    paths = save_tiny_pair(tmp_path / "pair")
+    cfg = DoctorConfig(
+        student=str(paths["student"]), teachers=[str(paths["teacher"]), str(paths["student"])],
+        prompts=str(paths["prompts"]), templates=["raw", "format:Q: {prompt}\nA:"], n_prompts=3, samples=2,
+        teacher_samples=1, max_new_tokens=8, depths=[0.5], continuation_rollouts=3, k=8, out=str(tmp_path / "doc"),
+    )  # fmt: skip
+    seen: list[float] = []
+    res = run_doctor(cfg, progress=lambda label, frac: seen.append(frac))
+    assert seen and seen[-1] == 1.0 and all(0.0 <= f <= 1.0 for f in seen)
+    assert set(res["templates"]) == {"raw", "format:Q: {prompt}\nA:"}
+    assert res["recommended_template"] in res["templates"]
+    student_as_teacher = res["teachers"]["student"]
+    assert student_as_teacher["verdict"]["code"] == "identical"
+    for tmpl in res["templates"]:
+        m = student_as_teacher["by_template"][tmpl]
+        assert m["reverse_kl"] == pytest.approx(0.0, abs=1e-9)
+        assert m["overlap_ratio"] == pytest.approx(1.0)
+    other = res["teachers"]["teacher"]["by_template"]["raw"]
+    assert other["reverse_kl"] > 1e-4 and 0.0 <= other["overlap_ratio"] <= 1.0
+    assert "overlap_ratio/bin0" in other and "continuation_advantage@0.5" in other
+    pair = res["pairs"]["raw"]["teacher|student"]
+    assert pair["overlap_ratio"] == pytest.approx(other["overlap_ratio"])
+    files = write_doctor_report(res, cfg.out)
+    data = json.loads(files["json"].read_text())  # strict JSON: no NaN
+    assert data["teachers"]["student"]["verdict"]["code"] == "identical"
+    md = files["markdown"].read_text()
+    assert "identical to the student" in md and "## Templates" in md and "How the verdict is decided" in md
+    assert files["html"].read_text().startswith("<!doctype html>")
+    assert (tmp_path / "doc" / "by_position.png").stat().st_size > 1000
+
+
+def test_doctor_metrics_match_token_diagnostics(tmp_path: Path) -> None:
+    """The doctor's batched sums equal one `token_diagnostics` call on the same rollouts."""
+    from opd.data import load_prompts
+    from opd.diagnostics import token_diagnostics
+    from opd.doctor import _rollouts
+    from opd.eval import prepare_prompts
+    from opd.models import load_model, load_tokenizer, prepare_tokenizer
+    from opd.rollout import SamplingParams
+    from opd.sampling import stop_ids_for
+    from opd.scoring import response_logits
+    from opd.tiny import save_tiny_pair
+
+    paths = save_tiny_pair(tmp_path / "pair")
+    cfg = DoctorConfig(student=str(paths["student"]), teachers=[str(paths["teacher"])], prompts=str(paths["prompts"]),
+                       templates=["raw"], n_prompts=2, samples=2, teacher_samples=0, max_new_tokens=6,
+                       continuation_rollouts=0, k=5, score_batch=1, batch_size=1)  # fmt: skip
+    res = run_doctor(cfg)
+    tok = load_tokenizer(str(paths["student"]))
+    prepare_tokenizer(tok)
+    s = load_model(str(paths["student"])).eval()
+    t = load_model(str(paths["teacher"])).eval()
+    records = load_prompts(paths["prompts"])[:2]
+    _, ids = prepare_prompts(records, tok, template="raw")
+    rolls = _rollouts(s, tok, ids, n=2, params=SamplingParams(1.0, 1.0, 0, 6), batch_size=1, seed=0,
+                      stop_ids=stop_ids_for(tok, s))  # fmt: skip
+    # same seeds as the doctor (chunk_seed(seed, template index 0, first prompt)) -> same rollouts
+    ref_rows = []
+    with torch.no_grad():
+        for r in rolls:
+            ref_rows.append(
+                token_diagnostics(response_logits(s, r), response_logits(t, r), r.response_mask, k=5)
+            )
+    n = [x["n_tokens"] for x in ref_rows]
+    ref = sum(x["overlap_ratio"] * w for x, w in zip(ref_rows, n, strict=True)) / sum(n)
+    got = res["teachers"]["teacher"]["by_template"]["raw"]
+    assert got["n_tokens"] == sum(n)
+    assert got["overlap_ratio"] == pytest.approx(ref, rel=1e-6)
+
+
+def test_doctor_refuses_missing_inputs() -> None:
+    from opd.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--teacher"):
+        run_doctor(DoctorConfig(student="x", prompts="p"))
