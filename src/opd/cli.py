@@ -41,9 +41,11 @@ def train(
             cfg = load_config(config, overrides)
         _run_training(cfg, resume=resume is not None)
     except OpdError as exc:
+        from opd.alarms import CollapseError
         from opd.trainer import NonFiniteLossError
 
-        fail(exc, 3 if isinstance(exc, NonFiniteLossError) else 2)
+        # 3: a non-finite step (stop_on_nan); 4: a declared collapse (stop_on_collapse); 2: the rest.
+        fail(exc, 3 if isinstance(exc, NonFiniteLossError) else 4 if isinstance(exc, CollapseError) else 2)
 
 
 def _run_training(cfg, *, resume: bool) -> None:
@@ -320,6 +322,10 @@ _register_recipes(app)
 from opd.cli_doctor import register as _register_doctor  # noqa: E402
 
 _register_doctor(app)
+
+from opd.cli_analyze import register as _register_analyze  # noqa: E402
+
+_register_analyze(app)
 
 from opd.lab.cli import register as _register_lab  # noqa: E402
 

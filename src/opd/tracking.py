@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from opd.checkpoint import atomic_write_text
+from opd.errors import OpdError
 
 
 def _clean(value: Any) -> Any:
@@ -97,5 +98,14 @@ class MetricsLogger:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The rows of RUN_DIR/metrics.jsonl; a torn last line (a run killed mid-write) is skipped."""
     path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i != len(lines) - 1:
+                raise OpdError(f"{path}:{i + 1}: not a JSON object; the metrics file is damaged") from None
+    return rows
