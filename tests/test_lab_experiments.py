@@ -165,6 +165,36 @@ def test_probe_and_prepared_arms_run(tiny_zoo: LabZoo, tmp_path: Path) -> None:
         assert res["prompts"]["n"] == 16 and res["prompts"]["kind"] == "aligned"
 
 
+def test_doctor_experiment_runs_the_doctor_and_judges_it(tiny_zoo: LabZoo, tmp_path: Path) -> None:
+    """Experiment 9: the doctor probe runs `run_doctor`, and the verdict compares it with the OPD runs."""
+    from opd.lab.experiments import ExperimentData, stat, verdict_doctor
+
+    ev = EvalSettings(n_problems=4, in_loop_every=0, batch_size=16)
+    runner = LabRunner(zoo=tiny_zoo, out_root=tmp_path, eval=ev)
+    spec = dataclasses.replace(_tiny_spec("doctor", steps=1),
+                               probe_args={**EXPERIMENTS["doctor"].probe_args, "n_prompts": 4, "max_new_tokens": 12})  # fmt: skip
+    summary = runner.run_experiment(spec)
+    probe = json.loads((tmp_path / "doctor" / "probe.json").read_text())
+    assert set(probe["teachers"]) == {"teacher_novel", "teacher_big", "teacher_incompatible"}
+    assert (tmp_path / "doctor" / "doctor" / "report.md").is_file()
+    assert summary["verdicts"][0]["claim_id"] == "9a" and summary["verdicts"][0]["status"] in (
+        "reproduced", "partly", "not reproduced")  # fmt: skip
+
+    # the judgement itself, on hand-made numbers: "go" must go with a run that worked, anything else not
+    def data(codes: dict[str, str], recovery: dict[str, float]) -> ExperimentData:
+        arms = {a: {"gap_delta": stat([r * 0.5]), "gap_recovery": stat([r])} for a, r in recovery.items()}
+        runs = {a: [{}] for a in recovery}
+        teachers = {f"teacher_{a}": {"verdict": {"code": c}} for a, c in codes.items()}
+        return ExperimentData(spec=EXPERIMENTS["doctor"], arms=arms, runs=runs, probe={"teachers": teachers})
+
+    rec = {"novel": 0.8, "big": 0.1, "incompatible": -0.2}
+    good = data({"novel": "go", "big": "no_gain", "incompatible": "incompatible"}, rec)
+    assert verdict_doctor(good)[0].status == "reproduced"
+    bad = data({"novel": "go", "big": "go", "incompatible": "go"}, rec)
+    v = verdict_doctor(bad)[0]
+    assert v.status == "partly" and v.result.count("MISMATCH") == 2
+
+
 # ----------------------------------------------------------------------------------------------------
 # a short lab OPD run must improve a weakened student (fails if the trainer stops learning)
 

@@ -142,6 +142,51 @@ class EvalConfig(_Section):
     seed: int = 0
 
 
+class AlarmConfig(_Section):
+    """Collapse alarms during training (`opd.alarms`): the paper's late-collapse signatures (finding 7).
+
+    Each watched metric is compared with its own baseline, an exponential moving average over the run's
+    clean steps (steps with an alarm never update it, so a slow collapse cannot drag it along). A null
+    threshold turns that signal off. Defaults are deliberately loose: a healthy run drifts slowly (overlap
+    rises, entropy falls over hundreds of steps) and the alarms are for the step changes of a collapse.
+    """
+
+    enabled: bool = Field(True, description="watch for collapse and log alarms (metrics.jsonl + terminal)")
+    warmup_steps: int = Field(
+        5, ge=1, description="clean steps averaged into each baseline before that signal can alarm"
+    )
+    ema: float = Field(
+        0.9, ge=0.0, lt=1.0,
+        description="baseline decay after warm-up: b = ema*b + (1-ema)*x; 0.9 remembers ~10 clean steps",
+    )  # fmt: skip
+    entropy_ratio: float | None = Field(
+        1.5, gt=1.0, description="alarm when student entropy > ratio x baseline (and above the floor below)"
+    )
+    entropy_min_delta: float = Field(
+        0.2,
+        ge=0.0,
+        description="entropy must also exceed its baseline by this many nats, so near-zero ones stay quiet",
+    )
+    overlap_drop: float | None = Field(
+        0.1,
+        gt=0.0,
+        le=1.0,
+        description="alarm when the overlap ratio falls this far (absolute) below baseline",
+    )
+    length_ratio: float | None = Field(
+        2.0, gt=1.0, description="alarm when the mean response length > ratio x baseline"
+    )
+    truncation_jump: float | None = Field(
+        0.2, gt=0.0, le=1.0, description="alarm when the truncation rate exceeds its baseline by this much"
+    )
+    grad_norm_ratio: float | None = Field(
+        5.0, gt=1.0, description="alarm when the (pre-clip) gradient norm > ratio x baseline"
+    )
+    patience: int = Field(
+        3, ge=1, description="consecutive alarming steps that declare a collapse; fewer only warn"
+    )
+
+
 class TrainConfig(_Section):
     student: StudentConfig = StudentConfig()
     teacher: TeacherConfig = TeacherConfig()
@@ -152,6 +197,7 @@ class TrainConfig(_Section):
     diagnostics: DiagnosticsConfig = DiagnosticsConfig()
     tracking: TrackingConfig = TrackingConfig()
     eval: EvalConfig = EvalConfig()
+    alarms: AlarmConfig = AlarmConfig()
 
     run_dir: str = "runs/opd"
     steps: int | None = Field(None, ge=1, description="optimizer steps; default: one epoch of prompts")
@@ -161,6 +207,11 @@ class TrainConfig(_Section):
     checkpoint_every: int = Field(50, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     stop_on_nan: bool = True
+    stop_on_collapse: bool = Field(
+        False,
+        description="stop when alarms declare a collapse (exit code 4), naming the last good checkpoint; "
+        "a bare --stop-on-collapse means true",
+    )
     save_final: bool = True
     startup_checks: bool = Field(True, description="tokenizer/EOS checks and the teacher-fidelity self-test")
 
@@ -223,6 +274,18 @@ def _string_fields(model: type[BaseModel], prefix: str = "") -> dict[str, bool]:
     return out
 
 
+def _bool_fields(model: type[BaseModel], prefix: str = "") -> set[str]:
+    """Dotted paths of plain bool fields: on the command line these may be given as bare flags."""
+    out: set[str] = set()
+    for name, info in model.model_fields.items():
+        ann = info.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out |= _bool_fields(ann, f"{prefix}{name}.")
+        elif ann is bool:
+            out.add(f"{prefix}{name}")
+    return out
+
+
 def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     node = tree
@@ -240,12 +303,15 @@ def parse_overrides(
     """Turn ``--a.b value`` / ``--a.b=value`` / ``--a-b value`` into a nested dict.
 
     Values are parsed as YAML scalars so ``--loss.k 8`` is an int and ``--tracking.wandb true`` a bool.
-    Unknown paths fail here, with the closest known names, rather than deep inside pydantic.
+    A bool field given as a bare flag (``--stop-on-collapse`` with no value, i.e. last or followed by
+    another ``--option``) is true. Unknown paths fail here, with the closest known names, rather than
+    deep inside pydantic.
     """
     model = model or TrainConfig
     aliases = ALIASES if aliases is None else aliases
     known = field_paths(model)
     string_fields = _string_fields(model)
+    bool_fields = _bool_fields(model)
     tree: dict[str, Any] = {}
     i = 0
     while i < len(args):
@@ -253,14 +319,9 @@ def parse_overrides(
         if not arg.startswith("--"):
             raise ConfigError(f"unexpected argument {arg!r}: options look like --section.field VALUE")
         key = arg[2:]
+        raw: str | None = None
         if "=" in key:
             key, raw = key.split("=", 1)
-            i += 1
-        else:
-            if i + 1 >= len(args):
-                raise ConfigError(f"option {arg} needs a value")
-            raw = args[i + 1]
-            i += 2
         key = key.replace("-", "_")
         key = aliases.get(key, key)
         if key not in known and not key.startswith("data.chat_template_kwargs."):
@@ -269,6 +330,16 @@ def parse_overrides(
             close = difflib.get_close_matches(key, list(known) + list(aliases), n=3)
             hint = f" did you mean {', '.join('--' + c for c in close)}?" if close else ""
             raise ConfigError(f"unknown option --{key}.{hint} `opd config fields` lists every option")
+        if raw is not None:
+            i += 1
+        elif key in bool_fields and (i + 1 >= len(args) or args[i + 1].startswith("--")):
+            raw = "true"  # a bare flag
+            i += 1
+        else:
+            if i + 1 >= len(args):
+                raise ConfigError(f"option {arg} needs a value")
+            raw = args[i + 1]
+            i += 2
         try:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:

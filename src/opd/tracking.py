@@ -77,9 +77,13 @@ class MetricsLogger:
         self._fh.write(json.dumps(row) + "\n")
         self._fh.flush()
         os.fsync(self._fh.fileno())
-        scalars = {
-            k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-        }
+        if metrics.get("kind") == "alarm":  # dashboards get one series per alarming signal, not "value"
+            scalars = {f"alarm/{metrics.get('signal', 'unknown')}": metrics.get("value")}
+            scalars = {k: v for k, v in scalars.items() if isinstance(v, (int, float))}
+        else:
+            scalars = {
+                k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+            }
         if self._tb is not None:
             for k, v in scalars.items():
                 self._tb.add_scalar(k, v, step)

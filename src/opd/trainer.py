@@ -29,6 +29,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from opd import checkpoint as ckpt
+from opd.alarms import NAN, Alarm, CollapseError, CollapseMonitor
 from opd.config import TrainConfig, dump_config
 from opd.data import PromptCursor, encode_prompts, load_prompts, render_prompt, uses_chat
 from opd.diagnostics import diagnostic_sums, finalize, merge_sums
@@ -57,7 +58,14 @@ def _step_of(line: str) -> int:
 
 
 class NonFiniteLossError(OpdError):
-    """Raised when a step produced NaN/inf; the optimizer step is not taken."""
+    """Raised when a step produced NaN/inf; the optimizer step is not taken.
+
+    `metrics` holds the offending loss and gradient norm (for the collapse monitor's ``nan`` alarm).
+    """
+
+    def __init__(self, message: str, metrics: dict[str, float] | None = None):
+        super().__init__(message)
+        self.metrics = metrics or {}
 
 
 def lr_lambda(schedule: str, total_steps: int, warmup: int, min_ratio: float):
@@ -100,6 +108,12 @@ class OPDTrainer:
         self.run_dir = Path(cfg.run_dir)
         self.start_step = 0
         self.last_checkpoint: Path | None = None
+        # Collapse alarms (opd.alarms). A checkpoint saved after step s holds the weights that step s+1's
+        # rollouts and metrics measure, so it only counts as good once step s+1 came out clean.
+        self.monitor = CollapseMonitor(cfg.alarms)
+        self.last_good_checkpoint: Path | None = None
+        self._unjudged_checkpoint: Path | None = None
+        self._checkpoint_deferred = False
 
     # ------------------------------------------------------------------------------------------------
     # set-up
@@ -215,6 +229,11 @@ class OPDTrainer:
             self.start_step = int(state["step"])
             self.cursor.load_state_dict(state["cursor"])
             self.last_checkpoint = latest
+            if "alarms" in state:  # older checkpoints have none: the baselines are learnt again
+                self.monitor.load_state_dict(state["alarms"])
+            good = state.get("last_good_checkpoint")
+            self.last_good_checkpoint = ckpt.checkpoint_dir(self.run_dir) / good if good else None
+            self._unjudged_checkpoint = latest
             resume_step = self.start_step
             self.log(f"resumed from {latest} at step {self.start_step}")
 
@@ -378,7 +397,8 @@ class OPDTrainer:
         if not (math.isfinite(loss_total) and math.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLossError(
-                f"non-finite loss ({loss_total}) or grad norm ({grad_norm}) at step {step}"
+                f"non-finite loss ({loss_total}) or grad norm ({grad_norm}) at step {step}",
+                {"loss": loss_total, "grad_norm": grad_norm},
             )
         self.optimizer.step()
         self.scheduler.step()
@@ -428,10 +448,14 @@ class OPDTrainer:
         if self.acc.is_main_process:
             path = ckpt.save_checkpoint(
                 self.run_dir, step, model=self._unwrapped(), optimizer=self.optimizer, scheduler=self.scheduler,
-                state={"cursor": self.cursor.state_dict(), "seed": self.cfg.seed, "total_steps": self.total_steps},
+                state={"cursor": self.cursor.state_dict(), "seed": self.cfg.seed, "total_steps": self.total_steps,
+                       "alarms": self.monitor.state_dict(),
+                       "last_good_checkpoint": self.last_good_checkpoint.name if self.last_good_checkpoint else None},
                 keep=self.cfg.keep_checkpoints,
             )  # fmt: skip
-            self.last_checkpoint = path
+        path = path or ckpt.checkpoint_dir(self.run_dir) / f"{ckpt.PREFIX}{step:08d}"
+        self.last_checkpoint = path
+        self._unjudged_checkpoint = path
         self.acc.wait_for_everyone()
         return path
 
@@ -473,8 +497,83 @@ class OPDTrainer:
         self.acc.wait_for_everyone()
         return metrics
 
+    # ------------------------------------------------------------------------------------------------
+    # collapse alarms
+
+    def _watch(self, step: int, metrics: dict[str, float]) -> tuple[bool, bool]:
+        """Feed the collapse monitor one step; log its alarms; judge the checkpoint written before it.
+
+        Returns (this step alarmed, a collapse was declared at this step). Every process runs the
+        monitor on the same reduced metrics; the decisions are still taken from the main process
+        (broadcast) so no rank can take another branch on a rounding difference.
+        """
+        alarms = self.monitor.update(step, metrics)
+        alarming, declared = self.monitor.alarming, self.monitor.declared
+        if self.acc.num_processes > 1:
+            from accelerate.utils import broadcast
+
+            flags = torch.tensor([float(alarming), float(declared)], device=self.acc.device)
+            flags = broadcast(flags, from_process=0).cpu()
+            alarming, declared = bool(flags[0]), bool(flags[1])
+        for a in alarms:
+            self._log_alarm(a)
+        if self._unjudged_checkpoint is not None:
+            # Its weights produced this step's rollouts: clean metrics vouch for it, alarms condemn it.
+            if not alarming:
+                self.last_good_checkpoint = self._unjudged_checkpoint
+            self._unjudged_checkpoint = None
+        return alarming, declared
+
+    def _log_alarm(self, alarm: Alarm) -> None:
+        row = alarm.to_dict()
+        del row["step"]
+        self.metrics.log(alarm.step, {"kind": "alarm", **row, "collapsed": self.monitor.collapsed})
+        self.log(f"[yellow]alarm:[/] step {alarm.step} {alarm.signal}: {alarm.message}")
+
+    def _good_checkpoint_text(self) -> str:
+        good = self.last_good_checkpoint
+        if good is not None and good.is_dir():
+            return str(good)
+        if good is not None:
+            return (
+                f"none left ({good.name} was rotated away by keep_checkpoints={self.cfg.keep_checkpoints}; "
+                "keep at least 2 to always hold one from before the alarms)"
+            )
+        if self.last_checkpoint is not None:
+            return (
+                f"none verified ({self.last_checkpoint} holds the weights whose rollouts raised the alarms; "
+                "restart from the base model or use it with care)"
+            )
+        return "none (no checkpoint was written before the alarms)"
+
+    def _collapse(self, step: int) -> None:
+        """A collapse was declared at `step`: stop (CollapseError) or, without stop_on_collapse, say so."""
+        reason = self.monitor.reason or f"collapse at step {step}"
+        where = self._good_checkpoint_text()
+        if self.cfg.stop_on_collapse:
+            good = self.last_good_checkpoint
+            raise CollapseError(
+                f"training stopped on a {reason}; the collapsed weights were not saved; "
+                f"last good checkpoint: {where}",
+                step=step,
+                signal=self.monitor.collapse_signal or NAN,
+                checkpoint=str(good) if good is not None and good.is_dir() else None,
+            )
+        self.log(
+            f"[red]collapse:[/] {reason}; continuing because stop_on_collapse is false; "
+            f"last good checkpoint: {where}"
+        )
+
+    # ------------------------------------------------------------------------------------------------
+
     def train(self, on_step: Any = None) -> list[dict[str, float]]:
-        """Run from start_step to total_steps; returns the metrics of the steps run."""
+        """Run from start_step to total_steps; returns the metrics of the steps run.
+
+        Raises NonFiniteLossError on a non-finite step (``stop_on_nan``) and CollapseError when the
+        collapse alarms declare a collapse (``stop_on_collapse``); neither writes a checkpoint of the
+        damaged weights. Periodic checkpoints due on an alarming step are deferred to the next clean
+        step, so rotation (``keep_checkpoints``) never evicts the last good one for a suspect one.
+        """
         history = []
         samples_path = self.run_dir / "samples.jsonl"
         evaluator = self._evaluator()
@@ -485,12 +584,16 @@ class OPDTrainer:
                 try:
                     result = self.train_step(step)
                 except NonFiniteLossError as exc:
+                    _, declared = self._watch(step, exc.metrics or {"loss": math.nan})
                     if self.cfg.stop_on_nan:
                         where = self.last_checkpoint or "none (no checkpoint was written yet)"
                         raise NonFiniteLossError(f"{exc}; stopped, last good checkpoint: {where}") from None
                     self.log(f"[yellow]warning:[/] {exc}; step skipped (stop_on_nan is false)")
+                    if declared:
+                        self._collapse(step)
                     continue
                 self.metrics.log(step, result.metrics)
+                alarming, declared = self._watch(step, result.metrics)
                 if self.acc.is_main_process and result.samples:
                     with open(samples_path, "a") as fh:
                         for s in result.samples:
@@ -498,10 +601,20 @@ class OPDTrainer:
                 history.append(result.metrics)
                 if on_step is not None:
                     on_step(step, result.metrics)
+                if declared:
+                    self._collapse(step)
                 if evaluator is not None and (step % self.cfg.eval.every == 0 or step == self.total_steps):
                     self.evaluate(evaluator, step)
-                if step % self.cfg.checkpoint_every == 0 or step == self.total_steps:
+                due = step % self.cfg.checkpoint_every == 0 or self._checkpoint_deferred
+                if step == self.total_steps or (due and not alarming):
                     self.save(step)
+                    self._checkpoint_deferred = False
+                elif due:
+                    if not self._checkpoint_deferred:
+                        self.log(
+                            f"[yellow]note:[/] checkpoint of step {step} deferred until a step without alarms"
+                        )
+                    self._checkpoint_deferred = True
             if self.cfg.save_final:
                 self.save_final()
         finally:

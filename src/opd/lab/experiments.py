@@ -661,6 +661,39 @@ def verdict_long_horizon(d: ExperimentData) -> list[Verdict]:
     return out
 
 
+C9A = Claim("9a", "findings 1-2 (opd doctor)", "Whether OPD will work is visible before training: `opd doctor`'s "
+            "verdict for each teacher, from forward passes and sampling only, matches what OPD then did.")  # fmt: skip
+
+DOCTOR_WORKED_RECOVERY = 0.30
+"""Gap recovery at or above which an OPD run counts as "worked" when judging the doctor (the paper's working
+teachers recovered 58.6% and its failing same-pipeline teacher 15.6%)."""
+
+
+def opd_worked(d: ExperimentData, arm: str) -> bool:
+    """Did OPD with this arm's teacher work: a real gap-level gain and at least 30% gap recovery."""
+    g, r = d.get(arm, "gap_delta"), d.get(arm, "gap_recovery")
+    return gain(g, MIN_GAIN) and r.n > 0 and r.mean >= DOCTOR_WORKED_RECOVERY
+
+
+def verdict_doctor(d: ExperimentData) -> list[Verdict]:
+    arms = [a.name for a in d.spec.arms if d.has(a.name)]
+    probe = (d.probe or {}).get("teachers", {})
+    if not arms or not probe:
+        return [_not_run(C9A, *[a.name for a in d.spec.arms])]
+    parts, hits = [], 0
+    for arm in arms:
+        teacher = d.spec.arm(arm).teacher.split(":", 1)[-1]
+        code = probe.get(teacher, {}).get("verdict", {}).get("code", "missing")
+        worked = opd_worked(d, arm)
+        match = (code == "go") == worked
+        hits += match
+        parts.append(f"{teacher}: doctor '{code}', OPD {'worked' if worked else 'did not work'} (gap recovery "
+                     f"{_pct(d.get(arm, 'gap_recovery'))}%, change {_pct(d.get(arm, 'gap_delta'))} pts) "
+                     f"{'match' if match else 'MISMATCH'}")  # fmt: skip
+    status = "reproduced" if hits == len(arms) else ("partly" if hits else "not reproduced")
+    return [Verdict(C9A, status, "; ".join(parts))]
+
+
 GAP_MIX = {2: 0.15, 3: 0.15, 4: 0.7}
 """OPD prompts of the forward experiments: mostly the gap level, plus easy levels so destruction shows."""
 NOVEL_MIX = {2: 0.1, 3: 0.1, 4: 0.4, 5: 0.4}
@@ -908,6 +941,30 @@ EXPERIMENTS: dict[str, ExperimentSpec] = {
                 "overlap_ratio/bin2_final",
                 "entropy_student/bin0_final",
                 "entropy_student/bin2_final",
+            ),
+        ),  # fmt: skip
+        ExperimentSpec(
+            name="doctor",
+            title="9. opd doctor before training vs what OPD did",
+            description="`opd doctor` on lab:student with the three teachers (gap-level held-out problems, top-4, "
+            "forward passes and sampling only), against the OPD runs of experiments 1-2 (reused, not "
+            "trained again): does the verdict predict the outcome?",
+            arms=(
+                ArmSpec("novel", LAB_STUDENT, NOVEL, "novel (teacher_novel)"),
+                ArmSpec("big", LAB_STUDENT, BIG, "same-pipeline big (teacher_big)"),
+                ArmSpec("incompatible", LAB_STUDENT, INCOMPAT, "incompatible (teacher_incompatible)"),
+            ),
+            claims=(C9A,),
+            verdict=verdict_doctor,
+            probe="doctor",
+            probe_args={"student": LAB_STUDENT, "teachers": (NOVEL, BIG, INCOMPAT), "n_prompts": 64},
+            headline=(
+                "gap_before",
+                "gap_after",
+                "gap_teacher",
+                "gap_recovery",
+                "gap_delta",
+                "overlap_ratio_initial",
             ),
         ),  # fmt: skip
     )

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -143,7 +144,7 @@ def summarize(
                 for a in spec.arms
             },  # fmt: skip
             "per_level": per_level,
-            "probe": {k: v for k, v in (probe or {}).items() if k != "fingerprint"} or None,
+            "probe": {k: v for k, v in (probe or {}).items() if k not in ("fingerprint", "config")} or None,
             "verdicts": [v.to_json() for v in verdicts],
             "wall_time_s": sum(float(r.get("wall_time_s") or 0) for r in results if not r.get("reused_from")),
         }
@@ -153,6 +154,27 @@ def summarize(
 def _complete(spec: ExperimentSpec, results: Sequence[dict[str, Any]]) -> bool:
     have = {(r.get("arm"), int(r.get("seed", 0))) for r in results}
     return all((a.name, s) in have for a in spec.arms for s in spec.seeds)
+
+
+def _doctor_rows(probe: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """One row per teacher of an `opd doctor` result: the numbers the verdict used, and the verdict."""
+    template = probe.get("recommended_template", "raw")
+
+    def f(x: Any, pct: bool = False) -> str:
+        if not isinstance(x, (int, float)) or not math.isfinite(x):
+            return "–"
+        return f"{100 * x:.1f}" if pct else f"{x:.3f}"
+
+    header = ["teacher", "overlap ratio", "overlap mass (teacher)", "overlap-token adv.", "entropy gap",
+              "student acc %", "teacher acc %", "teacher-only %", "cont. adv. @25% (pts)", "verdict"]  # fmt: skip
+    rows = []
+    for name, t in probe["teachers"].items():
+        m = t["by_template"][template]
+        rows.append([name, f(m.get("overlap_ratio")), f(m.get("overlap_mass_teacher")),
+                     f(m.get("overlap_token_advantage")), f(m.get("entropy_gap")), f(m.get("student_acc"), True),
+                     f(m.get("teacher_acc"), True), f(m.get("teacher_only_share"), True),
+                     f(m.get("continuation_advantage@0.25"), True), t["verdict"]["code"]])  # fmt: skip
+    return header, rows
 
 
 def write_summary(spec: ExperimentSpec, runs: str | Path) -> dict[str, Any]:
@@ -388,7 +410,12 @@ def build_report(
         header, rows = _per_level_table(s)
         if rows:
             blocks.append(Block("table", header=header, rows=rows))
-        if s.get("probe"):
+        if s.get("probe") and "teachers" in s["probe"]:  # an `opd doctor` result
+            header, rows = _doctor_rows(s["probe"])
+            blocks.append(Block("p", "opd doctor before training (full report: "
+                                f"{s['experiment']}/doctor/report.md):"))  # fmt: skip
+            blocks.append(Block("table", header=header, rows=rows))
+        elif s.get("probe"):
             p = s["probe"]
             blocks.append(Block("p", "Probe: " + ", ".join(
                 f"{k} = {v:.4g}" if isinstance(v, float) else f"{k} = {v}" for k, v in p.items())))  # fmt: skip

@@ -611,7 +611,7 @@ class LabRunner:
             model.save_pretrained(run_dir / "final", safe_serialization=True)
             trainer.tokenizer.save_pretrained(run_dir / "final")
         rows = read_metrics(run_dir / "opd")
-        train_rows = [r for r in rows if r.get("kind", "train") != "eval"]
+        train_rows = [r for r in rows if r.get("kind", "train") == "train"]  # not eval rows, not alarms
         eval_rows = [r for r in rows if r.get("kind") == "eval"]
         shutil.rmtree(run_dir / "opd" / "checkpoints", ignore_errors=True)
         del trainer, model
@@ -752,6 +752,8 @@ class LabRunner:
         """The experiment's extra measurement, cached in <exp>/probe.json by its inputs."""
         if spec.probe is None:
             return None
+        if spec.probe == "doctor":
+            return self._doctor_probe(spec)
         if spec.probe != "teacher_pair":
             raise ValueError(f"unknown probe {spec.probe!r}")
         a = spec.probe_args
@@ -768,6 +770,36 @@ class LabRunner:
                                  files=[self.zoo.eval_files[lv] for lv in levels], n=int(a.get("n", 64)))  # fmt: skip
         res.update({"fingerprint": fp, "models": {k: a[k] for k in ("student", "teacher_a", "teacher_b")},
                     "levels": list(levels)})  # fmt: skip
+        _atomic_write_json(path, _finite(res))
+        return res
+
+    def _doctor_probe(self, spec: ExperimentSpec) -> dict[str, Any]:
+        """`opd doctor` (the same `run_doctor` the command runs) on the gap level, cached by its inputs."""
+        from opd.doctor import DoctorConfig, run_doctor
+        from opd.lab.world import MAX_NEW_TOKENS
+
+        a = spec.probe_args
+        student = self.zoo.resolve(a["student"])
+        teachers = [self.zoo.resolve(t) for t in a["teachers"]]
+        cfg = DoctorConfig(
+            student=student, teachers=teachers, prompts=str(self.zoo.eval_files[self.zoo.gap_level]),
+            n_prompts=int(a.get("n_prompts", 64)), samples=4, teacher_samples=4, templates=["raw"],
+            max_new_tokens=int(a.get("max_new_tokens", MAX_NEW_TOKENS)), k=4, depths=[0.25, 0.5, 0.75],
+            continuation_rollouts=32, verifier="opd.lab.world:LabVerifier", out=str(self.out_root / spec.name / "doctor"),
+        )  # fmt: skip
+        fp = _fingerprint(
+            {"d": [self._digest(p) for p in (student, *teachers)], "cfg": cfg.model_dump(mode="json")}
+        )
+        path = self.out_root / spec.name / PROBE
+        cached = load_result(path)
+        if cached is not None and cached.get("fingerprint") == fp and not self.force:
+            return cached
+        self.reporter.message(f"  probe: opd doctor on {a['student']} with {', '.join(a['teachers'])}")
+        res = run_doctor(cfg)
+        from opd.doctor_report import write_doctor_report
+
+        write_doctor_report(res, cfg.out)
+        res["fingerprint"] = fp
         _atomic_write_json(path, _finite(res))
         return res
 
