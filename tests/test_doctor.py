@@ -165,3 +165,32 @@ def test_doctor_refuses_missing_inputs() -> None:
 
     with pytest.raises(ConfigError, match="--teacher"):
         run_doctor(DoctorConfig(student="x", prompts="p"))
+
+
+# The lab's measured truth (opd lab run thinking_patterns novelty_vs_scale, 3 seeds, 80 steps): OPD toward
+# teacher_novel recovered 71.9 ± 4.4% of the gap, toward teacher_big 78.4 ± 4.7%, toward
+# teacher_incompatible it destroyed the student (gap level 49% -> 0%). The doctor, before any training,
+# must call the first two "go" and the third "incompatible".
+LAB_TRUTH = {"teacher_novel": "go", "teacher_big": "go", "teacher_incompatible": "incompatible"}
+
+
+def test_doctor_verdicts_match_the_lab_outcomes(tmp_path: Path) -> None:
+    from opd.errors import ModelError
+    from opd.lab.zoo import GAP_LEVEL, ZOO_NAMES, eval_prompt_path, zoo_path
+
+    try:
+        paths = {n: str(zoo_path(n)) for n in ZOO_NAMES}
+    except ModelError as exc:
+        pytest.skip(f"lab zoo not built: {exc}")
+    cfg = DoctorConfig(
+        student=paths["student"], teachers=[paths[n] for n in LAB_TRUTH], prompts=str(eval_prompt_path(GAP_LEVEL)),
+        templates=["raw"], n_prompts=32, samples=4, teacher_samples=2, max_new_tokens=96, k=4, depths=[0.25],
+        continuation_rollouts=8, verifier="opd.lab.world:LabVerifier", out=str(tmp_path),
+    )  # fmt: skip
+    res = run_doctor(cfg)
+    got = {n: t["verdict"]["code"] for n, t in res["teachers"].items()}
+    assert got == LAB_TRUTH, {n: t["verdict"]["reasons"] for n, t in res["teachers"].items()}
+    inc = res["teachers"]["teacher_incompatible"]["by_template"]["raw"]
+    novel = res["teachers"]["teacher_novel"]["by_template"]["raw"]
+    assert inc["overlap_mass_teacher"] < 0.7 < 0.95 < novel["overlap_mass_teacher"]
+    assert novel["accuracy_gap"] > 0.3 and novel["continuation_advantage@0.25"] > 0.3

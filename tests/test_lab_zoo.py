@@ -101,6 +101,14 @@ def test_shipped_zoo_has_the_intended_structure(manifest: dict) -> None:
     assert _acc(manifest, "teacher_novel", hard) >= 0.5
     novel = manifest["models"]["teacher_novel"]["accuracy"]["greedy"][str(gap)]
     assert novel["format_A"] >= 0.5 and novel["format_B"] == 0.0
+    # The same-pipeline big teacher: more parameters, the student's data mix, higher scores where the
+    # student has support (the gap level), nothing on the level neither has seen (no new capability).
+    big = manifest["models"]["teacher_big"]
+    assert big["train"]["params"] > 2 * manifest["models"]["student"]["train"]["params"]
+    assert big["spec"]["mix"] == manifest["models"]["student"]["spec"]["mix"]
+    assert _acc(manifest, "teacher_big", gap) >= _acc(manifest, "student", gap) + 0.1
+    assert _acc(manifest, "teacher_big", hard) <= 0.05
+    assert big["accuracy"]["greedy"][str(gap)]["format_B"] == 0.0
     # The incompatible teacher is strong on hard levels, in pattern B only.
     inc = manifest["models"]["teacher_incompatible"]["accuracy"]["greedy"]
     assert inc[str(gap)]["acc"] >= _acc(manifest, "student", gap) + 0.2

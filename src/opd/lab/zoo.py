@@ -10,8 +10,10 @@ load), by teacher-forced cross-entropy on ``prompt + solution + EOS`` with the p
   no usable OPD signal: lab-notes), and never on the hardest level.
 * ``teacher_novel``: the student's own checkpoint trained further on the hard levels (pattern A): a
   compatible descendant with new capability, like an RL-post-trained model.
-* ``teacher_big``: same pipeline and data as the student, but wider and deeper: higher scores where the
-  student is already good, and on the gap level only what scale alone gives.
+* ``teacher_big``: same pipeline and data mix as the student, but 3x the parameters and trained longer:
+  higher scores where the student has support (the gap level, seen in 2% of its batches), nothing on
+  the level neither has seen. (A first build with the student's step count scored below the student on
+  the gap level: undertrained, so "higher scores" did not hold; 1500 steps fixed that.)
 * ``teacher_incompatible``: pattern B from scratch on all levels: strong, but the other thinking pattern.
 
 Each model is saved with ``save_pretrained`` (safetensors) plus its tokenizer in
@@ -132,14 +134,15 @@ SPECS: dict[str, ModelSpec] = {
             name="teacher_big",
             pattern="A",
             mix={2: 0.55, 3: 0.43, 4: 0.02},
-            steps=900,
+            steps=1500,
             lr=2e-3,
             seed=3,
-            hidden=128,
+            hidden=96,
             layers=4,
             heads=4,
-            ffn=512,
-            note="bigger model, the student's data and steps only (no new capability)",
+            ffn=384,
+            note="bigger model (3x the parameters) trained longer on the student's data mix: higher "
+            "scores where the student has support, no level the student never saw (no new capability)",
         ),
         ModelSpec(
             name="teacher_incompatible",
