@@ -72,6 +72,10 @@ class DoctorThresholds(BaseModel):
     min_novel_share: float = Field(
         0.1, ge=0.0, le=1.0, description="share of problems the teacher solves and the student does not"
     )
+    max_truncation: float = Field(
+        0.2, ge=0.0, le=1.0, description="truncated share of rollouts above which accuracy-based numbers are "
+        "flagged unreliable",
+    )  # fmt: skip
     indistinguishable_overlap: float = Field(
         0.9, ge=0.0, le=1.0, description="teacher-vs-teacher overlap ratio above which (with low KL) two "
         "teachers look the same from the student's states",
@@ -455,6 +459,10 @@ def run_doctor(
                         )
                 advance(len(records) * cfg.teacher_samples, f"{template}: teacher {name} samples")
                 m.update(novelty_stats(by_problem_s, by_problem_t))
+                n_t = sum(len(r) for r in t_rolls)
+                m["teacher_truncation_rate"] = sum(float(r.truncated.float().sum()) for r in t_rolls) / max(
+                    n_t, 1
+                )
             elif has_answers:
                 m["student_acc"] = tmpl["student_acc"]
             reports[name].by_template[template] = m
@@ -546,6 +554,13 @@ def run_doctor(
             "verdict": reports[name].verdict.to_json(),
         }
     flags = []
+    for template, info in result["templates"].items():
+        worst = max([info["truncation_rate"]] + [reports[n].by_template[template].get("teacher_truncation_rate", 0.0)
+                                                  for n in names])  # fmt: skip
+        if has_answers and worst > th.max_truncation:
+            flags.append(f"template {template}: {worst:.0%} of the rollouts hit the {cfg.max_new_tokens}-token budget "
+                         "(no stop token), so accuracies, novelty and continuation advantage there are unreliable; "
+                         "raise --max-new-tokens or ask for shorter answers")  # fmt: skip
     for key, d in result["pairs"].get(best, {}).items():
         a, b = key.split("|")
         kl = max(d.get("reverse_kl", math.inf), d.get("forward_kl", math.inf))
