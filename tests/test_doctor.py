@@ -33,6 +33,8 @@ def test_novelty_stats_by_hand() -> None:
     assert out["teacher_only_share"] == pytest.approx(2 / 4)
     assert out["student_only_share"] == 0.0
     assert out["problems"] == 4
+    se = math.sqrt(s_acc * (1 - s_acc) / 10 + t_acc * (1 - t_acc) / 10)  # 10 samples on each side
+    assert out["accuracy_gap_se"] == pytest.approx(se)
 
 
 def test_novelty_stats_skips_problems_without_samples() -> None:
@@ -63,6 +65,7 @@ def _m(**kw: float) -> dict[str, float]:
         (_m(overlap_token_advantage=-0.43), "incompatible"),
         (_m(), "compatible_unknown_novelty"),
         (_m(student_acc=0.5, teacher_acc=0.45, accuracy_gap=-0.05, teacher_only_share=0.0), "weak_teacher"),
+        (_m(student_acc=0.5, teacher_acc=0.45, accuracy_gap=-0.05, teacher_only_share=0.3), "weak_teacher"),
         (_m(student_acc=0.5, teacher_acc=0.55, accuracy_gap=0.05, teacher_only_share=0.05), "no_gain"),
         (_m(student_acc=0.5, teacher_acc=0.55, accuracy_gap=0.05, teacher_only_share=0.2), "go"),
         (_m(student_acc=0.3, teacher_acc=0.9, accuracy_gap=0.6, teacher_only_share=0.6), "go"),
@@ -113,6 +116,9 @@ def test_doctor_on_the_tiny_pair_end_to_end(tmp_path: Path) -> None:
     pair = res["pairs"]["raw"]["teacher|student"]
     assert pair["overlap_ratio"] == pytest.approx(other["overlap_ratio"])
     assert any("hit the 8-token budget" in f for f in res["flags"])  # random tiny models never stop
+    best = res["recommended_template"]
+    if any(f.startswith(f"template {best}:") for f in res["flags"]):
+        assert res["teachers"]["teacher"]["verdict"]["reliable"] is False
     files = write_doctor_report(res, cfg.out)
     data = json.loads(files["json"].read_text())  # strict JSON: no NaN
     assert data["teachers"]["student"]["verdict"]["code"] == "identical"

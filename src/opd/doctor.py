@@ -156,7 +156,12 @@ def novelty_stats(
         return sum(r) * 2 > len(r)
 
     s_acc, t_acc = acc([s for s, _ in pairs]), acc([t for _, t in pairs])
+    n_s, n_t = sum(len(s) for s, _ in pairs), sum(len(t) for _, t in pairs)
+    # Binomial standard error of the difference of the two sample means: a guide to how much of the
+    # gap a small doctor run can resolve (problems are not independent of samples; this ignores that).
+    se = math.sqrt(s_acc * (1 - s_acc) / n_s + t_acc * (1 - t_acc) / n_t)
     return {
+        "accuracy_gap_se": se,
         "student_acc": s_acc,
         "teacher_acc": t_acc,
         "accuracy_gap": t_acc - s_acc,
@@ -200,9 +205,11 @@ def verdict(m: dict[str, float], th: DoctorThresholds) -> DoctorVerdict:
        the overlap-token advantage is very negative (the paper's failing pairs; the lab's pattern-B
        teacher). Cold start (recipe A) first, or another teacher.
     3. without answers, novelty is unknown.
-    4. teacher not better than the student (accuracy gap below the threshold and few teacher-only
-       problems): compatible but nothing to learn, expect little gain.
-    5. otherwise: compatible, brings capability the student lacks: go.
+    4. teacher not more accurate than the student on average: weak teacher, whatever the share of
+       problems only it solves (those are then balanced by problems only the student solves).
+    5. accuracy gap below the threshold and few teacher-only problems: compatible but nothing to learn,
+       expect little gain.
+    6. otherwise: compatible, brings capability the student lacks: go.
     """
     rkl = m.get("reverse_kl", math.nan)
     mass_t = m.get("overlap_mass_teacher", math.nan)
@@ -231,7 +238,9 @@ def verdict(m: dict[str, float], th: DoctorThresholds) -> DoctorVerdict:
         return DoctorVerdict("compatible_unknown_novelty", "compatible; novelty not measured (no answers to check)",
                        reasons, "add an `answer` field to the prompts to measure whether the teacher brings "
                        "new capability, then train if it does")  # fmt: skip
-    nov = (f"accuracy student {m['student_acc']:.3f} vs teacher {m['teacher_acc']:.3f} (gap {gap:+.3f}); "
+    se = m.get("accuracy_gap_se", math.nan)
+    nov = (f"accuracy student {m['student_acc']:.3f} vs teacher {m['teacher_acc']:.3f} (gap {gap:+.3f} ± {se:.3f} "
+           "s.e.); "
            f"teacher-only problems {share:.3f}")  # fmt: skip
     cont = [
         v for key, v in sorted(m.items()) if key.startswith("continuation_advantage@") and math.isfinite(v)
@@ -239,7 +248,7 @@ def verdict(m: dict[str, float], th: DoctorThresholds) -> DoctorVerdict:
     if cont:
         nov += f"; continuation advantage {', '.join(f'{v:+.3f}' for v in cont)} (shallow to deep)"
     reasons.append(nov)
-    if gap <= 0 and share < th.min_novel_share:
+    if gap <= 0:
         return DoctorVerdict("weak_teacher", "compatible, but the teacher is not better than the student here",
                        reasons, "pick a stronger teacher, or prompts where the teacher is ahead")  # fmt: skip
     if gap < th.min_accuracy_gap and share < th.min_novel_share:
@@ -568,6 +577,11 @@ def run_doctor(
             flags.append(f"{a} and {b} are indistinguishable at the student's states (overlap ratio "
                          f"{d['overlap_ratio']:.3f}, KL {kl:.4f}): they give the student nearly the same signal")  # fmt: skip
     result["flags"] = flags
+    for name in names:
+        notes = [f for f in flags if f.startswith(f"template {best}:")]
+        result["teachers"][name]["verdict"]["reliable"] = not notes
+        if notes:
+            result["teachers"][name]["verdict"]["reasons"].append("caution: " + notes[0])
     result["config"] = cfg.model_dump()
     result["seconds"] = round(time.perf_counter() - t0, 1)
     result["k"] = cfg.k
