@@ -353,3 +353,13 @@ def test_read_metrics_skips_a_torn_last_line_only(tmp_path: Path) -> None:
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "lo\n{"step": 2, "loss": 1.0}\n')
     with pytest.raises(OpdError, match="metrics.jsonl:1"):
         read_metrics(tmp_path)
+
+
+def test_falling_accuracy_reads_as_failing_even_when_alignment_improves(tmp_path):
+    """The lab's incompatible pair: overlap rises, entropy gap shrinks, and held-out accuracy collapses."""
+    rows = [{"step": 0, "kind": "eval", "eval/avg@1": 0.51}]
+    rows += [_improving_row(s) for s in range(1, N + 1)]
+    rows.append({"step": N, "kind": "eval", "eval/avg@1": 0.0})
+    sig = success_signals(load_run(_write_run(tmp_path / "bad", rows)))
+    assert sig["verdict"] == "failing"
+    assert "0.51 -> 0" in sig["reading"] and "opd doctor" in sig["reading"]

@@ -83,6 +83,8 @@ SIGNAL_METRICS: tuple[str, ...] = (
 EDGE_FRACTION = 0.10
 # A trend is only read from at least this many training steps; fewer give numbers but no verdict.
 MIN_STEPS_FOR_READING = 5
+EVAL_DROP = 0.05
+"""A fall of held-out accuracy (first to last in-loop eval, absolute) that overrides the alignment reading."""
 # The three alignment metrics whose direction the paper reads (§3.3), with the good direction:
 # "up" = should rise, "to0" = magnitude should shrink toward 0, "down" = should shrink.
 ALIGNMENT_METRICS: dict[str, str] = {
@@ -419,7 +421,7 @@ def success_signals(run: RunData) -> dict[str, Any]:
 
     Returns ``{"n_steps", "metrics": {name: {initial, final, change, slope, n}}, "trends": {alignment
     metric: better|worse|flat|n/a}, "outcome": first and last eval/avg@k or None, "verdict":
-    improving|flat|degrading|mixed|too short|no data, "reading": str}``. A metric the run never logged has NaN numbers. The rule (brief §3.3): good runs
+    improving|flat|degrading|failing|mixed|too short|no data, "reading": str}``. A metric the run never logged has NaN numbers. The rule (brief §3.3): good runs
     show progressive alignment on high-probability tokens (overlap ratio rises, overlap-token
     advantage moves toward 0, entropy gap shrinks); failing runs are flat from the start with small
     loss and gradient norm; late collapse (long budgets) shows overlap falling and the gap growing.
@@ -458,6 +460,15 @@ def success_signals(run: RunData) -> dict[str, Any]:
         reading = (
             f"Only {n_steps} training step(s): too few to read a trend "
             f"(at least {MIN_STEPS_FOR_READING}); {levels}."
+        )
+    elif outcome is not None and outcome["last"] - outcome["first"] <= -EVAL_DROP:
+        verdict = "failing"
+        reading = (
+            f"Held-out accuracy fell ({outcome['key']} {_g(outcome['first'])} -> {_g(outcome['last'])}) whatever "
+            "the alignment metrics do: the student is being pulled toward tokens that do not solve the task. "
+            "Alignment can still look like it improves here, as with a teacher of another thinking pattern "
+            "replacing the student's own (the lab's incompatible pair). Check compatibility with `opd doctor`; "
+            f"cold start (recipe A) or another teacher. {levels}."
         )
     elif len(better) >= IMPROVING_MIN and not worse:
         verdict = "improving"
