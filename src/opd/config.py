@@ -75,6 +75,15 @@ class RolloutConfig(_Section):
     max_new_tokens: int = Field(256, ge=1, description="response budget (paper: 7168)")
     batch_size: int = Field(8, ge=1, description="prompts per generate call (each with all its rollouts)")
     stop_token_ids: list[int] = Field(default_factory=list, description="extra stop ids besides EOS")
+    backend: Literal["hf", "vllm"] = Field(
+        "hf", description="hf = transformers generate; vllm = a vLLM engine in the training process "
+        "(pip install 'opd[vllm]'), weights pushed after every optimizer step",
+    )  # fmt: skip
+    vllm_dtype: Literal["bfloat16", "float16", "float32"] = Field("bfloat16", description="vLLM engine dtype")
+    vllm_max_model_len: int | None = Field(
+        None, ge=1, description="vLLM context length; default: longest prompt + max_new_tokens"
+    )
+    vllm_kv_cache_gb: int = Field(2, ge=1, description="vLLM CPU KV-cache GiB (VLLM_CPU_KVCACHE_SPACE)")
 
 
 class LossConfig(_Section):

@@ -38,6 +38,9 @@ class Rollout:
     truncated: torch.Tensor  # [B] bool: no stop token within the budget
     prompt_index: list[int] = field(default_factory=list)  # record index of each row's prompt
     sampling: SamplingParams = SamplingParams()
+    # [B, T] log-probs of the sampled tokens as the generating engine computed them (vLLM); only a
+    # cross-check against the trainer's own log-probs, never used by the objective. None for HF.
+    engine_logprobs: torch.Tensor | None = None
 
     @property
     def prompt_len(self) -> int:
@@ -76,6 +79,7 @@ class Rollout:
             truncated=self.truncated[rows],
             prompt_index=self.prompt_index[rows],
             sampling=self.sampling,
+            engine_logprobs=None if self.engine_logprobs is None else self.engine_logprobs[rows, :last],
         )
 
 

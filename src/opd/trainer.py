@@ -208,7 +208,12 @@ class OPDTrainer:
         self.teacher = HFTeacher(freeze_teacher(teacher).to(acc.device))
         stop_ids = stop_ids_for(self.tokenizer, self._unwrapped(), cfg.rollout.stop_token_ids)
         self.stop_ids = stop_ids
-        self.generator = HFGenerator(self._unwrapped(), pad_id=self.tokenizer.pad_token_id, stop_ids=stop_ids)
+        if cfg.rollout.backend == "vllm":
+            self.generator = self._vllm_generator(stop_ids)
+        else:
+            self.generator = HFGenerator(
+                self._unwrapped(), pad_id=self.tokenizer.pad_token_id, stop_ids=stop_ids
+            )
         self.sampling = SamplingParams(
             temperature=cfg.rollout.temperature,
             top_p=cfg.rollout.top_p,
@@ -236,6 +241,8 @@ class OPDTrainer:
             self._unjudged_checkpoint = latest
             resume_step = self.start_step
             self.log(f"resumed from {latest} at step {self.start_step}")
+            if cfg.rollout.backend == "vllm":  # the engine loaded the base weights; give it the checkpoint's
+                self.generator.sync(self._unwrapped())
 
         if acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -258,6 +265,34 @@ class OPDTrainer:
             config=cfg.model_dump(mode="json"),
             resume_step=resume_step,
         )
+
+    def _vllm_generator(self, stop_ids: list[int]) -> Any:
+        """A vLLM engine on the student's directory (refusing what it cannot load or keep in sync)."""
+        from opd.vllm_backend import VLLMGenerator
+
+        cfg = self.cfg
+        path = Path(cfg.student.path)
+        if not (path / "config.json").is_file():
+            raise ConfigError(
+                f"rollout.backend vllm needs the student as a Hugging Face model directory (config.json + "
+                f"safetensors), got {cfg.student.path!r}; save it with save_pretrained, or use rollout.backend hf"
+            )
+        if cfg.student.lora.enabled:
+            raise ConfigError(
+                "rollout.backend vllm with student.lora.enabled is not supported yet (the engine would need "
+                "merged weights after every step); use rollout.backend hf for LoRA runs"
+            )
+        longest = max(len(p) for p in self.prompt_ids)
+        max_len = cfg.rollout.vllm_max_model_len or longest + cfg.rollout.max_new_tokens
+        if longest + cfg.rollout.max_new_tokens > max_len:
+            raise ConfigError(
+                f"rollout.vllm_max_model_len {max_len} < longest prompt ({longest}) + rollout.max_new_tokens "
+                f"({cfg.rollout.max_new_tokens}); raise it or leave it unset"
+            )
+        return VLLMGenerator(
+            str(path), pad_id=self.tokenizer.pad_token_id, stop_ids=stop_ids, dtype=cfg.rollout.vllm_dtype,
+            max_model_len=max_len, seed=cfg.seed, kv_cache_gb=cfg.rollout.vllm_kv_cache_gb,
+        )  # fmt: skip
 
     def _wrap_lora(self, model: torch.nn.Module) -> torch.nn.Module:
         try:
@@ -325,6 +360,8 @@ class OPDTrainer:
         loss_sum = torch.zeros((), dtype=torch.float64)
         reward_sum = torch.zeros((), dtype=torch.float64)
         best_adv = torch.tensor([-1.0, 0.0], dtype=torch.float64)  # (|adv|, p - q there)
+        engine_delta = torch.zeros(2, dtype=torch.float64)  # (sum |Δ logprob|, count) engine vs trainer
+        engine_delta_max = 0.0
         sums: dict[str, torch.Tensor] = {}
         t_teacher = 0.0
         t_update0 = time.perf_counter()
@@ -357,6 +394,17 @@ class OPDTrainer:
                         bin_len=cfg.rollout.max_new_tokens,
                     ),
                 )  # fmt: skip
+                if mb.engine_logprobs is not None and n_mb:
+                    sv = s_det[..., : self.vocab_size].float()
+                    lp = sv.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(sv, dim=-1)
+                    ok = mask & torch.isfinite(mb.engine_logprobs.to(device))
+                    d = (lp - mb.engine_logprobs.to(device)).abs()[ok].double().cpu()
+                    if d.numel():
+                        engine_delta += torch.stack(
+                            [d.sum(), torch.tensor(float(d.numel()), dtype=torch.float64)]
+                        )
+                        engine_delta_max = max(engine_delta_max, float(d.max()))
+                    del sv, lp
                 if n_mb:
                     st = signal_stats(
                         s_det, t_logits, tokens, mask, signal=lc.signal, k=lc.k, support=lc.support,
@@ -403,6 +451,7 @@ class OPDTrainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        t_sync = self.generator.sync(self._unwrapped()) if hasattr(self.generator, "sync") else None
         t_update = time.perf_counter() - t_update0 - t_teacher
         elapsed = time.perf_counter() - t0
 
@@ -426,6 +475,15 @@ class OPDTrainer:
             "time_update_s": t_update,
             "epoch": float(self.cursor.state_dict()["epoch"]),
         }
+        if t_sync is not None:
+            metrics["time_weight_sync_s"] = t_sync
+            ed = self._reduce(engine_delta)
+            if float(ed[1]) > 0:
+                metrics["engine_logprob_delta_mean"] = float(ed[0] / ed[1])
+                mx = torch.tensor([engine_delta_max], dtype=torch.float64)
+                metrics["engine_logprob_delta_max"] = float(
+                    acc.gather(mx.to(device)).max() if world > 1 else mx[0]
+                )
         metrics.update(finalize(sums))
         samples = []
         if acc.is_main_process and rollouts:
