@@ -259,3 +259,22 @@ def test_in_loop_evaluation_is_logged(pair, tmp_path):
     assert [r["step"] for r in evals] == [0, 2, 3]
     assert all("eval/avg@2" in r and "eval/pass@2" in r for r in evals)
     assert [r["step"] for r in rows if r.get("kind") != "eval"] == [1, 2, 3]
+
+
+def test_vllm_backend_errors_are_clear(tiny_pair, tmp_path) -> None:
+    """Without vLLM installed the error names the extra; with a GGUF/LoRA student it says what to do."""
+    import importlib.util
+
+    from opd.config import load_config
+    from opd.errors import ConfigError
+    from opd.trainer import OPDTrainer
+
+    base = ["--student.path", str(tiny_pair["student"]), "--teacher.path", str(tiny_pair["teacher"]),
+            "--data.prompts", str(tiny_pair["prompts"]), "--data.template", "raw", "--run_dir", str(tmp_path / "r"),
+            "--steps", "1", "--rollout.backend", "vllm", "--tracking.tensorboard", "false"]  # fmt: skip
+    lora = OPDTrainer(load_config(None, [*base, "--student.lora.enabled", "true"]))
+    with pytest.raises(ConfigError, match="lora"):
+        lora.setup()
+    if importlib.util.find_spec("vllm") is None:
+        with pytest.raises(ConfigError, match=r"opd\[vllm"):
+            OPDTrainer(load_config(None, base)).setup()
