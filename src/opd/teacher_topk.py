@@ -1,0 +1,121 @@
+"""OPD losses from a teacher that only returns its top-K log-probs (vLLM prompt logprobs, HTTP servers).
+
+Engine and remote teachers cannot return ``[B, T, V]`` logits: vLLM gives, at every position, the actual
+token's log-prob and the top-K (K <= 20 by default). That is exactly enough for two of the paper's
+objectives, with no approximation:
+
+- sampled-token: needs log q(y_t) of the sampled token only;
+- top-k on the TEACHER's support (k <= K): the support ids are the teacher's own top-k, Eq. 5
+  renormalises both models on it (renormalising log-probs equals renormalising logits), and the
+  released-code variant needs the un-renormalised log q on it, which the engine returns.
+
+Everything else (full vocabulary, the student's or the union/overlap support, teacher entropy) needs
+teacher log-probs at ids the engine did not return, so `check_sparse_objective` refuses it and names the
+alternatives. These functions mirror `opd.objectives` row by row and are tested against it on dense
+logits cut down to their top-K.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from opd.errors import ConfigError
+from opd.objectives import (
+    _safe_valid,
+    divergence_from_log_probs,
+    masked_positions,
+    support_advantage,
+    support_log_probs,
+    validate_objective,
+)
+
+__all__ = ["TeacherTopK", "check_sparse_objective", "sparse_per_token_loss", "topk_from_logits"]
+
+
+@dataclass
+class TeacherTopK:
+    """What a top-K teacher returns for a rollout: ``ids``/``logprobs`` ``[B, T, K]`` sorted by rank
+    (true full-vocabulary log-probs, not renormalised) and ``token_logprob`` ``[B, T]`` of the sampled
+    token (present even when it is outside the top-K)."""
+
+    ids: Tensor
+    logprobs: Tensor
+    token_logprob: Tensor
+
+    @property
+    def k(self) -> int:
+        return int(self.ids.shape[-1])
+
+
+def topk_from_logits(teacher_logits: Tensor, tokens: Tensor, k: int) -> TeacherTopK:
+    """The top-K view of dense teacher logits (what an engine would return), for tests and HF teachers."""
+    log_q = torch.log_softmax(teacher_logits.double() if teacher_logits.dtype == torch.float64 else
+                              teacher_logits.float(), dim=-1)  # fmt: skip
+    vals, ids = log_q.topk(min(k, log_q.shape[-1]), dim=-1)
+    return TeacherTopK(
+        ids=ids, logprobs=vals, token_logprob=log_q.gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1)
+    )
+
+
+def check_sparse_objective(signal: str, support: str, k: int, teacher_k: int) -> None:
+    """Refuse objectives a top-K teacher cannot serve, naming what would work instead."""
+    ok = (
+        "loss.signal sampled, or loss.signal topk with loss.support teacher and loss.k <= the teacher's top-K"
+    )
+    if signal == "full":
+        raise ConfigError(f"loss.signal full needs the teacher's full distribution, which a top-K teacher "
+                          f"(vLLM/HTTP) does not return; use {ok}")  # fmt: skip
+    if signal == "topk" and support != "teacher":
+        raise ConfigError(f"loss.support {support} needs teacher log-probs at the student's top-k ids, which a "
+                          f"top-K teacher does not return; use {ok}")  # fmt: skip
+    if signal == "topk" and k > teacher_k:
+        raise ConfigError(f"loss.k {k} > the teacher's top-K {teacher_k}; lower loss.k or raise the engine's "
+                          "logprob count (vLLM: --max-logprobs)")  # fmt: skip
+
+
+def sparse_per_token_loss(
+    student_logits: Tensor,
+    teacher: TeacherTopK,
+    response_tokens: Tensor,
+    mask: Tensor,
+    *,
+    signal: str,
+    divergence: str = "reverse_kl",
+    k: int = 16,
+    support: str = "teacher",
+    renorm: str = "both",
+    beta: float = 0.5,
+    vocab_size: int | None = None,
+) -> Tensor:
+    """Per-token loss ``[B, T]`` like `opd.objectives.per_token_loss`, from a top-K teacher."""
+    validate_objective(signal, divergence, support, renorm, beta, k)
+    check_sparse_objective(signal, support, k, teacher.k)
+    student = student_logits[..., :vocab_size] if vocab_size else student_logits
+    dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
+    b_idx, t_idx = masked_positions(mask)
+    s_rows = student[b_idx, t_idx].to(dtype)
+    lse = torch.logsumexp(s_rows, dim=-1, keepdim=True)
+    if signal == "sampled":
+        y = response_tokens.long()[b_idx, t_idx].unsqueeze(-1)
+        log_p_y = (s_rows.gather(-1, y) - lse).squeeze(-1)
+        reward = (teacher.token_logprob[b_idx, t_idx].to(dtype) - log_p_y).detach()
+        losses = -reward * log_p_y
+    else:
+        ids = teacher.ids[b_idx, t_idx, :k]
+        log_q_sel = teacher.logprobs[b_idx, t_idx, :k].to(dtype)
+        valid = torch.ones_like(ids, dtype=torch.bool)
+        if renorm == "weights":
+            log_p_sel = s_rows.gather(-1, ids) - lse
+            losses = -(support_advantage(log_p_sel, log_q_sel, valid) * log_p_sel).sum(-1)
+        else:
+            safe, nonempty = _safe_valid(valid)
+            log_p = support_log_probs(s_rows.gather(-1, ids), safe)
+            log_q = support_log_probs(log_q_sel, safe)
+            losses = torch.where(
+                nonempty, divergence_from_log_probs(log_p, log_q, divergence, beta, safe), 0.0
+            )
+    zeros = torch.zeros(student.shape[:2], dtype=dtype, device=student.device)
+    return zeros.index_put((b_idx, t_idx), losses)

@@ -1,0 +1,67 @@
+"""Losses from a top-K teacher equal the dense objectives they stand for (float64, values and gradients)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from opd.errors import ConfigError
+from opd.objectives import per_token_loss
+from opd.teacher_topk import check_sparse_objective, sparse_per_token_loss, topk_from_logits
+
+B, T, V, K = 3, 5, 40, 12
+
+
+def _inputs(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(B, T, V, generator=g, dtype=torch.float64) * 2
+    t = torch.randn(B, T, V, generator=g, dtype=torch.float64) * 2
+    y = torch.randint(0, V, (B, T), generator=g)
+    mask = torch.rand(B, T, generator=g) > 0.2
+    mask[0] = True
+    return s, t, y, mask
+
+
+CASES = [
+    {"signal": "sampled"},
+    {"signal": "topk", "support": "teacher", "k": 8, "renorm": "both", "divergence": "reverse_kl"},
+    {"signal": "topk", "support": "teacher", "k": 8, "renorm": "both", "divergence": "forward_kl"},
+    {"signal": "topk", "support": "teacher", "k": 12, "renorm": "both", "divergence": "jsd", "beta": 0.3},
+    {"signal": "topk", "support": "teacher", "k": 4, "renorm": "both", "divergence": "tvd"},
+    {"signal": "topk", "support": "teacher", "k": 8, "renorm": "weights"},
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(str(v) for v in c.values()))
+def test_sparse_loss_equals_dense_values_and_gradients(case: dict) -> None:
+    s, t, y, mask = _inputs()
+    kw = {"divergence": "reverse_kl", "k": 16, "support": "teacher", "renorm": "both", "beta": 0.5, **case}
+    s1 = s.clone().requires_grad_(True)
+    dense = per_token_loss(s1, t, y, mask, chunk_size=None, **kw)
+    dense.sum().backward()
+    s2 = s.clone().requires_grad_(True)
+    sparse = sparse_per_token_loss(s2, topk_from_logits(t, y, K), y, mask, **kw)
+    sparse.sum().backward()
+    assert torch.allclose(sparse, dense, atol=1e-12, rtol=1e-10)
+    assert torch.allclose(s2.grad, s1.grad, atol=1e-12, rtol=1e-10)
+    assert torch.all(sparse[~mask] == 0)
+
+
+def test_sampled_token_outside_the_teacher_topk_uses_its_own_logprob() -> None:
+    s, t, y, mask = _inputs(1)
+    top = topk_from_logits(t, y, 2)  # most sampled tokens are outside a top-2
+    outside = ~(top.ids == y.unsqueeze(-1)).any(-1)
+    assert outside[mask].any()
+    dense = per_token_loss(s, t, y, mask, signal="sampled", chunk_size=None)
+    assert torch.allclose(sparse_per_token_loss(s, top, y, mask, signal="sampled"), dense, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("signal", "support", "k", "match"),
+    [("full", "student", 16, "signal full"), ("topk", "student", 16, "support student"),
+     ("topk", "overlap", 16, "support overlap"), ("topk", "teacher", 32, "top-K 20")],
+)  # fmt: skip
+def test_impossible_objectives_are_refused_with_alternatives(signal, support, k, match) -> None:
+    with pytest.raises(ConfigError, match=match) as exc:
+        check_sparse_objective(signal, support, k, 20)
+    assert "sampled" in str(exc.value) or "loss.k" in str(exc.value)
