@@ -115,3 +115,22 @@ def test_trainer_with_vllm_rollouts(pair, tmp_path: Path) -> None:
         assert r["time_weight_sync_s"] >= 0
         assert r["engine_logprob_delta_mean"] < 1e-3  # fp32 engine, synced after every step
         assert r["engine_logprob_delta_max"] < 1e-2
+
+
+def test_vllm_teacher_topk_matches_hf_logits(engine, pair) -> None:
+    """The engine's prompt log-probs at the student's exact ids are the HF model's top-k (fp32 engine)."""
+    from opd.teacher_topk import topk_from_logits
+    from opd.vllm_backend import VLLMTeacher
+
+    gen, tok, model, _ = engine
+    roll = gen.generate(_prompts(tok), SamplingParams(temperature=1.0, max_new_tokens=10), 2, 7, [0, 1, 2])
+    teacher = VLLMTeacher(str(pair["student"]), k=8, dtype="float32", max_model_len=128, kv_cache_gb=1)
+    got = teacher.score_topk(roll)
+    with torch.no_grad():
+        ref = topk_from_logits(response_logits(model, roll), roll.response_ids, 8)
+    m = roll.response_mask
+    assert torch.equal(got.ids[m], ref.ids[m])
+    assert torch.allclose(got.logprobs[m], ref.logprobs[m].float(), atol=1e-3)
+    assert torch.allclose(got.token_logprob[m], ref.token_logprob[m].float(), atol=1e-3)
+    again = teacher.score_topk(roll)
+    assert torch.equal(again.logprobs[m], got.logprobs[m])  # deterministic
