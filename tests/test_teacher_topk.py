@@ -65,3 +65,20 @@ def test_impossible_objectives_are_refused_with_alternatives(signal, support, k,
     with pytest.raises(ConfigError, match=match) as exc:
         check_sparse_objective(signal, support, k, 20)
     assert "sampled" in str(exc.value) or "loss.k" in str(exc.value)
+
+
+@pytest.mark.parametrize("k", [1, 4, 8, 12])
+def test_sparse_diagnostics_equal_the_dense_ones(k: int) -> None:
+    from opd.diagnostics import finalize, token_diagnostics
+    from opd.teacher_topk import SPARSE_METRICS, sparse_diagnostic_sums
+
+    s, t, y, mask = _inputs(2)
+    # make the pair agree a lot so overlaps are large and varied (and some rows empty at k=1)
+    t = 0.6 * s + 0.4 * t
+    dense = token_diagnostics(s, t, mask, k=k)
+    sparse = finalize(sparse_diagnostic_sums(s, topk_from_logits(t, y, K), mask, k=k))
+    for key in SPARSE_METRICS:
+        assert sparse[key] == pytest.approx(dense[key], rel=1e-9, abs=1e-12), key
+    assert sparse["n_tokens"] == dense["n_tokens"]
+    with pytest.raises(ConfigError, match="diagnostics.k"):
+        sparse_diagnostic_sums(s, topk_from_logits(t, y, 4), mask, k=8)

@@ -32,7 +32,14 @@ from opd.objectives import (
     validate_objective,
 )
 
-__all__ = ["TeacherTopK", "check_sparse_objective", "sparse_per_token_loss", "topk_from_logits"]
+__all__ = [
+    "SPARSE_METRICS",
+    "TeacherTopK",
+    "check_sparse_objective",
+    "sparse_diagnostic_sums",
+    "sparse_per_token_loss",
+    "topk_from_logits",
+]
 
 
 @dataclass
@@ -119,3 +126,55 @@ def sparse_per_token_loss(
             )
     zeros = torch.zeros(student.shape[:2], dtype=dtype, device=student.device)
     return zeros.index_put((b_idx, t_idx), losses)
+
+
+SPARSE_METRICS: tuple[str, ...] = (
+    "overlap_ratio",
+    "overlap_mass_student",
+    "overlap_mass_teacher",
+    "overlap_token_advantage",
+    "entropy_student",
+)
+"""The diagnostics a top-K teacher allows exactly (I_t is inside the teacher's top-k, so the teacher's
+log-probs on it are known); teacher entropy, entropy gap and the full KLs need its whole distribution."""
+
+
+@torch.no_grad()
+def sparse_diagnostic_sums(student_logits: Tensor, teacher: TeacherTopK, mask: Tensor, *, k: int = 16,
+                           vocab_size: int | None = None) -> dict[str, Tensor]:  # fmt: skip
+    """Float64 sums/counts of `SPARSE_METRICS`, in `opd.diagnostics.diagnostic_sums`' format (so
+    `merge_sums`/`finalize` and the trainer's cross-process reduction apply unchanged)."""
+    if k > teacher.k:
+        raise ConfigError(f"diagnostics.k {k} > the teacher's top-K {teacher.k}; lower diagnostics.k")
+    student = student_logits[..., :vocab_size] if vocab_size else student_logits
+    b_idx, t_idx = masked_positions(mask)
+    s_rows = student[b_idx, t_idx].double()
+    log_p = torch.log_softmax(s_rows, dim=-1)
+    kk = min(k, s_rows.shape[-1])
+    sp = s_rows.topk(kk, dim=-1).indices
+    sq = teacher.ids[b_idx, t_idx, :kk]
+    lq_top = teacher.logprobs[b_idx, t_idx, :kk].double()
+    match = sp.unsqueeze(-1) == sq.unsqueeze(-2)  # [N, k(student), k(teacher)]
+    in_i = match.any(-1)
+    size = in_i.sum(-1)
+    nonempty = size > 0
+    lp_i = log_p.gather(-1, sp)
+    # the teacher's log-prob at each student slot that is in I (its position in the teacher's list)
+    lq_i = torch.where(match, lq_top.unsqueeze(-2), 0.0).sum(-1)
+    mass_p = torch.where(in_i, lp_i.exp(), 0.0).sum(-1)
+    mass_q = torch.where(in_i, lq_i.exp(), 0.0).sum(-1)
+    safe = in_i | ~nonempty.unsqueeze(-1)
+    lpt = support_log_probs(lp_i, safe)
+    lqt = support_log_probs(torch.where(in_i, lq_i, lp_i), safe)
+    adv = torch.where(in_i, lpt.exp() * (lqt - lpt), 0.0).sum(-1) / size.clamp_min(1).double()
+    h_p = -torch.where(log_p.exp() > 0, log_p.exp() * log_p, 0.0).sum(-1)
+    f64 = torch.float64
+    return {
+        "overlap_ratio__sum": (size.double() / kk).sum(),
+        "overlap_mass_student__sum": mass_p.sum(),
+        "overlap_mass_teacher__sum": mass_q.sum(),
+        "overlap_token_advantage__sum": torch.where(nonempty, adv, 0.0).sum(),
+        "entropy_student__sum": h_p.sum(),
+        "tokens__count": torch.tensor(float(b_idx.numel()), dtype=f64),
+        "overlap_nonempty__count": nonempty.sum().to(f64),
+    }
