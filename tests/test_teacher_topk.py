@@ -82,3 +82,19 @@ def test_sparse_diagnostics_equal_the_dense_ones(k: int) -> None:
     assert sparse["n_tokens"] == dense["n_tokens"]
     with pytest.raises(ConfigError, match="diagnostics.k"):
         sparse_diagnostic_sums(s, topk_from_logits(t, y, 4), mask, k=8)
+
+
+def test_topk_fidelity_reports_agreement_and_drift() -> None:
+    from opd.teacher_topk import topk_fidelity
+
+    s, t, y, mask = _inputs(3)
+    exact = topk_from_logits(t, y, 8)
+    rep = topk_fidelity(exact, t, mask, again=exact)
+    assert (
+        rep["top_max_abs_delta"] < 1e-12 and rep["top1_agreement"] == 1.0 and rep["topk_set_agreement"] == 1.0
+    )
+    assert rep["deterministic"] == 1.0 and rep["ok"] == 1.0
+    noisy = topk_from_logits(t + 0.5 * torch.randn_like(t), y, 8)  # a drifting engine
+    rep = topk_fidelity(noisy, t, mask, again=topk_from_logits(t, y, 8))
+    assert rep["top_mean_abs_delta"] > 0.05 and rep["top1_agreement"] < 1.0
+    assert rep["deterministic"] == 0.0 and rep["ok"] == 0.0
