@@ -10,12 +10,8 @@ from rich.console import Console
 from rich.table import Table
 
 from opd.cli_common import PASSTHROUGH, console, fail
+from opd.cli_eval import _cli_values
 from opd.errors import OpdError
-
-
-def _cli_values(**kw: Any) -> dict[str, Any]:
-    """Only the options actually given, so YAML values are not overwritten by defaults."""
-    return {k: v for k, v in kw.items() if v is not None and v != []}
 
 
 def build_doctor_config(config: Path | None, cli: dict[str, Any], extra: list[str]) -> Any:

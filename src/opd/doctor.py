@@ -283,7 +283,12 @@ def _name_of(path: str, taken: set[str]) -> str:
     return name
 
 
-def _rollouts(model, tok, prompt_ids, *, n, params, batch_size, seed, stop_ids) -> list[Any]:
+def _rollouts(
+    model, tok, prompt_ids, *, n, params, batch_size, seed, stop_ids, step: int = 0,
+    on_batch: Callable[[int], None] | None = None,
+) -> list[Any]:  # fmt: skip
+    """n samples per prompt in batches, seeded by `chunk_seed(seed, step, first prompt)` like training;
+    `on_batch(prompts_done)` after each batch, for the progress bar."""
     from opd.rollout import HFGenerator, chunk_seed
 
     gen = HFGenerator(model, pad_id=tok.pad_token_id, stop_ids=stop_ids)
@@ -291,8 +296,10 @@ def _rollouts(model, tok, prompt_ids, *, n, params, batch_size, seed, stop_ids) 
     for start in range(0, len(prompt_ids), batch_size):
         idx = list(range(start, min(start + batch_size, len(prompt_ids))))
         out.append(
-            gen.generate([list(prompt_ids[i]) for i in idx], params, n, chunk_seed(seed, 0, idx[0]), idx)
+            gen.generate([list(prompt_ids[i]) for i in idx], params, n, chunk_seed(seed, step, idx[0]), idx)
         )
+        if on_batch is not None:
+            on_batch(len(idx))
     return out
 
 
@@ -316,7 +323,7 @@ def run_doctor(
     time estimate); `log` gets one-line notes. Nothing is written here; `write_doctor_report` does that.
     """
     from opd.data import load_prompts, validate_template
-    from opd.diagnostics import diagnostic_sums, finalize, merge_sums, sequence_mean_reward, token_diagnostics
+    from opd.diagnostics import diagnostic_sums, finalize, merge_sums, sequence_mean_reward
     from opd.eval import auroc, prepare_prompts
     from opd.models import (
         check_tokenizers,
@@ -400,15 +407,11 @@ def run_doctor(
     first_correct: list[bool] = []
     for ti, template in enumerate(cfg.templates):
         _, prompt_ids = prepare_prompts(records, tok, template=template, system_prompt=cfg.system_prompt)
-        rolls = []
-        for start in range(0, len(prompt_ids), cfg.batch_size):
-            idx = list(range(start, min(start + cfg.batch_size, len(prompt_ids))))
-            from opd.rollout import chunk_seed
-
-            gen = HFGenerator(student, pad_id=tok.pad_token_id, stop_ids=stops)
-            rolls.append(gen.generate([list(prompt_ids[i]) for i in idx], params, cfg.samples,
-                                      chunk_seed(cfg.seed, ti, idx[0]), idx))  # fmt: skip
-            advance(len(idx) * cfg.samples, f"{template}: student rollouts")
+        rolls = _rollouts(
+            student, tok, prompt_ids, n=cfg.samples, params=params, batch_size=cfg.batch_size, seed=cfg.seed,
+            stop_ids=stops, step=ti,
+            on_batch=lambda done, t=template: advance(done * cfg.samples, f"{t}: student rollouts"),
+        )  # fmt: skip
         # grade
         correct: list[bool] = []
         by_problem_s: list[list[bool]] = [[] for _ in records]
@@ -508,6 +511,7 @@ def run_doctor(
         order = sorted(range(len(rows)), key=lambda i: -int(rows[i][0].lengths[rows[i][1]]))  # longest first
         chosen = sorted(order[: cfg.continuation_rollouts])
         for name, teacher in teachers.items():
+            gen = HFGenerator(teacher, pad_id=tok.pad_token_id, stop_ids=stops)
             for depth in cfg.depths:
                 prompts, base, idx = [], [], []
                 for i in chosen:
@@ -525,7 +529,6 @@ def run_doctor(
                 for start in range(0, len(prompts), cfg.batch_size):
                     chunk = list(range(start, min(start + cfg.batch_size, len(prompts))))
                     budget = max(base[j][2] for j in chunk)
-                    gen = HFGenerator(teacher, pad_id=tok.pad_token_id, stop_ids=stops)
                     roll = gen.generate([prompts[j] for j in chunk],
                                         SamplingParams(cfg.temperature, cfg.top_p, 0, budget), 1,
                                         cfg.seed + 7 + start, chunk)  # fmt: skip
@@ -587,5 +590,4 @@ def run_doctor(
     result["k"] = cfg.k
     result["n_prompts"] = len(records)
     tick("done", 1.0)
-    _ = token_diagnostics  # imported for users reading this module; the sums path above is the same math
     return result
