@@ -43,6 +43,18 @@ def require_vllm() -> Any:
     return vllm
 
 
+def _start_engine(
+    model_path: str, *, dtype: str, max_model_len: int, seed: int, kv_cache_gb: int, **extra: Any
+) -> tuple[Any, Any]:
+    """(the vllm module, an in-process eager `LLM`) with the settings that work on these machines."""
+    vllm = require_vllm()
+    # Read by the CPU backend at engine start; unset, it reserves most of the machine's memory.
+    os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(int(kv_cache_gb))
+    llm = vllm.LLM(model=model_path, dtype=dtype, max_model_len=max_model_len, enforce_eager=True, seed=seed,
+                   **extra)  # fmt: skip
+    return vllm, llm
+
+
 class VLLMGenerator:
     """`Generator` on a vLLM engine loaded from the student's directory; `sync` pushes new weights.
 
@@ -63,19 +75,11 @@ class VLLMGenerator:
         kv_cache_gb: int = 2,
         gpu_memory_utilization: float = 0.3,
     ) -> None:
-        vllm = require_vllm()
         if not stop_ids:
             raise ValueError("no stop token: the tokenizer has no EOS and rollout.stop_token_ids is empty")
-        # Read by the CPU backend at engine start; unset, it reserves most of the machine's memory.
-        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(int(kv_cache_gb))
-        kwargs: dict[str, Any] = {
-            "model": model_path, "dtype": dtype, "max_model_len": max_model_len, "enforce_eager": True,
-            "seed": seed, "skip_tokenizer_init": False,
-        }  # fmt: skip
-        if torch.cuda.is_available():
-            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
-        self.llm = vllm.LLM(**kwargs)
-        self._vllm = vllm
+        gpu = {"gpu_memory_utilization": gpu_memory_utilization} if torch.cuda.is_available() else {}
+        self._vllm, self.llm = _start_engine(model_path, dtype=dtype, max_model_len=max_model_len, seed=seed,
+                                             kv_cache_gb=kv_cache_gb, skip_tokenizer_init=False, **gpu)  # fmt: skip
         self.pad_id = pad_id
         self.stop_ids = sorted(set(stop_ids))
         self.dtype = getattr(torch, dtype) if dtype in ("bfloat16", "float16", "float32") else torch.bfloat16
@@ -183,11 +187,8 @@ class VLLMTeacher:
         kv_cache_gb: int = 2,
         seed: int = 0,
     ) -> None:
-        vllm = require_vllm()
-        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(int(kv_cache_gb))
-        self.llm = vllm.LLM(model=model_path, dtype=dtype, max_model_len=max_model_len, enforce_eager=True,
-                            seed=seed, max_logprobs=max(k, 20))  # fmt: skip
-        self._vllm = vllm
+        self._vllm, self.llm = _start_engine(model_path, dtype=dtype, max_model_len=max_model_len, seed=seed,
+                                             kv_cache_gb=kv_cache_gb, max_logprobs=max(k, 20))  # fmt: skip
         self.k = k
 
     def score_topk(self, rollout: Rollout) -> Any:
