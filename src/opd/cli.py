@@ -42,10 +42,13 @@ def train(
         _run_training(cfg, resume=resume is not None)
     except OpdError as exc:
         from opd.alarms import CollapseError
+        from opd.teacher_http import TeacherUnavailableError
         from opd.trainer import NonFiniteLossError
 
-        # 3: a non-finite step (stop_on_nan); 4: a declared collapse (stop_on_collapse); 2: the rest.
-        fail(exc, 3 if isinstance(exc, NonFiniteLossError) else 4 if isinstance(exc, CollapseError) else 2)
+        # 3: a non-finite step (stop_on_nan); 4: a declared collapse (stop_on_collapse); 5: the teacher
+        # servers stayed down (resume redoes the step); 2: the rest.
+        codes = ((NonFiniteLossError, 3), (CollapseError, 4), (TeacherUnavailableError, 5))
+        fail(exc, next((c for t, c in codes if isinstance(exc, t)), 2))
 
 
 def _run_training(cfg, *, resume: bool) -> None:
@@ -103,11 +106,19 @@ def _startup_report(trainer) -> None:
     table.add_column("student")
     table.add_column("teacher")
     s_rep = special_tokens_report(trainer.tokenizer, trainer._unwrapped())
-    t_rep = special_tokens_report(trainer.teacher_tokenizer, trainer.teacher.model)
-    table.add_row("path", cfg.student.path, cfg.teacher.path)
-    table.add_row("dtype", cfg.student.dtype, cfg.teacher.dtype)
+    tc = cfg.teacher
+    if tc.backend == "hf":
+        t_rep = special_tokens_report(trainer.teacher_tokenizer, trainer.teacher.model)
+        table.add_row("path", cfg.student.path, tc.path)
+        table.add_row("dtype", cfg.student.dtype, tc.dtype)
+    else:  # an engine teacher: what the trainer can see is its tokenizer and where it runs
+        t_rep = {}
+        where = ", ".join(tc.urls) if tc.backend == "http" else tc.path
+        table.add_row("path", cfg.student.path, f"{tc.backend}: {where}")
+        table.add_row("dtype", cfg.student.dtype, tc.vllm_dtype if tc.backend == "vllm" else "(server's)")
+        table.add_row("teacher returns", "", f"top-{tc.top_k} log-probs per position")
     for key in sorted(set(s_rep) | set(t_rep)):
-        table.add_row(str(key), str(s_rep.get(key)), str(t_rep.get(key)))
+        table.add_row(str(key), str(s_rep.get(key)), str(t_rep.get(key, "-" if t_rep else "(engine)")))
     table.add_row("shared vocabulary", str(trainer.vocab_size), str(trainer.vocab_size))
     console.print(table)
     for note in (
@@ -149,6 +160,7 @@ def _fidelity_at_startup(trainer) -> None:
         raise OpdError(
             f"{res.name} failed: {res.detail}; the scoring path is inconsistent, refusing to train"
         )
+    trainer.teacher_fidelity()  # engine teachers only: engine vs HF scores, a warning when they differ
 
 
 @app.command()
@@ -326,6 +338,10 @@ _register_doctor(app)
 from opd.cli_analyze import register as _register_analyze  # noqa: E402
 
 _register_analyze(app)
+
+from opd.cli_serve import register as _register_serve  # noqa: E402
+
+_register_serve(app)
 
 from opd.lab.cli import register as _register_lab  # noqa: E402
 

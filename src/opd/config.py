@@ -43,9 +43,44 @@ class StudentConfig(_Section):
 
 
 class TeacherConfig(_Section):
-    path: str = Field("", description="local dir, .gguf file, or hub id; must share the student's tokenizer")
+    """Where the teacher runs. `hf` gives full logits (every objective); `vllm` (in-process engine) and
+    `http` (vLLM servers, `opd serve-teacher`) give the top-`top_k` log-probs per position, which serve
+    the sampled-token and teacher-support top-k objectives exactly and refuse the others."""
+
+    path: str = Field(
+        "", description="local dir, .gguf file, or hub id; must share the student's tokenizer "
+        "(backend http: optional, used for the tokenizer report and the fidelity check)",
+    )  # fmt: skip
     dtype: Dtype = Field("float32", description="bfloat16 halves teacher memory and time")
     trust_remote_code: bool = False
+    backend: Literal["hf", "vllm", "http"] = Field(
+        "hf", description="hf = transformers forward in the trainer; vllm = in-process vLLM engine; "
+        "http = OpenAI-compatible vLLM servers at teacher.urls",
+    )  # fmt: skip
+    placement: Literal["device", "cpu_offload"] = Field(
+        "device", description="backend hf: device = on each process's GPU beside the student (no_grad); "
+        "cpu_offload = weights in CPU RAM, streamed to the GPU layer by layer (accelerate cpu_offload)",
+    )  # fmt: skip
+    top_k: int = Field(20, ge=1, description="backend vllm/http: log-probs per position (vLLM's cap is 20 "
+                       "unless the server has a larger --max-logprobs)")  # fmt: skip
+    urls: list[str] = Field(default_factory=list, description="backend http: server base URLs, e.g. "
+                            "[http://10.0.0.5:8000]; requests are spread over them")  # fmt: skip
+    model_name: str | None = Field(None, description="backend http: served model name; default: the first "
+                                   "the server lists")  # fmt: skip
+    timeout_s: float = Field(600.0, gt=0, description="backend http: seconds per request")
+    retries: int = Field(5, ge=0, description="backend http: retries per request (next server each time)")
+    backoff_s: float = Field(1.0, ge=0, description="backend http: first retry wait, doubled per retry")
+    sequences_per_request: int = Field(8, ge=1, description="backend http: sequences per request")
+    vllm_dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="backend vllm: dtype"
+    )
+    vllm_max_model_len: int | None = Field(None, ge=1, description="backend vllm: context length; default: "
+                                           "longest prompt + rollout.max_new_tokens")  # fmt: skip
+    vllm_kv_cache_gb: int = Field(2, ge=1, description="backend vllm: CPU KV-cache GiB")
+    fidelity_check: bool = Field(
+        True, description="backend vllm/http: at start-up, score a few rollouts twice with the engine and "
+        "once with the HF model at teacher.path; warn above a mean |Δ log-prob| of 0.05",
+    )  # fmt: skip
 
 
 class DataConfig(_Section):
@@ -224,13 +259,33 @@ class TrainConfig(_Section):
     save_final: bool = True
     startup_checks: bool = Field(True, description="tokenizer/EOS checks and the teacher-fidelity self-test")
 
+    @model_validator(mode="after")
+    def _teacher_backend(self) -> TrainConfig:
+        """A top-K teacher cannot serve every objective: refuse the impossible ones before any compute."""
+        tc = self.teacher
+        if tc.backend == "hf":
+            return self
+        from opd.teacher_topk import check_sparse_objective
+
+        try:
+            check_sparse_objective(self.loss.signal, self.loss.support, self.loss.k, tc.top_k)
+        except ConfigError as exc:
+            raise ValueError(f"teacher.backend {tc.backend}: {exc}") from None
+        if self.diagnostics.k > tc.top_k:
+            raise ValueError(
+                f"teacher.backend {tc.backend}: diagnostics.k {self.diagnostics.k} > teacher.top_k {tc.top_k}; "
+                "the overlap metrics need the teacher's top-k, lower diagnostics.k or raise teacher.top_k"
+            )
+        return self
+
     def require_paths(self) -> None:
         """Paths have no sensible default, but `opd config show` must work without them."""
         missing = [
             name
             for name, value in (
                 ("student.path", self.student.path),
-                ("teacher.path", self.teacher.path),
+                ("teacher.path", self.teacher.path if self.teacher.backend != "http" else "-"),
+                ("teacher.urls", self.teacher.urls if self.teacher.backend == "http" else "-"),
                 ("data.prompts", self.data.prompts),
             )
             if not value

@@ -74,6 +74,18 @@ def _classify(spec: str) -> tuple[str, Path | None]:
     return "hub", None
 
 
+def model_directory(spec: str, what: str = "this backend") -> Path:
+    """The local Hugging Face model directory a spec names (a dir or ``lab:NAME``), for engines (vLLM)
+    that load checkpoints themselves and cannot take a GGUF file or an offline hub id."""
+    kind, path = _classify(spec)
+    if kind != "dir" or path is None or not (path / "config.json").is_file():
+        raise ModelError(
+            f"{what} needs a Hugging Face model directory (config.json + safetensors), got {spec!r}; "
+            "save it with `model.save_pretrained(DIR)` and pass DIR"
+        )
+    return path
+
+
 def _hub_error(spec: str, what: str, err: Exception) -> ModelError | None:
     text = f"{type(err).__name__} {err}".lower()
     module = type(err).__module__

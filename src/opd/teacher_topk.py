@@ -39,8 +39,10 @@ __all__ = [
     "check_sparse_objective",
     "sparse_diagnostic_sums",
     "sparse_per_token_loss",
+    "sparse_signal_stats",
     "topk_fidelity",
     "topk_from_logits",
+    "topk_from_prompt_logprobs",
 ]
 
 
@@ -58,6 +60,13 @@ class TeacherTopK:
     def k(self) -> int:
         return int(self.ids.shape[-1])
 
+    def select(self, rows: slice) -> TeacherTopK:
+        """The rows of a micro-batch (the same slice as `Rollout.select`)."""
+        return TeacherTopK(self.ids[rows], self.logprobs[rows], self.token_logprob[rows])
+
+    def to(self, device: torch.device | str) -> TeacherTopK:
+        return TeacherTopK(self.ids.to(device), self.logprobs.to(device), self.token_logprob.to(device))
+
 
 def topk_from_logits(teacher_logits: Tensor, tokens: Tensor, k: int) -> TeacherTopK:
     """The top-K view of dense teacher logits (what an engine would return), for tests and HF teachers."""
@@ -67,6 +76,35 @@ def topk_from_logits(teacher_logits: Tensor, tokens: Tensor, k: int) -> TeacherT
     return TeacherTopK(
         ids=ids, logprobs=vals, token_logprob=log_q.gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1)
     )
+
+
+def topk_from_prompt_logprobs(rows: list[list[dict[int, tuple[int, float]]]], response_ids: Tensor,
+                              k: int) -> TeacherTopK:  # fmt: skip
+    """A `TeacherTopK` from an engine's per-position prompt log-probs, one list per rollout row.
+
+    ``rows[r][j]`` is the entry of response position j: ``{token_id: (rank, logprob)}`` holding the
+    engine's top-k (ranks 1..k) and the actual token (with its own rank, possibly > k). Positions past
+    a row's list (padding) keep -inf log-probs and id 0, which no loss or metric reads (masked).
+    """
+    b, t = response_ids.shape
+    ids = torch.zeros((b, t, k), dtype=torch.long)
+    lps = torch.full((b, t, k), float("-inf"), dtype=torch.float32)
+    tok_lp = torch.full((b, t), float("-inf"), dtype=torch.float32)
+    for r, entries in enumerate(rows):
+        for j, entry in enumerate(entries):
+            actual = int(response_ids[r, j])
+            if actual not in entry:
+                raise ValueError(f"the engine returned no log-prob for the scored token {actual} (row {r}, "
+                                 f"position {j}): is it serving a model with another tokenizer?")  # fmt: skip
+            tok_lp[r, j] = entry[actual][1]
+            top = sorted((rank, tid, lp) for tid, (rank, lp) in entry.items() if rank <= k)[:k]
+            if len(top) < k:
+                raise ValueError(f"the engine returned {len(top)} top log-probs at row {r}, position {j}, "
+                                 f"fewer than the {k} asked for; raise its --max-logprobs")  # fmt: skip
+            for slot, (_, tid, lp) in enumerate(top):
+                ids[r, j, slot] = tid
+                lps[r, j, slot] = lp
+    return TeacherTopK(ids=ids, logprobs=lps, token_logprob=tok_lp)
 
 
 def check_sparse_objective(signal: str, support: str, k: int, teacher_k: int) -> None:
@@ -128,6 +166,42 @@ def sparse_per_token_loss(
             )
     zeros = torch.zeros(student.shape[:2], dtype=dtype, device=student.device)
     return zeros.index_put((b_idx, t_idx), losses)
+
+
+@torch.no_grad()
+def sparse_signal_stats(student_logits: Tensor, teacher: TeacherTopK, response_tokens: Tensor, mask: Tensor, *,
+                        signal: str, k: int = 16, vocab_size: int | None = None) -> dict[str, float]:  # fmt: skip
+    """`opd.objectives.signal_stats` from a top-K teacher (support "teacher" for topk, as the loss).
+
+    Every quantity is known exactly: r_t needs only log q(y_t); the advantages and the p - q at the
+    largest one are taken on the teacher's own top-k, where the engine returned log q.
+    """
+    check_sparse_objective(signal, "teacher", k, teacher.k)
+    student = student_logits[..., :vocab_size] if vocab_size else student_logits
+    b_idx, t_idx = masked_positions(mask)
+    n = b_idx.numel()
+    if n == 0:
+        return {"reward_mean": 0.0, "adv_max_abs": 0.0, "p_minus_q_at_max_adv": 0.0, "n_tokens": 0.0}
+    s_rows = student[b_idx, t_idx].double()
+    log_p = torch.log_softmax(s_rows, dim=-1)
+    y = response_tokens.long()[b_idx, t_idx].unsqueeze(-1)
+    log_q_y = teacher.token_logprob[b_idx, t_idx].double().unsqueeze(-1)
+    reward = (log_q_y - log_p.gather(-1, y)).squeeze(-1)
+    if signal == "sampled":
+        ids, log_q_sel, adv = y, log_q_y, reward.unsqueeze(-1)
+    else:
+        ids = teacher.ids[b_idx, t_idx, :k].long()
+        log_q_sel = teacher.logprobs[b_idx, t_idx, :k].double()
+        adv = support_advantage(log_p.gather(-1, ids), log_q_sel, torch.ones_like(ids, dtype=torch.bool))
+    flat = adv.abs().flatten().argmax()
+    row, slot = flat // ids.shape[-1], flat % ids.shape[-1]
+    pmq = log_p[row, ids[row, slot]].exp() - log_q_sel[row, slot].exp()
+    return {
+        "reward_mean": float(reward.mean()),
+        "adv_max_abs": float(adv.abs().flatten()[flat]),
+        "p_minus_q_at_max_adv": float(pmq),
+        "n_tokens": float(n),
+    }
 
 
 SPARSE_METRICS: tuple[str, ...] = (

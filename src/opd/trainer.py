@@ -47,6 +47,8 @@ from opd.rollout import HFGenerator, Rollout, SamplingParams, chunk_seed
 from opd.sampling import stop_ids_for
 from opd.scoring import response_logits
 from opd.teacher import HFTeacher
+from opd.teacher_http import TeacherUnavailableError
+from opd.teacher_topk import TeacherTopK, sparse_diagnostic_sums, sparse_per_token_loss, sparse_signal_stats
 from opd.tracking import MetricsLogger
 
 
@@ -132,8 +134,13 @@ class OPDTrainer:
             )
         set_seed(cfg.seed)
 
+        tc = cfg.teacher
+        self.sparse_teacher = tc.backend != "hf"  # vllm/http: top-K log-probs, not [B, T, V] logits
         self.tokenizer = load_tokenizer(cfg.student.path, trust_remote_code=cfg.student.trust_remote_code)
-        teacher_tok = load_tokenizer(cfg.teacher.path, trust_remote_code=cfg.teacher.trust_remote_code)
+        # An HTTP teacher without a local path is checked against the server's own tokenizer below.
+        teacher_tok = (
+            load_tokenizer(tc.path, trust_remote_code=tc.trust_remote_code) if tc.path else self.tokenizer
+        )
         self.tokenizer_notes = prepare_tokenizer(self.tokenizer) + prepare_tokenizer(teacher_tok)
         self.tokenizer_report = check_tokenizers(self.tokenizer, teacher_tok)
         self.teacher_tokenizer = teacher_tok
@@ -141,10 +148,11 @@ class OPDTrainer:
         student = load_model(
             cfg.student.path, dtype=cfg.student.dtype, trust_remote_code=cfg.student.trust_remote_code
         )
-        teacher = load_model(
-            cfg.teacher.path, dtype=cfg.teacher.dtype, trust_remote_code=cfg.teacher.trust_remote_code
-        )
-        self.vocab_size = shared_vocab_size(student, teacher, self.tokenizer)
+        teacher = None
+        if not self.sparse_teacher:
+            teacher = load_model(tc.path, dtype=tc.dtype, trust_remote_code=tc.trust_remote_code)
+        # An engine teacher's ids come from the shared tokenizer, so the student alone bounds the columns.
+        self.vocab_size = shared_vocab_size(student, teacher or student, self.tokenizer)
         if cfg.student.dtype in ("bfloat16", "float16"):
             self.log(
                 f"[yellow]warning:[/] student.dtype={cfg.student.dtype}: low-precision master weights can "
@@ -205,7 +213,7 @@ class OPDTrainer:
         # The scheduler is deliberately not passed to prepare(): accelerate would step it once per process.
         self.student, self.optimizer = acc.prepare(student, self.optimizer)
         self.student.eval()  # dropout off: the loss is taken under the policy that sampled
-        self.teacher = HFTeacher(freeze_teacher(teacher).to(acc.device))
+        self.teacher = self._build_teacher(teacher)
         stop_ids = stop_ids_for(self.tokenizer, self._unwrapped(), cfg.rollout.stop_token_ids)
         self.stop_ids = stop_ids
         if cfg.rollout.backend == "vllm":
@@ -266,29 +274,109 @@ class OPDTrainer:
             resume_step=resume_step,
         )
 
+    def _max_model_len(self, setting: int | None, what: str) -> int:
+        longest = max(len(p) for p in self.prompt_ids)
+        need = longest + self.cfg.rollout.max_new_tokens
+        if setting is not None and need > setting:
+            raise ConfigError(
+                f"{what} {setting} < longest prompt ({longest}) + rollout.max_new_tokens "
+                f"({self.cfg.rollout.max_new_tokens}); raise it or leave it unset"
+            )
+        return setting or need
+
+    def _build_teacher(self, model: torch.nn.Module | None) -> Any:
+        """The teacher the config asks for: an HF model here (on the device or CPU-offloaded), an
+        in-process vLLM engine, or remote vLLM servers. The last two return top-K log-probs only."""
+        tc, acc = self.cfg.teacher, self.acc
+        if tc.backend == "hf":
+            assert model is not None
+            model = freeze_teacher(model)
+            if tc.placement == "cpu_offload":
+                from accelerate import cpu_offload
+
+                # Weights stay in CPU RAM and are streamed to the execution device layer by layer.
+                return HFTeacher(cpu_offload(model, execution_device=acc.device))
+            return HFTeacher(model.to(acc.device))
+        if tc.backend == "vllm":
+            from opd.models import model_directory
+            from opd.vllm_backend import VLLMTeacher
+
+            path = model_directory(tc.path, "teacher.backend vllm")
+            return VLLMTeacher(
+                str(path), k=tc.top_k, dtype=tc.vllm_dtype, kv_cache_gb=tc.vllm_kv_cache_gb, seed=self.cfg.seed,
+                max_model_len=self._max_model_len(tc.vllm_max_model_len, "teacher.vllm_max_model_len"),
+            )  # fmt: skip
+        from opd.teacher_http import HTTPTeacher
+
+        teacher = HTTPTeacher(
+            tc.urls, k=tc.top_k, model=tc.model_name, timeout_s=tc.timeout_s, retries=tc.retries,
+            backoff_s=tc.backoff_s, sequences_per_request=tc.sequences_per_request,
+        )  # fmt: skip
+        served = teacher.max_model_len()
+        if served is not None:
+            self._max_model_len(served, f"the teacher server's max_model_len ({teacher.model})")
+        teacher.check_tokenizer(self.tokenizer, [self.prompt_texts[0], " 12 + 30 = 42\n"])
+        self.log(f"teacher: {teacher.model} at {', '.join(teacher.urls)} (top-{tc.top_k} log-probs)")
+        return teacher
+
+    @torch.no_grad()
+    def teacher_fidelity(self, n_prompts: int = 2, max_new_tokens: int = 32) -> dict[str, float] | None:
+        """Engine teacher vs the HF model at teacher.path on a few student rollouts (main process only).
+
+        Scores twice with the engine (determinism) and once in fp32 with transformers, and writes
+        ``teacher_fidelity.json`` to the run directory; warns above `FIDELITY_WARN_MEAN`. Returns None
+        for an HF teacher, with the check off, or without a local teacher.path.
+        """
+        from opd.checks import self_test_rollout
+        from opd.teacher import score_frozen
+        from opd.teacher_topk import FIDELITY_WARN_MEAN, topk_fidelity
+
+        tc = self.cfg.teacher
+        if not self.sparse_teacher or not tc.fidelity_check:
+            return None
+        result = None
+        if self.acc.is_main_process:
+            if not tc.path:
+                self.log(
+                    "teacher fidelity check skipped: set teacher.path to a local copy of the served model"
+                )
+            else:
+                roll = self_test_rollout(
+                    self._unwrapped(), self.prompt_ids[:n_prompts], pad_id=self.tokenizer.pad_token_id,
+                    stop_ids=self.stop_ids, max_new_tokens=min(max_new_tokens, self.cfg.rollout.max_new_tokens),
+                    seed=self.cfg.seed,
+                )  # fmt: skip
+                first, again = self.teacher.score_topk(roll), self.teacher.score_topk(roll)
+                ref = load_model(tc.path, dtype="float32", trust_remote_code=tc.trust_remote_code)
+                logits = score_frozen(freeze_teacher(ref), roll)[..., : self.vocab_size]
+                del ref
+                result = topk_fidelity(first, logits, roll.response_mask, again=again)
+                ckpt.atomic_write_text(self.run_dir / "teacher_fidelity.json", json.dumps(result, indent=1))
+                line = ", ".join(f"{k} {v:.4g}" for k, v in result.items() if k != "ok")
+                if result["ok"]:
+                    self.log(f"[green]ok[/] teacher fidelity ({tc.backend} vs HF fp32): {line}")
+                else:
+                    self.log(
+                        f"[yellow]warning:[/] teacher fidelity ({tc.backend} vs HF fp32): {line}; a mean "
+                        f"|Δ log-prob| above {FIDELITY_WARN_MEAN} or non-deterministic scores mean the engine "
+                        "is not grading with the teacher you think (dtype, quantisation, model revision)"
+                    )
+        self.acc.wait_for_everyone()
+        return result
+
     def _vllm_generator(self, stop_ids: list[int]) -> Any:
         """A vLLM engine on the student's directory (refusing what it cannot load or keep in sync)."""
+        from opd.models import model_directory
         from opd.vllm_backend import VLLMGenerator
 
         cfg = self.cfg
-        path = Path(cfg.student.path)
-        if not (path / "config.json").is_file():
-            raise ConfigError(
-                f"rollout.backend vllm needs the student as a Hugging Face model directory (config.json + "
-                f"safetensors), got {cfg.student.path!r}; save it with save_pretrained, or use rollout.backend hf"
-            )
+        path = model_directory(cfg.student.path, "rollout.backend vllm (use rollout.backend hf otherwise)")
         if cfg.student.lora.enabled:
             raise ConfigError(
                 "rollout.backend vllm with student.lora.enabled is not supported yet (the engine would need "
                 "merged weights after every step); use rollout.backend hf for LoRA runs"
             )
-        longest = max(len(p) for p in self.prompt_ids)
-        max_len = cfg.rollout.vllm_max_model_len or longest + cfg.rollout.max_new_tokens
-        if longest + cfg.rollout.max_new_tokens > max_len:
-            raise ConfigError(
-                f"rollout.vllm_max_model_len {max_len} < longest prompt ({longest}) + rollout.max_new_tokens "
-                f"({cfg.rollout.max_new_tokens}); raise it or leave it unset"
-            )
+        max_len = self._max_model_len(cfg.rollout.vllm_max_model_len, "rollout.vllm_max_model_len")
         return VLLMGenerator(
             str(path), pad_id=self.tokenizer.pad_token_id, stop_ids=stop_ids, dtype=cfg.rollout.vllm_dtype,
             max_model_len=max_len, seed=cfg.seed, kv_cache_gb=cfg.rollout.vllm_kv_cache_gb,
@@ -334,6 +422,20 @@ class OPDTrainer:
             )
         return out
 
+    def _score_sparse(self, rollouts: list[Rollout]) -> list[TeacherTopK]:
+        """Top-K teacher scores for every rollout chunk; a server failure on any process fails all of
+        them at the same point (no rank left waiting in a collective)."""
+        error: TeacherUnavailableError | None = None
+        tops: list[TeacherTopK] = []
+        try:
+            tops = [self.teacher.score_topk(r) for r in rollouts]
+        except TeacherUnavailableError as exc:
+            error = exc
+        failed = self._reduce(torch.tensor(float(error is not None), dtype=torch.float64))
+        if float(failed) > 0:
+            raise error or TeacherUnavailableError("the teacher server failed on another process")
+        return tops
+
     def _reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
         if self.acc.num_processes == 1:
             return t
@@ -345,16 +447,21 @@ class OPDTrainer:
         device = acc.device
         world = acc.num_processes
         t0 = time.perf_counter()
+        self._cursor_before_step = self.cursor.state_dict()
         indices = self.cursor.next_indices(cfg.prompts_per_step)
         rollouts = self._rollouts(step, indices)
         t_rollout = time.perf_counter() - t0
+        # A top-K teacher scores the whole step up front (one batch per rollout chunk: engines and servers
+        # batch far better than micro-batches), before any gradient exists, so a failure loses nothing.
+        tops = self._score_sparse(rollouts) if self.sparse_teacher else None
+        t_teacher_sparse = time.perf_counter() - t0 - t_rollout
 
         local_tokens = sum(int(r.response_mask.sum()) for r in rollouts)
         global_tokens = int(self._reduce(torch.tensor(float(local_tokens), dtype=torch.float64)).item())
         micro = [
-            r.select(slice(s, s + cfg.micro_batch_size))
-            for r in rollouts
-            for s in range(0, len(r), cfg.micro_batch_size)
+            (r.select(sl), tops[j].select(sl) if tops is not None else None)
+            for j, r in enumerate(rollouts)
+            for sl in (slice(s, s + cfg.micro_batch_size) for s in range(0, len(r), cfg.micro_batch_size))
         ]
 
         loss_sum = torch.zeros((), dtype=torch.float64)
@@ -366,34 +473,47 @@ class OPDTrainer:
         t_teacher = 0.0
         t_update0 = time.perf_counter()
         lc = cfg.loss
-        for i, mb in enumerate(micro):
-            ts = time.perf_counter()
-            t_logits = self.teacher.score(mb)
-            t_teacher += time.perf_counter() - ts
+        for i, (mb, top) in enumerate(micro):
+            t_logits: Any = None
+            if top is None:
+                ts = time.perf_counter()
+                t_logits = self.teacher.score(mb)
+                t_teacher += time.perf_counter() - ts
+            else:
+                top = top.to(device)
             mask = mb.response_mask.to(device)
             tokens = mb.response_ids.to(device)
             n_mb = int(mask.sum())
             sync = contextlib.nullcontext() if i == len(micro) - 1 else acc.no_sync(self.student)
             with sync:
                 s_logits = response_logits(self.student, mb)
-                per_tok = per_token_loss(
-                    s_logits, t_logits, tokens, mask, signal=lc.signal, divergence=lc.divergence, k=lc.k,
-                    support=lc.support, renorm=lc.renorm, beta=lc.beta, chunk_size=lc.chunk_size,
-                    vocab_size=self.vocab_size,
-                )  # fmt: skip
+                if top is None:
+                    per_tok = per_token_loss(
+                        s_logits, t_logits, tokens, mask, signal=lc.signal, divergence=lc.divergence, k=lc.k,
+                        support=lc.support, renorm=lc.renorm, beta=lc.beta, chunk_size=lc.chunk_size,
+                        vocab_size=self.vocab_size,
+                    )  # fmt: skip
+                else:
+                    per_tok = sparse_per_token_loss(
+                        s_logits, top, tokens, mask, signal=lc.signal, divergence=lc.divergence, k=lc.k,
+                        support=lc.support, renorm=lc.renorm, beta=lc.beta, vocab_size=self.vocab_size,
+                    )  # fmt: skip
                 scale = world / max(global_tokens, 1)
                 acc.backward(per_tok.sum() * scale)
             loss_sum += per_tok.detach().double().sum().cpu()
             with torch.no_grad():
                 s_det = s_logits.detach()
-                sums = merge_sums(
-                    sums,
-                    diagnostic_sums(
+                if top is None:
+                    diag = diagnostic_sums(
                         s_det, t_logits, mask, k=cfg.diagnostics.k, vocab_size=self.vocab_size,
                         chunk_size=lc.chunk_size, position_bins=cfg.diagnostics.position_bins,
                         bin_len=cfg.rollout.max_new_tokens,
-                    ),
-                )  # fmt: skip
+                    )  # fmt: skip
+                else:
+                    diag = sparse_diagnostic_sums(
+                        s_det, top, mask, k=cfg.diagnostics.k, vocab_size=self.vocab_size
+                    )
+                sums = merge_sums(sums, diag)
                 if mb.engine_logprobs is not None and n_mb:
                     sv = s_det[..., : self.vocab_size].float()
                     lp = sv.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(sv, dim=-1)
@@ -405,17 +525,21 @@ class OPDTrainer:
                         )
                         engine_delta_max = max(engine_delta_max, float(d.max()))
                     del sv, lp
-                if n_mb:
+                if n_mb and top is not None:
+                    st = sparse_signal_stats(s_det, top, tokens, mask, signal=lc.signal, k=lc.k,
+                                             vocab_size=self.vocab_size)  # fmt: skip
+                elif n_mb:
                     st = signal_stats(
                         s_det, t_logits, tokens, mask, signal=lc.signal, k=lc.k, support=lc.support,
                         vocab_size=self.vocab_size,
                     )  # fmt: skip
+                if n_mb:
                     reward_sum += st["reward_mean"] * n_mb
                     if st["adv_max_abs"] > best_adv[0]:
                         best_adv = torch.tensor(
                             [st["adv_max_abs"], st["p_minus_q_at_max_adv"]], dtype=torch.float64
                         )
-            del s_logits, t_logits, per_tok
+            del s_logits, t_logits, per_tok, top
 
         max_norm = cfg.optim.max_grad_norm
         params = [p for p in self.student.parameters() if p.requires_grad]
@@ -453,6 +577,7 @@ class OPDTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         t_sync = self.generator.sync(self._unwrapped()) if hasattr(self.generator, "sync") else None
         t_update = time.perf_counter() - t_update0 - t_teacher - (t_sync or 0.0)
+        t_teacher += t_teacher_sparse
         elapsed = time.perf_counter() - t0
 
         n_seq = float(len_stats[2])
@@ -555,6 +680,29 @@ class OPDTrainer:
         self.acc.wait_for_everyone()
         return metrics
 
+    def _teacher_down(self, step: int, exc: TeacherUnavailableError) -> TeacherUnavailableError:
+        """The teacher failed during step `step`, before any update: make sure a resume redoes it.
+
+        The weights are still those after step - 1 and only the prompt cursor moved, so rewind the cursor
+        and checkpoint step - 1 (unless that checkpoint exists): `--resume` then replays step `step` with
+        the same prompts and seeds, as if the failure never happened.
+        """
+        self.optimizer.zero_grad(set_to_none=True)
+        self.cursor.load_state_dict(self._cursor_before_step)
+        done = step - 1
+        if done == 0:
+            where = "no step was completed; rerun the same command once the teacher answers"
+        else:
+            have = (
+                self.last_checkpoint is not None and self.last_checkpoint.name == f"{ckpt.PREFIX}{done:08d}"
+            )
+            path = self.last_checkpoint if have else self.save(done)
+            where = (
+                f"checkpoint {path} holds step {done}; `opd train --resume {self.run_dir}` redoes step {step} "
+                "once the teacher answers"
+            )
+        return TeacherUnavailableError(f"{exc}; step {step} was not taken, nothing was lost: {where}")
+
     # ------------------------------------------------------------------------------------------------
     # collapse alarms
 
@@ -641,6 +789,8 @@ class OPDTrainer:
             for step in range(self.start_step + 1, self.total_steps + 1):
                 try:
                     result = self.train_step(step)
+                except TeacherUnavailableError as exc:
+                    raise self._teacher_down(step, exc) from None
                 except NonFiniteLossError as exc:
                     _, declared = self._watch(step, exc.metrics or {"loss": math.nan})
                     if self.cfg.stop_on_nan:

