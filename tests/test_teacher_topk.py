@@ -98,3 +98,51 @@ def test_topk_fidelity_reports_agreement_and_drift() -> None:
     rep = topk_fidelity(noisy, t, mask, again=topk_from_logits(t, y, 8))
     assert rep["top_mean_abs_delta"] > 0.05 and rep["top1_agreement"] < 1.0
     assert rep["deterministic"] == 0.0 and rep["ok"] == 0.0
+
+
+@pytest.mark.parametrize(("signal", "k"), [("sampled", 16), ("topk", 8), ("topk", 12)])
+def test_sparse_signal_stats_equal_the_dense_ones(signal: str, k: int) -> None:
+    from opd.objectives import signal_stats
+    from opd.teacher_topk import sparse_signal_stats
+
+    s, t, y, mask = _inputs(3)
+    dense = signal_stats(s, t, y, mask, signal=signal, k=k, support="teacher", chunk_size=None)
+    sparse = sparse_signal_stats(s, topk_from_logits(t, y, K), y, mask, signal=signal, k=k)
+    assert sparse.keys() == dense.keys()
+    for key in dense:
+        assert sparse[key] == pytest.approx(dense[key], rel=1e-10, abs=1e-12), key
+    empty = sparse_signal_stats(s, topk_from_logits(t, y, K), y, torch.zeros_like(mask), signal=signal, k=k)
+    assert empty == {"reward_mean": 0.0, "adv_max_abs": 0.0, "p_minus_q_at_max_adv": 0.0, "n_tokens": 0.0}
+
+
+def test_topk_from_prompt_logprobs_matches_the_dense_topk() -> None:
+    """An engine's per-position dicts (top-k plus the actual token at its own rank) give the same
+    `TeacherTopK` as cutting the dense logits; padding positions stay -inf; a short answer is refused."""
+    from opd.teacher_topk import topk_from_prompt_logprobs
+
+    s, t, y, mask = _inputs(4)
+    mask = torch.arange(T).unsqueeze(0) < torch.tensor([[5], [3], [1]])  # response prefixes
+    log_q = torch.log_softmax(t, -1)
+    rows = []
+    for r in range(B):
+        entries = []
+        for j in range(int(mask[r].sum())):
+            order = log_q[r, j].argsort(descending=True)
+            rank = {int(v): i + 1 for i, v in enumerate(order)}
+            entry = {int(v): (rank[int(v)], float(log_q[r, j, v])) for v in order[:K]}
+            entry[int(y[r, j])] = (rank[int(y[r, j])], float(log_q[r, j, y[r, j]]))
+            entries.append(entry)
+        rows.append(entries)
+    got = topk_from_prompt_logprobs(rows, y, K)
+    ref = topk_from_logits(t, y, K)
+    assert torch.equal(got.ids[mask], ref.ids[mask])
+    assert torch.allclose(got.logprobs[mask].double(), ref.logprobs[mask], atol=1e-6)
+    assert torch.allclose(got.token_logprob[mask].double(), ref.token_logprob[mask], atol=1e-6)
+    assert torch.isinf(got.token_logprob[~mask]).all()
+    sub = got.select(slice(1, 3))
+    assert sub.ids.shape == (2, T, K) and torch.equal(sub.ids, got.ids[1:3])
+    with pytest.raises(ValueError, match="raise its --max-logprobs"):
+        topk_from_prompt_logprobs(rows, y, K + 5)
+    rows[0][0].pop(int(y[0, 0]))
+    with pytest.raises(ValueError, match="no log-prob for the scored token"):
+        topk_from_prompt_logprobs(rows, y, K)

@@ -23,6 +23,21 @@ def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
         return False
 
 
+def input_device(model: torch.nn.Module) -> torch.device:
+    """Where a model's inputs go: its parameters' device, or the execution device of a CPU-offloaded
+    model (`accelerate.cpu_offload` leaves its parameters on "meta" and streams them in per layer)."""
+    device = next(model.parameters()).device
+    if device.type != "meta":
+        return device
+    for module in model.modules():
+        hook = getattr(module, "_hf_hook", None)
+        for h in getattr(hook, "hooks", None) or [hook]:
+            dev = getattr(h, "execution_device", None)
+            if dev is not None:
+                return torch.device(dev)
+    return device
+
+
 def response_logits(model: torch.nn.Module | PreTrainedModel, rollout: Rollout) -> torch.Tensor:
     """Logits `[B, T, V]` where row t is the distribution that produced response token t.
 
@@ -30,7 +45,7 @@ def response_logits(model: torch.nn.Module | PreTrainedModel, rollout: Rollout) 
     prompt logits are never needed and cost B x P x V memory (150k-entry vocabularies).
     """
     ids, attn, pos = rollout.sequences()
-    device = next(model.parameters()).device
+    device = input_device(model)
     ids, attn, pos = ids.to(device), attn.to(device), pos.to(device)
     T = rollout.response_ids.shape[1]
     kwargs: dict = {"input_ids": ids, "attention_mask": attn, "position_ids": pos, "use_cache": False}
