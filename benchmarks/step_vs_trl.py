@@ -272,26 +272,13 @@ def run_opd(spec: dict[str, Any]) -> dict[str, Any]:
             + f", diagnostics.k {k}"
         )
     cfg = load_config(None, overrides)
-    if teacher_backend == "vllm" and not spec.get("no_teacher_len_workaround"):
-        # WORKAROUND (src/opd, reported): the teacher engine's default max_model_len is longest prompt +
-        # max_new_tokens, but scoring asks vLLM for prompt + response plus one generated token, so a
-        # full-budget response to the longest prompt is refused (VLLMValidationError). One more position.
-        max_len = OPDTrainer._max_model_len
-
-        def teacher_len_plus_one(self: Any, setting: int | None, what: str) -> int:
-            n = max_len(self, setting, what)
-            return n + 1 if setting is None and what == "teacher.vllm_max_model_len" else n
-
-        OPDTrainer._max_model_len = teacher_len_plus_one  # type: ignore[method-assign]
-        notes.append("benchmark workaround: teacher.vllm_max_model_len = longest prompt + max_new_tokens + 1")
     tr = OPDTrainer(cfg, log=lambda m: None)
     tr.setup()
     _sync(torch)
     rss_setup = _rss_now_mb()
     threads_after_setup = torch.get_num_threads()
-    # Measured after set-up: a parallel torch op before vLLM's CPU engine binds its OpenMP threads leaves
-    # the whole process (rollouts and update alike) tens of times slower. Here it also runs under the
-    # same thread binding as the update it is compared with.
+    # Measured after set-up, so it runs with the threads (and, with a vLLM engine in the process, the CPU
+    # thread binding vLLM installs) the update it is compared with runs with.
     matmul = _matmul_rate(torch, spec.get("matmul_seconds", 2.0))
     params = _param_counts(tr._unwrapped())
 
@@ -385,7 +372,6 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
     from trl import DistillationConfig, DistillationTrainer
 
     rss_import = _rss_now_mb()
-    matmul = _matmul_rate(torch, spec.get("matmul_seconds", 2.0))
     cuda = torch.cuda.is_available()
     total = spec["warmup"] + spec["steps"]
     n_seq = spec["prompts_per_step"] * spec["rollouts"]
@@ -473,12 +459,13 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
     }
     params = _param_counts(student)
     steps: list[dict[str, Any]] = []
-    state: dict[str, Any] = {"t0": 0.0, "rss_setup": float("nan"), "hwm_reset": False}
+    state: dict[str, Any] = {"t0": 0.0, "rss_setup": float("nan"), "hwm_reset": False, "matmul": None}
 
     class StepTimer(TrainerCallback):
         def on_train_begin(self, args, st, control, **kw):  # optimizer and dataloader exist by now
             _sync(torch)
             state["rss_setup"] = _rss_now_mb()
+            state["matmul"] = _matmul_rate(torch, spec.get("matmul_seconds", 2.0))  # as in the opd child
             state["hwm_reset"] = _reset_hwm()
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
@@ -566,7 +553,7 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
         "device": str(trainer.accelerator.device),
         "steps": steps,
         "memory": _memory_report(torch, rss_import, state["rss_setup"], state["hwm_reset"]),
-        "matmul": matmul,
+        "matmul": state["matmul"],
         "params": params,
         "notes": notes,
     }

@@ -29,6 +29,10 @@ def pair(tmp_path_factory) -> dict[str, Path]:
     # a student with 2 heads of 64.
     tok = build_tiny_tokenizer()
     build_tiny_model(tok, hidden=128, layers=2, heads=2, seed=3).save_pretrained(paths["student"])
+    # An engine-servable teacher without a padded vocabulary (an engine normalises over padded rows too).
+    paths["teacher_v"] = paths["student"].parent / "teacher_v"
+    build_tiny_model(tok, hidden=128, layers=3, heads=2, seed=4).save_pretrained(paths["teacher_v"])
+    tok.save_pretrained(paths["teacher_v"])
     return paths
 
 
@@ -134,3 +138,115 @@ def test_vllm_teacher_topk_matches_hf_logits(engine, pair) -> None:
     assert torch.allclose(got.token_logprob[m], ref.token_logprob[m].float(), atol=1e-3)
     again = teacher.score_topk(roll)
     assert torch.equal(again.logprobs[m], got.logprobs[m])  # deterministic
+
+
+def _train_cfg(pair, run_dir: Path, *extra: str):
+    from opd.config import load_config
+
+    return load_config(None, [
+        "--student.path", str(pair["student"]), "--teacher.path", str(pair["teacher_v"]),
+        "--data.prompts", str(pair["prompts"]), "--data.template", "raw", "--run_dir", str(run_dir),
+        "--steps", "2", "--prompts_per_step", "4", "--rollout.rollouts_per_prompt", "2",
+        "--rollout.max_new_tokens", "8", "--rollout.batch_size", "4", "--micro_batch_size", "4",
+        "--loss.signal", "topk", "--loss.support", "teacher", "--loss.k", "8", "--diagnostics.k", "8",
+        "--tracking.tensorboard", "false", "--startup_checks", "false", "--data.shuffle", "false", *extra,
+    ])  # fmt: skip
+
+
+def test_trainer_with_vllm_rollouts_and_vllm_teacher(pair, tmp_path: Path) -> None:
+    """Both engines in the training process; step 1 (same seeded rollouts, same teacher weights) gives
+    the loss and overlap metrics of the in-process HF teacher."""
+    from opd.trainer import OPDTrainer
+
+    vllm_ro = [
+        "--rollout.backend",
+        "vllm",
+        "--rollout.vllm_dtype",
+        "float32",
+        "--rollout.vllm_kv_cache_gb",
+        "1",
+    ]
+    runs = {}
+    for name, extra in (
+        ("hf", []),
+        ("vllm", ["--teacher.backend", "vllm", "--teacher.vllm_dtype", "float32", "--teacher.vllm_kv_cache_gb",
+                  "1", "--teacher.top_k", "8"]),
+    ):  # fmt: skip
+        trainer = OPDTrainer(_train_cfg(pair, tmp_path / name, *vllm_ro, *extra), log=lambda m: None)
+        trainer.setup()
+        runs[name] = trainer.train()
+        if name == "vllm":
+            fid = trainer.teacher_fidelity()
+            assert fid is not None and fid["ok"] == 1.0 and fid["top_mean_abs_delta"] < 1e-4
+        del trainer
+    a, b = runs["hf"][0], runs["vllm"][0]
+    for key in ("loss", "reward_mean", "overlap_ratio", "overlap_mass_teacher", "overlap_token_advantage"):
+        assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-5), key
+    assert len(runs["vllm"]) == 2 and "time_weight_sync_s" in runs["vllm"][1]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_teacher_real_server_on_loopback(pair, tmp_path: Path) -> None:
+    """`opd serve-teacher` starts a real vLLM server on 127.0.0.1; the HTTP teacher's scores equal the
+    HF model's top-k; training runs against it; once it is stopped the client fails with a clear error."""
+    import signal
+    import subprocess
+    import sys
+
+    from opd.teacher_http import HTTPTeacher, TeacherUnavailableError
+    from opd.teacher_server import TeacherServer
+    from opd.teacher_topk import topk_from_logits
+    from opd.trainer import OPDTrainer
+
+    port = _free_port()
+    log = tmp_path / "server.log"
+    cmd = [sys.executable, "-m", "opd.cli", "serve-teacher", str(pair["teacher_v"]), "--port", str(port),
+           "--dtype", "float32", "--max-model-len", "256", "--kv-cache-gb", "1", "--log-file", str(log)]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        probe = TeacherServer([], url=url)
+        for _ in range(300):
+            if probe.ready() or proc.poll() is not None:
+                break
+            import time
+
+            time.sleep(1)
+        assert probe.ready(), (proc.poll(), log.read_text()[-3000:] if log.exists() else "")
+        tok = load_tokenizer(str(pair["student"]))
+        gen = HFGenerator(
+            load_model(str(pair["student"])), pad_id=tok.pad_token_id, stop_ids=[tok.eos_token_id]
+        )
+        roll = gen.generate(
+            _prompts(tok), SamplingParams(temperature=1.0, max_new_tokens=10), 2, 11, [0, 1, 2]
+        )
+        client = HTTPTeacher([url], k=8, backoff_s=0.2, retries=2)
+        assert client.model == "teacher_v" and client.max_model_len() == 256
+        client.check_tokenizer(tok, ["12+30=42"])
+        got = client.score_topk(roll)
+        with torch.no_grad():
+            ref_logits = response_logits(load_model(str(pair["teacher_v"])), roll)
+        ref = topk_from_logits(ref_logits, roll.response_ids, 8)
+        m = roll.response_mask
+        assert torch.equal(got.ids[m], ref.ids[m])
+        assert torch.allclose(got.logprobs[m], ref.logprobs[m].float(), atol=1e-3)
+        assert torch.allclose(got.token_logprob[m], ref.token_logprob[m].float(), atol=1e-3)
+
+        trainer = OPDTrainer(_train_cfg(pair, tmp_path / "run", "--teacher.backend", "http", "--teacher.urls",
+                                        f"[{url}]", "--teacher.top_k", "8"), log=lambda m: None)  # fmt: skip
+        trainer.setup()
+        hist = trainer.train()
+        assert len(hist) == 2 and all(0 < h["overlap_ratio"] <= 1 for h in hist)
+    finally:
+        proc.send_signal(signal.SIGINT)  # Ctrl-C: the command stops its server
+        out, _ = proc.communicate(timeout=120)
+    assert f"--host 127.0.0.1 --port {port}" in out and "teacher ready" in out, out
+    with pytest.raises(TeacherUnavailableError, match="failed 3 tries"):
+        client.score_topk(roll)

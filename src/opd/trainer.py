@@ -274,13 +274,14 @@ class OPDTrainer:
             resume_step=resume_step,
         )
 
-    def _max_model_len(self, setting: int | None, what: str) -> int:
+    def _max_model_len(self, setting: int | None, what: str, scoring: bool = False) -> int:
+        """The engine context a run needs; a scoring engine also generates its 1 required token."""
         longest = max(len(p) for p in self.prompt_ids)
-        need = longest + self.cfg.rollout.max_new_tokens
+        need = longest + self.cfg.rollout.max_new_tokens + int(scoring)
         if setting is not None and need > setting:
             raise ConfigError(
                 f"{what} {setting} < longest prompt ({longest}) + rollout.max_new_tokens "
-                f"({self.cfg.rollout.max_new_tokens}); raise it or leave it unset"
+                f"({self.cfg.rollout.max_new_tokens}){' + 1' if scoring else ''}; raise it or leave it unset"
             )
         return setting or need
 
@@ -304,7 +305,7 @@ class OPDTrainer:
             path = model_directory(tc.path, "teacher.backend vllm")
             return VLLMTeacher(
                 str(path), k=tc.top_k, dtype=tc.vllm_dtype, kv_cache_gb=tc.vllm_kv_cache_gb, seed=self.cfg.seed,
-                max_model_len=self._max_model_len(tc.vllm_max_model_len, "teacher.vllm_max_model_len"),
+                max_model_len=self._max_model_len(tc.vllm_max_model_len, "teacher.vllm_max_model_len", scoring=True),
             )  # fmt: skip
         from opd.teacher_http import HTTPTeacher
 
@@ -314,7 +315,7 @@ class OPDTrainer:
         )  # fmt: skip
         served = teacher.max_model_len()
         if served is not None:
-            self._max_model_len(served, f"the teacher server's max_model_len ({teacher.model})")
+            self._max_model_len(served, f"the teacher server's max_model_len ({teacher.model})", scoring=True)
         teacher.check_tokenizer(self.tokenizer, [self.prompt_texts[0], " 12 + 30 = 42\n"])
         self.log(f"teacher: {teacher.model} at {', '.join(teacher.urls)} (top-{tc.top_k} log-probs)")
         return teacher
