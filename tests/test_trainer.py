@@ -247,6 +247,31 @@ def test_repeated_random_kills_then_resume_match_uninterrupted(pair, tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
+@pytest.mark.slow
+def test_accelerate_fsdp_config_on_cpu_says_it_runs_data_parallel(pair, tmp_path):
+    """On a machine without GPUs accelerate cannot shard (FSDP needs CUDA there): the run must say it
+    trains data-parallel instead of silently pretending, and still form one 2-process group."""
+    cfg = Path(__file__).resolve().parents[1] / "configs" / "accelerate" / "fsdp.yaml"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(cfg), "--num_processes", "2",
+         "-m", "opd.cli", "train", *_args(pair, tmp_path / "fsdp", steps=1)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    out = run.stdout + run.stderr
+    assert run.returncode == 0, out
+    assert "asks for FSDP, but accelerate runs MULTI_CPU" in out and "on 2 process(es)" in out
+
+
+def test_processes_that_did_not_join_a_group_are_refused(pair, tmp_path, monkeypatch):
+    from opd.errors import ConfigError
+
+    trainer = OPDTrainer(load_config(None, _args(pair, tmp_path / "lonely")), log=lambda m: None)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # a launcher started 2 processes; this one is alone (world 1)
+    with pytest.raises(ConfigError, match="did not join one process group"):
+        trainer.setup()
+
+
 def test_lr_schedules():
     from opd.trainer import lr_lambda
 

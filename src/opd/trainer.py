@@ -120,8 +120,32 @@ class OPDTrainer:
     # ------------------------------------------------------------------------------------------------
     # set-up
 
+    def _check_launch(self) -> None:
+        """Catch launches that silently do something else than asked (measured with accelerate 1.x on a
+        machine without GPUs): an FSDP/DeepSpeed config runs as plain data parallel on CPU, or as N
+        independent single-process runs that each train on the whole batch."""
+        import os
+
+        acc = self.acc
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched > 1 and acc.num_processes == 1:
+            raise ConfigError(
+                f"{launched} processes were launched but they did not join one process group (accelerate "
+                f"chose {acc.distributed_type.value}), so each would train alone; on a machine without GPUs "
+                "launch with torchrun or `accelerate launch --multi_gpu` (see README, multi-process runs)"
+            )
+        wanted = [
+            n for n in ("FSDP", "DEEPSPEED") if os.environ.get(f"ACCELERATE_USE_{n}", "").lower() == "true"
+        ]
+        if wanted and acc.distributed_type.value not in wanted:
+            self.log(
+                f"[yellow]warning:[/] the accelerate config asks for {wanted[0]}, but accelerate runs "
+                f"{acc.distributed_type.value} here (it needs GPUs): every process holds the whole model"
+            )
+
     def setup(self) -> None:
         cfg, acc = self.cfg, self.acc
+        self._check_launch()
         world = acc.num_processes
         if cfg.prompts_per_step % world:
             raise ConfigError(
