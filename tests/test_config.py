@@ -68,3 +68,14 @@ def test_string_fields_keep_text_and_optional_ones_take_null():
         ["--student", "123", "--data.template", "{prompt} [x]", "--data.prompt_field", "null"]
     )
     assert tree == {"student": {"path": "123"}, "data": {"template": "{prompt} [x]", "prompt_field": None}}
+
+
+@pytest.mark.parametrize(
+    "name", ["tiny.yaml", "paper_qwen3_1p7b.yaml", "paper_deepseek_1p5b.yaml", "paper_qwen3_1p7b_remote_teacher.yaml"]
+)
+def test_shipped_training_recipes_validate(name: str) -> None:
+    from pathlib import Path
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / name)
+    if cfg.teacher.backend != "hf":  # a top-K teacher recipe must use an objective it can serve
+        assert cfg.loss.support == "teacher" or cfg.loss.signal == "sampled"
