@@ -71,7 +71,13 @@ def test_string_fields_keep_text_and_optional_ones_take_null():
 
 
 @pytest.mark.parametrize(
-    "name", ["tiny.yaml", "paper_qwen3_1p7b.yaml", "paper_deepseek_1p5b.yaml", "paper_qwen3_1p7b_remote_teacher.yaml"]
+    "name",
+    [
+        "tiny.yaml",
+        "paper_qwen3_1p7b.yaml",
+        "paper_deepseek_1p5b.yaml",
+        "paper_qwen3_1p7b_remote_teacher.yaml",
+    ],
 )
 def test_shipped_training_recipes_validate(name: str) -> None:
     from pathlib import Path
