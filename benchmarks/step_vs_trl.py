@@ -743,7 +743,9 @@ def print_report(meta: dict[str, Any], results: dict[str, dict[str, Any]]) -> No
     print("  ".join(f"{c:>{w}}" for c, w in cols))
     for name, r in results.items():
         if "error" in r:
-            print(f"{labels[name]:>{lw}}  FAILED: {r['error'].splitlines()[0]}")
+            err = [ln for ln in r["error"].splitlines() if ln.strip()]
+            last = err[-1].removeprefix("[rank0]: ").strip() if len(err) > 1 else ""  # the exception, usually
+            print(f"{labels[name]:>{lw}}  FAILED: {err[0]} {last[:200]}")
             continue
         s = r["summary"]
         frac = s.get("update_fraction_of_matmul")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -146,3 +148,35 @@ def test_topk_from_prompt_logprobs_matches_the_dense_topk() -> None:
     rows[0][0].pop(int(y[0, 0]))
     with pytest.raises(ValueError, match="no log-prob for the scored token"):
         topk_from_prompt_logprobs(rows, y, K)
+
+
+def test_padded_teacher_rows_leave_the_support() -> None:
+    """An engine ranks a padded teacher's extra rows too: `restrict` empties those slots, after which
+    losses, stats and diagnostics are finite and equal the dense ones when the padded rows carry ~no
+    mass (real checkpoints), and never index past the student's vocabulary."""
+    from opd.objectives import signal_stats
+    from opd.teacher_topk import sparse_diagnostic_sums, sparse_signal_stats
+
+    s, t, y, mask = _inputs(5)
+    pad = torch.full((B, T, 8), -1e4, dtype=torch.float64)
+    t_pad = torch.cat([t, pad], -1)
+    loud = t_pad.clone()
+    loud[..., V:] = 10.0  # padded rows that dominate: they fill the engine's top-K
+    quiet_top = topk_from_logits(t_pad, y, K).restrict(V)
+    assert torch.equal(quiet_top.ids, topk_from_logits(t, y, K).ids)
+    for kw in ({"signal": "topk", "k": 8, "support": "teacher"}, {"signal": "sampled"}):
+        dense = per_token_loss(s, t, y, mask, chunk_size=None, **kw)
+        assert torch.allclose(sparse_per_token_loss(s, quiet_top, y, mask, **kw), dense, atol=1e-10)
+    dense_stats = signal_stats(s, t, y, mask, signal="topk", k=8, support="teacher", chunk_size=None)
+    got = sparse_signal_stats(s, quiet_top, y, mask, signal="topk", k=8)
+    assert got["adv_max_abs"] == pytest.approx(dense_stats["adv_max_abs"], rel=1e-8)
+    loud_top = topk_from_logits(loud, y, K).restrict(V)
+    assert (~loud_top.valid).any() and int(loud_top.ids.max()) < V
+    s_req = s.clone().requires_grad_(True)
+    loss = sparse_per_token_loss(s_req, loud_top, y, mask, signal="topk", k=K, support="teacher")
+    loss.sum().backward()
+    assert torch.isfinite(loss).all() and torch.isfinite(s_req.grad).all()
+    stats = sparse_signal_stats(s, loud_top, y, mask, signal="topk", k=K)
+    diag = sparse_diagnostic_sums(s, loud_top, mask, k=K)
+    assert all(math.isfinite(v) for v in stats.values())
+    assert all(torch.isfinite(v).all() for v in diag.values())

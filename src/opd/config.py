@@ -77,6 +77,7 @@ class TeacherConfig(_Section):
     vllm_max_model_len: int | None = Field(None, ge=1, description="backend vllm: context length; default: "
                                            "longest prompt + rollout.max_new_tokens")  # fmt: skip
     vllm_kv_cache_gb: int = Field(2, ge=1, description="backend vllm: CPU KV-cache GiB")
+    vllm_gpu_memory: float = Field(0.3, gt=0, lt=1, description="backend vllm: share of GPU memory")
     fidelity_check: bool = Field(
         True, description="backend vllm/http: at start-up, score a few rollouts twice with the engine and "
         "once with the HF model at teacher.path; warn above a mean |Δ log-prob| of 0.05",
@@ -119,6 +120,10 @@ class RolloutConfig(_Section):
         None, ge=1, description="vLLM context length; default: longest prompt + max_new_tokens"
     )
     vllm_kv_cache_gb: int = Field(2, ge=1, description="vLLM CPU KV-cache GiB (VLLM_CPU_KVCACHE_SPACE)")
+    vllm_gpu_memory: float = Field(
+        0.3, gt=0, lt=1, description="vLLM share of GPU memory (gpu_memory_utilization); the student trains "
+        "in the rest (and a vLLM teacher takes teacher.vllm_gpu_memory)",
+    )  # fmt: skip
 
 
 class LossConfig(_Section):

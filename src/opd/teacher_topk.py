@@ -64,6 +64,24 @@ class TeacherTopK:
         """The rows of a micro-batch (the same slice as `Rollout.select`)."""
         return TeacherTopK(self.ids[rows], self.logprobs[rows], self.token_logprob[rows])
 
+    @property
+    def valid(self) -> Tensor:
+        """Slots holding a real entry (`restrict` empties the ones past the shared vocabulary)."""
+        return torch.isfinite(self.logprobs)
+
+    def restrict(self, vocab_size: int) -> TeacherTopK:
+        """Empty the slots whose ids are past the shared vocabulary (id 0, log-prob -inf).
+
+        An engine ranks every output row of the teacher, padded ones included (Qwen2.5 pads 151665
+        tokens to 151936 rows); the student has no such ids, so those slots leave the support. The
+        remaining log-probs keep the engine's normalisation over all rows (see `topk_fidelity`).
+        """
+        outside = self.ids >= vocab_size
+        if not bool(outside.any()):
+            return self
+        return TeacherTopK(self.ids.masked_fill(outside, 0), self.logprobs.masked_fill(outside, float("-inf")),
+                           self.token_logprob)  # fmt: skip
+
     def to(self, device: torch.device | str) -> TeacherTopK:
         return TeacherTopK(self.ids.to(device), self.logprobs.to(device), self.token_logprob.to(device))
 
@@ -153,7 +171,8 @@ def sparse_per_token_loss(
     else:
         ids = teacher.ids[b_idx, t_idx, :k]
         log_q_sel = teacher.logprobs[b_idx, t_idx, :k].to(dtype)
-        valid = torch.ones_like(ids, dtype=torch.bool)
+        valid = torch.isfinite(log_q_sel)  # slots emptied by `restrict` leave the support
+        log_q_sel = torch.where(valid, log_q_sel, 0.0)
         if renorm == "weights":
             log_p_sel = s_rows.gather(-1, ids) - lse
             losses = -(support_advantage(log_p_sel, log_q_sel, valid) * log_p_sel).sum(-1)
@@ -192,7 +211,9 @@ def sparse_signal_stats(student_logits: Tensor, teacher: TeacherTopK, response_t
     else:
         ids = teacher.ids[b_idx, t_idx, :k].long()
         log_q_sel = teacher.logprobs[b_idx, t_idx, :k].double()
-        adv = support_advantage(log_p.gather(-1, ids), log_q_sel, torch.ones_like(ids, dtype=torch.bool))
+        valid = torch.isfinite(log_q_sel)
+        log_q_sel = torch.where(valid, log_q_sel, 0.0)
+        adv = torch.where(valid, support_advantage(log_p.gather(-1, ids), log_q_sel, valid), 0.0)
     flat = adv.abs().flatten().argmax()
     row, slot = flat // ids.shape[-1], flat % ids.shape[-1]
     pmq = log_p[row, ids[row, slot]].exp() - log_q_sel[row, slot].exp()
@@ -230,7 +251,9 @@ def sparse_diagnostic_sums(student_logits: Tensor, teacher: TeacherTopK, mask: T
     sp = s_rows.topk(kk, dim=-1).indices
     sq = teacher.ids[b_idx, t_idx, :kk]
     lq_top = teacher.logprobs[b_idx, t_idx, :kk].double()
-    match = sp.unsqueeze(-1) == sq.unsqueeze(-2)  # [N, k(student), k(teacher)]
+    lq_top = torch.where(torch.isfinite(lq_top), lq_top, 0.0)
+    match = (sp.unsqueeze(-1) == sq.unsqueeze(-2)) & teacher.valid[b_idx, t_idx, :kk].unsqueeze(-2)
+    # [N, k(student), k(teacher)]
     in_i = match.any(-1)
     size = in_i.sum(-1)
     nonempty = size > 0
@@ -276,7 +299,7 @@ def topk_fidelity(engine: TeacherTopK, reference_logits: Tensor, mask: Tensor, *
     m = mask.bool()
     # reference log-probs at the engine's own ids and at the sampled token
     ref_at_ids = log_q.gather(-1, engine.ids.long())
-    d_top = (engine.logprobs.double() - ref_at_ids).abs()[m]
+    d_top = (engine.logprobs.double() - ref_at_ids).abs()[m][engine.valid[m]]  # emptied slots skipped
     out = {
         "top_mean_abs_delta": float(d_top.mean()) if d_top.numel() else float("nan"),
         "top_max_abs_delta": float(d_top.max()) if d_top.numel() else float("nan"),

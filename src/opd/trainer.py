@@ -329,6 +329,7 @@ class OPDTrainer:
             path = model_directory(tc.path, "teacher.backend vllm")
             return VLLMTeacher(
                 str(path), k=tc.top_k, dtype=tc.vllm_dtype, kv_cache_gb=tc.vllm_kv_cache_gb, seed=self.cfg.seed,
+                gpu_memory_utilization=tc.vllm_gpu_memory,
                 max_model_len=self._max_model_len(tc.vllm_max_model_len, "teacher.vllm_max_model_len", scoring=True),
             )  # fmt: skip
         from opd.teacher_http import HTTPTeacher
@@ -371,7 +372,7 @@ class OPDTrainer:
                     stop_ids=self.stop_ids, max_new_tokens=min(max_new_tokens, self.cfg.rollout.max_new_tokens),
                     seed=self.cfg.seed,
                 )  # fmt: skip
-                first, again = self.teacher.score_topk(roll), self.teacher.score_topk(roll)
+                first, again = (self.teacher.score_topk(roll).restrict(self.vocab_size) for _ in range(2))
                 ref = load_model(tc.path, dtype="float32", trust_remote_code=tc.trust_remote_code)
                 logits = score_frozen(freeze_teacher(ref), roll)[..., : self.vocab_size]
                 del ref
@@ -405,6 +406,7 @@ class OPDTrainer:
         return VLLMGenerator(
             str(path), pad_id=self.tokenizer.pad_token_id, stop_ids=stop_ids, dtype=cfg.rollout.vllm_dtype,
             max_model_len=max_len, seed=cfg.seed, kv_cache_gb=cfg.rollout.vllm_kv_cache_gb,
+            gpu_memory_utilization=cfg.rollout.vllm_gpu_memory,
         )  # fmt: skip
 
     def _wrap_lora(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -453,7 +455,7 @@ class OPDTrainer:
         error: TeacherUnavailableError | None = None
         tops: list[TeacherTopK] = []
         try:
-            tops = [self.teacher.score_topk(r) for r in rollouts]
+            tops = [self.teacher.score_topk(r).restrict(self.vocab_size) for r in rollouts]
         except TeacherUnavailableError as exc:
             error = exc
         failed = self._reduce(torch.tensor(float(error is not None), dtype=torch.float64))

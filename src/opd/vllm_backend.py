@@ -186,9 +186,11 @@ class VLLMTeacher:
         max_model_len: int = 2048,
         kv_cache_gb: int = 2,
         seed: int = 0,
+        gpu_memory_utilization: float = 0.3,
     ) -> None:
+        gpu = {"gpu_memory_utilization": gpu_memory_utilization} if torch.cuda.is_available() else {}
         self._vllm, self.llm = _start_engine(model_path, dtype=dtype, max_model_len=max_model_len, seed=seed,
-                                             kv_cache_gb=kv_cache_gb, max_logprobs=max(k, 20))  # fmt: skip
+                                             kv_cache_gb=kv_cache_gb, max_logprobs=max(k, 20), **gpu)  # fmt: skip
         self.k = k
 
     def score_topk(self, rollout: Rollout) -> Any:
