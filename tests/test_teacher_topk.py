@@ -180,3 +180,19 @@ def test_padded_teacher_rows_leave_the_support() -> None:
     diag = sparse_diagnostic_sums(s, loud_top, mask, k=K)
     assert all(math.isfinite(v) for v in stats.values())
     assert all(torch.isfinite(v).all() for v in diag.values())
+
+
+@pytest.mark.parametrize("chunk", [1, 3, None])
+def test_sparse_stats_and_diagnostics_do_not_depend_on_chunking(chunk) -> None:
+    from opd.teacher_topk import sparse_diagnostic_sums, sparse_signal_stats
+
+    s, t, y, mask = _inputs(6)
+    top = topk_from_logits(t, y, K)
+    ref_d = sparse_diagnostic_sums(s, top, mask, k=8, chunk_size=10**6)
+    got_d = sparse_diagnostic_sums(s, top, mask, k=8, chunk_size=chunk)
+    for key in ref_d:
+        assert float(got_d[key]) == pytest.approx(float(ref_d[key]), rel=1e-12), key
+    for signal in ("sampled", "topk"):
+        ref_s = sparse_signal_stats(s, top, y, mask, signal=signal, k=8, chunk_size=10**6)
+        got_s = sparse_signal_stats(s, top, y, mask, signal=signal, k=8, chunk_size=chunk)
+        assert got_s == pytest.approx(ref_s, rel=1e-12)

@@ -27,6 +27,7 @@ from opd.objectives import (
     _safe_valid,
     divergence_from_log_probs,
     masked_positions,
+    row_chunks,
     support_advantage,
     support_log_probs,
     validate_objective,
@@ -187,40 +188,53 @@ def sparse_per_token_loss(
     return zeros.index_put((b_idx, t_idx), losses)
 
 
+def _rows_dtype(student: Tensor) -> torch.dtype:
+    """float64 for float64 inputs (the reference tests), float32 otherwise, as the dense functions."""
+    return torch.float64 if student.dtype == torch.float64 else torch.float32
+
+
 @torch.no_grad()
 def sparse_signal_stats(student_logits: Tensor, teacher: TeacherTopK, response_tokens: Tensor, mask: Tensor, *,
-                        signal: str, k: int = 16, vocab_size: int | None = None) -> dict[str, float]:  # fmt: skip
+                        signal: str, k: int = 16, vocab_size: int | None = None,
+                        chunk_size: int | None = 2048) -> dict[str, float]:  # fmt: skip
     """`opd.objectives.signal_stats` from a top-K teacher (support "teacher" for topk, as the loss).
 
     Every quantity is known exactly: r_t needs only log q(y_t); the advantages and the p - q at the
-    largest one are taken on the teacher's own top-k, where the engine returned log q.
+    largest one are taken on the teacher's own top-k, where the engine returned log q. Rows are processed
+    in chunks, so a 150k vocabulary costs one chunk of temporaries.
     """
     check_sparse_objective(signal, "teacher", k, teacher.k)
     student = student_logits[..., :vocab_size] if vocab_size else student_logits
+    dtype = _rows_dtype(student)
     b_idx, t_idx = masked_positions(mask)
     n = b_idx.numel()
+    reward_sum, best, best_pmq = 0.0, -1.0, 0.0
+    for start, stop in row_chunks(n, chunk_size):
+        bi, ti = b_idx[start:stop], t_idx[start:stop]
+        log_p = torch.log_softmax(student[bi, ti].to(dtype), dim=-1)
+        y = response_tokens.long()[bi, ti].unsqueeze(-1)
+        log_q_y = teacher.token_logprob[bi, ti].to(dtype).unsqueeze(-1)
+        reward = (log_q_y - log_p.gather(-1, y)).squeeze(-1)
+        reward_sum += float(reward.double().sum())
+        if signal == "sampled":
+            ids, log_q_sel, adv = y, log_q_y, reward.unsqueeze(-1)
+        else:
+            ids = teacher.ids[bi, ti, :k].long()
+            log_q_sel = teacher.logprobs[bi, ti, :k].to(dtype)
+            valid = torch.isfinite(log_q_sel)
+            log_q_sel = torch.where(valid, log_q_sel, 0.0)
+            adv = torch.where(valid, support_advantage(log_p.gather(-1, ids), log_q_sel, valid), 0.0)
+        flat = adv.abs().flatten().argmax()
+        if float(adv.abs().flatten()[flat]) > best:
+            row, slot = flat // ids.shape[-1], flat % ids.shape[-1]
+            best = float(adv.abs().flatten()[flat])
+            best_pmq = float(log_p[row, ids[row, slot]].exp() - log_q_sel[row, slot].exp())
     if n == 0:
         return {"reward_mean": 0.0, "adv_max_abs": 0.0, "p_minus_q_at_max_adv": 0.0, "n_tokens": 0.0}
-    s_rows = student[b_idx, t_idx].double()
-    log_p = torch.log_softmax(s_rows, dim=-1)
-    y = response_tokens.long()[b_idx, t_idx].unsqueeze(-1)
-    log_q_y = teacher.token_logprob[b_idx, t_idx].double().unsqueeze(-1)
-    reward = (log_q_y - log_p.gather(-1, y)).squeeze(-1)
-    if signal == "sampled":
-        ids, log_q_sel, adv = y, log_q_y, reward.unsqueeze(-1)
-    else:
-        ids = teacher.ids[b_idx, t_idx, :k].long()
-        log_q_sel = teacher.logprobs[b_idx, t_idx, :k].double()
-        valid = torch.isfinite(log_q_sel)
-        log_q_sel = torch.where(valid, log_q_sel, 0.0)
-        adv = torch.where(valid, support_advantage(log_p.gather(-1, ids), log_q_sel, valid), 0.0)
-    flat = adv.abs().flatten().argmax()
-    row, slot = flat // ids.shape[-1], flat % ids.shape[-1]
-    pmq = log_p[row, ids[row, slot]].exp() - log_q_sel[row, slot].exp()
     return {
-        "reward_mean": float(reward.mean()),
-        "adv_max_abs": float(adv.abs().flatten()[flat]),
-        "p_minus_q_at_max_adv": float(pmq),
+        "reward_mean": reward_sum / n,
+        "adv_max_abs": best,
+        "p_minus_q_at_max_adv": best_pmq,
         "n_tokens": float(n),
     }
 
@@ -238,45 +252,50 @@ log-probs on it are known); teacher entropy, entropy gap and the full KLs need i
 
 @torch.no_grad()
 def sparse_diagnostic_sums(student_logits: Tensor, teacher: TeacherTopK, mask: Tensor, *, k: int = 16,
-                           vocab_size: int | None = None) -> dict[str, Tensor]:  # fmt: skip
+                           vocab_size: int | None = None, chunk_size: int | None = 2048) -> dict[str, Tensor]:  # fmt: skip
     """Float64 sums/counts of `SPARSE_METRICS`, in `opd.diagnostics.diagnostic_sums`' format (so
     `merge_sums`/`finalize` and the trainer's cross-process reduction apply unchanged)."""
     if k > teacher.k:
         raise ConfigError(f"diagnostics.k {k} > the teacher's top-K {teacher.k}; lower diagnostics.k")
     student = student_logits[..., :vocab_size] if vocab_size else student_logits
+    dtype = _rows_dtype(student)
     b_idx, t_idx = masked_positions(mask)
-    s_rows = student[b_idx, t_idx].double()
-    log_p = torch.log_softmax(s_rows, dim=-1)
-    kk = min(k, s_rows.shape[-1])
-    sp = s_rows.topk(kk, dim=-1).indices
-    sq = teacher.ids[b_idx, t_idx, :kk]
-    lq_top = teacher.logprobs[b_idx, t_idx, :kk].double()
-    lq_top = torch.where(torch.isfinite(lq_top), lq_top, 0.0)
-    match = (sp.unsqueeze(-1) == sq.unsqueeze(-2)) & teacher.valid[b_idx, t_idx, :kk].unsqueeze(-2)
-    # [N, k(student), k(teacher)]
-    in_i = match.any(-1)
-    size = in_i.sum(-1)
-    nonempty = size > 0
-    lp_i = log_p.gather(-1, sp)
-    # the teacher's log-prob at each student slot that is in I (its position in the teacher's list)
-    lq_i = torch.where(match, lq_top.unsqueeze(-2), 0.0).sum(-1)
-    mass_p = torch.where(in_i, lp_i.exp(), 0.0).sum(-1)
-    mass_q = torch.where(in_i, lq_i.exp(), 0.0).sum(-1)
-    safe = in_i | ~nonempty.unsqueeze(-1)
-    lpt = support_log_probs(lp_i, safe)
-    lqt = support_log_probs(torch.where(in_i, lq_i, lp_i), safe)
-    adv = torch.where(in_i, lpt.exp() * (lqt - lpt), 0.0).sum(-1) / size.clamp_min(1).double()
-    h_p = -torch.where(log_p.exp() > 0, log_p.exp() * log_p, 0.0).sum(-1)
     f64 = torch.float64
-    return {
-        "overlap_ratio__sum": (size.double() / kk).sum(),
-        "overlap_mass_student__sum": mass_p.sum(),
-        "overlap_mass_teacher__sum": mass_q.sum(),
-        "overlap_token_advantage__sum": torch.where(nonempty, adv, 0.0).sum(),
-        "entropy_student__sum": h_p.sum(),
-        "tokens__count": torch.tensor(float(b_idx.numel()), dtype=f64),
-        "overlap_nonempty__count": nonempty.sum().to(f64),
-    }
+    out = {f"{name}__sum": torch.zeros((), dtype=f64) for name in SPARSE_METRICS}
+    out["tokens__count"] = torch.tensor(float(b_idx.numel()), dtype=f64)
+    out["overlap_nonempty__count"] = torch.zeros((), dtype=f64)
+    kk = min(k, student.shape[-1])
+    for start, stop in row_chunks(b_idx.numel(), chunk_size):
+        bi, ti = b_idx[start:stop], t_idx[start:stop]
+        s_rows = student[bi, ti].to(dtype)
+        log_p = torch.log_softmax(s_rows, dim=-1)
+        sp = s_rows.topk(kk, dim=-1).indices
+        sq = teacher.ids[bi, ti, :kk]
+        lq_top = teacher.logprobs[bi, ti, :kk].to(dtype)
+        lq_top = torch.where(torch.isfinite(lq_top), lq_top, 0.0)
+        # [N, k(student), k(teacher)]: which student top-k id sits at which teacher slot
+        match = (sp.unsqueeze(-1) == sq.unsqueeze(-2)) & teacher.valid[bi, ti, :kk].unsqueeze(-2)
+        in_i = match.any(-1)
+        size = in_i.sum(-1)
+        nonempty = size > 0
+        lp_i = log_p.gather(-1, sp)
+        lq_i = torch.where(match, lq_top.unsqueeze(-2), 0.0).sum(-1)  # the teacher's log-prob there
+        mass_p = torch.where(in_i, lp_i.exp(), 0.0).sum(-1)
+        mass_q = torch.where(in_i, lq_i.exp(), 0.0).sum(-1)
+        safe = in_i | ~nonempty.unsqueeze(-1)
+        lpt = support_log_probs(lp_i, safe)
+        lqt = support_log_probs(torch.where(in_i, lq_i, lp_i), safe)
+        adv = torch.where(in_i, lpt.exp() * (lqt - lpt), 0.0).sum(-1) / size.clamp_min(1).to(dtype)
+        p = log_p.exp()
+        h_p = -torch.where(p > 0, p * log_p, 0.0).sum(-1)
+        del p, log_p, s_rows
+        out["overlap_ratio__sum"] += (size.to(f64) / kk).sum()
+        out["overlap_mass_student__sum"] += mass_p.to(f64).sum()
+        out["overlap_mass_teacher__sum"] += mass_q.to(f64).sum()
+        out["overlap_token_advantage__sum"] += torch.where(nonempty, adv, 0.0).to(f64).sum()
+        out["entropy_student__sum"] += h_p.to(f64).sum()
+        out["overlap_nonempty__count"] += nonempty.sum().to(f64)
+    return out
 
 
 FIDELITY_WARN_MEAN = 0.05

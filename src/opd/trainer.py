@@ -538,7 +538,12 @@ class OPDTrainer:
                     )  # fmt: skip
                 else:
                     diag = sparse_diagnostic_sums(
-                        s_det, top, mask, k=cfg.diagnostics.k, vocab_size=self.vocab_size
+                        s_det,
+                        top,
+                        mask,
+                        k=cfg.diagnostics.k,
+                        vocab_size=self.vocab_size,
+                        chunk_size=lc.chunk_size,
                     )
                 sums = merge_sums(sums, diag)
                 if mb.engine_logprobs is not None and n_mb:
@@ -554,7 +559,7 @@ class OPDTrainer:
                     del sv, lp
                 if n_mb and top is not None:
                     st = sparse_signal_stats(s_det, top, tokens, mask, signal=lc.signal, k=lc.k,
-                                             vocab_size=self.vocab_size)  # fmt: skip
+                                             vocab_size=self.vocab_size, chunk_size=lc.chunk_size)  # fmt: skip
                 elif n_mb:
                     st = signal_stats(
                         s_det, t_logits, tokens, mask, signal=lc.signal, k=lc.k, support=lc.support,
