@@ -313,3 +313,19 @@ def test_vllm_backend_errors_are_clear(tiny_pair, tmp_path) -> None:
     if importlib.util.find_spec("vllm") is None:
         with pytest.raises(ConfigError, match=r"opd\[vllm"):
             OPDTrainer(load_config(None, base)).setup()
+
+
+def test_bf16_autocast_keeps_fp32_master_weights_and_tracks_fp32(pair, tmp_path):
+    """student.autocast bfloat16: compute in bf16, weights/grads/optimizer state in fp32; the first
+    step's loss and diagnostics stay close to the fp32 run (same seeds, same rollouts up to bf16 noise)."""
+    t32 = _trainer(pair, tmp_path / "fp32", steps=1, **{"rollout.temperature": 0.0})
+    h32 = t32.train()
+    t16 = _trainer(pair, tmp_path / "bf16", steps=1, **{"rollout.temperature": 0.0, "student.autocast": "bfloat16"})
+    h16 = t16.train()
+    assert all(p.dtype == torch.float32 for p in t16._unwrapped().parameters())
+    state = t16.optimizer.state_dict()["state"]
+    assert state and all(v["exp_avg"].dtype == torch.float32 for v in state.values())
+    assert h16[0]["loss"] == pytest.approx(h32[0]["loss"], rel=0.05)
+    assert h16[0]["overlap_ratio"] == pytest.approx(h32[0]["overlap_ratio"], abs=0.05)
+    with pytest.raises(Exception, match="autocast"):
+        load_config(None, _args(pair, tmp_path / "x", **{"student.autocast": "int8"}))

@@ -38,6 +38,10 @@ class LoraConfig(_Section):
 class StudentConfig(_Section):
     path: str = Field("", description="local dir, .gguf file, or hub id (hub only when online)")
     dtype: Dtype = Field("float32", description="fp32 master weights: bf16 swallows 1e-6 updates")
+    autocast: Literal["none", "bfloat16", "float16"] = Field(
+        "none", description="mixed precision: the student's forward/backward (and HF rollouts) compute in this "
+        "dtype under torch.autocast while weights, gradients and optimizer state stay in student.dtype",
+    )  # fmt: skip
     trust_remote_code: bool = False
     lora: LoraConfig = LoraConfig()
 

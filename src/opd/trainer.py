@@ -421,6 +421,15 @@ class OPDTrainer:
         )
         return get_peft_model(model, peft_cfg)
 
+    def _autocast(self, rollouts: bool = False) -> Any:
+        """Mixed precision for the student (`student.autocast`): the same compute dtype for its HF rollouts
+        and its training forward, so the policy that samples is the policy that is scored. A vLLM engine
+        samples in its own dtype (rollout.vllm_dtype; the engine_logprob_delta metrics show the gap)."""
+        dtype = self.cfg.student.autocast
+        if dtype == "none" or (rollouts and self.cfg.rollout.backend != "hf"):
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.acc.device.type, dtype=getattr(torch, dtype))
+
     def _unwrapped(self) -> torch.nn.Module:
         return self.acc.unwrap_model(self.student)
 
@@ -438,15 +447,16 @@ class OPDTrainer:
         for c in range(0, len(mine), bs):
             chunk = mine[c : c + bs]
             seed = chunk_seed(cfg.seed, step, offset + c)
-            out.append(
-                self.generator.generate(
-                    [self.prompt_ids[i] for i in chunk],
-                    self.sampling,
-                    cfg.rollout.rollouts_per_prompt,
-                    seed,
-                    chunk,
+            with self._autocast(rollouts=True):
+                out.append(
+                    self.generator.generate(
+                        [self.prompt_ids[i] for i in chunk],
+                        self.sampling,
+                        cfg.rollout.rollouts_per_prompt,
+                        seed,
+                        chunk,
+                    )
                 )
-            )
         return out
 
     def _score_sparse(self, rollouts: list[Rollout]) -> list[TeacherTopK]:
@@ -513,7 +523,8 @@ class OPDTrainer:
             n_mb = int(mask.sum())
             sync = contextlib.nullcontext() if i == len(micro) - 1 else acc.no_sync(self.student)
             with sync:
-                s_logits = response_logits(self.student, mb)
+                with self._autocast():
+                    s_logits = response_logits(self.student, mb)
                 if top is None:
                     per_tok = per_token_loss(
                         s_logits, t_logits, tokens, mask, signal=lc.signal, divergence=lc.divergence, k=lc.k,
