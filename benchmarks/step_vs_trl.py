@@ -55,27 +55,37 @@ SIZES: dict[str, dict[str, dict[str, int]]] = {
 }
 
 OPD_SIGNALS = ("full", "topk", "sampled")
-# Arm suffixes after opd-SIGNAL: -vllm = rollout.backend vllm, -vt = teacher.backend vllm (in-process engine).
-ARM_SUFFIXES = ((), ("vllm",), ("vt",), ("vllm", "vt"))
+# Arm suffixes after opd-SIGNAL: -vllm = rollout.backend vllm, -vt = teacher.backend vllm (in-process engine),
+# -ht = teacher.backend http (an `opd serve-teacher` server the parent starts for the arm).
+ARM_SUFFIXES = ((), ("vllm",), ("vt",), ("vllm", "vt"), ("ht",), ("vllm", "ht"))
+TRL_ARMS = {"trl": False, "trl-bf16": True}  # name -> TRL's bf16=True (HF Trainer / accelerate mixed precision)
 
 
-def parse_arm(name: str) -> dict[str, str]:
-    """`trl` or `opd-SIGNAL[-vllm][-vt]` -> framework, signal, rollout/teacher backends and a table label."""
-    if name == "trl":
-        return {"framework": "trl", "label": "trl"}
+def parse_arm(name: str) -> dict[str, Any]:
+    """`trl`, `trl-bf16` or `opd-SIGNAL[-vllm][-vt|-ht]` -> framework, signal, rollout/teacher backends and a
+    table label."""
+    if name in TRL_ARMS:
+        bf16 = TRL_ARMS[name]
+        return {"framework": "trl", "bf16": bf16, "label": "trl[bf16]" if bf16 else "trl"}
     parts = name.removeprefix("opd-").split("-") if name.startswith("opd-") else []
     if not parts or parts[0] not in OPD_SIGNALS or tuple(parts[1:]) not in ARM_SUFFIXES:
         raise ValueError(f"unknown framework {name!r}")
     signal = parts[0]
     rollout = "vllm" if "vllm" in parts[1:] else "hf"
-    teacher = "vllm" if "vt" in parts[1:] else "hf"
-    if teacher == "vllm" and signal == "full":
+    teacher = "vllm" if "vt" in parts[1:] else "http" if "ht" in parts[1:] else "hf"
+    if teacher != "hf" and signal == "full":
         raise ValueError(
-            f"{name}: a vLLM teacher gives top-K log-probs only, which cannot serve loss.signal full "
-            "(use opd-topk-vt or opd-sampled-vt)"
+            f"{name}: a vLLM teacher (in-process or over HTTP) gives top-K log-probs only, which cannot serve "
+            f"loss.signal full (use opd-topk-{parts[-1]} or opd-sampled-{parts[-1]})"
         )
     extras = [
-        what for what, on in (("vllm rollouts", rollout == "vllm"), ("vllm teacher", teacher == "vllm")) if on
+        what
+        for what, on in (
+            ("vllm rollouts", rollout == "vllm"),
+            ("vllm teacher", teacher == "vllm"),
+            ("http teacher", teacher == "http"),
+        )
+        if on
     ]
     return {
         "framework": "opd",
@@ -151,15 +161,16 @@ def _child_prologue(threads: int) -> Any:
     return torch
 
 
-def _matmul_rate(torch_mod: Any, seconds: float, n: int = 2048) -> dict[str, Any] | None:
-    """The achieved fp32 matmul rate of this process (its thread count, its device): `torch.mm` of two
-    n x n fp32 matrices, repeated for about `seconds` after one untimed call; 2 n^3 FLOPs per product."""
+def _matmul_rate(torch_mod: Any, seconds: float, n: int = 2048, dtype: str = "float32") -> dict[str, Any] | None:
+    """The achieved matmul rate of this process (its thread count, its device) in `dtype`: `torch.mm` of two
+    n x n matrices, repeated for about `seconds` after one untimed call; 2 n^3 FLOPs per product."""
     if seconds <= 0:
         return None
     device = "cuda" if torch_mod.cuda.is_available() else "cpu"
-    a = torch_mod.randn(n, n, dtype=torch_mod.float32, device=device)
-    b = torch_mod.randn(n, n, dtype=torch_mod.float32, device=device)
-    out = torch_mod.empty(n, n, dtype=torch_mod.float32, device=device)
+    dt = getattr(torch_mod, dtype)
+    a = torch_mod.randn(n, n, dtype=torch_mod.float32, device=device).to(dt)
+    b = torch_mod.randn(n, n, dtype=torch_mod.float32, device=device).to(dt)
+    out = torch_mod.empty(n, n, dtype=dt, device=device)
     torch_mod.mm(a, b, out=out)
     _sync(torch_mod)
     iters, t0 = 0, time.perf_counter()
@@ -175,13 +186,53 @@ def _matmul_rate(torch_mod: Any, seconds: float, n: int = 2048) -> dict[str, Any
     del a, b, out
     return {
         "gflops": 2 * n**3 * iters / elapsed / 1e9,
+        "dtype": dtype,
         "n": n,
         "iters": iters,
         "seconds": elapsed,
         "threads": torch_mod.get_num_threads(),
         "device": device,
-        "tf32": bool(device == "cuda" and torch_mod.backends.cuda.matmul.allow_tf32),
+        "tf32": bool(device == "cuda" and dtype == "float32" and torch_mod.backends.cuda.matmul.allow_tf32),
     }
+
+
+def _matmul_rates(torch_mod: Any, seconds: float) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """(fp32, bf16) matmul rates, `seconds` each; the bf16 one is None where bf16 matmul fails."""
+    fp32 = _matmul_rate(torch_mod, seconds)
+    try:
+        bf16 = _matmul_rate(torch_mod, seconds, dtype="bfloat16")
+    except RuntimeError:  # no bf16 matmul on this device
+        bf16 = None
+    return fp32, bf16
+
+
+class _ComputeDtypes:
+    """Which dtype a model really computes in, per phase: a forward hook on its first decoder projection (the
+    first nn.Linear that is not the LM head) records the output dtype and whether autocast was on, keyed by
+    the phase the caller sets (rollout / update / teacher). Cheap: one hook call per model forward."""
+
+    def __init__(self, torch_mod: Any) -> None:
+        self.torch = torch_mod
+        self.phase = "other"
+        self.seen: dict[str, set[str]] = {}
+
+    def watch(self, model: Any, phase: str | None = None) -> str | None:
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        for name, mod in model.named_modules():
+            if isinstance(mod, self.torch.nn.Linear) and mod is not head:
+
+                def hook(m: Any, args: Any, out: Any, _phase: str | None = phase) -> None:
+                    dev = out.device.type
+                    on = self.torch.is_autocast_enabled(dev)
+                    what = f"{str(out.dtype).removeprefix('torch.')}" + (" (autocast on)" if on else "")
+                    self.seen.setdefault(_phase or self.phase, set()).add(what)
+
+                mod.register_forward_hook(hook)
+                return name
+        return None
+
+    def report(self) -> dict[str, list[str]]:
+        return {k: sorted(v) for k, v in self.seen.items()}
 
 
 def _param_counts(model: Any) -> dict[str, int]:
@@ -256,18 +307,35 @@ def run_opd(spec: dict[str, Any]) -> dict[str, Any]:
         notes.append(
             f"rollouts: in-process vLLM engine, {dtype}, {kv_gb} GiB KV cache, weights pushed every step"
         )
-    if teacher_backend == "vllm":
+    autocast = spec.get("student_autocast", "none")
+    if autocast != "none":
+        overrides += ["--student.autocast", autocast]
+        notes.append(
+            f"student.autocast {autocast}: student forward/backward"
+            + (" and HF rollouts" if rollout_backend == "hf" else "")
+            + f" under torch.autocast({autocast}), fp32 master weights, gradients and AdamW state"
+        )
+    if teacher_backend in ("vllm", "http"):
         # A top-K teacher serves loss.signal sampled, or topk on the teacher's support with loss.k <= top_k;
         # the diagnostics' k is bounded by top_k as well.
         top_k = int(spec.get("teacher_top_k", 20))
         k = min(16, top_k)
         tdtype = spec.get("vllm_teacher_dtype", "bfloat16")
-        overrides += ["--teacher.backend", "vllm", "--teacher.top_k", str(top_k), "--teacher.vllm_dtype", tdtype,
-                      "--teacher.vllm_kv_cache_gb", kv_gb, "--loss.k", str(k), "--diagnostics.k", str(k)]  # fmt: skip
+        overrides += ["--teacher.backend", teacher_backend, "--teacher.top_k", str(top_k),
+                      "--loss.k", str(k), "--diagnostics.k", str(k)]  # fmt: skip
+        if teacher_backend == "vllm":
+            overrides += ["--teacher.vllm_dtype", tdtype, "--teacher.vllm_kv_cache_gb", kv_gb]
+            where = f"in-process vLLM engine, {tdtype}, {kv_gb} GiB KV cache"
+        else:
+            overrides += ["--teacher.urls", f"[{spec['teacher_url']}]"]
+            where = (
+                f"opd serve-teacher at {spec['teacher_url']} (separate process tree, {tdtype}, "
+                f"{kv_gb} GiB KV cache, max_model_len {spec.get('teacher_max_model_len')})"
+            )
         if signal == "topk":
             overrides += ["--loss.support", "teacher"]
         notes.append(
-            f"teacher: in-process vLLM engine, {tdtype}, top-{top_k} log-probs per position, {kv_gb} GiB KV cache"
+            f"teacher: {where}, top-{top_k} log-probs per position"
             + (f"; loss.support teacher, loss.k {k}" if signal == "topk" else "")
             + f", diagnostics.k {k}"
         )
@@ -279,8 +347,13 @@ def run_opd(spec: dict[str, Any]) -> dict[str, Any]:
     threads_after_setup = torch.get_num_threads()
     # Measured after set-up, so it runs with the threads (and, with a vLLM engine in the process, the CPU
     # thread binding vLLM installs) the update it is compared with runs with.
-    matmul = _matmul_rate(torch, spec.get("matmul_seconds", 2.0))
+    matmul, matmul_bf16 = _matmul_rates(torch, spec.get("matmul_seconds", 2.0))
     params = _param_counts(tr._unwrapped())
+    dtypes = _ComputeDtypes(torch)
+    watched = dtypes.watch(tr._unwrapped())
+    hf_teacher = getattr(tr.teacher, "model", None)
+    if hf_teacher is not None:
+        dtypes.watch(hf_teacher, phase="teacher")
 
     # Count what the student's forward in the update actually gets: the padded [B, P + T] micro-batches
     # (Rollout.select trims all-padding columns), and the positions its LM head projects (logits_to_keep).
@@ -292,7 +365,11 @@ def run_opd(spec: dict[str, Any]) -> dict[str, Any]:
         b, p, t = len(rollout), rollout.prompt_len, int(rollout.response_ids.shape[1])
         fwd["tokens"] += b * (p + t)
         fwd["head_tokens"] += b * (t + 1 if keeps(model) else p + t)
-        return response_logits(model, rollout)
+        dtypes.phase = "update"
+        try:
+            return response_logits(model, rollout)
+        finally:
+            dtypes.phase = "other"
 
     opd.trainer.response_logits = counting_response_logits  # the trainer's student forward only
 
@@ -301,7 +378,11 @@ def run_opd(spec: dict[str, Any]) -> dict[str, Any]:
     gen = tr.generator.generate
 
     def counting_generate(*a: Any, **k: Any) -> Any:
-        r = gen(*a, **k)
+        dtypes.phase = "rollout"
+        try:
+            r = gen(*a, **k)
+        finally:
+            dtypes.phase = "other"
         counts["seqs"] += len(r)
         counts["prompt_tokens"] += int(r.prompt_mask.sum())
         counts["response_tokens"] += int(r.response_mask.sum())
@@ -354,8 +435,13 @@ def run_opd(spec: dict[str, Any]) -> dict[str, Any]:
         "steps": steps,
         "memory": _memory_report(torch, rss_import, rss_setup, hwm_reset),
         "matmul": matmul,
+        "matmul_bf16": matmul_bf16,
         "params": params,
         "torch_threads_after_setup": threads_after_setup,
+        "compute_dtypes": dtypes.report(),
+        "dtype_probe_module": watched,
+        "expected_update_dtype": "bfloat16" if autocast == "bfloat16" else "float16" if autocast == "float16"
+        else "float32",
         "notes": notes,
     }
 
@@ -373,6 +459,7 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
 
     rss_import = _rss_now_mb()
     cuda = torch.cuda.is_available()
+    bf16 = bool(spec.get("bf16", False))
     total = spec["warmup"] + spec["steps"]
     n_seq = spec["prompts_per_step"] * spec["rollouts"]
 
@@ -428,8 +515,9 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
         adam_beta2=0.999,
         adam_epsilon=1e-8,
         max_grad_norm=1.0,
-        # precision / memory: fp32 like opd; TRL defaults to bf16=True and gradient_checkpointing=True
-        bf16=False,
+        # precision / memory: fp32 like opd (trl-bf16: bf16=True, HF Trainer mixed precision through accelerate,
+        # fp32 master weights); TRL defaults to bf16=True and gradient_checkpointing=True
+        bf16=bf16,
         fp16=False,
         gradient_checkpointing=False,
         disable_dropout=True,
@@ -444,7 +532,7 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
     notes.append(
         f"trl {trl.__version__}: per_device_train_batch_size={n_seq} ({spec['prompts_per_step']} prompts x "
         f"{spec['rollouts']} repeated rows, n=1 each), grad_accum=1, beta=1.0 (reverse KL), temperature=1.0, "
-        "gradient_checkpointing=False, bf16=False, optim=adamw_torch, chunked hidden-state JSD loss"
+        f"gradient_checkpointing=False, bf16={bf16}, optim=adamw_torch, chunked hidden-state JSD loss"
     )
 
     counts = {
@@ -459,13 +547,17 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
     }
     params = _param_counts(student)
     steps: list[dict[str, Any]] = []
-    state: dict[str, Any] = {"t0": 0.0, "rss_setup": float("nan"), "hwm_reset": False, "matmul": None}
+    state: dict[str, Any] = {"t0": 0.0, "rss_setup": float("nan"), "hwm_reset": False, "matmul": None,
+                             "matmul_bf16": None}  # fmt: skip
+    dtypes = _ComputeDtypes(torch)
+    hidden_dtypes: dict[str, set[str]] = {}
 
     class StepTimer(TrainerCallback):
         def on_train_begin(self, args, st, control, **kw):  # optimizer and dataloader exist by now
             _sync(torch)
             state["rss_setup"] = _rss_now_mb()
-            state["matmul"] = _matmul_rate(torch, spec.get("matmul_seconds", 2.0))  # as in the opd child
+            # as in the opd child
+            state["matmul"], state["matmul_bf16"] = _matmul_rates(torch, spec.get("matmul_seconds", 2.0))
             state["hwm_reset"] = _reset_hwm()
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
@@ -510,11 +602,21 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
     # Instrument generation (rollout time + the completions it returned, EOS-masked by TRL itself) and the
     # teacher's backbone forward (teacher time); everything else in the step counts as the update.
     gen_single = trainer._generate_single_turn
+    # What TRL's bf16=True really computes in: the student's first decoder projection during generation
+    # and during the loss ("update"), the teacher's, and the dtype of the last hidden states the chunked loss
+    # projects (whether autocast was on around the backbone calls).
+    watched = dtypes.watch(student)
+    dtypes.watch(teacher, phase="teacher")
+    dtypes.phase = "update"
 
     def timed_generate(prompt_ids, *a, **k):
         _sync(torch)
         t = time.perf_counter()
-        completion_ids = gen_single(prompt_ids, *a, **k)
+        dtypes.phase = "rollout"
+        try:
+            completion_ids = gen_single(prompt_ids, *a, **k)
+        finally:
+            dtypes.phase = "update"
         _sync(torch)
         counts["rollout_s"] += time.perf_counter() - t
         counts["seqs"] += len(completion_ids)
@@ -535,12 +637,21 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
             keep = k["logits_to_keep"] if "logits_to_keep" in k else a[2]
             counts["update_tokens"] += int(ids.numel())
             counts["update_head_tokens"] += int(ids.shape[0]) * int(keep or ids.shape[1])
-            return last_hidden(model, *a, **k)
+            out = last_hidden(model, *a, **k)
+            on = torch.is_autocast_enabled(out.device.type)
+            hidden_dtypes.setdefault("student", set()).add(
+                str(out.dtype).removeprefix("torch.") + (" (autocast on)" if on else "")
+            )
+            return out
         _sync(torch)
         t = time.perf_counter()
         out = last_hidden(model, *a, **k)
         _sync(torch)
         counts["teacher_s"] += time.perf_counter() - t
+        on = torch.is_autocast_enabled(out.device.type)
+        hidden_dtypes.setdefault("teacher", set()).add(
+            str(out.dtype).removeprefix("torch.") + (" (autocast on)" if on else "")
+        )
         return out
 
     trainer._get_last_hidden_state = timed_last_hidden  # type: ignore[method-assign]
@@ -554,7 +665,14 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
         "steps": steps,
         "memory": _memory_report(torch, rss_import, state["rss_setup"], state["hwm_reset"]),
         "matmul": state["matmul"],
+        "matmul_bf16": state["matmul_bf16"],
         "params": params,
+        "compute_dtypes": dtypes.report(),
+        "dtype_probe_module": watched,
+        "last_hidden_dtypes": {k: sorted(v) for k, v in hidden_dtypes.items()},
+        "accelerate_mixed_precision": str(trainer.accelerator.mixed_precision),
+        "accelerate_native_amp": bool(getattr(trainer.accelerator, "native_amp", False)),
+        "expected_update_dtype": "bfloat16" if bf16 else "float32",
         "notes": notes,
     }
 
@@ -652,7 +770,13 @@ def summarize(res: dict[str, Any]) -> dict[str, Any]:
 
     mm = [m["gflops"] for m in res.get("matmul_runs") or [res.get("matmul")] if m]
     matmul = statistics.median(mm) if mm else None
+    mm16 = [m["gflops"] for m in res.get("matmul_bf16_runs") or [res.get("matmul_bf16")] if m]
+    matmul_bf16 = statistics.median(mm16) if mm16 else None
     update_rate = median_or_none("update_gflops_per_s")
+    compute = update_compute_dtype(res)
+    ref = matmul_bf16 if compute == "bfloat16" else matmul  # the rate the update's matmuls could reach
+    server = res.get("teacher_server") or {}
+    server_peak = server.get("peak_rss_mb")
     return {
         "median_step_s": statistics.median(times),
         "min_step_s": min(times),
@@ -667,7 +791,11 @@ def summarize(res: dict[str, Any]) -> dict[str, Any]:
         # median over the timed steps of 6 N D / time_update_s (see _update_flops)
         "update_gflops_per_s": update_rate,
         "matmul_gflops_per_s": matmul,
-        "update_fraction_of_matmul": update_rate / matmul if update_rate is not None and matmul else None,
+        "matmul_bf16_gflops_per_s": matmul_bf16,
+        "update_compute_dtype": compute,
+        # against the matmul rate of the dtype the update computes in (bf16 for autocast arms)
+        "update_fraction_of_matmul": update_rate / ref if update_rate is not None and ref else None,
+        "update_fraction_of_matmul_vs": "bf16" if compute == "bfloat16" else "fp32",
         "tokens_per_s": tokens / sum(times),
         "response_tokens_per_step": tokens / len(timed),
         "seqs_per_step": statistics.mean(s["seqs"] for s in timed),
@@ -678,7 +806,22 @@ def summarize(res: dict[str, Any]) -> dict[str, Any]:
         "peak_rss_steps_mb": mem.get("peak_rss_steps_mb"),
         "rss_after_import_mb": mem["rss_after_import_mb"],
         "cuda_peak_alloc_mb": mem.get("cuda_peak_alloc_mb"),
+        # -ht arms: the teacher server's process tree (sum of its processes' VmHWM), and training + server
+        "server_peak_rss_mb": server_peak,
+        "total_peak_rss_mb": mem["peak_rss_mb"] + (server_peak or 0.0),
     }
+
+
+def update_compute_dtype(res: dict[str, Any]) -> str:
+    """The dtype the student's update forward computed in: what the dtype hook saw when it saw anything
+    (bfloat16 if any update forward produced bf16), else what the arm asked for."""
+    seen = (res.get("compute_dtypes") or {}).get("update") or []
+    if seen:
+        for dt in ("bfloat16", "float16"):
+            if any(x.startswith(dt) for x in seen):
+                return dt
+        return "float32"
+    return res.get("expected_update_dtype", "float32")
 
 
 def merge_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -693,6 +836,10 @@ def merge_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
         mem[key] = max(vals) if vals else None
     merged = {**runs[0], "steps": steps, "memory": mem, "repeats": len(runs)}
     merged["matmul_runs"] = [r.get("matmul") for r in runs]
+    merged["matmul_bf16_runs"] = [r.get("matmul_bf16") for r in runs]
+    servers = [r["teacher_server"] for r in runs if r.get("teacher_server")]
+    if servers:  # the worst run's server, like the memory
+        merged["teacher_server"] = max(servers, key=lambda x: x.get("peak_rss_mb") or 0.0)
     merged["summary"] = summarize(merged)
     merged["per_run_median_step_s"] = [summarize(r)["median_step_s"] for r in runs]
     return merged

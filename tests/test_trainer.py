@@ -272,6 +272,60 @@ def test_processes_that_did_not_join_a_group_are_refused(pair, tmp_path, monkeyp
         trainer.setup()
 
 
+def _torchrun(args: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "opd.cli",
+         "train", *args], env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_fsdp_two_processes_match_one_process_and_resume(pair, tmp_path):
+    """sharding fsdp (torch FSDP2 on CPU/gloo): 2 sharded processes give the 1-process weights bit for bit,
+    checkpoints hold the gathered full state, and a sharded resume continues exactly."""
+    extra = {"optim.max_grad_norm": "null", "checkpoint_every": 1}
+    one = _cli(_args(pair, tmp_path / "one", steps=3, **extra))
+    out1, _ = one.communicate(timeout=600)
+    assert one.returncode == 0, out1
+    first = _torchrun(_args(pair, tmp_path / "fsdp", steps=2, sharding="fsdp", **extra))
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "on 2 process(es)" in first.stderr + first.stdout
+    ck = json.loads((tmp_path / "fsdp" / "checkpoints" / "step_00000002" / "state.json").read_text())
+    assert ck["sharding"] == "fsdp"
+    again = _torchrun(["--resume", str(tmp_path / "fsdp"), "--steps", "3"])
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "resumed from" in again.stdout + again.stderr
+    a = load_file(tmp_path / "one" / "final" / "model.safetensors")
+    b = load_file(tmp_path / "fsdp" / "final" / "model.safetensors")
+    assert sorted(a) == sorted(b)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
+    la = [json.loads(x)["loss"] for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    lb = [json.loads(x)["loss"] for x in (tmp_path / "fsdp" / "metrics.jsonl").read_text().splitlines()]
+    assert lb == pytest.approx(la, rel=1e-5)
+    from transformers import AutoModelForCausalLM
+
+    cfg = json.loads((tmp_path / "fsdp" / "final" / "config.json").read_text())
+    assert cfg["architectures"] == ["LlamaForCausalLM"]  # not the dynamic FSDP class
+    AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp" / "final")
+    # the checkpoint layouts differ: a sharded checkpoint does not resume unsharded
+    with pytest.raises(Exception, match="same sharding setting"):
+        _trainer(pair, tmp_path / "fsdp", resume=True, steps=4, sharding="none")
+
+
+def test_fsdp_refuses_what_it_cannot_do(pair, tmp_path):
+    from opd.errors import ConfigError
+
+    for extra, match in (
+        ({"student.lora.enabled": True}, "lora"),
+        ({"rollout.backend": "vllm"}, "rollout.backend vllm"),
+        ({"eval.every": 2, "eval.prompts": str(pair["prompts"])}, "opd eval"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            load_config(None, _args(pair, tmp_path / "x", sharding="fsdp", **extra))
+
+
 def test_lr_schedules():
     from opd.trainer import lr_lambda
 
@@ -320,7 +374,9 @@ def test_bf16_autocast_keeps_fp32_master_weights_and_tracks_fp32(pair, tmp_path)
     step's loss and diagnostics stay close to the fp32 run (same seeds, same rollouts up to bf16 noise)."""
     t32 = _trainer(pair, tmp_path / "fp32", steps=1, **{"rollout.temperature": 0.0})
     h32 = t32.train()
-    t16 = _trainer(pair, tmp_path / "bf16", steps=1, **{"rollout.temperature": 0.0, "student.autocast": "bfloat16"})
+    t16 = _trainer(
+        pair, tmp_path / "bf16", steps=1, **{"rollout.temperature": 0.0, "student.autocast": "bfloat16"}
+    )
     h16 = t16.train()
     assert all(p.dtype == torch.float32 for p in t16._unwrapped().parameters())
     state = t16.optimizer.state_dict()["state"]

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 
 PREFIX = "step_"
 COMPLETE = "state.json"  # written last inside the temporary directory
@@ -100,7 +100,11 @@ def save_checkpoint(
     scheduler: Any,
     state: dict[str, Any],
     keep: int = 2,
+    model_state: dict[str, torch.Tensor] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
 ) -> Path:
+    """Write step `step` atomically. A sharded (FSDP) student passes its gathered full `model_state` and
+    name-keyed `optimizer_state` (opd.sharding), which are written instead of `model`/`optimizer`'s."""
     root = checkpoint_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:08d}"
@@ -108,8 +112,13 @@ def save_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_model(model, str(tmp / "model.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    if model_state is not None:
+        save_file({k: v.contiguous() for k, v in model_state.items()}, str(tmp / "model.safetensors"))
+    else:
+        save_model(model, str(tmp / "model.safetensors"))
+    torch.save(
+        optimizer_state if optimizer_state is not None else optimizer.state_dict(), tmp / "optimizer.pt"
+    )
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(rng_state(), tmp / "rng.pt")
     with open(tmp / COMPLETE, "w") as fh:
@@ -132,13 +141,34 @@ def save_checkpoint(
 
 
 def load_checkpoint(
-    path: str | Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, scheduler: Any
+    path: str | Path,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    scheduler: Any,
+    sharded: bool = False,
 ) -> dict[str, Any]:
     path = Path(path)
     state = json.loads((path / COMPLETE).read_text())
-    missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=True)
-    if optimizer is not None:
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
+    was_sharded = state.get("sharding", "none") == "fsdp"
+    if was_sharded != sharded:
+        raise ValueError(
+            f"{path} was written by a run with sharding {'fsdp' if was_sharded else 'none'}; resume it with the "
+            "same sharding setting (the optimizer state layouts differ)"
+        )
+    if sharded:
+        from opd import sharding
+
+        sharding.load_full_model_state(model, load_file(str(path / "model.safetensors")))
+        if optimizer is not None:
+            osd = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
+            sharding.load_full_optimizer_state(model, optimizer, osd)
+    else:
+        load_model(model, str(path / "model.safetensors"), strict=True)
+        if optimizer is not None:
+            optimizer.load_state_dict(
+                torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
+            )
     if scheduler is not None:
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     set_rng_state(torch.load(path / "rng.pt", weights_only=True))

@@ -267,6 +267,25 @@ class TrainConfig(_Section):
     )
     save_final: bool = True
     startup_checks: bool = Field(True, description="tokenizer/EOS checks and the teacher-fidelity self-test")
+    sharding: Literal["none", "fsdp"] = Field(
+        "none", description="fsdp = shard the student's weights, gradients and optimizer state over the processes "
+        "(torch FSDP2, one unit per decoder layer; CPU/gloo or GPU); none = every process holds the whole student",
+    )  # fmt: skip
+
+    @model_validator(mode="after")
+    def _sharding(self) -> TrainConfig:
+        if self.sharding != "fsdp":
+            return self
+        if self.student.lora.enabled:
+            raise ValueError("sharding fsdp with student.lora.enabled is not supported; LoRA students are small "
+                             "enough for sharding none")  # fmt: skip
+        if self.rollout.backend != "hf":
+            raise ValueError("sharding fsdp with rollout.backend vllm is not supported yet (the engine would need "
+                             "the gathered weights after every step); use rollout.backend hf")  # fmt: skip
+        if self.eval.every > 0:
+            raise ValueError("sharding fsdp with in-loop evaluation (eval.every > 0) is not supported yet; "
+                             "evaluate the saved checkpoints with `opd eval`")  # fmt: skip
+        return self
 
     @model_validator(mode="after")
     def _teacher_backend(self) -> TrainConfig:

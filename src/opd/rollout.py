@@ -116,10 +116,13 @@ class Generator(Protocol):
 class HFGenerator:
     """Batched sampling with KV cache via `model.generate`, left padding, stop on any stop id."""
 
-    def __init__(self, model: PreTrainedModel, *, pad_id: int, stop_ids: list[int]):
+    def __init__(self, model: PreTrainedModel, *, pad_id: int, stop_ids: list[int], synced: bool = False):
         if not stop_ids:
             raise ValueError("no stop token: the tokenizer has no EOS and rollout.stop_token_ids is empty")
         self.model = model
+        # A sharded (FSDP) model all-gathers every layer's weights on every forward, so all processes must
+        # keep stepping until the longest generation anywhere is done: generate(synced_gpus=True).
+        self.synced = synced
         self.pad_id = pad_id
         self.stop_ids = sorted(set(stop_ids))
 
@@ -177,8 +180,9 @@ class HFGenerator:
             with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
                 torch.manual_seed(seed)
                 out = self.model.generate(
-                    input_ids=ids, attention_mask=mask, generation_config=self._generation_config(params)
-                )
+                    input_ids=ids, attention_mask=mask, generation_config=self._generation_config(params),
+                    **({"synced_gpus": True} if self.synced else {}),
+                )  # fmt: skip
         finally:
             self.model.train(was_training)
         response = out[:, width:]

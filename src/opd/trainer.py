@@ -137,10 +137,11 @@ class OPDTrainer:
         wanted = [
             n for n in ("FSDP", "DEEPSPEED") if os.environ.get(f"ACCELERATE_USE_{n}", "").lower() == "true"
         ]
-        if wanted and acc.distributed_type.value not in wanted:
+        if wanted and acc.distributed_type.value not in wanted and self.cfg.sharding == "none":
             self.log(
                 f"[yellow]warning:[/] the accelerate config asks for {wanted[0]}, but accelerate runs "
-                f"{acc.distributed_type.value} here (it needs GPUs): every process holds the whole model"
+                f"{acc.distributed_type.value} here (it needs GPUs): every process holds the whole model; "
+                "`--sharding fsdp` shards the student with torch FSDP2 on CPU and GPU alike"
             )
 
     def setup(self) -> None:
@@ -222,6 +223,12 @@ class OPDTrainer:
         self.cursor = PromptCursor(len(records), seed=cfg.seed, shuffle=cfg.data.shuffle)
         self.total_steps = cfg.steps or math.ceil(len(records) / cfg.prompts_per_step)
 
+        self.sharded = cfg.sharding == "fsdp"
+        self._architecture = type(student).__name__
+        if self.sharded:
+            from opd.sharding import shard_model
+
+            student = shard_model(student, acc.device, world)
         params = [p for p in student.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             params,
@@ -235,7 +242,10 @@ class OPDTrainer:
             self.optimizer, lr_lambda(cfg.optim.schedule, self.total_steps, warmup, cfg.optim.min_lr_ratio)
         )
         # The scheduler is deliberately not passed to prepare(): accelerate would step it once per process.
-        self.student, self.optimizer = acc.prepare(student, self.optimizer)
+        if self.sharded:  # already distributed by FSDP2: accelerate would wrap it in DDP on top
+            self.student = student
+        else:
+            self.student, self.optimizer = acc.prepare(student, self.optimizer)
         self.student.eval()  # dropout off: the loss is taken under the policy that sampled
         self.teacher = self._build_teacher(teacher)
         stop_ids = stop_ids_for(self.tokenizer, self._unwrapped(), cfg.rollout.stop_token_ids)
@@ -244,7 +254,7 @@ class OPDTrainer:
             self.generator = self._vllm_generator(stop_ids)
         else:
             self.generator = HFGenerator(
-                self._unwrapped(), pad_id=self.tokenizer.pad_token_id, stop_ids=stop_ids
+                self._unwrapped(), pad_id=self.tokenizer.pad_token_id, stop_ids=stop_ids, synced=self.sharded
             )
         self.sampling = SamplingParams(
             temperature=cfg.rollout.temperature,
@@ -260,9 +270,13 @@ class OPDTrainer:
                 raise ConfigError(
                     f"--resume {self.run_dir}: no complete checkpoint found in {ckpt.checkpoint_dir(self.run_dir)}"
                 )
-            state = ckpt.load_checkpoint(
-                latest, model=self._unwrapped(), optimizer=self.optimizer, scheduler=self.scheduler
-            )
+            try:
+                state = ckpt.load_checkpoint(
+                    latest, model=self._unwrapped(), optimizer=self.optimizer, scheduler=self.scheduler,
+                    sharded=self.sharded,
+                )  # fmt: skip
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
             self.start_step = int(state["step"])
             self.cursor.load_state_dict(state["cursor"])
             self.last_checkpoint = latest
@@ -361,32 +375,30 @@ class OPDTrainer:
         if not self.sparse_teacher or not tc.fidelity_check:
             return None
         result = None
-        if self.acc.is_main_process:
-            if not tc.path:
-                self.log(
-                    "teacher fidelity check skipped: set teacher.path to a local copy of the served model"
-                )
+        if not tc.path:
+            self.log("teacher fidelity check skipped: set teacher.path to a local copy of the served model")
+        else:  # every process samples the same rollouts: a sharded student needs them all for a forward
+            roll = self_test_rollout(
+                self._unwrapped(), self.prompt_ids[:n_prompts], pad_id=self.tokenizer.pad_token_id,
+                stop_ids=self.stop_ids, max_new_tokens=min(max_new_tokens, self.cfg.rollout.max_new_tokens),
+                seed=self.cfg.seed,
+            )  # fmt: skip
+        if self.acc.is_main_process and tc.path:
+            first, again = (self.teacher.score_topk(roll).restrict(self.vocab_size) for _ in range(2))
+            ref = load_model(tc.path, dtype="float32", trust_remote_code=tc.trust_remote_code)
+            logits = score_frozen(freeze_teacher(ref), roll)[..., : self.vocab_size]
+            del ref
+            result = topk_fidelity(first, logits, roll.response_mask, again=again)
+            ckpt.atomic_write_text(self.run_dir / "teacher_fidelity.json", json.dumps(result, indent=1))
+            line = ", ".join(f"{k} {v:.4g}" for k, v in result.items() if k != "ok")
+            if result["ok"]:
+                self.log(f"[green]ok[/] teacher fidelity ({tc.backend} vs HF fp32): {line}")
             else:
-                roll = self_test_rollout(
-                    self._unwrapped(), self.prompt_ids[:n_prompts], pad_id=self.tokenizer.pad_token_id,
-                    stop_ids=self.stop_ids, max_new_tokens=min(max_new_tokens, self.cfg.rollout.max_new_tokens),
-                    seed=self.cfg.seed,
-                )  # fmt: skip
-                first, again = (self.teacher.score_topk(roll).restrict(self.vocab_size) for _ in range(2))
-                ref = load_model(tc.path, dtype="float32", trust_remote_code=tc.trust_remote_code)
-                logits = score_frozen(freeze_teacher(ref), roll)[..., : self.vocab_size]
-                del ref
-                result = topk_fidelity(first, logits, roll.response_mask, again=again)
-                ckpt.atomic_write_text(self.run_dir / "teacher_fidelity.json", json.dumps(result, indent=1))
-                line = ", ".join(f"{k} {v:.4g}" for k, v in result.items() if k != "ok")
-                if result["ok"]:
-                    self.log(f"[green]ok[/] teacher fidelity ({tc.backend} vs HF fp32): {line}")
-                else:
-                    self.log(
-                        f"[yellow]warning:[/] teacher fidelity ({tc.backend} vs HF fp32): {line}; a mean "
-                        f"|Δ log-prob| above {FIDELITY_WARN_MEAN} or non-deterministic scores mean the engine "
-                        "is not grading with the teacher you think (dtype, quantisation, model revision)"
-                    )
+                self.log(
+                    f"[yellow]warning:[/] teacher fidelity ({tc.backend} vs HF fp32): {line}; a mean "
+                    f"|Δ log-prob| above {FIDELITY_WARN_MEAN} or non-deterministic scores mean the engine "
+                    "is not grading with the teacher you think (dtype, quantisation, model revision)"
+                )
         self.acc.wait_for_everyone()
         return result
 
@@ -586,12 +598,16 @@ class OPDTrainer:
 
         max_norm = cfg.optim.max_grad_norm
         params = [p for p in self.student.parameters() if p.requires_grad]
-        if max_norm is not None:
-            grad_norm = acc.clip_grad_norm_(params, max_norm)
+        if self.sharded:  # DTensor gradients: torch computes the global norm across the shards
+            from opd.sharding import grad_norm_value
+
+            norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else math.inf)
+            grad_norm = grad_norm_value(norm)
+        elif max_norm is not None:
+            grad_norm = float(acc.clip_grad_norm_(params, max_norm))
         else:
             grads = [p.grad.detach().norm() for p in params if p.grad is not None]
-            grad_norm = torch.stack(grads).norm() if grads else torch.zeros(())
-        grad_norm = float(grad_norm)
+            grad_norm = float(torch.stack(grads).norm() if grads else torch.zeros(()))
 
         # Cross-process reductions: exact sums, then means on every rank.
         loss_total = float(self._reduce(loss_sum)) / max(global_tokens, 1)
@@ -671,13 +687,19 @@ class OPDTrainer:
 
     def save(self, step: int) -> Path | None:
         path = None
+        model_state = optimizer_state = None
+        if self.sharded:  # gathering the shards is collective: every process takes part
+            from opd.sharding import full_model_state, full_optimizer_state
+
+            model_state = full_model_state(self.student)
+            optimizer_state = full_optimizer_state(self.student, self.optimizer)
         if self.acc.is_main_process:
             path = ckpt.save_checkpoint(
                 self.run_dir, step, model=self._unwrapped(), optimizer=self.optimizer, scheduler=self.scheduler,
                 state={"cursor": self.cursor.state_dict(), "seed": self.cfg.seed, "total_steps": self.total_steps,
-                       "alarms": self.monitor.state_dict(),
+                       "alarms": self.monitor.state_dict(), "sharding": self.cfg.sharding,
                        "last_good_checkpoint": self.last_good_checkpoint.name if self.last_good_checkpoint else None},
-                keep=self.cfg.keep_checkpoints,
+                keep=self.cfg.keep_checkpoints, model_state=model_state, optimizer_state=optimizer_state,
             )  # fmt: skip
         path = path or ckpt.checkpoint_dir(self.run_dir) / f"{ckpt.PREFIX}{step:08d}"
         self.last_checkpoint = path
@@ -687,6 +709,11 @@ class OPDTrainer:
 
     def save_final(self) -> Path | None:
         out = self.run_dir / "final"
+        full = None
+        if self.sharded:
+            from opd.sharding import full_model_state
+
+            full = full_model_state(self.student)
         if self.acc.is_main_process:
             model = self._unwrapped()
             if self.cfg.student.lora.enabled and self.cfg.student.lora.merge_on_save:
@@ -696,7 +723,13 @@ class OPDTrainer:
             tmp = self.run_dir / ".final.tmp"
             if tmp.exists():
                 shutil.rmtree(tmp)
-            model.save_pretrained(tmp, safe_serialization=True)
+            if full is not None:
+                from opd.sharding import restore_architecture
+
+                model.save_pretrained(tmp, safe_serialization=True, state_dict=full)
+                restore_architecture(tmp, self._architecture)
+            else:
+                model.save_pretrained(tmp, safe_serialization=True)
             self.tokenizer.save_pretrained(tmp)
             if out.exists():
                 shutil.rmtree(out)
