@@ -129,7 +129,8 @@ class VLLMGenerator:
         the measurements of real-models.md. The prefix cache is reset, since cached KV came from old weights.
         """
         t0 = time.perf_counter()
-        state = [(k, v.detach().to(self.dtype).contiguous()) for k, v in model.state_dict().items()]
+        # A generator: one converted tensor at a time instead of a second copy of the whole model.
+        state = ((k, v.detach().to(self.dtype).contiguous()) for k, v in model.state_dict().items())
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": state})
         self.llm.reset_prefix_cache()
         self.last_sync_s = time.perf_counter() - t0
