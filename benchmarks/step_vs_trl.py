@@ -361,8 +361,8 @@ def run_opd(spec: dict[str, Any]) -> dict[str, Any]:
     params = _param_counts(tr._unwrapped())
     dtypes = _ComputeDtypes(torch)
     watched = dtypes.watch(tr._unwrapped())
-    hf_teacher = getattr(tr.teacher, "model", None)
-    if hf_teacher is not None:
+    hf_teacher = getattr(tr.teacher, "model", None)  # an HFTeacher's model (an HTTPTeacher's is a name)
+    if isinstance(hf_teacher, torch.nn.Module):
         dtypes.watch(hf_teacher, phase="teacher")
 
     # Count what the student's forward in the update actually gets: the padded [B, P + T] micro-batches
@@ -833,20 +833,27 @@ class TeacherServerRun:
         self.proc: subprocess.Popen[bytes] | None = None
         self.hwm_kb: dict[int, int] = {}
         self.names: dict[int, str] = {}
-        self.peak_concurrent_kb = 0
+        self.peak_live_hwm_kb = 0  # highest sum over the processes alive at one sample of their VmHWM
+        self.peak_concurrent_kb = 0  # highest sum of VmRSS at one sample
+        self.pss_end_kb: int | None = None
         self.samples = 0
         self.ready_s: float | None = None
         self._stop_sampling = None
         self._thread = None
 
-    def _sample(self) -> None:
+    def _sample(self, pss: bool = False) -> None:
         if self.proc is None:
             return
-        rss = 0
+        rss = hwm = pss_kb = 0
         for pid in _process_tree(self.proc.pid):
             st = _proc_status_kb(pid)
             if not st:
                 continue
+            if pss:  # proportional set size: shared pages split between the processes that map them
+                with contextlib.suppress(OSError, ValueError, IndexError):
+                    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                        if line.startswith("Pss:"):
+                            pss_kb += int(line.split()[1])
             if pid not in self.names:
                 try:
                     argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
@@ -854,8 +861,12 @@ class TeacherServerRun:
                 except OSError:
                     self.names[pid] = "?"
             self.hwm_kb[pid] = max(self.hwm_kb.get(pid, 0), st.get("VmHWM", 0))
+            hwm += self.hwm_kb[pid]
             rss += st.get("VmRSS", 0)
+        self.peak_live_hwm_kb = max(self.peak_live_hwm_kb, hwm)
         self.peak_concurrent_kb = max(self.peak_concurrent_kb, rss)
+        if pss:
+            self.pss_end_kb = pss_kb
         self.samples += 1
 
     def start(self) -> None:
@@ -906,7 +917,7 @@ class TeacherServerRun:
 
         if self.proc is None:
             return {}
-        self._sample()  # the tree's VmHWM at the end, while it is still there
+        self._sample(pss=True)  # the tree's VmHWM (and PSS) at the end, while it is still there
         if self._stop_sampling is not None:
             self._stop_sampling.set()
             self._thread.join()
@@ -927,8 +938,12 @@ class TeacherServerRun:
             "ready_s": self.ready_s,
             "exit_code": self.proc.returncode,
             "samples": self.samples,
-            "peak_rss_mb": sum(self.hwm_kb.values()) / 1024,  # sum over its processes of each one's VmHWM
+            # the highest sum, over the processes alive at one sample, of each one's VmHWM (a process that
+            # exited before the others started, like the wrapper's `python -c "import vllm"` probe, is not in it)
+            "peak_rss_mb": self.peak_live_hwm_kb / 1024,
+            "sum_all_hwm_mb": sum(self.hwm_kb.values()) / 1024,  # every process ever seen, the probe included
             "peak_concurrent_rss_mb": self.peak_concurrent_kb / 1024,  # highest sampled sum of VmRSS
+            "pss_at_end_mb": None if self.pss_end_kb is None else self.pss_end_kb / 1024,
             "processes": [
                 {"pid": pid, "cmd": self.names.get(pid, "?"), "peak_rss_mb": kb / 1024}
                 for pid, kb in sorted(self.hwm_kb.items())
@@ -1209,10 +1224,11 @@ def print_report(meta: dict[str, Any], results: dict[str, dict[str, Any]]) -> No
         if srv:
             print(
                 f"      teacher server: {srv['url']}, ready after {_fmt(srv.get('ready_s'), 1)} s, peak RSS "
-                f"{srv['peak_rss_mb']:.0f} MB (sum of VmHWM over {len(srv['processes'])} processes: "
+                f"{srv['peak_rss_mb']:.0f} MB (sum of the live processes' VmHWM; all {len(srv['processes'])} "
+                "processes seen, MB: "
                 + ", ".join(f"{_short_cmd(p['cmd'])} {p['peak_rss_mb']:.0f}" for p in srv["processes"])
-                + f"), highest simultaneous RSS {srv['peak_concurrent_rss_mb']:.0f} MB, exit {srv['exit_code']}, "
-                f"log {srv['log']}"
+                + f"), highest simultaneous RSS {srv['peak_concurrent_rss_mb']:.0f} MB, PSS at the end "
+                f"{_fmt(srv.get('pss_at_end_mb'), 0)} MB, exit {srv['exit_code']}, log {srv['log']}"
             )
         if s.get("engine_logprob_delta_mean") is not None:
             print(f"      vLLM engine vs trainer sampled-token log-prob: mean |delta| "
@@ -1224,8 +1240,8 @@ def print_report(meta: dict[str, Any], results: dict[str, dict[str, Any]]) -> No
         "notes: peak RSS = ru_maxrss of the framework's own subprocess (model loading and imports included); "
         "over imports = peak RSS minus RSS right after importing the framework (what loading + training added); "
         "steps RSS = peak RSS after setup, over the training steps (VmHWM reset). teacher server RSS (-ht arms) = "
-        "sum over the `opd serve-teacher` process tree of each process's VmHWM (sampled every 0.5 s and at the "
-        "end); total RSS = peak RSS + teacher server RSS. Step time is wall time of "
+        "highest sum over the live processes of the `opd serve-teacher` process tree of each one's VmHWM "
+        "(sampled every 0.5 s and at the end); total RSS = peak RSS + teacher server RSS. Step time is wall time of "
         "the whole step; rollout/teacher/update/wsync are each framework's split (opd: its own timers, "
         "wsync = pushing the new weights into the vLLM rollout engine; TRL: timers around generate and the "
         "teacher backbone forward, the rest is update). update GFLOP/s = 6 x student params (no input "
@@ -1241,6 +1257,14 @@ def _short_cmd(cmd: str) -> str:
         return "opd serve-teacher"
     if "api_server" in cmd or "vllm.entrypoints" in cmd:
         return "vllm api_server"
+    if "import vllm" in cmd:
+        return "import-vllm probe"
+    if "resource_tracker" in cmd:
+        return "resource tracker"
+    if "spawn_main" in cmd:
+        return "spawned vllm process"
+    if " -c " in cmd:
+        return "python -c probe"
     return cmd.split()[0].rsplit("/", 1)[-1] if cmd.strip() else "?"
 
 
