@@ -36,6 +36,7 @@ import argparse
 import contextlib
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -349,6 +350,7 @@ def run_opd(spec: dict[str, Any]) -> dict[str, Any]:
             + (f"; loss.support teacher, loss.k {k}" if signal == "topk" else "")
             + f", diagnostics.k {k}"
         )
+    overrides += list(spec.get("opd_extra", []))  # --opd-extra: any opd setting, applied to every opd arm
     cfg = load_config(None, overrides)
     tr = OPDTrainer(cfg, log=lambda m: None)
     tr.setup()
@@ -1328,6 +1330,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=1,
         help="run every framework this many times, order rotated, steps pooled",
     )
+    p.add_argument(
+        "--opd-extra", default="", help="extra opd settings for every opd arm, e.g. '--loss.chunk_size 128'"
+    )
     p.add_argument("--json", help="write the full results here")
     p.add_argument("--keep", help="keep models, logs and run dirs in this directory")
     p.add_argument("--child-timeout", type=float, default=3600)
@@ -1402,6 +1407,7 @@ def main(argv: list[str] | None = None) -> int:
             "vllm_kv_cache_gb": args.vllm_kv_cache_gb,
             "matmul_seconds": args.matmul_seconds,
             "student_autocast": args.student_autocast,
+            "opd_extra": shlex.split(args.opd_extra),
         }
         if any(a.get("teacher_backend") == "http" for a in arms.values()):
             base["teacher_max_model_len"] = teacher_max_model_len(base)
