@@ -84,7 +84,7 @@ class TeacherConfig(_Section):
     vllm_gpu_memory: float = Field(0.3, gt=0, lt=1, description="backend vllm: share of GPU memory")
     fidelity_check: bool = Field(
         True, description="backend vllm/http: at start-up, score a few rollouts twice with the engine and "
-        "once with the HF model at teacher.path; warn above a mean |Δ log-prob| of 0.05",
+        "once with the HF model at teacher.path (in teacher.dtype); warn above a mean |Δ log-prob| of 0.05",
     )  # fmt: skip
 
 

@@ -385,17 +385,18 @@ class OPDTrainer:
             )  # fmt: skip
         if self.acc.is_main_process and tc.path:
             first, again = (self.teacher.score_topk(roll).restrict(self.vocab_size) for _ in range(2))
-            ref = load_model(tc.path, dtype="float32", trust_remote_code=tc.trust_remote_code)
+            # teacher.dtype (fp32 by default) is the reference precision; bfloat16 halves this one-off load.
+            ref = load_model(tc.path, dtype=tc.dtype, trust_remote_code=tc.trust_remote_code)
             logits = score_frozen(freeze_teacher(ref), roll)[..., : self.vocab_size]
             del ref
             result = topk_fidelity(first, logits, roll.response_mask, again=again)
             ckpt.atomic_write_text(self.run_dir / "teacher_fidelity.json", json.dumps(result, indent=1))
             line = ", ".join(f"{k} {v:.4g}" for k, v in result.items() if k != "ok")
             if result["ok"]:
-                self.log(f"[green]ok[/] teacher fidelity ({tc.backend} vs HF fp32): {line}")
+                self.log(f"[green]ok[/] teacher fidelity ({tc.backend} vs HF {tc.dtype}): {line}")
             else:
                 self.log(
-                    f"[yellow]warning:[/] teacher fidelity ({tc.backend} vs HF fp32): {line}; a mean "
+                    f"[yellow]warning:[/] teacher fidelity ({tc.backend} vs HF {tc.dtype}): {line}; a mean "
                     f"|Δ log-prob| above {FIDELITY_WARN_MEAN} or non-deterministic scores mean the engine "
                     "is not grading with the teacher you think (dtype, quantisation, model revision)"
                 )
