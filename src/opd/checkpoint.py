@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
+from opd.errors import ConfigError
+
 PREFIX = "step_"
 COMPLETE = "state.json"  # written last inside the temporary directory
 
@@ -55,6 +57,11 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
+
+
+def checkpoint_path(run_dir: str | Path, step: int) -> Path:
+    """Where the checkpoint of `step` lives (complete or not yet written)."""
+    return checkpoint_dir(run_dir) / f"{PREFIX}{step:08d}"
 
 
 def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
@@ -107,7 +114,7 @@ def save_checkpoint(
     name-keyed `optimizer_state` (opd.sharding), which are written instead of `model`/`optimizer`'s."""
     root = checkpoint_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"{PREFIX}{step:08d}"
+    final = checkpoint_path(run_dir, step)
     tmp = root / f".tmp-{PREFIX}{step:08d}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -152,7 +159,7 @@ def load_checkpoint(
     state = json.loads((path / COMPLETE).read_text())
     was_sharded = state.get("sharding", "none") == "fsdp"
     if was_sharded != sharded:
-        raise ValueError(
+        raise ConfigError(
             f"{path} was written by a run with sharding {'fsdp' if was_sharded else 'none'}; resume it with the "
             "same sharding setting (the optimizer state layouts differ)"
         )

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import typer
 
 from opd.cli_common import PASSTHROUGH, console, fail
+from opd.cli_eval import _cli_values
 from opd.errors import OpdError
 
 
@@ -41,26 +41,11 @@ def register(app: typer.Typer) -> None:
         from opd.config import build_config, read_yaml
         from opd.teacher_server import ServeTeacherConfig, start_server
 
-        cli: dict[str, Any] = {
-            k: v
-            for k, v in dict(
-                model=model,
-                host=host,
-                port=port,
-                max_logprobs=max_logprobs,
-                dtype=dtype,
-                max_model_len=max_model_len,
-                kv_cache_gb=kv_cache_gb,
-                served_name=served_name,
-                python=python,
-                log_file=log_file,
-            ).items()  # fmt: skip
-            if v is not None
-        }
-        if trust_remote_code:
-            cli["trust_remote_code"] = True
-        if ctx.args:
-            cli["vllm_args"] = list(ctx.args)
+        cli = _cli_values(
+            model=model, host=host, port=port, max_logprobs=max_logprobs, dtype=dtype, max_model_len=max_model_len,
+            kv_cache_gb=kv_cache_gb, served_name=served_name, python=python, log_file=log_file,
+            trust_remote_code=trust_remote_code or None, vllm_args=list(ctx.args),
+        )  # fmt: skip
         server = None
         try:
             data = read_yaml(config) if config else {}

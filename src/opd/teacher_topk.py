@@ -70,6 +70,16 @@ class TeacherTopK:
         """Slots holding a real entry (`restrict` empties the ones past the shared vocabulary)."""
         return torch.isfinite(self.logprobs)
 
+    def support(
+        self, b_idx: Tensor, t_idx: Tensor, k: int, dtype: torch.dtype
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """(ids, log-probs, valid) of the first `k` slots at the given positions; slots emptied by
+        `restrict` are invalid and carry log-prob 0 so no -inf reaches the arithmetic."""
+        ids = self.ids[b_idx, t_idx, :k].long()
+        log_q = self.logprobs[b_idx, t_idx, :k].to(dtype)
+        valid = torch.isfinite(log_q)
+        return ids, torch.where(valid, log_q, 0.0), valid
+
     def restrict(self, vocab_size: int) -> TeacherTopK:
         """Empty the slots whose ids are past the shared vocabulary (id 0, log-prob -inf).
 
@@ -170,10 +180,7 @@ def sparse_per_token_loss(
         reward = (teacher.token_logprob[b_idx, t_idx].to(dtype) - log_p_y).detach()
         losses = -reward * log_p_y
     else:
-        ids = teacher.ids[b_idx, t_idx, :k]
-        log_q_sel = teacher.logprobs[b_idx, t_idx, :k].to(dtype)
-        valid = torch.isfinite(log_q_sel)  # slots emptied by `restrict` leave the support
-        log_q_sel = torch.where(valid, log_q_sel, 0.0)
+        ids, log_q_sel, valid = teacher.support(b_idx, t_idx, k, dtype)  # emptied slots leave the support
         if renorm == "weights":
             log_p_sel = s_rows.gather(-1, ids) - lse
             losses = -(support_advantage(log_p_sel, log_q_sel, valid) * log_p_sel).sum(-1)
@@ -219,10 +226,7 @@ def sparse_signal_stats(student_logits: Tensor, teacher: TeacherTopK, response_t
         if signal == "sampled":
             ids, log_q_sel, adv = y, log_q_y, reward.unsqueeze(-1)
         else:
-            ids = teacher.ids[bi, ti, :k].long()
-            log_q_sel = teacher.logprobs[bi, ti, :k].to(dtype)
-            valid = torch.isfinite(log_q_sel)
-            log_q_sel = torch.where(valid, log_q_sel, 0.0)
+            ids, log_q_sel, valid = teacher.support(bi, ti, k, dtype)
             adv = torch.where(valid, support_advantage(log_p.gather(-1, ids), log_q_sel, valid), 0.0)
         flat = adv.abs().flatten().argmax()
         if float(adv.abs().flatten()[flat]) > best:
@@ -270,11 +274,9 @@ def sparse_diagnostic_sums(student_logits: Tensor, teacher: TeacherTopK, mask: T
         s_rows = student[bi, ti].to(dtype)
         log_p = torch.log_softmax(s_rows, dim=-1)
         sp = s_rows.topk(kk, dim=-1).indices
-        sq = teacher.ids[bi, ti, :kk]
-        lq_top = teacher.logprobs[bi, ti, :kk].to(dtype)
-        lq_top = torch.where(torch.isfinite(lq_top), lq_top, 0.0)
+        sq, lq_top, sq_valid = teacher.support(bi, ti, kk, dtype)
         # [N, k(student), k(teacher)]: which student top-k id sits at which teacher slot
-        match = (sp.unsqueeze(-1) == sq.unsqueeze(-2)) & teacher.valid[bi, ti, :kk].unsqueeze(-2)
+        match = (sp.unsqueeze(-1) == sq.unsqueeze(-2)) & sq_valid.unsqueeze(-2)
         in_i = match.any(-1)
         size = in_i.sum(-1)
         nonempty = size > 0

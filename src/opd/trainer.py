@@ -270,13 +270,10 @@ class OPDTrainer:
                 raise ConfigError(
                     f"--resume {self.run_dir}: no complete checkpoint found in {ckpt.checkpoint_dir(self.run_dir)}"
                 )
-            try:
-                state = ckpt.load_checkpoint(
-                    latest, model=self._unwrapped(), optimizer=self.optimizer, scheduler=self.scheduler,
-                    sharded=self.sharded,
-                )  # fmt: skip
-            except ValueError as exc:
-                raise ConfigError(str(exc)) from None
+            state = ckpt.load_checkpoint(
+                latest, model=self._unwrapped(), optimizer=self.optimizer, scheduler=self.scheduler,
+                sharded=self.sharded,
+            )  # fmt: skip
             self.start_step = int(state["step"])
             self.cursor.load_state_dict(state["cursor"])
             self.last_checkpoint = latest
@@ -361,9 +358,10 @@ class OPDTrainer:
 
     @torch.no_grad()
     def teacher_fidelity(self, n_prompts: int = 2, max_new_tokens: int = 32) -> dict[str, float] | None:
-        """Engine teacher vs the HF model at teacher.path on a few student rollouts (main process only).
+        """Engine teacher vs the HF model at teacher.path on a few student rollouts (scored on the main
+        process; every process samples, since a sharded student needs them all).
 
-        Scores twice with the engine (determinism) and once in fp32 with transformers, and writes
+        Scores twice with the engine (determinism) and once with transformers in teacher.dtype, and writes
         ``teacher_fidelity.json`` to the run directory; warns above `FIDELITY_WARN_MEAN`. Returns None
         for an HF teacher, with the check off, or without a local teacher.path.
         """
@@ -486,6 +484,37 @@ class OPDTrainer:
             raise error or TeacherUnavailableError("the teacher server failed on another process")
         return tops
 
+    # The teacher's scores reach the objective either as dense logits (HF teacher) or as a `TeacherTopK`
+    # (engine/HTTP teacher); these three pick the matching pure function.
+
+    def _per_token_loss(self, s_logits: torch.Tensor, target: Any, tokens: torch.Tensor,
+                        mask: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        lc = self.cfg.loss
+        kw = dict(signal=lc.signal, divergence=lc.divergence, k=lc.k, support=lc.support, renorm=lc.renorm,
+                  beta=lc.beta, vocab_size=self.vocab_size)  # fmt: skip
+        if isinstance(target, TeacherTopK):
+            return sparse_per_token_loss(s_logits, target, tokens, mask, **kw)
+        return per_token_loss(s_logits, target, tokens, mask, chunk_size=lc.chunk_size, **kw)
+
+    def _diagnostic_sums(
+        self, s_det: torch.Tensor, target: Any, mask: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
+        kw = dict(k=cfg.diagnostics.k, vocab_size=self.vocab_size, chunk_size=cfg.loss.chunk_size)
+        if isinstance(target, TeacherTopK):
+            return sparse_diagnostic_sums(s_det, target, mask, **kw)
+        return diagnostic_sums(s_det, target, mask, position_bins=cfg.diagnostics.position_bins,
+                               bin_len=cfg.rollout.max_new_tokens, **kw)  # fmt: skip
+
+    def _signal_stats(self, s_det: torch.Tensor, target: Any, tokens: torch.Tensor,
+                      mask: torch.Tensor) -> dict[str, float]:  # fmt: skip
+        lc = self.cfg.loss
+        if isinstance(target, TeacherTopK):
+            return sparse_signal_stats(s_det, target, tokens, mask, signal=lc.signal, k=lc.k,
+                                       vocab_size=self.vocab_size, chunk_size=lc.chunk_size)  # fmt: skip
+        return signal_stats(s_det, target, tokens, mask, signal=lc.signal, k=lc.k, support=lc.support,
+                            vocab_size=self.vocab_size)  # fmt: skip
+
     def _reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
         if self.acc.num_processes == 1:
             return t
@@ -522,15 +551,13 @@ class OPDTrainer:
         sums: dict[str, torch.Tensor] = {}
         t_teacher = 0.0
         t_update0 = time.perf_counter()
-        lc = cfg.loss
         for i, (mb, top) in enumerate(micro):
-            t_logits: Any = None
-            if top is None:
+            if top is None:  # an HF teacher scores each micro-batch: [B, T, V] logits
                 ts = time.perf_counter()
-                t_logits = self.teacher.score(mb)
+                target = self.teacher.score(mb)
                 t_teacher += time.perf_counter() - ts
             else:
-                top = top.to(device)
+                target = top.to(device)
             mask = mb.response_mask.to(device)
             tokens = mb.response_ids.to(device)
             n_mb = int(mask.sum())
@@ -538,38 +565,13 @@ class OPDTrainer:
             with sync:
                 with self._autocast():
                     s_logits = response_logits(self.student, mb)
-                if top is None:
-                    per_tok = per_token_loss(
-                        s_logits, t_logits, tokens, mask, signal=lc.signal, divergence=lc.divergence, k=lc.k,
-                        support=lc.support, renorm=lc.renorm, beta=lc.beta, chunk_size=lc.chunk_size,
-                        vocab_size=self.vocab_size,
-                    )  # fmt: skip
-                else:
-                    per_tok = sparse_per_token_loss(
-                        s_logits, top, tokens, mask, signal=lc.signal, divergence=lc.divergence, k=lc.k,
-                        support=lc.support, renorm=lc.renorm, beta=lc.beta, vocab_size=self.vocab_size,
-                    )  # fmt: skip
+                per_tok = self._per_token_loss(s_logits, target, tokens, mask)
                 scale = world / max(global_tokens, 1)
                 acc.backward(per_tok.sum() * scale)
             loss_sum += per_tok.detach().double().sum().cpu()
             with torch.no_grad():
                 s_det = s_logits.detach()
-                if top is None:
-                    diag = diagnostic_sums(
-                        s_det, t_logits, mask, k=cfg.diagnostics.k, vocab_size=self.vocab_size,
-                        chunk_size=lc.chunk_size, position_bins=cfg.diagnostics.position_bins,
-                        bin_len=cfg.rollout.max_new_tokens,
-                    )  # fmt: skip
-                else:
-                    diag = sparse_diagnostic_sums(
-                        s_det,
-                        top,
-                        mask,
-                        k=cfg.diagnostics.k,
-                        vocab_size=self.vocab_size,
-                        chunk_size=lc.chunk_size,
-                    )
-                sums = merge_sums(sums, diag)
+                sums = merge_sums(sums, self._diagnostic_sums(s_det, target, mask))
                 if mb.engine_logprobs is not None and n_mb:
                     sv = s_det[..., : self.vocab_size].float()
                     lp = sv.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(sv, dim=-1)
@@ -581,21 +583,14 @@ class OPDTrainer:
                         )
                         engine_delta_max = max(engine_delta_max, float(d.max()))
                     del sv, lp
-                if n_mb and top is not None:
-                    st = sparse_signal_stats(s_det, top, tokens, mask, signal=lc.signal, k=lc.k,
-                                             vocab_size=self.vocab_size, chunk_size=lc.chunk_size)  # fmt: skip
-                elif n_mb:
-                    st = signal_stats(
-                        s_det, t_logits, tokens, mask, signal=lc.signal, k=lc.k, support=lc.support,
-                        vocab_size=self.vocab_size,
-                    )  # fmt: skip
                 if n_mb:
+                    st = self._signal_stats(s_det, target, tokens, mask)
                     reward_sum += st["reward_mean"] * n_mb
                     if st["adv_max_abs"] > best_adv[0]:
                         best_adv = torch.tensor(
                             [st["adv_max_abs"], st["p_minus_q_at_max_adv"]], dtype=torch.float64
                         )
-            del s_logits, t_logits, per_tok, top
+            del s_logits, target, per_tok
 
         max_norm = cfg.optim.max_grad_norm
         params = [p for p in self.student.parameters() if p.requires_grad]
@@ -702,7 +697,7 @@ class OPDTrainer:
                        "last_good_checkpoint": self.last_good_checkpoint.name if self.last_good_checkpoint else None},
                 keep=self.cfg.keep_checkpoints, model_state=model_state, optimizer_state=optimizer_state,
             )  # fmt: skip
-        path = path or ckpt.checkpoint_dir(self.run_dir) / f"{ckpt.PREFIX}{step:08d}"
+        path = path or ckpt.checkpoint_path(self.run_dir, step)
         self.last_checkpoint = path
         self._unjudged_checkpoint = path
         self.acc.wait_for_everyone()
@@ -770,10 +765,8 @@ class OPDTrainer:
         if done == 0:
             where = "no step was completed; rerun the same command once the teacher answers"
         else:
-            have = (
-                self.last_checkpoint is not None and self.last_checkpoint.name == f"{ckpt.PREFIX}{done:08d}"
-            )
-            path = self.last_checkpoint if have else self.save(done)
+            saved = ckpt.checkpoint_path(self.run_dir, done)
+            path = saved if self.last_checkpoint == saved else self.save(done)
             where = (
                 f"checkpoint {path} holds step {done}; `opd train --resume {self.run_dir}` redoes step {step} "
                 "once the teacher answers"

@@ -44,9 +44,22 @@ def require_vllm() -> Any:
 
 
 def _start_engine(
-    model_path: str, *, dtype: str, max_model_len: int, seed: int, kv_cache_gb: int, **extra: Any
+    model_path: str,
+    *,
+    dtype: str,
+    max_model_len: int,
+    seed: int,
+    kv_cache_gb: int,
+    gpu_memory_utilization: float,
+    **extra: Any,
 ) -> tuple[Any, Any]:
-    """(the vllm module, an in-process eager `LLM`) with the settings that work on these machines."""
+    """(the vllm module, an in-process eager `LLM`) with the settings that work on these machines.
+
+    `kv_cache_gb` sizes the CPU backend's KV cache; `gpu_memory_utilization` is the engine's share of a
+    GPU (the student trains in the rest), passed only where there is one.
+    """
+    if torch.cuda.is_available():
+        extra["gpu_memory_utilization"] = gpu_memory_utilization
     vllm = require_vllm()
     # Read by the CPU backend at engine start; unset, it reserves most of the machine's memory.
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(int(kv_cache_gb))
@@ -77,9 +90,9 @@ class VLLMGenerator:
     ) -> None:
         if not stop_ids:
             raise ValueError("no stop token: the tokenizer has no EOS and rollout.stop_token_ids is empty")
-        gpu = {"gpu_memory_utilization": gpu_memory_utilization} if torch.cuda.is_available() else {}
         self._vllm, self.llm = _start_engine(model_path, dtype=dtype, max_model_len=max_model_len, seed=seed,
-                                             kv_cache_gb=kv_cache_gb, skip_tokenizer_init=False, **gpu)  # fmt: skip
+                                             kv_cache_gb=kv_cache_gb, skip_tokenizer_init=False,
+                                             gpu_memory_utilization=gpu_memory_utilization)  # fmt: skip
         self.pad_id = pad_id
         self.stop_ids = sorted(set(stop_ids))
         self.dtype = getattr(torch, dtype) if dtype in ("bfloat16", "float16", "float32") else torch.bfloat16
@@ -189,9 +202,9 @@ class VLLMTeacher:
         seed: int = 0,
         gpu_memory_utilization: float = 0.3,
     ) -> None:
-        gpu = {"gpu_memory_utilization": gpu_memory_utilization} if torch.cuda.is_available() else {}
         self._vllm, self.llm = _start_engine(model_path, dtype=dtype, max_model_len=max_model_len, seed=seed,
-                                             kv_cache_gb=kv_cache_gb, max_logprobs=max(k, 20), **gpu)  # fmt: skip
+                                             kv_cache_gb=kv_cache_gb, max_logprobs=max(k, 20),
+                                             gpu_memory_utilization=gpu_memory_utilization)  # fmt: skip
         self.k = k
 
     def score_topk(self, rollout: Rollout) -> Any:
