@@ -140,6 +140,10 @@ class LossConfig(_Section):
     )
     beta: float = Field(0.5, ge=0.0, le=1.0, description="generalized JSD (TRL convention)")
     chunk_size: int | None = Field(2048, ge=1, description="rows per chunk for full-vocabulary math")
+    chunk_max_elements: int | None = Field(
+        2**25, ge=1, description="cap on rows x vocabulary per chunk of full-vocabulary math (bounds each "
+        "temporary at ~128 MB fp32 whatever the vocabulary: 220 rows at 152k tokens); null: chunk_size alone",
+    )  # fmt: skip
 
     @model_validator(mode="after")
     def _combination(self) -> LossConfig:
@@ -158,6 +162,11 @@ class OptimConfig(_Section):
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = Field(1e-8, gt=0.0)
     max_grad_norm: float | None = Field(1.0, description="grad-norm clip; null disables")
+    in_backward: bool = Field(
+        False, description="step each parameter inside backward as soon as its gradient is ready and free the "
+        "gradient at once (the same AdamW update, without a full set of gradients in memory); needs "
+        "max_grad_norm null, one micro-batch per step and one process",
+    )  # fmt: skip
     schedule: Literal["constant", "warmup", "cosine"] = "constant"
     warmup_steps: int = Field(0, ge=0)
     warmup_ratio: float = Field(0.0, ge=0.0, le=1.0, description="used when warmup_steps is 0")
@@ -285,6 +294,31 @@ class TrainConfig(_Section):
         if self.eval.every > 0:
             raise ValueError("sharding fsdp with in-loop evaluation (eval.every > 0) is not supported yet; "
                              "evaluate the saved checkpoints with `opd eval`")  # fmt: skip
+        return self
+
+    @model_validator(mode="after")
+    def _in_backward(self) -> TrainConfig:
+        if not self.optim.in_backward:
+            return self
+        why = "optim.in_backward steps every parameter during backward"
+        if self.optim.max_grad_norm is not None:
+            raise ValueError(f"{why}, before the global gradient norm exists, so it cannot clip: set "
+                             "optim.max_grad_norm null (or optim.in_backward false)")  # fmt: skip
+        per_step = self.prompts_per_step * self.rollout.rollouts_per_prompt
+        if self.micro_batch_size < per_step:
+            raise ValueError(f"{why}, so there is no gradient accumulation: micro_batch_size {self.micro_batch_size} "
+                             f"< prompts_per_step x rollout.rollouts_per_prompt = {per_step}; set micro_batch_size "
+                             f">= {per_step} (or optim.in_backward false)")  # fmt: skip
+        if (
+            self.rollout.batch_size < self.prompts_per_step
+        ):  # each generate call's sequences are one micro-batch
+            raise ValueError(f"{why}, so a step must be one micro-batch, but rollout.batch_size "
+                             f"{self.rollout.batch_size} < prompts_per_step {self.prompts_per_step} splits it into "
+                             f"several; set rollout.batch_size >= {self.prompts_per_step} (or optim.in_backward "
+                             "false)")  # fmt: skip
+        if self.sharding != "none":
+            raise ValueError(f"{why}; with sharding {self.sharding} use optim.in_backward false (FSDP already "
+                             "shards the gradients)")  # fmt: skip
         return self
 
     @model_validator(mode="after")

@@ -142,6 +142,21 @@ def _check_chunk_size(chunk_size: int | None) -> None:
         raise ValueError(f"chunk_size={chunk_size!r} must be a positive integer or None (one chunk)")
 
 
+def chunk_rows(chunk_size: int | None, max_elements: int | None, vocab: int) -> int | None:
+    """Rows per chunk so that a [rows, vocab] temporary stays under ``max_elements``.
+
+    A row count alone is the wrong unit: 2048 rows are 0.8 MB at a 100-token vocabulary and 1.2 GB (fp32) at
+    Qwen's 152k, and the loss and diagnostics each hold several such temporaries at once.
+    """
+    _check_chunk_size(chunk_size)
+    if max_elements is None:
+        return chunk_size
+    if max_elements < 1:
+        raise ValueError(f"max_elements={max_elements!r} must be a positive integer or None")
+    cap = max(1, max_elements // max(vocab, 1))
+    return cap if chunk_size is None else min(chunk_size, cap)
+
+
 def masked_positions(mask: Tensor) -> tuple[Tensor, Tensor]:
     """Batch and time indices of the counted tokens, so padding rows are never gathered or computed."""
     b_idx, t_idx = mask.bool().nonzero(as_tuple=True)

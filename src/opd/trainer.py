@@ -42,7 +42,7 @@ from opd.models import (
     prepare_tokenizer,
     shared_vocab_size,
 )
-from opd.objectives import per_token_loss, signal_stats
+from opd.objectives import chunk_rows, per_token_loss, signal_stats
 from opd.rollout import HFGenerator, Rollout, SamplingParams, chunk_seed
 from opd.sampling import stop_ids_for
 from opd.scoring import response_logits
@@ -65,9 +65,12 @@ class NonFiniteLossError(OpdError):
     `metrics` holds the offending loss and gradient norm (for the collapse monitor's ``nan`` alarm).
     """
 
-    def __init__(self, message: str, metrics: dict[str, float] | None = None):
+    def __init__(self, message: str, metrics: dict[str, float] | None = None, weights_damaged: bool = False):
         super().__init__(message)
         self.metrics = metrics or {}
+        # optim.in_backward: some parameters were already stepped when the bad gradient appeared, so the
+        # in-memory weights are no longer those of any step and training must stop (stop_on_nan or not).
+        self.weights_damaged = weights_damaged
 
 
 def lr_lambda(schedule: str, total_steps: int, warmup: int, min_ratio: float):
@@ -178,6 +181,7 @@ class OPDTrainer:
             teacher = load_model(tc.path, dtype=tc.dtype, trust_remote_code=tc.trust_remote_code)
         # An engine teacher's ids come from the shared tokenizer, so the student alone bounds the columns.
         self.vocab_size = shared_vocab_size(student, teacher or student, self.tokenizer)
+        self.chunk_rows = chunk_rows(cfg.loss.chunk_size, cfg.loss.chunk_max_elements, self.vocab_size)
         if cfg.student.dtype in ("bfloat16", "float16"):
             self.log(
                 f"[yellow]warning:[/] student.dtype={cfg.student.dtype}: low-precision master weights can "
@@ -247,6 +251,7 @@ class OPDTrainer:
         else:
             self.student, self.optimizer = acc.prepare(student, self.optimizer)
         self.student.eval()  # dropout off: the loss is taken under the policy that sampled
+        self._in_backward = self._install_step_in_backward() if cfg.optim.in_backward else None
         self.teacher = self._build_teacher(teacher)
         stop_ids = stop_ids_for(self.tokenizer, self._unwrapped(), cfg.rollout.stop_token_ids)
         self.stop_ids = stop_ids
@@ -494,13 +499,13 @@ class OPDTrainer:
                   beta=lc.beta, vocab_size=self.vocab_size)  # fmt: skip
         if isinstance(target, TeacherTopK):
             return sparse_per_token_loss(s_logits, target, tokens, mask, **kw)
-        return per_token_loss(s_logits, target, tokens, mask, chunk_size=lc.chunk_size, **kw)
+        return per_token_loss(s_logits, target, tokens, mask, chunk_size=self.chunk_rows, **kw)
 
     def _diagnostic_sums(
         self, s_det: torch.Tensor, target: Any, mask: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         cfg = self.cfg
-        kw = dict(k=cfg.diagnostics.k, vocab_size=self.vocab_size, chunk_size=cfg.loss.chunk_size)
+        kw = dict(k=cfg.diagnostics.k, vocab_size=self.vocab_size, chunk_size=self.chunk_rows)
         if isinstance(target, TeacherTopK):
             return sparse_diagnostic_sums(s_det, target, mask, **kw)
         return diagnostic_sums(s_det, target, mask, position_bins=cfg.diagnostics.position_bins,
@@ -511,14 +516,51 @@ class OPDTrainer:
         lc = self.cfg.loss
         if isinstance(target, TeacherTopK):
             return sparse_signal_stats(s_det, target, tokens, mask, signal=lc.signal, k=lc.k,
-                                       vocab_size=self.vocab_size, chunk_size=lc.chunk_size)  # fmt: skip
+                                       vocab_size=self.vocab_size, chunk_size=self.chunk_rows)  # fmt: skip
         return signal_stats(s_det, target, tokens, mask, signal=lc.signal, k=lc.k, support=lc.support,
-                            vocab_size=self.vocab_size)  # fmt: skip
+                            vocab_size=self.vocab_size, chunk_size=self.chunk_rows)  # fmt: skip
 
     def _reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
         if self.acc.num_processes == 1:
             return t
         return self.acc.reduce(t.to(self.acc.device), reduction=op)
+
+    def _install_step_in_backward(self) -> dict[str, Any]:
+        """optim.in_backward: the AdamW step of each parameter runs in its post-accumulate-grad hook.
+
+        The gradient is freed right after, so the step never holds a full set of gradients (2.5 GB of a
+        0.5B fp32 student). The update is the optimizer's own `step()`: with every other `.grad` None it
+        touches only this parameter, and AdamW's update is per-parameter, so the result equals the plain
+        step's (tested bit for bit) and checkpoints keep the same optimizer state. Hooks act only while
+        the trainer arms them, so any other backward pass is left alone.
+        """
+        if self.acc.num_processes > 1:
+            raise ConfigError(
+                f"optim.in_backward needs one process ({self.acc.num_processes} were launched): data-parallel "
+                "gradients are averaged across processes after backward; use optim.in_backward false"
+            )
+        state: dict[str, Any] = {"armed": False, "norm_sq": torch.zeros((), dtype=torch.float64),
+                                 "bad": None, "stepped": 0}  # fmt: skip
+        names = {p: n for n, p in self._unwrapped().named_parameters()}
+        optimizer = self.optimizer
+
+        def hook(p: torch.Tensor) -> None:
+            if not state["armed"] or p.grad is None:
+                return
+            g = p.grad.detach()
+            sq = g.double().pow(2).sum().cpu()
+            state["norm_sq"] += sq
+            if state["bad"] is None and not torch.isfinite(sq):
+                state["bad"] = names.get(p, "?")
+            if state["bad"] is None:
+                optimizer.step()
+                state["stepped"] += 1
+            p.grad = None
+
+        for p in self._unwrapped().parameters():
+            if p.requires_grad:
+                p.register_post_accumulate_grad_hook(hook)
+        return state
 
     def train_step(self, step: int) -> StepResult:
         """Step `step` (1-based): rollouts, scoring, loss, one optimizer update."""
@@ -542,6 +584,9 @@ class OPDTrainer:
             for j, r in enumerate(rollouts)
             for sl in (slice(s, s + cfg.micro_batch_size) for s in range(0, len(r), cfg.micro_batch_size))
         ]
+
+        if self._in_backward is not None and len(micro) > 1:  # the config check should make this unreachable
+            raise ConfigError(f"optim.in_backward needs one micro-batch per step; this step has {len(micro)}")
 
         loss_sum = torch.zeros((), dtype=torch.float64)
         reward_sum = torch.zeros((), dtype=torch.float64)
@@ -567,7 +612,20 @@ class OPDTrainer:
                     s_logits = response_logits(self.student, mb)
                 per_tok = self._per_token_loss(s_logits, target, tokens, mask)
                 scale = world / max(global_tokens, 1)
-                acc.backward(per_tok.sum() * scale)
+                objective = per_tok.sum() * scale
+                ib = self._in_backward
+                if ib is not None:  # backward will step the weights: refuse a bad loss before it starts
+                    if not math.isfinite(float(objective.detach())):
+                        raise NonFiniteLossError(
+                            f"non-finite loss at step {step}; no parameter was stepped",
+                            {"loss": math.nan, "grad_norm": math.nan},
+                        )
+                    ib.update(armed=True, norm_sq=torch.zeros((), dtype=torch.float64), bad=None, stepped=0)
+                try:
+                    acc.backward(objective)
+                finally:
+                    if ib is not None:
+                        ib["armed"] = False
             loss_sum += per_tok.detach().double().sum().cpu()
             with torch.no_grad():
                 s_det = s_logits.detach()
@@ -594,7 +652,19 @@ class OPDTrainer:
 
         max_norm = cfg.optim.max_grad_norm
         params = [p for p in self.student.parameters() if p.requires_grad]
-        if self.sharded:  # DTensor gradients: torch computes the global norm across the shards
+        ib = self._in_backward
+        if ib is not None:  # already stepped inside backward; the norm was summed there
+            grad_norm = math.sqrt(float(ib["norm_sq"]))
+            if ib["bad"] is not None:
+                self.optimizer.zero_grad(set_to_none=True)
+                raise NonFiniteLossError(
+                    f"non-finite gradient in {ib['bad']} at step {step} with optim.in_backward: "
+                    f"{ib['stepped']} parameter tensors had already been stepped, so the weights in memory "
+                    "are damaged and training stops",
+                    {"loss": float(loss_sum), "grad_norm": math.nan},
+                    weights_damaged=True,
+                )
+        elif self.sharded:  # DTensor gradients: torch computes the global norm across the shards
             from opd.sharding import grad_norm_value
 
             norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else math.inf)
@@ -627,7 +697,8 @@ class OPDTrainer:
                 f"non-finite loss ({loss_total}) or grad norm ({grad_norm}) at step {step}",
                 {"loss": loss_total, "grad_norm": grad_norm},
             )
-        self.optimizer.step()
+        if ib is None:
+            self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         t_sync = self.generator.sync(self._unwrapped()) if hasattr(self.generator, "sync") else None
@@ -863,9 +934,11 @@ class OPDTrainer:
                     raise self._teacher_down(step, exc) from None
                 except NonFiniteLossError as exc:
                     _, declared = self._watch(step, exc.metrics or {"loss": math.nan})
-                    if self.cfg.stop_on_nan:
+                    if self.cfg.stop_on_nan or exc.weights_damaged:
                         where = self.last_checkpoint or "none (no checkpoint was written yet)"
-                        raise NonFiniteLossError(f"{exc}; stopped, last good checkpoint: {where}") from None
+                        raise NonFiniteLossError(
+                            f"{exc}; stopped, last good checkpoint: {where}", exc.metrics, exc.weights_damaged
+                        ) from None
                     self.log(f"[yellow]warning:[/] {exc}; step skipped (stop_on_nan is false)")
                     if declared:
                         self._collapse(step)
