@@ -177,3 +177,73 @@ def test_trainer_uses_vocabulary_capped_chunks(pair, tmp_path):
     assert t.chunk_rows == max(1, 300 // t.vocab_size)
     t.train()  # every chunked path (loss, diagnostics, signal stats) runs with a few rows per chunk
     assert len(_metrics(tmp_path / "run")) == 2
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{}, {"student.autocast": "bfloat16"}, {"student.lora.enabled": True, "optim.lr": 1e-2}],
+    ids=["fp32", "bf16-autocast", "lora"],
+)
+def test_gradient_checkpointing_gives_the_same_training(pair, tmp_path, extra):
+    plain = _trainer(pair, tmp_path / "plain", **extra)
+    plain.train()
+    ckpt = _trainer(pair, tmp_path / "ckpt", **{"student.gradient_checkpointing": True, **extra})
+    ckpt.train()
+    a, b = _params(plain), _params(ckpt)
+    assert a.keys() == b.keys()  # the wrapped layers keep their state_dict names
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    for ra, rb in zip(_metrics(tmp_path / "plain"), _metrics(tmp_path / "ckpt"), strict=True):
+        assert ra["loss"] == rb["loss"] and ra["grad_norm"] == rb["grad_norm"]
+
+
+def _saved_bytes(t: OPDTrainer) -> int:
+    """Bytes the autograd graph keeps from one student forward (what backward will need)."""
+    from opd.scoring import response_logits
+
+    r = t.generator.generate([t.prompt_ids[0], t.prompt_ids[1]], t.sampling, n=2, seed=0, prompt_index=[0, 1])
+    total = 0
+
+    def pack(x: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        total += x.numel() * x.element_size()
+        return x
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        response_logits(t.student, r).sum().backward()
+    t.optimizer.zero_grad(set_to_none=True)
+    return total
+
+
+def test_gradient_checkpointing_keeps_far_fewer_activations(pair, tmp_path):
+    plain = _saved_bytes(_trainer(pair, tmp_path / "a"))
+    ckpt = _saved_bytes(_trainer(pair, tmp_path / "b", **{"student.gradient_checkpointing": True}))
+    assert ckpt < 0.5 * plain, (ckpt, plain)
+
+
+@pytest.mark.slow
+def test_gradient_checkpointing_under_fsdp_matches_one_plain_process(pair, tmp_path):
+    """FSDP2 unshards a layer's weights for its backward; the recomputed forward runs inside that window."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    same = {"steps": 2, "rollout.batch_size": 2}  # one generate call per process's prompts, as on 2 processes
+    one = subprocess.run([sys.executable, "-m", "opd.cli", "train", *_args(pair, tmp_path / "one", **same)],
+                         env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert one.returncode == 0, one.stdout + one.stderr
+    args = _args(
+        pair, tmp_path / "fsdp", steps=2, sharding="fsdp", **{"student.gradient_checkpointing": True}
+    )
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "opd.cli",
+         "train", *args], env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    a = load_file(tmp_path / "one" / "final" / "model.safetensors")
+    b = load_file(tmp_path / "fsdp" / "final" / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)

@@ -19,8 +19,6 @@ from typing import Any
 
 import torch
 
-from opd.errors import ConfigError
-
 __all__ = [
     "full_model_state",
     "full_optimizer_state",
@@ -37,13 +35,9 @@ def shard_model(model: torch.nn.Module, device: torch.device, world: int) -> tor
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    names = set(getattr(model, "_no_split_modules", None) or [])
-    layers = [m for m in model.modules() if type(m).__name__ in names]
-    if not layers:
-        raise ConfigError(
-            f"sharding fsdp: {type(model).__name__} names no decoder-layer class (_no_split_modules), so there "
-            "is nothing to shard per layer; use sharding none"
-        )
+    from opd.memory import decoder_layers
+
+    layers = decoder_layers(model, "sharding fsdp (one unit per decoder layer; else use sharding none)")
     mesh = init_device_mesh(device.type, (world,))
     model.to(device)
     for layer in layers:

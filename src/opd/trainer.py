@@ -229,6 +229,10 @@ class OPDTrainer:
 
         self.sharded = cfg.sharding == "fsdp"
         self._architecture = type(student).__name__
+        if cfg.student.gradient_checkpointing:  # before sharding renames the layer classes
+            from opd.memory import enable_activation_checkpointing
+
+            enable_activation_checkpointing(student)
         if self.sharded:
             from opd.sharding import shard_model
 
@@ -547,8 +551,9 @@ class OPDTrainer:
         def hook(p: torch.Tensor) -> None:
             if not state["armed"] or p.grad is None:
                 return
-            g = p.grad.detach()
-            sq = g.double().pow(2).sum().cpu()
+            # The norm in the gradient's own dtype, like clip_grad_norm_: a float64 copy of a 152k x 896
+            # embedding gradient would cost 1 GB, the very memory this path exists to save.
+            sq = torch.linalg.vector_norm(p.grad.detach()).double().cpu() ** 2
             state["norm_sq"] += sq
             if state["bad"] is None and not torch.isfinite(sq):
                 state["bad"] = names.get(p, "?")
