@@ -235,9 +235,7 @@ def test_gradient_checkpointing_under_fsdp_matches_one_plain_process(pair, tmp_p
     one = subprocess.run([sys.executable, "-m", "opd.cli", "train", *_args(pair, tmp_path / "one", **same)],
                          env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert one.returncode == 0, one.stdout + one.stderr
-    args = _args(
-        pair, tmp_path / "fsdp", steps=2, sharding="fsdp", **{"student.gradient_checkpointing": True}
-    )
+    args = _args(pair, tmp_path / "fsdp", sharding="fsdp", **{"student.gradient_checkpointing": True, **same})
     run = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "opd.cli",
          "train", *args], env=env, capture_output=True, text=True, timeout=600,
