@@ -66,16 +66,18 @@ OPD_SIGNALS = ("full", "topk", "sampled")
 # Arm suffixes after opd-SIGNAL: -vllm = rollout.backend vllm, -vt = teacher.backend vllm (in-process engine),
 # -ht = teacher.backend http (an `opd serve-teacher` server the parent starts for the arm).
 ARM_SUFFIXES = ((), ("vllm",), ("vt",), ("vllm", "vt"), ("ht",), ("vllm", "ht"))
-# TRL arms: name -> TRL's bf16=True (HF Trainer mixed precision through accelerate)
-TRL_ARMS = {"trl": False, "trl-bf16": True}
+# TRL arms: name -> (bf16=True: HF Trainer mixed precision through accelerate, gradient_checkpointing=True:
+# TRL's own default, which the plain `trl` arm turns off)
+TRL_ARMS = {"trl": (False, False), "trl-bf16": (True, False), "trl-gc": (False, True)}
 
 
 def parse_arm(name: str) -> dict[str, Any]:
     """`trl`, `trl-bf16` or `opd-SIGNAL[-vllm][-vt|-ht]` -> framework, signal, rollout/teacher backends and a
     table label."""
     if name in TRL_ARMS:
-        bf16 = TRL_ARMS[name]
-        return {"framework": "trl", "bf16": bf16, "label": "trl[bf16]" if bf16 else "trl"}
+        bf16, gc = TRL_ARMS[name]
+        label = "trl[bf16]" if bf16 else "trl[grad ckpt]" if gc else "trl"
+        return {"framework": "trl", "bf16": bf16, "gradient_checkpointing": gc, "label": label}
     parts = name.removeprefix("opd-").split("-") if name.startswith("opd-") else []
     if not parts or parts[0] not in OPD_SIGNALS or tuple(parts[1:]) not in ARM_SUFFIXES:
         raise ValueError(f"unknown framework {name!r}")
@@ -300,7 +302,8 @@ def run_opd(spec: dict[str, Any]) -> dict[str, Any]:
         "--steps", str(total),
         "--loss.signal", signal, "--loss.divergence", "reverse_kl",
         "--student.dtype", "float32", "--teacher.dtype", "float32",
-        "--optim.lr", str(spec["lr"]), "--optim.weight_decay", "0.0", "--optim.max_grad_norm", "1.0",
+        "--optim.lr", str(spec["lr"]), "--optim.weight_decay", "0.0",
+        "--optim.max_grad_norm", "null" if spec.get("max_grad_norm", 1.0) is None else str(spec.get("max_grad_norm", 1.0)),
         "--optim.schedule", "constant",
         "--data.shuffle", "false",  # prompts in file order, like the TRL side
         "--tracking.tensorboard", "false", "--checkpoint_every", "1000000", "--save_final", "false",
@@ -471,6 +474,8 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
     rss_import = _rss_now_mb()
     cuda = torch.cuda.is_available()
     bf16 = bool(spec.get("bf16", False))
+    gc = bool(spec.get("gradient_checkpointing", False))
+    clip = spec.get("max_grad_norm", 1.0)
     total = spec["warmup"] + spec["steps"]
     n_seq = spec["prompts_per_step"] * spec["rollouts"]
 
@@ -525,12 +530,12 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
         adam_beta1=0.9,
         adam_beta2=0.999,
         adam_epsilon=1e-8,
-        max_grad_norm=1.0,
+        max_grad_norm=0.0 if clip is None else clip,  # 0 turns the HF Trainer's clipping off
         # precision / memory: fp32 like opd (trl-bf16: bf16=True, HF Trainer mixed precision through accelerate,
         # fp32 master weights); TRL defaults to bf16=True and gradient_checkpointing=True
         bf16=bf16,
         fp16=False,
-        gradient_checkpointing=False,
+        gradient_checkpointing=gc,
         disable_dropout=True,
         use_cpu=not cuda,
         seed=0,
@@ -543,7 +548,8 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
     notes.append(
         f"trl {trl.__version__}: per_device_train_batch_size={n_seq} ({spec['prompts_per_step']} prompts x "
         f"{spec['rollouts']} repeated rows, n=1 each), grad_accum=1, beta=1.0 (reverse KL), temperature=1.0, "
-        f"gradient_checkpointing=False, bf16={bf16}, optim=adamw_torch, chunked hidden-state JSD loss"
+        f"gradient_checkpointing={gc}, bf16={bf16}, optim=adamw_torch, max_grad_norm={clip}, chunked hidden-state "
+        "JSD loss"
     )
 
     counts = {
@@ -1119,8 +1125,10 @@ def print_report(meta: dict[str, Any], results: dict[str, dict[str, Any]]) -> No
         f"  per step: {meta['prompts_per_step']} prompts x {meta['rollouts']} rollouts = "
         f"{meta['prompts_per_step'] * meta['rollouts']} sequences, max_new_tokens={meta['max_new_tokens']}, "
         f"temperature 1.0, {precision}, AdamW lr={meta['lr']:g}; {meta['warmup']} warm-up + {meta['steps']} "
-        f"timed steps per run, {meta['repeats']} run(s) per framework"
+        f"timed steps per run, {meta['repeats']} run(s) per framework; grad clip {meta.get('max_grad_norm', 1.0)}"
     )
+    if meta.get("opd_extra"):
+        print(f"  opd arms also get: {' '.join(meta['opd_extra'])}")
     if meta.get("student_flop_params"):
         print(
             f"  update FLOPs = 6 x {meta['student_flop_params'] / 1e6:.3f}M student parameters (no input embedding, "
@@ -1289,11 +1297,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch/OMP threads in each child")
     p.add_argument(
         "--frameworks", default="trl," + ",".join(f"opd-{s}" for s in OPD_SIGNALS),
-        help="comma list of trl, trl-bf16 (TRL with bf16=True) and opd-SIGNAL[-vllm][-vt|-ht], SIGNAL one of "
+        help="comma list of trl, trl-bf16 (TRL with bf16=True), trl-gc (TRL with its default gradient_checkpointing=True) and opd-SIGNAL[-vllm][-vt|-ht], SIGNAL one of "
         "full, topk, sampled: -vllm = vLLM rollouts, -vt = in-process vLLM teacher, -ht = vLLM teacher behind "
         "an `opd serve-teacher` HTTP server the benchmark starts per arm (-vt/-ht: top-K log-probs, topk or "
         "sampled only), e.g. opd-topk-vllm-vt, opd-sampled-ht "
         "(run in this order; vLLM on CPU needs head_dim >= 32: --size small)",
+    )  # fmt: skip
+    p.add_argument(
+        "--max-grad-norm", default="1.0",
+        help="gradient clipping on both sides (opd optim.max_grad_norm, TRL max_grad_norm); none turns it off "
+        "on both, which opd's --optim.in_backward needs (pass that with --opd-extra)",
     )  # fmt: skip
     p.add_argument(
         "--student-autocast", default="none", choices=("none", "bfloat16"),
@@ -1407,6 +1420,9 @@ def main(argv: list[str] | None = None) -> int:
             "vllm_kv_cache_gb": args.vllm_kv_cache_gb,
             "matmul_seconds": args.matmul_seconds,
             "student_autocast": args.student_autocast,
+            "max_grad_norm": None
+            if args.max_grad_norm.lower() in ("none", "null", "0")
+            else float(args.max_grad_norm),
             "opd_extra": shlex.split(args.opd_extra),
         }
         if any(a.get("teacher_backend") == "http" for a in arms.values()):
