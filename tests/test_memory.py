@@ -50,11 +50,20 @@ def _metrics(run_dir: Path) -> list[dict]:
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("signal", ["topk", "full"])
-def test_in_backward_equals_the_plain_step_bit_for_bit(pair, tmp_path, signal):
-    plain = _trainer(pair, tmp_path / "plain", **{"loss.signal": signal})
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"loss.signal": "topk"},
+        {"loss.signal": "full"},
+        {"loss.signal": "sampled", "student.autocast": "bfloat16", "student.gradient_checkpointing": True},
+        {"student.lora.enabled": True, "optim.lr": 1e-2},
+    ],
+    ids=["topk", "full", "sampled-autocast-ckpt", "lora"],
+)
+def test_in_backward_equals_the_plain_step_bit_for_bit(pair, tmp_path, extra):
+    plain = _trainer(pair, tmp_path / "plain", **extra)
     plain.train()
-    fused = _trainer(pair, tmp_path / "fused", **{"loss.signal": signal, "optim.in_backward": True})
+    fused = _trainer(pair, tmp_path / "fused", **{**extra, "optim.in_backward": True})
     counts: list[int] = []
     inner = fused.optimizer.step
 
