@@ -824,7 +824,7 @@ class TeacherServerRun:
     """`<python> -m opd.cli serve-teacher TEACHER ...` for one -ht arm: start it in its own session, wait until
     GET /v1/models answers, sample its process tree's memory every `interval` s while the arm runs (per
     process the highest VmHWM seen, and the highest simultaneous sum of VmRSS), stop it (SIGINT to the
-    wrapper, which stops vLLM; then SIGKILL to whatever of the session is left)."""
+    wrapper, which stops vLLM; then SIGKILL to whatever of its process tree is left)."""
 
     def __init__(
         self, python: str, teacher: str, *, dtype: str, max_model_len: int, kv_cache_gb: int, max_logprobs: int,
@@ -929,6 +929,7 @@ class TeacherServerRun:
         if self._stop_sampling is not None:
             self._stop_sampling.set()
             self._thread.join()
+        tree = _process_tree(self.proc.pid)[1:]  # vLLM runs in a session of its own (opd serve-teacher)
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)
             try:
@@ -936,9 +937,12 @@ class TeacherServerRun:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        # vLLM processes the wrapper left behind (same session, so same process group)
+        # whatever the wrapper left behind: its session's group, and every process of the tree seen above
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.proc.pid, signal.SIGKILL)
+        for pid in tree:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
         return {
             "url": self.url,
             "cmd": self.cmd,

@@ -2,13 +2,39 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
+from typing import Any
 
 import typer
 
 from opd.cli_common import PASSTHROUGH, console, fail
 from opd.cli_eval import _cli_values
 from opd.errors import OpdError
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _stop_on_signals() -> None:
+    """Ctrl-C, `kill` and a closed terminal all stop the vLLM server, never orphan it.
+
+    SIGINT is set explicitly: a shell starts background jobs with SIGINT ignored, and Python then installs
+    no KeyboardInterrupt handler, so the documented Ctrl-C/SIGINT stop would do nothing. SIGTERM and SIGHUP
+    would otherwise kill this wrapper alone and leave the server (and its memory) running.
+    """
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt)
+
+
+def _shutdown(server: Any) -> None:
+    """Stop the server; a second Ctrl-C or `kill` meanwhile must not abandon it half-stopped."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+    if server is not None:
+        server.stop()
 
 
 def register(app: typer.Typer) -> None:
@@ -39,7 +65,7 @@ def register(app: typer.Typer) -> None:
         Set OPD_TEACHER_API_KEY (on both sides) before binding to a non-loopback address.
         """
         from opd.config import build_config, read_yaml
-        from opd.teacher_server import ServeTeacherConfig, start_server
+        from opd.teacher_server import ServeTeacherConfig, build_server
 
         cli = _cli_values(
             model=model, host=host, port=port, max_logprobs=max_logprobs, dtype=dtype, max_model_len=max_model_len,
@@ -47,6 +73,7 @@ def register(app: typer.Typer) -> None:
             trust_remote_code=trust_remote_code or None, vllm_args=list(ctx.args),
         )  # fmt: skip
         server = None
+        _stop_on_signals()
         try:
             data = read_yaml(config) if config else {}
             cfg = build_config({**data, **cli}, str(config or "command line"), ServeTeacherConfig)
@@ -55,7 +82,8 @@ def register(app: typer.Typer) -> None:
                     f"[yellow]warning:[/] binding to {cfg.host}: anyone who can reach this port can use the "
                     "server; set OPD_TEACHER_API_KEY here and where you train"
                 )
-            server = start_server(cfg)
+            server = build_server(cfg)  # assigned before it starts: a signal during start still stops it
+            server.start()
             console.print(f"starting the teacher server: {' '.join(server.cmd)}")
             server.wait_ready(cfg.ready_timeout_s)
             console.print(
@@ -65,12 +93,10 @@ def register(app: typer.Typer) -> None:
             )
             code = server.proc.wait() if server.proc else 0
         except OpdError as exc:
-            if server is not None:
-                server.stop()
+            _shutdown(server)
             fail(exc)
         except KeyboardInterrupt:
             console.print("stopping the teacher server")
-            if server is not None:
-                server.stop()
+            _shutdown(server)
             code = 0
         raise typer.Exit(code)

