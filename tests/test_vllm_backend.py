@@ -97,7 +97,23 @@ def test_sync_pushes_new_weights(engine, pair) -> None:
     assert torch.equal(restored.response_ids, before.response_ids)
 
 
-def test_trainer_with_vllm_rollouts(pair, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "extra",
+    [
+        [],
+        [
+            "--optim.in_backward",
+            "true",
+            "--optim.max_grad_norm",
+            "null",
+            "--student.gradient_checkpointing",
+            "true",
+        ],
+    ],
+    ids=["plain", "in-backward-checkpointing"],
+)
+def test_trainer_with_vllm_rollouts(pair, tmp_path: Path, extra: list[str]) -> None:
+    """The engine samples from the weights the trainer stepped (also when they were stepped in backward)."""
     from opd.config import load_config
     from opd.trainer import OPDTrainer
 
@@ -107,7 +123,7 @@ def test_trainer_with_vllm_rollouts(pair, tmp_path: Path) -> None:
         "--steps", "2", "--prompts_per_step", "4", "--rollout.rollouts_per_prompt", "2",
         "--rollout.max_new_tokens", "8", "--rollout.backend", "vllm", "--rollout.vllm_dtype", "float32",
         "--rollout.vllm_kv_cache_gb", "1",
-        "--tracking.tensorboard", "false", "--startup_checks", "false",
+        "--tracking.tensorboard", "false", "--startup_checks", "false", *extra,
     ])  # fmt: skip
     trainer = OPDTrainer(cfg)
     trainer.setup()
