@@ -333,6 +333,7 @@ def run_doctor(
         prepare_tokenizer,
         shared_vocab_size,
     )
+    from opd.objectives import DEFAULT_CHUNK_ELEMENTS, chunk_rows
     from opd.rollout import HFGenerator, SamplingParams
     from opd.sampling import stop_ids_for
     from opd.scoring import response_logits
@@ -386,6 +387,7 @@ def run_doctor(
         temperature=cfg.temperature, top_p=cfg.top_p, top_k=0, max_new_tokens=cfg.max_new_tokens
     )
     say(f"models loaded in {time.perf_counter() - t0:.1f}s (shared vocabulary {vocab})")
+    vocab_rows = chunk_rows(2048, DEFAULT_CHUNK_ELEMENTS, vocab)  # bounded temporaries at a 152k vocabulary
 
     # Work units, for a progress fraction that tracks time roughly: generated rows and scored rows.
     n_rows = len(records) * cfg.samples
@@ -439,14 +441,15 @@ def run_doctor(
                     tl = score_frozen(teacher, mb).float()
                     sums[name] = merge_sums(sums[name], diagnostic_sums(
                         s_logits, tl, mask, k=cfg.k, vocab_size=vocab, position_bins=cfg.position_bins,
-                        bin_len=cfg.max_new_tokens))  # fmt: skip
+                        bin_len=cfg.max_new_tokens, chunk_size=vocab_rows))  # fmt: skip
                     rewards[name] += [
-                        float(x) for x in sequence_mean_reward(s_logits, tl, mb.response_ids, mask, vocab)
+                        float(x)
+                        for x in sequence_mean_reward(s_logits, tl, mb.response_ids, mask, vocab, vocab_rows)
                     ]
                     t_logits[name] = tl
                 for a, b in pair_names:
                     pair_sums[(a, b)] = merge_sums(pair_sums[(a, b)], diagnostic_sums(
-                        t_logits[a], t_logits[b], mask, k=cfg.k, vocab_size=vocab))  # fmt: skip
+                        t_logits[a], t_logits[b], mask, k=cfg.k, vocab_size=vocab, chunk_size=vocab_rows))  # fmt: skip
                 del s_logits, t_logits
                 advance(len(mb) * 0.3 * (1 + n_t), f"{template}: scoring")
         tmpl: dict[str, Any] = {

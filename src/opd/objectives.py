@@ -142,6 +142,9 @@ def _check_chunk_size(chunk_size: int | None) -> None:
         raise ValueError(f"chunk_size={chunk_size!r} must be a positive integer or None (one chunk)")
 
 
+DEFAULT_CHUNK_ELEMENTS = 2**25  # rows x vocabulary per chunk: ~128 MB per fp32 temporary, 220 rows at 152k
+
+
 def chunk_rows(chunk_size: int | None, max_elements: int | None, vocab: int) -> int | None:
     """Rows per chunk so that a [rows, vocab] temporary stays under ``max_elements``.
 

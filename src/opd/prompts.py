@@ -595,6 +595,7 @@ def score_records(
     """
     from opd.data import encode_prompts, render_prompt, uses_chat
     from opd.diagnostics import sequence_mean_reward, token_diagnostics
+    from opd.objectives import DEFAULT_CHUNK_ELEMENTS, chunk_rows
     from opd.rollout import HFGenerator, SamplingParams, chunk_seed
     from opd.sampling import stop_ids_for
     from opd.teacher import score_frozen
@@ -628,13 +629,14 @@ def score_records(
             s_logits = score_frozen(student, sub)
             t_logits = score_frozen(teacher, sub)
             mask = sub.response_mask
-            diag = token_diagnostics(s_logits, t_logits, mask, k=k, vocab_size=vocab_size)
+            chunk = chunk_rows(2048, DEFAULT_CHUNK_ELEMENTS, vocab_size)  # bounded temporaries at 152k tokens
+            diag = token_diagnostics(s_logits, t_logits, mask, k=k, vocab_size=vocab_size, chunk_size=chunk)
             row = rows[i]
             row["response_len"] = float(sub.lengths.float().mean())
             row["truncated_frac"] = float(sub.truncated.float().mean())
             if "overlap_ratio" in diag:
                 r_bar = sequence_mean_reward(
-                    s_logits, t_logits, sub.response_ids, mask, vocab_size=vocab_size
+                    s_logits, t_logits, sub.response_ids, mask, vocab_size=vocab_size, chunk_size=chunk
                 )
                 has = mask.any(1)
                 row.update(
