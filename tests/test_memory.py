@@ -9,16 +9,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from opd.config import load_config
+from opd.config import LossConfig, load_config
 from opd.errors import ConfigError
-from opd.objectives import chunk_rows, per_token_loss
-from opd.tiny import save_tiny_pair
+from opd.objectives import DEFAULT_CHUNK_ELEMENTS, chunk_rows, per_token_loss
 from opd.trainer import NonFiniteLossError, OPDTrainer
-
-
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory) -> dict[str, Path]:
-    return save_tiny_pair(tmp_path_factory.mktemp("pair"))
 
 
 def _args(pair, run_dir, **extra) -> list[str]:
@@ -30,10 +24,7 @@ def _args(pair, run_dir, **extra) -> list[str]:
         "optim.max_grad_norm": "null", "optim.weight_decay": 0.01,
     }  # fmt: skip
     base.update(extra)
-    out = []
-    for k, v in base.items():
-        out += [f"--{k}", str(v)]
-    return out
+    return [x for k, v in base.items() for x in (f"--{k}", str(v))]
 
 
 def _trainer(pair, run_dir, resume=False, **extra) -> OPDTrainer:
@@ -60,10 +51,10 @@ def _metrics(run_dir: Path) -> list[dict]:
     ],
     ids=["topk", "full", "sampled-autocast-ckpt", "lora"],
 )
-def test_in_backward_equals_the_plain_step_bit_for_bit(pair, tmp_path, extra):
-    plain = _trainer(pair, tmp_path / "plain", **extra)
+def test_in_backward_equals_the_plain_step_bit_for_bit(tiny_pair, tmp_path, extra):
+    plain = _trainer(tiny_pair, tmp_path / "plain", **extra)
     plain.train()
-    fused = _trainer(pair, tmp_path / "fused", **{**extra, "optim.in_backward": True})
+    fused = _trainer(tiny_pair, tmp_path / "fused", **{**extra, "optim.in_backward": True})
     counts: list[int] = []
     inner = fused.optimizer.step
 
@@ -90,14 +81,14 @@ def test_in_backward_equals_the_plain_step_bit_for_bit(pair, tmp_path, extra):
     assert all(p.grad is None for p in fused._unwrapped().parameters())
 
 
-def test_in_backward_checkpoints_are_interchangeable_with_plain_ones(pair, tmp_path):
+def test_in_backward_checkpoints_are_interchangeable_with_plain_ones(tiny_pair, tmp_path):
     """Same optimizer state format: a plain run resumed with in_backward equals an in_backward run."""
-    ref = _trainer(pair, tmp_path / "ref", **{"optim.in_backward": True})
+    ref = _trainer(tiny_pair, tmp_path / "ref", **{"optim.in_backward": True})
     ref.train()
-    first = _trainer(pair, tmp_path / "mix", steps=2)
+    first = _trainer(tiny_pair, tmp_path / "mix", steps=2)
     first.total_steps = 1
     first.train()
-    resumed = _trainer(pair, tmp_path / "mix", resume=True, **{"optim.in_backward": True})
+    resumed = _trainer(tiny_pair, tmp_path / "mix", resume=True, **{"optim.in_backward": True})
     assert resumed.start_step == 1
     resumed.train()
     a, b = _params(ref), _params(resumed)
@@ -114,9 +105,9 @@ def test_in_backward_checkpoints_are_interchangeable_with_plain_ones(pair, tmp_p
         ({"sharding": "fsdp"}, "sharding fsdp"),
     ],
 )
-def test_in_backward_refuses_what_it_cannot_do(pair, tmp_path, extra, words):
+def test_in_backward_refuses_what_it_cannot_do(tiny_pair, tmp_path, extra, words):
     with pytest.raises(ConfigError, match="in_backward") as info:
-        load_config(None, _args(pair, tmp_path, **{"optim.in_backward": True, **extra}))
+        load_config(None, _args(tiny_pair, tmp_path, **{"optim.in_backward": True, **extra}))
     assert words in str(info.value)
 
 
@@ -126,8 +117,8 @@ def test_in_backward_refuses_several_processes():
         OPDTrainer._install_step_in_backward(fake)  # type: ignore[arg-type]
 
 
-def test_in_backward_non_finite_loss_steps_nothing(pair, tmp_path):
-    t = _trainer(pair, tmp_path / "run", **{"optim.in_backward": True})
+def test_in_backward_non_finite_loss_steps_nothing(tiny_pair, tmp_path):
+    t = _trainer(tiny_pair, tmp_path / "run", **{"optim.in_backward": True})
     with torch.no_grad():
         for p in t.teacher.model.parameters():
             p.fill_(float("nan"))
@@ -140,8 +131,8 @@ def test_in_backward_non_finite_loss_steps_nothing(pair, tmp_path):
     assert t.optimizer.state_dict()["state"] == {}
 
 
-def test_in_backward_non_finite_gradient_stops_even_when_told_to_skip(pair, tmp_path):
-    t = _trainer(pair, tmp_path / "run", stop_on_nan=False, **{"optim.in_backward": True})
+def test_in_backward_non_finite_gradient_stops_even_when_told_to_skip(tiny_pair, tmp_path):
+    t = _trainer(tiny_pair, tmp_path / "run", stop_on_nan=False, **{"optim.in_backward": True})
     first = next(p for p in t._unwrapped().parameters() if p.requires_grad)
     first.register_hook(lambda g: g * float("inf"))  # runs before the gradient is accumulated
     with pytest.raises(NonFiniteLossError, match="weights in memory are damaged") as info:
@@ -151,16 +142,19 @@ def test_in_backward_non_finite_gradient_stops_even_when_told_to_skip(pair, tmp_
 
 
 def test_chunk_rows_bounds_rows_times_vocabulary():
-    assert chunk_rows(2048, 2**25, 151_936) == 220
-    assert chunk_rows(2048, 2**25, 100) == 2048
-    assert chunk_rows(None, 2**25, 151_936) == 220
-    assert chunk_rows(64, None, 151_936) == 64
-    assert chunk_rows(None, None, 10) is None
-    assert chunk_rows(8, 5, 10) == 1  # never zero rows
+    assert chunk_rows(151_936, 2048, 2**25) == 220
+    assert chunk_rows(151_936) == 220  # the defaults: 2048 rows, DEFAULT_CHUNK_ELEMENTS
+    assert chunk_rows(100, 2048, 2**25) == 2048
+    assert chunk_rows(151_936, None, 2**25) == 220
+    assert chunk_rows(151_936, 64, None) == 64
+    assert chunk_rows(10, None, None) is None
+    assert chunk_rows(10, 8, 5) == 1  # never zero rows
     with pytest.raises(ValueError):
-        chunk_rows(0, 2**25, 10)
+        chunk_rows(10, 0, 2**25)
     with pytest.raises(ValueError):
-        chunk_rows(8, 0, 10)
+        chunk_rows(10, 8, 0)
+    assert LossConfig().chunk_max_elements == DEFAULT_CHUNK_ELEMENTS
+    assert LossConfig().chunk_size == 2048
 
 
 def test_vocabulary_capped_chunks_give_the_unchunked_loss_and_gradient():
@@ -170,7 +164,7 @@ def test_vocabulary_capped_chunks_give_the_unchunked_loss_and_gradient():
     q = torch.randn(b, t, v, dtype=torch.float64)
     tokens = torch.randint(0, v, (b, t))
     mask = torch.rand(b, t) > 0.2
-    rows = chunk_rows(2048, 4 * v, v)
+    rows = chunk_rows(v, 2048, 4 * v)
     assert rows == 4
     for signal in ("full", "topk"):
         ref = per_token_loss(s, q, tokens, mask, signal=signal, k=5, chunk_size=None)
@@ -181,8 +175,8 @@ def test_vocabulary_capped_chunks_give_the_unchunked_loss_and_gradient():
         torch.testing.assert_close(g_got, g_ref, rtol=1e-12, atol=1e-12)
 
 
-def test_trainer_uses_vocabulary_capped_chunks(pair, tmp_path):
-    t = _trainer(pair, tmp_path / "run", **{"loss.chunk_max_elements": 300})
+def test_trainer_uses_vocabulary_capped_chunks(tiny_pair, tmp_path):
+    t = _trainer(tiny_pair, tmp_path / "run", **{"loss.chunk_max_elements": 300})
     assert t.chunk_rows == max(1, 300 // t.vocab_size)
     t.train()  # every chunked path (loss, diagnostics, signal stats) runs with a few rows per chunk
     assert len(_metrics(tmp_path / "run")) == 2
@@ -193,10 +187,10 @@ def test_trainer_uses_vocabulary_capped_chunks(pair, tmp_path):
     [{}, {"student.autocast": "bfloat16"}, {"student.lora.enabled": True, "optim.lr": 1e-2}],
     ids=["fp32", "bf16-autocast", "lora"],
 )
-def test_gradient_checkpointing_gives_the_same_training(pair, tmp_path, extra):
-    plain = _trainer(pair, tmp_path / "plain", **extra)
+def test_gradient_checkpointing_gives_the_same_training(tiny_pair, tmp_path, extra):
+    plain = _trainer(tiny_pair, tmp_path / "plain", **extra)
     plain.train()
-    ckpt = _trainer(pair, tmp_path / "ckpt", **{"student.gradient_checkpointing": True, **extra})
+    ckpt = _trainer(tiny_pair, tmp_path / "ckpt", **{"student.gradient_checkpointing": True, **extra})
     ckpt.train()
     a, b = _params(plain), _params(ckpt)
     assert a.keys() == b.keys()  # the wrapped layers keep their state_dict names
@@ -224,14 +218,14 @@ def _saved_bytes(t: OPDTrainer) -> int:
     return total
 
 
-def test_gradient_checkpointing_keeps_far_fewer_activations(pair, tmp_path):
-    plain = _saved_bytes(_trainer(pair, tmp_path / "a"))
-    ckpt = _saved_bytes(_trainer(pair, tmp_path / "b", **{"student.gradient_checkpointing": True}))
+def test_gradient_checkpointing_keeps_far_fewer_activations(tiny_pair, tmp_path):
+    plain = _saved_bytes(_trainer(tiny_pair, tmp_path / "a"))
+    ckpt = _saved_bytes(_trainer(tiny_pair, tmp_path / "b", **{"student.gradient_checkpointing": True}))
     assert ckpt < 0.5 * plain, (ckpt, plain)
 
 
 @pytest.mark.slow
-def test_gradient_checkpointing_under_fsdp_matches_one_plain_process(pair, tmp_path):
+def test_gradient_checkpointing_under_fsdp_matches_one_plain_process(tiny_pair, tmp_path):
     """FSDP2 unshards a layer's weights for its backward; the recomputed forward runs inside that window."""
     import os
     import subprocess
@@ -241,10 +235,13 @@ def test_gradient_checkpointing_under_fsdp_matches_one_plain_process(pair, tmp_p
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     same = {"steps": 2, "rollout.batch_size": 2}  # one generate call per process's prompts, as on 2 processes
-    one = subprocess.run([sys.executable, "-m", "opd.cli", "train", *_args(pair, tmp_path / "one", **same)],
-                         env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    one_args = _args(tiny_pair, tmp_path / "one", **same)
+    one = subprocess.run([sys.executable, "-m", "opd.cli", "train", *one_args], env=env, capture_output=True,
+                         text=True, timeout=600)  # fmt: skip
     assert one.returncode == 0, one.stdout + one.stderr
-    args = _args(pair, tmp_path / "fsdp", sharding="fsdp", **{"student.gradient_checkpointing": True, **same})
+    args = _args(
+        tiny_pair, tmp_path / "fsdp", sharding="fsdp", **{"student.gradient_checkpointing": True, **same}
+    )
     run = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "opd.cli",
          "train", *args], env=env, capture_output=True, text=True, timeout=600,

@@ -18,8 +18,6 @@ from pathlib import Path
 
 import pytest
 
-from opd.tiny import save_tiny_pair
-
 FAKE_SERVER = r"""
 import json, os, sys
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -52,9 +50,9 @@ def _alive(pid: int) -> bool:
         return True
 
 
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory) -> Path:
-    return save_tiny_pair(tmp_path_factory.mktemp("pair"))["teacher"]
+@pytest.fixture
+def teacher_dir(tiny_pair) -> Path:
+    return tiny_pair["teacher"]
 
 
 @pytest.fixture

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import signal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from opd.cli_common import PASSTHROUGH, console, fail
 from opd.cli_eval import _cli_values
 from opd.errors import OpdError
+
+if TYPE_CHECKING:
+    from opd.teacher_server import TeacherServer
 
 
 def _interrupt(signum: int, frame: Any) -> None:
@@ -29,7 +32,7 @@ def _stop_on_signals() -> None:
         signal.signal(sig, _interrupt)
 
 
-def _shutdown(server: Any) -> None:
+def _shutdown(server: TeacherServer | None) -> None:
     """Stop the server; a second Ctrl-C or `kill` meanwhile must not abandon it half-stopped."""
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)

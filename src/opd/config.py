@@ -144,7 +144,7 @@ class LossConfig(_Section):
     )
     beta: float = Field(0.5, ge=0.0, le=1.0, description="generalized JSD (TRL convention)")
     chunk_size: int | None = Field(2048, ge=1, description="rows per chunk for full-vocabulary math")
-    chunk_max_elements: int | None = Field(
+    chunk_max_elements: int | None = Field(  # objectives.DEFAULT_CHUNK_ELEMENTS (a test keeps them equal)
         2**25, ge=1, description="cap on rows x vocabulary per chunk of full-vocabulary math (bounds each "
         "temporary at ~128 MB fp32 whatever the vocabulary: 220 rows at 152k tokens); null: chunk_size alone",
     )  # fmt: skip
@@ -313,9 +313,8 @@ class TrainConfig(_Section):
             raise ValueError(f"{why}, so there is no gradient accumulation: micro_batch_size {self.micro_batch_size} "
                              f"< prompts_per_step x rollout.rollouts_per_prompt = {per_step}; set micro_batch_size "
                              f">= {per_step} (or optim.in_backward false)")  # fmt: skip
-        if (
-            self.rollout.batch_size < self.prompts_per_step
-        ):  # each generate call's sequences are one micro-batch
+        # each generate call's sequences are one micro-batch
+        if self.rollout.batch_size < self.prompts_per_step:
             raise ValueError(f"{why}, so a step must be one micro-batch, but rollout.batch_size "
                              f"{self.rollout.batch_size} < prompts_per_step {self.prompts_per_step} splits it into "
                              f"several; set rollout.batch_size >= {self.prompts_per_step} (or optim.in_backward "

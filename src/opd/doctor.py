@@ -333,7 +333,7 @@ def run_doctor(
         prepare_tokenizer,
         shared_vocab_size,
     )
-    from opd.objectives import DEFAULT_CHUNK_ELEMENTS, chunk_rows
+    from opd.objectives import chunk_rows
     from opd.rollout import HFGenerator, SamplingParams
     from opd.sampling import stop_ids_for
     from opd.scoring import response_logits
@@ -387,7 +387,7 @@ def run_doctor(
         temperature=cfg.temperature, top_p=cfg.top_p, top_k=0, max_new_tokens=cfg.max_new_tokens
     )
     say(f"models loaded in {time.perf_counter() - t0:.1f}s (shared vocabulary {vocab})")
-    vocab_rows = chunk_rows(2048, DEFAULT_CHUNK_ELEMENTS, vocab)  # bounded temporaries at a 152k vocabulary
+    vocab_rows = chunk_rows(vocab)  # bounded temporaries at a 152k vocabulary
 
     # Work units, for a progress fraction that tracks time roughly: generated rows and scored rows.
     n_rows = len(records) * cfg.samples

@@ -145,8 +145,10 @@ def _check_chunk_size(chunk_size: int | None) -> None:
 DEFAULT_CHUNK_ELEMENTS = 2**25  # rows x vocabulary per chunk: ~128 MB per fp32 temporary, 220 rows at 152k
 
 
-def chunk_rows(chunk_size: int | None, max_elements: int | None, vocab: int) -> int | None:
-    """Rows per chunk so that a [rows, vocab] temporary stays under ``max_elements``.
+def chunk_rows(
+    vocab: int, chunk_size: int | None = 2048, max_elements: int | None = DEFAULT_CHUNK_ELEMENTS
+) -> int | None:
+    """Rows per chunk (at most ``chunk_size``) so that a [rows, vocab] temporary stays under ``max_elements``.
 
     A row count alone is the wrong unit: 2048 rows are 0.8 MB at a 100-token vocabulary and 1.2 GB (fp32) at
     Qwen's 152k, and the loss and diagnostics each hold several such temporaries at once.

@@ -595,7 +595,7 @@ def score_records(
     """
     from opd.data import encode_prompts, render_prompt, uses_chat
     from opd.diagnostics import sequence_mean_reward, token_diagnostics
-    from opd.objectives import DEFAULT_CHUNK_ELEMENTS, chunk_rows
+    from opd.objectives import chunk_rows
     from opd.rollout import HFGenerator, SamplingParams, chunk_seed
     from opd.sampling import stop_ids_for
     from opd.teacher import score_frozen
@@ -603,6 +603,7 @@ def score_records(
     stops = list(stop_ids) if stop_ids is not None else stop_ids_for(tokenizer, student)
     gen = HFGenerator(student, pad_id=tokenizer.pad_token_id, stop_ids=stops)
     params = SamplingParams(temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=max_new_tokens)
+    chunk = chunk_rows(vocab_size)  # bounded vocabulary-sized temporaries at 152k tokens
     texts = [
         render_prompt(r, tokenizer, template=template, chat_template_kwargs=chat_template_kwargs,
                       system_prompt=system_prompt)
@@ -629,7 +630,6 @@ def score_records(
             s_logits = score_frozen(student, sub)
             t_logits = score_frozen(teacher, sub)
             mask = sub.response_mask
-            chunk = chunk_rows(2048, DEFAULT_CHUNK_ELEMENTS, vocab_size)  # bounded temporaries at 152k tokens
             diag = token_diagnostics(s_logits, t_logits, mask, k=k, vocab_size=vocab_size, chunk_size=chunk)
             row = rows[i]
             row["response_len"] = float(sub.lengths.float().mean())

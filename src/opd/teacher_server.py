@@ -26,7 +26,7 @@ from opd.errors import ConfigError, OpdError
 from opd.models import model_directory
 from opd.teacher_http import API_KEY_ENV
 
-__all__ = ["ServeTeacherConfig", "TeacherServer", "build_server", "server_command", "start_server"]
+__all__ = ["ServeTeacherConfig", "TeacherServer", "build_server", "server_command"]
 
 
 class ServeTeacherConfig(BaseModel):
@@ -155,11 +155,6 @@ class TeacherServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def start_server(cfg: ServeTeacherConfig) -> TeacherServer:
-    """Start (not yet ready) the server `cfg` describes."""
-    return build_server(cfg).start()
 
 
 def build_server(cfg: ServeTeacherConfig) -> TeacherServer:

@@ -89,6 +89,19 @@ def lr_lambda(schedule: str, total_steps: int, warmup: int, min_ratio: float):
 
 
 @dataclass
+class _StepInBackward:
+    """optim.in_backward bookkeeping for one backward pass: what the hooks did, for the step's metrics."""
+
+    armed: bool = False  # hooks act only between arm() and the end of the trainer's own backward
+    norm_sq: float = 0.0  # sum over parameters of |grad|^2, for the grad_norm metric
+    bad: str | None = None  # the first parameter with a non-finite gradient; no step after it
+    stepped: int = 0  # parameter tensors already stepped
+
+    def arm(self) -> None:
+        self.armed, self.norm_sq, self.bad, self.stepped = True, 0.0, None, 0
+
+
+@dataclass
 class StepResult:
     step: int
     metrics: dict[str, float] = field(default_factory=dict)
@@ -181,7 +194,7 @@ class OPDTrainer:
             teacher = load_model(tc.path, dtype=tc.dtype, trust_remote_code=tc.trust_remote_code)
         # An engine teacher's ids come from the shared tokenizer, so the student alone bounds the columns.
         self.vocab_size = shared_vocab_size(student, teacher or student, self.tokenizer)
-        self.chunk_rows = chunk_rows(cfg.loss.chunk_size, cfg.loss.chunk_max_elements, self.vocab_size)
+        self.chunk_rows = chunk_rows(self.vocab_size, cfg.loss.chunk_size, cfg.loss.chunk_max_elements)
         if cfg.student.dtype in ("bfloat16", "float16"):
             self.log(
                 f"[yellow]warning:[/] student.dtype={cfg.student.dtype}: low-precision master weights can "
@@ -529,7 +542,7 @@ class OPDTrainer:
             return t
         return self.acc.reduce(t.to(self.acc.device), reduction=op)
 
-    def _install_step_in_backward(self) -> dict[str, Any]:
+    def _install_step_in_backward(self) -> _StepInBackward:
         """optim.in_backward: the AdamW step of each parameter runs in its post-accumulate-grad hook.
 
         The gradient is freed right after, so the step never holds a full set of gradients (2.5 GB of a
@@ -543,23 +556,22 @@ class OPDTrainer:
                 f"optim.in_backward needs one process ({self.acc.num_processes} were launched): data-parallel "
                 "gradients are averaged across processes after backward; use optim.in_backward false"
             )
-        state: dict[str, Any] = {"armed": False, "norm_sq": torch.zeros((), dtype=torch.float64),
-                                 "bad": None, "stepped": 0}  # fmt: skip
+        state = _StepInBackward()
         names = {p: n for n, p in self._unwrapped().named_parameters()}
         optimizer = self.optimizer
 
         def hook(p: torch.Tensor) -> None:
-            if not state["armed"] or p.grad is None:
+            if not state.armed or p.grad is None:
                 return
             # The norm in the gradient's own dtype, like clip_grad_norm_: a float64 copy of a 152k x 896
             # embedding gradient would cost 1 GB, the very memory this path exists to save.
-            sq = torch.linalg.vector_norm(p.grad.detach()).double().cpu() ** 2
-            state["norm_sq"] += sq
-            if state["bad"] is None and not torch.isfinite(sq):
-                state["bad"] = names.get(p, "?")
-            if state["bad"] is None:
+            sq = float(torch.linalg.vector_norm(p.grad.detach())) ** 2
+            state.norm_sq += sq
+            if state.bad is None and not math.isfinite(sq):
+                state.bad = names.get(p, "?")
+            if state.bad is None:
                 optimizer.step()
-                state["stepped"] += 1
+                state.stepped += 1
             p.grad = None
 
         for p in self._unwrapped().parameters():
@@ -625,12 +637,12 @@ class OPDTrainer:
                             f"non-finite loss at step {step}; no parameter was stepped",
                             {"loss": math.nan, "grad_norm": math.nan},
                         )
-                    ib.update(armed=True, norm_sq=torch.zeros((), dtype=torch.float64), bad=None, stepped=0)
+                    ib.arm()
                 try:
                     acc.backward(objective)
                 finally:
                     if ib is not None:
-                        ib["armed"] = False
+                        ib.armed = False
             loss_sum += per_tok.detach().double().sum().cpu()
             with torch.no_grad():
                 s_det = s_logits.detach()
@@ -659,12 +671,12 @@ class OPDTrainer:
         params = [p for p in self.student.parameters() if p.requires_grad]
         ib = self._in_backward
         if ib is not None:  # already stepped inside backward; the norm was summed there
-            grad_norm = math.sqrt(float(ib["norm_sq"]))
-            if ib["bad"] is not None:
+            grad_norm = math.sqrt(ib.norm_sq)
+            if ib.bad is not None:
                 self.optimizer.zero_grad(set_to_none=True)
                 raise NonFiniteLossError(
-                    f"non-finite gradient in {ib['bad']} at step {step} with optim.in_backward: "
-                    f"{ib['stepped']} parameter tensors had already been stepped, so the weights in memory "
+                    f"non-finite gradient in {ib.bad} at step {step} with optim.in_backward: "
+                    f"{ib.stepped} parameter tensors had already been stepped, so the weights in memory "
                     "are damaged and training stops",
                     {"loss": float(loss_sum), "grad_norm": math.nan},
                     weights_damaged=True,
