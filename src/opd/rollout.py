@@ -65,6 +65,22 @@ class Rollout:
         pos = (torch.cumsum(attn, dim=1) - 1).clamp(min=0)
         return ids, attn, pos
 
+    def to(self, device: torch.device | str) -> Rollout:
+        """The same rollout with every tensor on `device` (see opd.device: moved once, by the trainer)."""
+        device = torch.device(device)
+        if self.response_ids.device == device:
+            return self
+        return Rollout(
+            prompt_ids=self.prompt_ids.to(device),
+            prompt_mask=self.prompt_mask.to(device),
+            response_ids=self.response_ids.to(device),
+            response_mask=self.response_mask.to(device),
+            truncated=self.truncated.to(device),
+            prompt_index=list(self.prompt_index),
+            sampling=self.sampling,
+            engine_logprobs=None if self.engine_logprobs is None else self.engine_logprobs.to(device),
+        )
+
     def select(self, rows: slice) -> Rollout:
         """A row slice, trimmed of columns that are padding in every selected row."""
         pm = self.prompt_mask[rows]

@@ -19,7 +19,6 @@ import contextlib
 import json
 import math
 import shutil
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from opd import checkpoint as ckpt
 from opd.alarms import NAN, Alarm, CollapseError, CollapseMonitor
 from opd.config import TrainConfig, dump_config
 from opd.data import PromptCursor, encode_prompts, load_prompts, render_prompt, uses_chat
+from opd.device import clock, host, place
 from opd.diagnostics import diagnostic_sums, finalize, merge_sums
 from opd.errors import ConfigError, OpdError
 from opd.models import (
@@ -57,6 +57,23 @@ def _step_of(line: str) -> int:
         return int(json.loads(line).get("step", 1 << 62))
     except (json.JSONDecodeError, AttributeError):
         return 1 << 62
+
+
+def rollout_length_stats(rollouts: list[Rollout]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Response lengths and truncation flags of every row, as host float64 (step statistics)."""
+    lengths = torch.cat([host(r.lengths) for r in rollouts])
+    return lengths, torch.cat([host(r.truncated) for r in rollouts])
+
+
+def _merge_engine_delta(acc: torch.Tensor, s_logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor,
+                        engine_logprobs: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """(sum |Δ|, count, max |Δ|) of the engine's sampled-token log-probs against the trainer's, added to
+    `acc` on the compute device: a cross-check only, the objective never uses the engine's numbers."""
+    sv = s_logits.float()
+    lp = sv.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(sv, dim=-1)
+    ok = mask & torch.isfinite(engine_logprobs)
+    d = torch.where(ok, (lp - engine_logprobs).abs(), 0.0).double()
+    return torch.stack([acc[0] + d.sum(), acc[1] + ok.sum(), torch.maximum(acc[2], d.max())])
 
 
 class NonFiniteLossError(OpdError):
@@ -404,9 +421,13 @@ class OPDTrainer:
                 seed=self.cfg.seed,
             )  # fmt: skip
         if self.acc.is_main_process and tc.path:
-            first, again = (self.teacher.score_topk(roll).restrict(self.vocab_size) for _ in range(2))
+            device = self.acc.device
+            roll = place(roll, device)
+            first, again = (
+                place(self.teacher.score_topk(roll).restrict(self.vocab_size), device) for _ in range(2)
+            )
             # teacher.dtype (fp32 by default) is the reference precision; bfloat16 halves this one-off load.
-            ref = load_model(tc.path, dtype=tc.dtype, trust_remote_code=tc.trust_remote_code)
+            ref = load_model(tc.path, dtype=tc.dtype, trust_remote_code=tc.trust_remote_code).to(device)
             logits = score_frozen(freeze_teacher(ref), roll)[..., : self.vocab_size]
             del ref
             result = topk_fidelity(first, logits, roll.response_mask, again=again)
@@ -481,15 +502,14 @@ class OPDTrainer:
             chunk = mine[c : c + bs]
             seed = chunk_seed(cfg.seed, step, offset + c)
             with self._autocast(rollouts=True):
-                out.append(
-                    self.generator.generate(
-                        [self.prompt_ids[i] for i in chunk],
-                        self.sampling,
-                        cfg.rollout.rollouts_per_prompt,
-                        seed,
-                        chunk,
-                    )
+                roll = self.generator.generate(
+                    [self.prompt_ids[i] for i in chunk],
+                    self.sampling,
+                    cfg.rollout.rollouts_per_prompt,
+                    seed,
+                    chunk,
                 )
+            out.append(place(roll, acc.device))  # the device contract: rollouts live on the compute device
         return out
 
     def _score_sparse(self, rollouts: list[Rollout]) -> list[TeacherTopK]:
@@ -498,7 +518,9 @@ class OPDTrainer:
         error: TeacherUnavailableError | None = None
         tops: list[TeacherTopK] = []
         try:
-            tops = [self.teacher.score_topk(r).restrict(self.vocab_size) for r in rollouts]
+            tops = [
+                place(self.teacher.score_topk(r).restrict(self.vocab_size), self.acc.device) for r in rollouts
+            ]
         except TeacherUnavailableError as exc:
             error = exc
         failed = self._reduce(torch.tensor(float(error is not None), dtype=torch.float64))
@@ -538,9 +560,19 @@ class OPDTrainer:
                             vocab_size=self.vocab_size, chunk_size=self.chunk_rows)  # fmt: skip
 
     def _reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """A step statistic summed over processes, as a host float64 tensor (opd.device's contract):
+        the collective runs on the compute device (NCCL needs it there), the result comes back."""
         if self.acc.num_processes == 1:
-            return t
-        return self.acc.reduce(t.to(self.acc.device), reduction=op)
+            return host(t)
+        return host(self.acc.reduce(t.to(self.acc.device, torch.float64), reduction=op))
+
+    def _gather_max_row(self, row: torch.Tensor) -> torch.Tensor:
+        """The host row (of every process's) with the largest first entry."""
+        row = host(row)
+        if self.acc.num_processes == 1:
+            return row
+        gathered = host(self.acc.gather(row.to(self.acc.device).unsqueeze(0)))
+        return gathered[int(gathered[:, 0].argmax())]
 
     def _install_step_in_backward(self) -> _StepInBackward:
         """optim.in_backward: the AdamW step of each parameter runs in its post-accumulate-grad hook.
@@ -580,19 +612,24 @@ class OPDTrainer:
         return state
 
     def train_step(self, step: int) -> StepResult:
-        """Step `step` (1-based): rollouts, scoring, loss, one optimizer update."""
+        """Step `step` (1-based): rollouts, scoring, loss, one optimizer update.
+
+        Device contract (opd.device): rollouts and teacher scores arrive on the compute device, losses and
+        diagnostic sums stay there, step statistics come back to the host through `_reduce`/`host`, and
+        every phase boundary is a synchronized `clock`.
+        """
         cfg, acc = self.cfg, self.acc
         device = acc.device
         world = acc.num_processes
-        t0 = time.perf_counter()
+        t0 = clock(device)
         self._cursor_before_step = self.cursor.state_dict()
         indices = self.cursor.next_indices(cfg.prompts_per_step)
         rollouts = self._rollouts(step, indices)
-        t_rollout = time.perf_counter() - t0
+        t_rollout = clock(device) - t0
         # A top-K teacher scores the whole step up front (one batch per rollout chunk: engines and servers
         # batch far better than micro-batches), before any gradient exists, so a failure loses nothing.
         tops = self._score_sparse(rollouts) if self.sparse_teacher else None
-        t_teacher_sparse = time.perf_counter() - t0 - t_rollout
+        t_teacher_sparse = clock(device) - t0 - t_rollout
 
         local_tokens = sum(int(r.response_mask.sum()) for r in rollouts)
         global_tokens = int(self._reduce(torch.tensor(float(local_tokens), dtype=torch.float64)).item())
@@ -605,23 +642,22 @@ class OPDTrainer:
         if self._in_backward is not None and len(micro) > 1:  # the config check should make this unreachable
             raise ConfigError(f"optim.in_backward needs one micro-batch per step; this step has {len(micro)}")
 
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        reward_sum = torch.zeros((), dtype=torch.float64)
-        best_adv = torch.tensor([-1.0, 0.0], dtype=torch.float64)  # (|adv|, p - q there)
-        engine_delta = torch.zeros(2, dtype=torch.float64)  # (sum |Δ logprob|, count) engine vs trainer
-        engine_delta_max = 0.0
+        # Accumulators of the step: on the compute device (no host round trip per micro-batch), float64.
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        engine_delta = torch.zeros(3, dtype=torch.float64, device=device)  # sum |Δ logprob|, count, max
+        reward_sum = 0.0  # host: signal_stats returns Python floats
+        best_adv = torch.tensor([-1.0, 0.0], dtype=torch.float64)  # host: (|adv|, p - q there)
         sums: dict[str, torch.Tensor] = {}
         t_teacher = 0.0
-        t_update0 = time.perf_counter()
+        t_update0 = clock(device)
         for i, (mb, top) in enumerate(micro):
             if top is None:  # an HF teacher scores each micro-batch: [B, T, V] logits
-                ts = time.perf_counter()
+                ts = clock(device)
                 target = self.teacher.score(mb)
-                t_teacher += time.perf_counter() - ts
+                t_teacher += clock(device) - ts
             else:
-                target = top.to(device)
-            mask = mb.response_mask.to(device)
-            tokens = mb.response_ids.to(device)
+                target = top
+            mask, tokens = mb.response_mask, mb.response_ids
             n_mb = int(mask.sum())
             sync = contextlib.nullcontext() if i == len(micro) - 1 else acc.no_sync(self.student)
             with sync:
@@ -643,21 +679,13 @@ class OPDTrainer:
                 finally:
                     if ib is not None:
                         ib.armed = False
-            loss_sum += per_tok.detach().double().sum().cpu()
+            loss_sum += per_tok.detach().double().sum()
             with torch.no_grad():
                 s_det = s_logits.detach()
                 sums = merge_sums(sums, self._diagnostic_sums(s_det, target, mask))
                 if mb.engine_logprobs is not None and n_mb:
-                    sv = s_det[..., : self.vocab_size].float()
-                    lp = sv.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(sv, dim=-1)
-                    ok = mask & torch.isfinite(mb.engine_logprobs.to(device))
-                    d = (lp - mb.engine_logprobs.to(device)).abs()[ok].double().cpu()
-                    if d.numel():
-                        engine_delta += torch.stack(
-                            [d.sum(), torch.tensor(float(d.numel()), dtype=torch.float64)]
-                        )
-                        engine_delta_max = max(engine_delta_max, float(d.max()))
-                    del sv, lp
+                    engine_delta = _merge_engine_delta(engine_delta, s_det[..., : self.vocab_size], tokens,
+                                                       mask, mb.engine_logprobs)  # fmt: skip
                 if n_mb:
                     st = self._signal_stats(s_det, target, tokens, mask)
                     reward_sum += st["reward_mean"] * n_mb
@@ -692,21 +720,19 @@ class OPDTrainer:
             grads = [p.grad.detach().norm() for p in params if p.grad is not None]
             grad_norm = float(torch.stack(grads).norm() if grads else torch.zeros(()))
 
-        # Cross-process reductions: exact sums, then means on every rank.
+        # Cross-process reductions: exact sums, then means on every rank (host float64 from here on).
         loss_total = float(self._reduce(loss_sum)) / max(global_tokens, 1)
-        reward_mean = float(self._reduce(reward_sum)) / max(global_tokens, 1)
+        reward_mean = float(self._reduce(torch.tensor(reward_sum, dtype=torch.float64))) / max(
+            global_tokens, 1
+        )
         keys = sorted(sums)
         if keys:
-            vec = self._reduce(torch.stack([sums[k].double().cpu() for k in keys]))
-            sums = {k: vec[j].cpu() for j, k in enumerate(keys)}
-        if world > 1:
-            gathered = acc.gather(best_adv.to(device).unsqueeze(0)).cpu()
-            best_adv = gathered[int(gathered[:, 0].argmax())]
-        lengths = torch.cat([r.lengths.double() for r in rollouts])
-        trunc = torch.cat([r.truncated.double() for r in rollouts])
+            vec = self._reduce(torch.stack([sums[k].double() for k in keys]))
+            sums = {k: vec[j] for j, k in enumerate(keys)}
+        best_adv = self._gather_max_row(best_adv)
+        lengths, trunc = rollout_length_stats(rollouts)
         len_stats = self._reduce(torch.stack([lengths.sum(), trunc.sum(), torch.tensor(float(len(lengths)))]))
-        len_max_t = lengths.max().unsqueeze(0)
-        len_max = float(acc.gather(len_max_t.to(device)).max() if world > 1 else len_max_t.max())
+        len_max = float(self._gather_max_row(lengths.max().reshape(1))[0])
 
         if not (math.isfinite(loss_total) and math.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
@@ -719,9 +745,10 @@ class OPDTrainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         t_sync = self.generator.sync(self._unwrapped()) if hasattr(self.generator, "sync") else None
-        t_update = time.perf_counter() - t_update0 - t_teacher - (t_sync or 0.0)
+        t_end = clock(device)
+        t_update = t_end - t_update0 - t_teacher - (t_sync or 0.0)
         t_teacher += t_teacher_sparse
-        elapsed = time.perf_counter() - t0
+        elapsed = t_end - t0
 
         n_seq = float(len_stats[2])
         metrics: dict[str, float] = {
@@ -745,13 +772,10 @@ class OPDTrainer:
         }
         if t_sync is not None:
             metrics["time_weight_sync_s"] = t_sync
-            ed = self._reduce(engine_delta)
+            ed = self._reduce(engine_delta[:2])
             if float(ed[1]) > 0:
                 metrics["engine_logprob_delta_mean"] = float(ed[0] / ed[1])
-                mx = torch.tensor([engine_delta_max], dtype=torch.float64)
-                metrics["engine_logprob_delta_max"] = float(
-                    acc.gather(mx.to(device)).max() if world > 1 else mx[0]
-                )
+                metrics["engine_logprob_delta_max"] = float(self._gather_max_row(host(engine_delta[2:]))[0])
         metrics.update(finalize(sums))
         samples = []
         if acc.is_main_process and rollouts:

@@ -1,0 +1,97 @@
+"""Where tensors live: one device contract for every command, enforced here.
+
+opd had never run on a GPU until a user tried: the first training step crashed stacking a CPU count with
+GPU lengths, and the step-time split booked the teacher's asynchronous forward as update time. The rules
+below are what every command follows; the helpers in this module are the only places that move data
+between the host and the compute device.
+
+- **Compute device** (`resolve_device`): the device a command's models run on. ``auto`` is the
+  process's own GPU (``cuda:LOCAL_RANK``) when CUDA is available, else the CPU; the trainer and SFT use
+  accelerate's device, which follows the same rule.
+- **Rollouts** (`opd.rollout.Rollout`) and **top-K teacher scores** (`opd.teacher_topk.TeacherTopK`) are
+  moved to the compute device once, by the trainer, right after they are produced (`place`): generators
+  and engines may return them anywhere (vLLM and HTTP teachers build them on the CPU). Everything
+  downstream (scoring, losses, diagnostics) takes them as they are and never moves them again.
+- **Model outputs** (logits, per-token losses, diagnostic sums of a step) stay on the compute device:
+  the pure functions create their accumulators on their inputs' device, so a step does not wait for the
+  host once per micro-batch.
+- **Step statistics and metrics** are host (CPU) float64: `host` brings a device tensor back, `reduce_sum`
+  takes host or device tensors, reduces across processes on the compute device (NCCL needs it there)
+  and returns host float64. Nothing mixes a host tensor into device arithmetic.
+- **Checkpoints** are written from wherever the tensors live (safetensors and torch.save copy to the
+  host) and read onto the CPU (``map_location="cpu"``), then copied into the model and optimizer, which
+  already live on the compute device.
+- **Timers** (`clock`) synchronize the device first, so a phase is charged for the kernels it launched
+  rather than for those of the phase before it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, TypeVar
+
+import torch
+
+__all__ = ["clock", "host", "place", "resolve_device", "synchronize"]
+
+T = TypeVar("T")
+
+
+def resolve_device(setting: str | torch.device | None = "auto") -> torch.device:
+    """The compute device a command runs its models on.
+
+    ``auto`` (or None) picks this process's GPU when CUDA is available (``LOCAL_RANK`` under torchrun /
+    accelerate, so N processes do not all land on GPU 0), else the CPU. An explicit ``cuda`` on a machine
+    without CUDA is refused here with the setting named, instead of failing deep inside a forward pass.
+    """
+    from opd.errors import ConfigError
+
+    if isinstance(setting, torch.device):
+        return setting
+    name = (setting or "auto").strip().lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ConfigError(f"device {setting!r} is not a device name (auto, cpu, cuda, cuda:N)") from exc
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {setting!r}: CUDA is not available on this machine; use auto or cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"device {setting!r}: this machine has {torch.cuda.device_count()} GPU(s) (cuda:0..)"
+            )
+    return device
+
+
+def synchronize(device: torch.device | str) -> None:
+    """Wait for the kernels queued on `device` (a no-op on the CPU, where ops run synchronously)."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        torch.cuda.synchronize(device)
+    elif device.type == "mps" and hasattr(torch, "mps"):
+        torch.mps.synchronize()
+
+
+def clock(device: torch.device | str) -> float:
+    """`time.perf_counter()` after the device's queued work finished: a phase boundary."""
+    synchronize(device)
+    return time.perf_counter()
+
+
+def host(t: torch.Tensor) -> torch.Tensor:
+    """A detached float64 copy on the CPU: the form of every step statistic and metric."""
+    return t.detach().to(device="cpu", dtype=torch.float64)
+
+
+def place(obj: T, device: torch.device | str) -> T:
+    """`obj` (a Rollout, a TeacherTopK, or anything with ``.to(device)``) on `device`; a no-op when it is
+    already there. The trainer calls it once per rollout chunk and teacher answer."""
+    mover: Any = getattr(obj, "to", None)
+    if mover is None:
+        raise TypeError(f"cannot place a {type(obj).__name__} on a device")
+    return mover(torch.device(device))
