@@ -6,11 +6,16 @@ so every test that uses the pair meets the padded-vocabulary situation of real s
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from opd.tiny import build_tiny_tokenizer, save_tiny_pair
+
+# The dtype-speed probe (opd.precision) measures the machine, not the code: the suite runs bf16 autocast on
+# whatever CPU CI has, so the probe is off here (subprocesses inherit it) except where a test turns it on.
+os.environ.setdefault("OPD_PRECISION_PROBE", "0")
 
 
 @pytest.fixture

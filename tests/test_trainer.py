@@ -247,20 +247,43 @@ def test_repeated_random_kills_then_resume_match_uninterrupted(pair, tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
-@pytest.mark.slow
-def test_accelerate_fsdp_config_on_cpu_says_it_runs_data_parallel(pair, tmp_path):
-    """On a machine without GPUs accelerate cannot shard (FSDP needs CUDA there): the run must say it
-    trains data-parallel instead of silently pretending, and still form one 2-process group."""
-    cfg = Path(__file__).resolve().parents[1] / "configs" / "accelerate" / "fsdp.yaml"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    run = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(cfg), "--num_processes", "2",
-         "-m", "opd.cli", "train", *_args(pair, tmp_path / "fsdp", steps=1)],
-        env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    out = run.stdout + run.stderr
-    assert run.returncode == 0, out
-    assert "asks for FSDP, but accelerate runs MULTI_CPU" in out and "on 2 process(es)" in out
+@pytest.mark.parametrize("plugin", ["FSDP", "DEEPSPEED"])
+def test_accelerate_sharding_plugins_are_refused(pair, tmp_path, monkeypatch, plugin):
+    """accelerate's FSDP/DeepSpeed plugins are not opd's sharded path (an accelerate-FSDP student failed at
+    its first checkpoint on a GPU; on a CPU the config silently ran data parallel): refused up front, with
+    the supported alternative named."""
+    from opd.errors import ConfigError
+
+    trainer = OPDTrainer(load_config(None, _args(pair, tmp_path / "plugin")), log=lambda m: None)
+    monkeypatch.setenv(f"ACCELERATE_USE_{plugin}", "true")  # what `accelerate launch` sets for the plugin
+    with pytest.raises(ConfigError, match=f"its {plugin} plugin.*--sharding fsdp"):
+        trainer.setup()
+    assert not (tmp_path / "plugin").exists()  # refused before anything was written
+
+
+def test_precision_check_refuses_a_dtype_the_device_runs_slowly(pair, tmp_path, monkeypatch):
+    """bf16 autocast on a CPU without bf16 instructions (measured: 1 vs 151 GFLOP/s) is refused before
+    any model loads, naming the setting; precision_check warn goes ahead with a warning."""
+    import opd.precision
+    from opd.errors import ConfigError
+
+    monkeypatch.setenv("OPD_PRECISION_PROBE", "1")
+    monkeypatch.setattr(opd.precision, "matmul_rates", lambda *a, **k: {"float32": 151.0, "bfloat16": 1.0})
+    loaded = []
+    monkeypatch.setattr("opd.trainer.load_model", lambda *a, **k: loaded.append(a) or None)
+    cfg = load_config(None, _args(pair, tmp_path / "slow", **{"student.autocast": "bfloat16"}))
+    with pytest.raises(
+        ConfigError, match=r"student\.autocast=bfloat16.*151x slower.*set student\.autocast none"
+    ):
+        OPDTrainer(cfg, log=lambda m: None).setup()
+    assert not loaded
+    logs: list[str] = []
+    cfg = load_config(
+        None, _args(pair, tmp_path / "warn", **{"student.autocast": "bfloat16", "precision_check": "warn"})
+    )
+    with pytest.raises(AttributeError):  # past the check, into the (stubbed, None) models
+        OPDTrainer(cfg, log=logs.append).setup()
+    assert any("student.autocast=bfloat16" in m for m in logs)
 
 
 def test_processes_that_did_not_join_a_group_are_refused(pair, tmp_path, monkeypatch):

@@ -280,6 +280,11 @@ class TrainConfig(_Section):
     )
     save_final: bool = True
     startup_checks: bool = Field(True, description="tokenizer/EOS checks and the teacher-fidelity self-test")
+    precision_check: Literal["refuse", "warn", "off"] = Field(
+        "refuse", description="at start-up, time a matmul in each chosen low-precision dtype on this device "
+        "(cached per machine): warn when it is 2x slower than float32, refuse at 8x (a CPU without bf16 "
+        "instructions runs bf16 ~150x slower); warn = only warn, off = no probe",
+    )  # fmt: skip
     sharding: Literal["none", "fsdp"] = Field(
         "none", description="fsdp = shard the student's weights, gradients and optimizer state over the processes "
         "(torch FSDP2, one unit per decoder layer; CPU/gloo or GPU); none = every process holds the whole student",

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from opd.device import synchronize
 from opd.errors import ConfigError
 
 __all__ = [
@@ -130,12 +131,6 @@ def _probe_enabled() -> bool:
     return os.environ.get("OPD_PRECISION_PROBE", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-def _synchronize(device: torch.device) -> None:
-    """Kernels are queued asynchronously on accelerators; without this the clock times the queueing."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
 
 
 def _best_rate(a: torch.Tensor, b: torch.Tensor, device: torch.device, seconds: float) -> float:
@@ -149,13 +144,13 @@ def _best_rate(a: torch.Tensor, b: torch.Tensor, device: torch.device, seconds: 
     flops = 2.0 * n**3
     target = max(seconds / 8, 1e-4)  # one group's length: long enough to outlast the clock's resolution
     best, reps = 0.0, 1
-    _synchronize(device)
+    synchronize(device)
     start = time.perf_counter()
     while True:
         t0 = time.perf_counter()
         for _ in range(reps):
             torch.matmul(a, b)
-        _synchronize(device)
+        synchronize(device)
         t1 = time.perf_counter()
         best = max(best, flops * reps / max(t1 - t0, 1e-9) / 1e9)
         if t1 - start >= seconds:
@@ -179,10 +174,10 @@ def _time_matmul(device: torch.device, dtype: torch.dtype, n: int, seconds: floa
     half = max(n // 2, 64)
     a, b = pair(half)
     torch.matmul(a, b)
-    _synchronize(device)
+    synchronize(device)
     t0 = time.perf_counter()
     torch.matmul(a, b)
-    _synchronize(device)
+    synchronize(device)
     scout = 2.0 * half**3 / max(time.perf_counter() - t0, 1e-9) / 1e9
     if 2.0 * n**3 / (scout * 1e9) > max(1.0, 4 * seconds):
         return max(scout, _best_rate(a, b, device, seconds))

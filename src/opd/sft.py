@@ -37,7 +37,6 @@ import contextlib
 import hashlib
 import json
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +47,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from opd import checkpoint as ckpt
 from opd.config import Dtype, OptimConfig, TrackingConfig, dump_config
+from opd.device import clock, host
 from opd.errors import ConfigError, DataError
 
 IGNORE = -100
@@ -430,21 +430,21 @@ class SFTTrainer:
 
     def _reduce(self, t: torch.Tensor) -> torch.Tensor:
         if self.acc.num_processes == 1:
-            return t
-        return self.acc.reduce(t.to(self.acc.device), reduction="sum").cpu()
+            return host(t)
+        return host(self.acc.reduce(t.to(self.acc.device, torch.float64), reduction="sum"))
 
     def train_step(self, step: int) -> dict[str, float]:
         """One optimizer step on the next `batch_size` examples; returns the step's metrics."""
         cfg, acc = self.cfg, self.acc
         world = acc.num_processes
-        t0 = time.perf_counter()
+        t0 = clock(acc.device)
         indices = self.cursor.next_indices(cfg.batch_size)
         # Every process knows the whole step, so the global target count needs no communication.
         global_tokens = sum(self.examples[i].n_targets for i in indices)
         per = len(indices) // world
         mine = indices[acc.process_index * per : (acc.process_index + 1) * per]
         micro = [mine[s : s + cfg.micro_batch_size] for s in range(0, len(mine), cfg.micro_batch_size)]
-        loss_sum = torch.zeros((), dtype=torch.float64)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=acc.device)  # opd.device: step sums on device
         for i, mb in enumerate(micro):
             batch = {
                 k: v.to(acc.device) for k, v in collate([self.examples[j] for j in mb], self.pad_id).items()
@@ -453,7 +453,7 @@ class SFTTrainer:
             with sync:
                 ce = token_ce_sum(self.model, batch)
                 acc.backward(ce * (world / global_tokens))
-            loss_sum += ce.detach().double().cpu()
+            loss_sum += ce.detach().double()
         params = [p for p in self.model.parameters() if p.requires_grad]
         if cfg.optim.max_grad_norm is not None:
             grad_norm = float(acc.clip_grad_norm_(params, cfg.optim.max_grad_norm))
@@ -473,7 +473,7 @@ class SFTTrainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        elapsed = time.perf_counter() - t0
+        elapsed = clock(acc.device) - t0
         seq_tokens = sum(len(self.examples[i].input_ids) for i in indices)
         return {
             "loss": loss,

@@ -154,9 +154,10 @@ class OPDTrainer:
     # set-up
 
     def _check_launch(self) -> None:
-        """Catch launches that silently do something else than asked (measured with accelerate 1.x on a
-        machine without GPUs): an FSDP/DeepSpeed config runs as plain data parallel on CPU, or as N
-        independent single-process runs that each train on the whole batch."""
+        """Catch launches that silently do something else than asked (measured with accelerate 1.x): N
+        processes that did not join one group each train alone on the whole batch; accelerate's own
+        FSDP/DeepSpeed plugins wrap the student in ways opd's checkpoints cannot save (on a GPU the first
+        checkpoint of an accelerate-FSDP run failed; on a CPU the config silently runs data parallel)."""
         import os
 
         acc = self.acc
@@ -167,19 +168,39 @@ class OPDTrainer:
                 f"chose {acc.distributed_type.value}), so each would train alone; on a machine without GPUs "
                 "launch with torchrun or `accelerate launch --multi_gpu` (see README, multi-process runs)"
             )
-        wanted = [
+        plugins = [
             n for n in ("FSDP", "DEEPSPEED") if os.environ.get(f"ACCELERATE_USE_{n}", "").lower() == "true"
         ]
-        if wanted and acc.distributed_type.value not in wanted and self.cfg.sharding == "none":
-            self.log(
-                f"[yellow]warning:[/] the accelerate config asks for {wanted[0]}, but accelerate runs "
-                f"{acc.distributed_type.value} here (it needs GPUs): every process holds the whole model; "
-                "`--sharding fsdp` shards the student with torch FSDP2 on CPU and GPU alike"
+        if plugins:
+            raise ConfigError(
+                f"the accelerate launch config asks for its {plugins[0]} plugin, which opd does not support "
+                "(its wrapped student cannot be checkpointed by opd); shard the student with opd's own FSDP2 "
+                "instead: `--sharding fsdp`, launched with torchrun or `accelerate launch --config_file "
+                "configs/accelerate/ddp.yaml` (see README, multi-process runs)"
             )
+
+    def _check_precision(self) -> None:
+        """Refuse (or warn about) a chosen dtype this device runs far slower than float32, before any
+        model loads: bf16 autocast on a CPU without bf16 instructions turned one step into 15 minutes."""
+        from opd.precision import check_dtypes
+
+        cfg = self.cfg
+        choices = {"student.autocast": cfg.student.autocast, "student.dtype": cfg.student.dtype}
+        if cfg.teacher.backend == "hf":
+            choices["teacher.dtype"] = cfg.teacher.dtype
+        if cfg.teacher.backend == "vllm":
+            choices["teacher.vllm_dtype"] = cfg.teacher.vllm_dtype
+        if cfg.rollout.backend == "vllm":
+            choices["rollout.vllm_dtype"] = cfg.rollout.vllm_dtype
+        check_dtypes(
+            self.acc.device, choices, policy=cfg.precision_check,
+            log=lambda msg: self.log(f"[yellow]warning:[/] {msg}"),
+        )  # fmt: skip
 
     def setup(self) -> None:
         cfg, acc = self.cfg, self.acc
         self._check_launch()
+        self._check_precision()
         world = acc.num_processes
         if cfg.prompts_per_step % world:
             raise ConfigError(

@@ -16,11 +16,11 @@ Two rules keep the objective honest:
 from __future__ import annotations
 
 import os
-import time
 from typing import Any
 
 import torch
 
+from opd.device import clock
 from opd.errors import ConfigError
 from opd.rollout import Rollout, SamplingParams, response_mask_from_ids
 
@@ -141,12 +141,12 @@ class VLLMGenerator:
         Weights travel in the engine's dtype (bf16 by default): fp32 tensors through the RPC doubled RAM in
         the measurements of real-models.md. The prefix cache is reset, since cached KV came from old weights.
         """
-        t0 = time.perf_counter()
+        t0 = clock(next(model.parameters()).device)
         # A generator: one converted tensor at a time instead of a second copy of the whole model.
         state = ((k, v.detach().to(self.dtype).contiguous()) for k, v in model.state_dict().items())
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": state})
         self.llm.reset_prefix_cache()
-        self.last_sync_s = time.perf_counter() - t0
+        self.last_sync_s = clock(next(model.parameters()).device) - t0
         return self.last_sync_s
 
 
