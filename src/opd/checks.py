@@ -44,12 +44,13 @@ def fidelity_self_test(
     Every signal must be ~0 and the overlap ratio exactly 1; anything else means the training-side and
     teacher-side forward passes see different positions, masks, dtypes or vocabularies.
     """
-    device = next(model.parameters()).device
     with torch.no_grad():
         s = response_logits(model, rollout)
-    t = score_frozen(model, rollout)
-    mask = rollout.response_mask.to(device)
-    tokens = rollout.response_ids.to(device)
+    t = score_frozen(model, rollout).to(s.device)
+    # The rollout may live elsewhere than the logits (a CPU-built rollout, a model on the GPU): masks and
+    # ids go where the logits are, never the other way round.
+    mask = rollout.response_mask.to(s.device)
+    tokens = rollout.response_ids.to(s.device)
     values: dict[str, Any] = {
         "max_abs_logit_diff": float((s.float() - t.float()).abs().max()) if mask.any() else 0.0
     }
@@ -92,5 +93,5 @@ def pair_diagnostics(student: torch.nn.Module, teacher: torch.nn.Module, rollout
     """The paper's token-level metrics of the real pair at the student's states: a first look."""
     with torch.no_grad():
         s = response_logits(student, rollout)
-    t = score_frozen(teacher, rollout)
+    t = score_frozen(teacher, rollout).to(s.device)
     return token_diagnostics(s, t, rollout.response_mask.to(s.device), k=k, vocab_size=vocab_size)

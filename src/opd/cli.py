@@ -175,18 +175,23 @@ def check(
     n_prompts: int = typer.Option(2, "--n-prompts"),
     k: int = typer.Option(16, "--k"),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
+    device: str = typer.Option(
+        "auto", "--device", help="where both models run: auto (GPU when available) | cpu | cuda | cuda:N"
+    ),
 ) -> None:
     """Tokenizer/vocabulary compatibility, EOS/pad handling, and the teacher-fidelity self-test."""
     try:
         ok = _check(student, teacher, prompts, template, student_dtype, teacher_dtype, max_new_tokens, n_prompts, k,
-                    trust_remote_code)  # fmt: skip
+                    trust_remote_code, device)  # fmt: skip
     except OpdError as exc:
         fail(exc)
     if not ok:
         raise typer.Exit(1)
 
 
-def _check(student, teacher, prompts, template, s_dtype, t_dtype, max_new, n_prompts, k, trc) -> bool:
+def _check(
+    student, teacher, prompts, template, s_dtype, t_dtype, max_new, n_prompts, k, trc, device="auto"
+) -> bool:
     import time
 
     from opd.checks import (
@@ -197,6 +202,7 @@ def _check(student, teacher, prompts, template, s_dtype, t_dtype, max_new, n_pro
         self_test_rollout,
     )
     from opd.data import PromptRecord, encode_prompts, load_prompts, render_prompt, uses_chat
+    from opd.device import resolve_device
     from opd.models import (
         check_tokenizers,
         freeze_teacher,
@@ -209,6 +215,7 @@ def _check(student, teacher, prompts, template, s_dtype, t_dtype, max_new, n_pro
     from opd.sampling import stop_ids_for
 
     results: list[CheckResult] = []
+    target = resolve_device(device)  # before any loading: `--device cuda` without CUDA fails here
     t0 = time.perf_counter()
     s_tok = load_tokenizer(student, trust_remote_code=trc)
     t_tok = load_tokenizer(teacher, trust_remote_code=trc)
@@ -224,9 +231,9 @@ def _check(student, teacher, prompts, template, s_dtype, t_dtype, max_new, n_pro
         _print_results(results)
         return False
     with console.status("loading models..."):
-        s_model = load_model(student, dtype=s_dtype, trust_remote_code=trc)
-        t_model = freeze_teacher(load_model(teacher, dtype=t_dtype, trust_remote_code=trc))
-    console.print(f"models loaded in {time.perf_counter() - t0:.1f}s")
+        s_model = load_model(student, dtype=s_dtype, trust_remote_code=trc, device=target)
+        t_model = freeze_teacher(load_model(teacher, dtype=t_dtype, trust_remote_code=trc, device=target))
+    console.print(f"models loaded on {target} in {time.perf_counter() - t0:.1f}s")
     vocab = shared_vocab_size(s_model, t_model, s_tok)
     results.append(
         CheckResult("vocabulary", True, f"shared real vocabulary {vocab}; padded rows are sliced away")

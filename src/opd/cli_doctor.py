@@ -80,6 +80,9 @@ def register(app: typer.Typer) -> None:
         teacher_dtype: str | None = typer.Option(
             None, "--teacher-dtype", help="e.g. bfloat16 for big teachers"
         ),
+        device: str | None = typer.Option(
+            None, "--device", help="where the models run: auto | cpu | cuda | cuda:N [auto: GPU if any]"
+        ),
         seed: int | None = typer.Option(None, "--seed"),
         out: str | None = typer.Option(None, "--out", help="output directory [doctor]"),
         plots: bool = typer.Option(True, "--plots/--no-plots"),
@@ -98,7 +101,7 @@ def register(app: typer.Typer) -> None:
             student=student, teachers=teacher, prompts=prompts, templates=template, n_prompts=n_prompts,
             samples=samples, teacher_samples=teacher_samples, max_new_tokens=max_new_tokens, k=k, depths=depth,
             continuation_rollouts=continuation_rollouts, verifier=verifier, student_dtype=student_dtype,
-            teacher_dtype=teacher_dtype, seed=seed, out=out,
+            teacher_dtype=teacher_dtype, device=device, seed=seed, out=out,
         )  # fmt: skip
         try:
             cfg = build_doctor_config(config, cli, list(ctx.args))

@@ -74,10 +74,9 @@ def _summary_table(name: str, path: str, summary: dict[str, Any], seconds: float
 
 def run_eval_command(cfg: Any, out: Console) -> dict[str, Any]:
     """Evaluate every model of `cfg` in turn; print per-model and comparison tables; return the comparison."""
-    import torch
-
     from opd.checkpoint import atomic_write_text
     from opd.data import load_prompts, validate_template
+    from opd.device import resolve_device
     from opd.eval import (
         check_answers,
         evaluate,
@@ -92,6 +91,7 @@ def run_eval_command(cfg: Any, out: Console) -> dict[str, Any]:
 
     if not cfg.prompts:
         raise ConfigError("missing --prompts: a problem file with an `answer` field")
+    device = resolve_device(cfg.device)  # before any loading: `--device cuda` without CUDA fails here
     entries, roles = model_entries(cfg)
     validate_template(cfg.template)
     records = load_prompts(
@@ -102,14 +102,13 @@ def run_eval_command(cfg: Any, out: Console) -> dict[str, Any]:
         records = records[: cfg.max_problems]
     check_answers(records)  # before loading any model
     verifier = get_verifier(cfg.verifier)
-    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     k = cfg.samples
     summaries: dict[str, dict[str, Any]] = {}
     for name, path in entries:
         t0 = time.perf_counter()
         tok = load_tokenizer(path, trust_remote_code=cfg.trust_remote_code)
         prepare_tokenizer(tok)
-        model = load_model(path, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code).to(device)
+        model = load_model(path, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code, device=device)
         try:
             res = evaluate(
                 model, tok, records, samples=k, temperature=cfg.temperature, top_p=cfg.top_p,
@@ -120,10 +119,16 @@ def run_eval_command(cfg: Any, out: Console) -> dict[str, Any]:
             )  # fmt: skip
         finally:
             del model
-            release_memory()
+            release_memory(device)
         seconds = time.perf_counter() - t0
         res.summary.update(
-            {"model": path, "name": name, "prompts": cfg.prompts, "seconds": round(seconds, 2)}
+            {
+                "model": path,
+                "name": name,
+                "prompts": cfg.prompts,
+                "seconds": round(seconds, 2),
+                "device": str(device),
+            }
         )
         files = write_results(res, cfg.out, name)
         summaries[name] = res.summary
@@ -199,7 +204,9 @@ def register(app: typer.Typer) -> None:
         strict: bool | None = typer.Option(None, "--strict/--no-strict", help="stop on a verifier error"),
         seed: int | None = typer.Option(None, "--seed"),
         dtype: str | None = typer.Option(None, "--dtype", help="float32 | bfloat16 | float16 | auto"),
-        device: str | None = typer.Option(None, "--device", help="auto | cpu | cuda[:N]"),
+        device: str | None = typer.Option(
+            None, "--device", help="where the models run: auto | cpu | cuda | cuda:N [auto: GPU if any]"
+        ),
         trust_remote_code: bool | None = typer.Option(None, "--trust-remote-code/--no-trust-remote-code"),
         out: str | None = typer.Option(None, "--out", "-o", help="output directory [eval]"),
         keep_texts: bool | None = typer.Option(None, "--keep-texts/--no-keep-texts", help="texts in samples"),

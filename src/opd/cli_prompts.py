@@ -213,6 +213,9 @@ def select(
     template: str | None = typer.Option(None, "--template", help="training template (default chat)"),
     teacher_dtype: str | None = typer.Option(None, "--teacher-dtype", help="default float32"),
     student_dtype: str | None = typer.Option(None, "--student-dtype", help="default float32"),
+    device: str | None = typer.Option(
+        None, "--device", help="where the student and teacher run: auto | cpu | cuda | cuda:N (default auto)"
+    ),
     batch_size: int | None = typer.Option(None, "--batch-size", help="prompts per generate call (default 8)"),
     seed: int | None = typer.Option(None, "--seed"),
     score_teacher_prompts: bool | None = typer.Option(
@@ -234,7 +237,7 @@ def select(
             "teacher_prompts": teacher_prompts, "n": n, "mix": mix, "score": score, "out": out,
             "scores_out": scores_out, "rollouts": rollouts, "max_new_tokens": max_new_tokens, "k": k,
             "template": template, "teacher_dtype": teacher_dtype, "student_dtype": student_dtype,
-            "batch_size": batch_size, "seed": seed, "score_teacher_prompts": score_teacher_prompts,
+            "device": device, "batch_size": batch_size, "seed": seed, "score_teacher_prompts": score_teacher_prompts,
             "trust_remote_code": trust_remote_code,
         })  # fmt: skip
         _require(cfg, "student", "teacher")
@@ -258,6 +261,7 @@ def _select(cfg: Any) -> None:
     )
 
     from opd.data import load_prompts, validate_template
+    from opd.device import resolve_device
     from opd.models import (
         check_tokenizers,
         freeze_teacher,
@@ -271,6 +275,7 @@ def _select(cfg: Any) -> None:
 
     t0 = time.perf_counter()
     validate_template(cfg.template)
+    device = resolve_device(cfg.device)  # before any loading: `--device cuda` without CUDA fails here
     fields = {
         "prompt_field": cfg.prompt_field,
         "messages_field": cfg.messages_field,
@@ -299,11 +304,15 @@ def _select(cfg: Any) -> None:
     prepare_tokenizer(s_tok)
     prepare_tokenizer(t_tok)
     check_tokenizers(s_tok, t_tok)  # the teacher scores the student's ids: vocabularies must agree
-    with err.status("loading models..."):
-        s_model = load_model(cfg.student, dtype=cfg.student_dtype, trust_remote_code=cfg.trust_remote_code)
+    with err.status(f"loading models on {device}..."):
+        s_model = load_model(
+            cfg.student, dtype=cfg.student_dtype, trust_remote_code=cfg.trust_remote_code, device=device
+        )
         s_model.requires_grad_(False)
         t_model = freeze_teacher(
-            load_model(cfg.teacher, dtype=cfg.teacher_dtype, trust_remote_code=cfg.trust_remote_code)
+            load_model(
+                cfg.teacher, dtype=cfg.teacher_dtype, trust_remote_code=cfg.trust_remote_code, device=device
+            )
         )
     vocab = shared_vocab_size(s_model, t_model, s_tok)
     stops = stop_ids_for(s_tok, s_model)
@@ -454,7 +463,9 @@ def dedup(
     batch_size: int | None = typer.Option(
         None, "--batch-size", help="texts per embedding forward (default 64)"
     ),
-    device: str | None = typer.Option(None, "--device", help="embedding model device (default cpu)"),
+    device: str | None = typer.Option(
+        None, "--device", help="where the embedding model runs: cpu | auto | cuda | cuda:N (default cpu)"
+    ),
     out: str | None = typer.Option(None, "--out", help="kept records (default INPUT stem + .dedup.jsonl)"),
     report: str | None = typer.Option(
         None, "--report", help="removed records (default OUT stem + .report.jsonl)"
@@ -481,9 +492,11 @@ def dedup(
 
 def _dedup(cfg: Any) -> None:
     from opd.data import load_prompts
+    from opd.device import resolve_device
     from opd.prompts import dedup_records, get_embedder
 
     t0 = time.perf_counter()
+    device = resolve_device(cfg.device) if cfg.use_embeddings else None  # a bad device fails first
     src = Path(cfg.input)
     out_path = Path(cfg.out) if cfg.out else src.with_name(_stem(src) + ".dedup.jsonl")
     report_path = Path(cfg.report) if cfg.report else out_path.with_name(_stem(out_path) + ".report.jsonl")
@@ -501,7 +514,7 @@ def _dedup(cfg: Any) -> None:
     with err.status(f"de-duplicating {len(cands)} prompts against {len(ref)} ({how})..."):
         kept, rows = dedup_records(cands, ref, threshold=cfg.threshold, use_embeddings=cfg.use_embeddings,
                                    batch_size=cfg.batch_size, self_dedup=cfg.self_dedup,
-                                   embedder=get_embedder(cfg.device) if cfg.use_embeddings else None)  # fmt: skip
+                                   embedder=get_embedder(device) if device is not None else None)  # fmt: skip
     _write_jsonl(out_path, (r.raw for r in kept))
     _write_jsonl(report_path, rows)
 

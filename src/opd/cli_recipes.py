@@ -102,7 +102,7 @@ def register(app: typer.Typer) -> None:
 
         Options: --model TEACHER --prompts P --out OUT.jsonl [--samples 1 --temperature 1.0 --top-p 1.0
         --max-new-tokens N --template chat --batch-size 8 --filters truncated,no_answer,repetition
-        --seed 0]. Rerun the same command after an interruption to finish the file.
+        --seed 0 --device auto]. Rerun the same command after an interruption to finish the file.
         """
         from opd.config import load_config
         from opd.generate import GENERATE_ALIASES, GenerateConfig
@@ -157,7 +157,8 @@ def register(app: typer.Typer) -> None:
         """Recipe A: teacher responses -> SFT of the student -> OPD on held-out, de-duplicated prompts.
 
         Sections generate / sft / opd / dedup plus work_dir, sft_prompts, opd_prompts; any field is an
-        option (--opd.loss.k 8). Rerun the same command to continue: finished stages are skipped.
+        option (--opd.loss.k 8, --generate.device cuda:1). Rerun the same command to continue: finished
+        stages are skipped.
         """
         from opd.cold_start import ColdStartConfig, run_cold_start
         from opd.config import load_config

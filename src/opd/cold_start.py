@@ -47,6 +47,10 @@ class ColdStartDedup(BaseModel):
 
     threshold: float = Field(0.6, ge=-1.0, le=1.0, description="embedding cosine at or above which to drop")
     use_embeddings: bool = Field(True, description="false: exact (normalised) matches only, no model")
+    device: str = Field(
+        "cpu", description="where the embedding model runs (as `opd prompts dedup --device`): cpu | auto | "
+        "cuda | cuda:N; cpu by default, the small model is fast there and its cosines are the same everywhere",
+    )  # fmt: skip
 
 
 class ColdStartConfig(BaseModel):
@@ -125,10 +129,11 @@ def stage_configs(cfg: ColdStartConfig) -> tuple[GenerateConfig, SFTConfig, Trai
 
 def _main_only(fn: Callable[[], Any]) -> None:
     """Run `fn` on the main process; the others wait (one writer for files every process then reads)."""
-    import torch
     from accelerate import PartialState
 
-    state = PartialState(cpu=not torch.cuda.is_available())
+    from opd.device import resolve_device
+
+    state = PartialState(cpu=resolve_device("auto").type == "cpu")  # the trainer's own rule
     if state.is_main_process:
         fn()
     state.wait_for_everyone()
@@ -146,7 +151,7 @@ def dedup_opd_prompts(
 ) -> dict[str, Any]:
     """Write the held-out OPD prompts without any that repeat the prompts the teacher answered for SFT."""
     from opd.data import load_prompts
-    from opd.prompts import dedup_records
+    from opd.prompts import dedup_records, get_embedder
 
     dc = opd.data
     candidates = load_prompts(
@@ -163,9 +168,11 @@ def dedup_opd_prompts(
     )
     if gen.max_prompts is not None:
         against = against[: gen.max_prompts]  # only the prompts the teacher actually answered
+    embed = cfg.dedup.use_embeddings and bool(candidates) and bool(against)  # else no model is needed
     kept, removed = dedup_records(
-        candidates, against, threshold=cfg.dedup.threshold, use_embeddings=cfg.dedup.use_embeddings
-    )
+        candidates, against, threshold=cfg.dedup.threshold, use_embeddings=cfg.dedup.use_embeddings,
+        embedder=get_embedder(cfg.dedup.device) if embed else None,
+    )  # fmt: skip
     if not kept:
         raise DataError(
             f"all {len(candidates)} OPD prompts repeat SFT prompts (exact or cosine >= {cfg.dedup.threshold}); "
@@ -183,9 +190,22 @@ def dedup_opd_prompts(
 def run_cold_start(cfg: ColdStartConfig, *, log: Callable[[str], Any] | None = None) -> dict[str, Path]:
     """Run (or continue) the three stages; returns the paths of their outputs."""
     from opd.cli_recipes import generate_with_progress, sft_with_progress
+    from opd.device import resolve_device
 
     log = log or print
     gen, sft, opd = stage_configs(cfg)
+    # Device settings are checked on every process before any stage: a bad one must not surface on the
+    # main process alone (inside `_main_only`) while the others wait for it.
+    devices = {
+        "generate.device": gen.device,
+        "dedup.device": cfg.dedup.device if cfg.dedup.use_embeddings else None,
+    }
+    for setting, value in devices.items():
+        if value is not None:
+            try:
+                resolve_device(value)
+            except ConfigError as exc:
+                raise ConfigError(f"{setting}: {exc}") from None
     paths = stage_paths(cfg.work_dir)
     work = Path(cfg.work_dir)
 

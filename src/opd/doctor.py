@@ -118,6 +118,10 @@ class DoctorConfig(BaseModel):
     score_batch: int = Field(4, ge=1, description="rollouts per scoring forward (bounds B x T x V memory)")
     student_dtype: str = "float32"
     teacher_dtype: str = "float32"
+    device: str = Field(
+        "auto", description="where the student and teachers run: auto (this process's GPU when CUDA is "
+        "available, else cpu) | cpu | cuda | cuda:N",
+    )  # fmt: skip
     trust_remote_code: bool = False
     seed: int = 0
     out: str = Field("doctor", description="output directory (doctor.json, report.md/.html, plots)")
@@ -323,6 +327,7 @@ def run_doctor(
     time estimate); `log` gets one-line notes. Nothing is written here; `write_doctor_report` does that.
     """
     from opd.data import load_prompts, validate_template
+    from opd.device import host, resolve_device
     from opd.diagnostics import diagnostic_sums, finalize, merge_sums, sequence_mean_reward
     from opd.eval import auroc, prepare_prompts
     from opd.models import (
@@ -350,6 +355,7 @@ def run_doctor(
         raise ConfigError("doctor: no prompts; pass --prompts FILE (JSONL/Parquet/CSV)")
     for t in cfg.templates:
         validate_template(t)
+    device = resolve_device(cfg.device)  # before any loading: `cuda` on a CPU machine fails here
     t0 = time.perf_counter()
     records = load_prompts(
         cfg.prompts,
@@ -373,11 +379,12 @@ def run_doctor(
             check_tokenizers(tok, t_tok)
         except OpdError as exc:
             raise type(exc)(f"teacher {path} vs student {cfg.student}: {exc}") from None
-    student = load_model(cfg.student, dtype=cfg.student_dtype, trust_remote_code=cfg.trust_remote_code)
-    student.eval()
+    student = load_model(
+        cfg.student, dtype=cfg.student_dtype, trust_remote_code=cfg.trust_remote_code, device=device
+    )
     teachers = {
         name: freeze_teacher(
-            load_model(path, dtype=cfg.teacher_dtype, trust_remote_code=cfg.trust_remote_code)
+            load_model(path, dtype=cfg.teacher_dtype, trust_remote_code=cfg.trust_remote_code, device=device)
         )
         for name, path in zip(names, cfg.teachers, strict=True)
     }
@@ -386,7 +393,7 @@ def run_doctor(
     params = SamplingParams(
         temperature=cfg.temperature, top_p=cfg.top_p, top_k=0, max_new_tokens=cfg.max_new_tokens
     )
-    say(f"models loaded in {time.perf_counter() - t0:.1f}s (shared vocabulary {vocab})")
+    say(f"models loaded on {device} in {time.perf_counter() - t0:.1f}s (shared vocabulary {vocab})")
     vocab_rows = chunk_rows(vocab)  # bounded temporaries at a 152k vocabulary
 
     # Work units, for a progress fraction that tracks time roughly: generated rows and scored rows.
@@ -424,7 +431,7 @@ def run_doctor(
                 ok = bool(safe_verify(verifier, text, str(records[pi].answer)).correct) if verifier else False
                 correct.append(ok)
                 by_problem_s[pi].append(ok)
-            lengths += [int(x) for x in roll.lengths]
+            lengths += roll.lengths.tolist()  # one host copy per batch, not one sync per row
         # score: student, every teacher, pairs, rewards
         sums: dict[str, dict[str, torch.Tensor]] = {n: {} for n in teachers}
         pair_names = [(a, b) for i, a in enumerate(names) for b in names[i + 1 :]]
@@ -442,10 +449,9 @@ def run_doctor(
                     sums[name] = merge_sums(sums[name], diagnostic_sums(
                         s_logits, tl, mask, k=cfg.k, vocab_size=vocab, position_bins=cfg.position_bins,
                         bin_len=cfg.max_new_tokens, chunk_size=vocab_rows))  # fmt: skip
-                    rewards[name] += [
-                        float(x)
-                        for x in sequence_mean_reward(s_logits, tl, mb.response_ids, mask, vocab, vocab_rows)
-                    ]
+                    rewards[name] += host(
+                        sequence_mean_reward(s_logits, tl, mb.response_ids, mask, vocab, vocab_rows)
+                    ).tolist()
                     t_logits[name] = tl
                 for a, b in pair_names:
                     pair_sums[(a, b)] = merge_sums(pair_sums[(a, b)], diagnostic_sums(
@@ -510,8 +516,9 @@ def run_doctor(
     # Continuation advantage (on the first template's rollouts: depth is about the student's own states).
     if has_answers and cfg.continuation_rollouts > 0:
         rows = [(roll, r) for roll in first_rolls for r in range(len(roll))]
+        row_len = [n for roll in first_rolls for n in roll.lengths.tolist()]  # on the host, once
         flat_correct = first_correct
-        order = sorted(range(len(rows)), key=lambda i: -int(rows[i][0].lengths[rows[i][1]]))  # longest first
+        order = sorted(range(len(rows)), key=lambda i: -row_len[i])  # longest first
         chosen = sorted(order[: cfg.continuation_rollouts])
         for name, teacher in teachers.items():
             gen = HFGenerator(teacher, pad_id=tok.pad_token_id, stop_ids=stops)
@@ -519,7 +526,7 @@ def run_doctor(
                 prompts, base, idx = [], [], []
                 for i in chosen:
                     roll, r = rows[i]
-                    n_tok = int(roll.lengths[r])
+                    n_tok = row_len[i]
                     (cut,) = continuation_prefixes([n_tok], depth)
                     if cut is None:
                         continue
@@ -589,6 +596,7 @@ def run_doctor(
         if notes:
             result["teachers"][name]["verdict"]["reasons"].append("caution: " + notes[0])
     result["config"] = cfg.model_dump()
+    result["device"] = str(device)
     result["seconds"] = round(time.perf_counter() - t0, 1)
     result["k"] = cfg.k
     result["n_prompts"] = len(records)

@@ -142,6 +142,7 @@ def rollout_reward_auroc(
     Returns ``{"auroc", "rewards", "mean_reward_correct", "mean_reward_incorrect", "n_correct",
     "n_incorrect"}``. Pass `vocab_size` (`opd.models.shared_vocab_size`) for padded-vocabulary pairs.
     """
+    from opd.device import host
     from opd.diagnostics import sequence_mean_reward
     from opd.teacher import score_frozen
 
@@ -153,7 +154,7 @@ def rollout_reward_auroc(
     rewards = sequence_mean_reward(
         s_logits, t_logits.to(s_logits.device), rollout.response_ids.to(s_logits.device), mask, vocab_size
     )
-    r = [float(x) for x in rewards.cpu()]
+    r = host(rewards).tolist()
     good = [x for x, ok in zip(r, correct, strict=True) if ok]
     bad = [x for x, ok in zip(r, correct, strict=True) if not ok]
     return {
@@ -548,7 +549,10 @@ class EvalCommandConfig(BaseModel):
     strict: bool = Field(False, description="stop on a verifier exception instead of grading it wrong")
     seed: int = 0
     dtype: str = Field("float32", description="float32 | bfloat16 | float16 | auto")
-    device: str = Field("auto", description="auto (cuda when available) | cpu | cuda | cuda:N")
+    device: str = Field(
+        "auto", description="where the models run: auto (this process's GPU when CUDA is available, else "
+        "cpu) | cpu | cuda | cuda:N",
+    )  # fmt: skip
     trust_remote_code: bool = False
     out: str = Field("eval", description="output directory")
     keep_texts: bool = Field(True, description="write response texts into the samples file")
@@ -591,8 +595,9 @@ def model_entries(cfg: EvalCommandConfig) -> tuple[list[tuple[str, str]], dict[s
     return entries, roles
 
 
-def release_memory() -> None:
-    """Return freed model memory (after the caller dropped its references) before loading the next model."""
+def release_memory(device: torch.device | str | None = None) -> None:
+    """Return freed model memory (after the caller dropped its references) before loading the next model:
+    garbage-collect, and hand `device`'s cached blocks back to CUDA when the models ran on a GPU."""
     gc.collect()
-    if torch.cuda.is_available():
+    if device is not None and torch.device(device).type == "cuda":
         torch.cuda.empty_cache()

@@ -75,6 +75,10 @@ class GenerateConfig(BaseModel):
 
     model: str = Field("", description="teacher: local dir, .gguf file, or hub id")
     dtype: Dtype = Field("float32", description="bfloat16 halves memory and time on a GPU")
+    device: str = Field(
+        "auto", description="where the teacher runs: auto (this process's GPU when CUDA is available, else "
+        "cpu) | cpu | cuda | cuda:N; not part of the resume identity",
+    )  # fmt: skip
     trust_remote_code: bool = False
     prompts: str = Field(
         "", description="JSONL, Parquet or CSV with `prompt` or `messages`, optional `answer`"
@@ -320,9 +324,10 @@ def _file_sha256(path: str | Path) -> str:
 
 
 def settings_of(cfg: GenerateConfig) -> dict[str, Any]:
-    """What decides the output lines: every option except `out`, plus the prompt file's content hash."""
-    settings = cfg.model_dump(mode="json")
-    settings.pop("out")
+    """What decides the output lines: every option except `out` and `device`, plus the prompt file's
+    content hash. The device says where to compute, not what: a job started on a GPU may be finished on
+    another machine (its lines already written stay as they are)."""
+    settings = cfg.model_dump(mode="json", exclude={"out", "device"})
     settings["prompts_sha256"] = _file_sha256(cfg.prompts)
     settings["meta_version"] = META_VERSION
     return settings
@@ -428,17 +433,17 @@ def run_generate(
     """Generate (or finish generating) `cfg.out`; see the module docstring for files and resume.
 
     `on_batch(done, total)` reports progress in samples; `model`/`tokenizer` may be passed in to reuse
-    loaded ones (tests, the cold-start pipeline).
+    loaded ones (tests), already placed where they should run; a model loaded here goes to `cfg.device`.
     """
-    import torch
-
     from opd.checkpoint import atomic_write_text
     from opd.data import encode_prompts, load_prompts, render_prompt, uses_chat
+    from opd.device import resolve_device
     from opd.models import load_model, load_tokenizer, prepare_tokenizer
     from opd.rollout import SamplingParams
     from opd.sampling import sample_responses
 
     cfg.require_paths()
+    device = resolve_device(cfg.device)  # before anything is read or written: `cuda` without CUDA fails here
     records = load_prompts(
         cfg.prompts,
         prompt_field=cfg.prompt_field,
@@ -482,8 +487,9 @@ def run_generate(
             tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
             prepare_tokenizer(tokenizer)
         if model is None:
-            model = load_model(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
-            model.to("cuda" if torch.cuda.is_available() else "cpu")
+            model = load_model(
+                cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code, device=device
+            )
         texts = [
             render_prompt(
                 r, tokenizer, template=cfg.template, chat_template_kwargs=cfg.chat_template_kwargs,

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig, PreTrainedModel
 
+from opd.device import resolve_device
 from opd.errors import ConfigError, ModelError, TokenizerMismatchError
 
 log = logging.getLogger(__name__)
@@ -119,13 +120,24 @@ def load_tokenizer(spec: str, *, trust_remote_code: bool = False) -> Any:
         raise
 
 
-def load_model(spec: str, *, dtype: str = "float32", trust_remote_code: bool = False) -> PreTrainedModel:
+def load_model(
+    spec: str,
+    *,
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+    device: str | torch.device | None = None,
+) -> PreTrainedModel:
     """A causal LM in eval mode, freshly loaded on every call.
 
     No caching on purpose: student and teacher may come from the same file but the student gets trained,
     so they must never share parameters.
+
+    `device`: where the model runs, resolved by `opd.device.resolve_device` (``auto``, ``cpu``,
+    ``cuda:N`` or a `torch.device`); the model is moved there once, here, right after loading. None
+    leaves it on the CPU for callers that place it themselves (the trainer and SFT, through accelerate).
     """
     torch_dtype = resolve_dtype(dtype)
+    target = None if device is None else resolve_device(device)  # a bad device fails before the load
     kind, path = _classify(spec)
     try:
         if kind == "dir":
@@ -152,7 +164,10 @@ def load_model(spec: str, *, dtype: str = "float32", trust_remote_code: bool = F
         if kind == "hub" and (err := _hub_error(spec, "model", e)) is not None:
             raise err from e
         raise
-    return model.eval()
+    model.eval()
+    if target is not None:
+        model.to(target)
+    return model
 
 
 def _drop_gguf_quantization(model: PreTrainedModel) -> None:

@@ -109,6 +109,10 @@ class SelectConfig(_Cfg):
     batch_size: int = Field(8, ge=1, description="prompts per generate call")
     student_dtype: str = "float32"
     teacher_dtype: str = "float32"
+    device: str = Field(
+        "auto", description="where the student and teacher run: auto (this process's GPU when CUDA is "
+        "available, else cpu) | cpu | cuda | cuda:N",
+    )  # fmt: skip
     seed: int = 0
     trust_remote_code: bool = False
     prompt_field: str | None = "prompt"
@@ -125,7 +129,10 @@ class DedupConfig(_Cfg):
     use_embeddings: bool = Field(True, description="false: exact (normalised) matches only, no model")
     self_dedup: bool = Field(False, description="also drop repeats within the input (first one kept)")
     batch_size: int = Field(64, ge=1, description="texts per embedding forward")
-    device: str = Field("cpu", description="embedding model device (cpu, cuda, cuda:1, ...)")
+    device: str = Field(
+        "cpu", description="where the embedding model runs: cpu | auto (GPU when available) | cuda | cuda:N; "
+        "cpu by default, the small model is fast there and its cosines are the same on every machine",
+    )  # fmt: skip
     out: str | None = Field(None, description="kept records; default INPUT stem + .dedup.jsonl")
     report: str | None = Field(None, description="removed records and why; default OUT stem + .report.jsonl")
     prompt_field: str | None = "prompt"
@@ -283,8 +290,10 @@ class Embedder:
         from transformers import AutoModel, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
+        from opd.device import resolve_device
+
+        self.device = resolve_device(device)  # first: `cuda` without CUDA fails before the load
         path = Path(model_dir) if model_dir is not None else embedding_model_dir()
-        self.device = torch.device(device)
         # transformers 5 draws a weight-loading bar per model; it would clutter the CLI's own output.
         bars = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()
@@ -323,9 +332,17 @@ class Embedder:
         return out
 
 
+def get_embedder(device: str | torch.device = "cpu") -> Embedder:
+    """The process-wide Embedder on `device` (``cpu``, ``auto``, ``cuda:N``; resolved by
+    `opd.device.resolve_device`). Loading costs seconds, so every dedup call in a process shares one per
+    resolved device ("auto" and the device it resolves to are the same embedder)."""
+    from opd.device import resolve_device
+
+    return _embedder_on(resolve_device(device))
+
+
 @functools.lru_cache(maxsize=2)
-def get_embedder(device: str = "cpu") -> Embedder:
-    """The process-wide Embedder (loading costs seconds; every dedup call in a process shares one)."""
+def _embedder_on(device: torch.device) -> Embedder:
     return Embedder(device=device)
 
 
@@ -459,8 +476,8 @@ def _earlier_neighbours(
     for start in range(0, emb.shape[0], block):
         stop = min(start + block, emb.shape[0])
         sims = emb[start:stop] @ emb[:stop].T  # [b, stop]
-        rows = torch.arange(start, stop).unsqueeze(1)
-        cols = torch.arange(stop).unsqueeze(0)
+        rows = torch.arange(start, stop, device=emb.device).unsqueeze(1)
+        cols = torch.arange(stop, device=emb.device).unsqueeze(0)
         hits = ((sims >= threshold) & (cols < rows)).nonzero().tolist()
         for r, j in hits:
             out.setdefault(start + r, []).append((j, float(sims[r, j])))

@@ -118,12 +118,18 @@ def run_demo(
     steps: int | None = None,
     console: Console | None = None,
     zoo: Any = None,
+    device: str = "auto",
 ) -> dict[str, Any]:
-    """Run the demo; returns {"summaries", "report", "wall_time_s", "ran"}. `zoo` injects a LabZoo (tests)."""
+    """Run the demo; returns {"summaries", "report", "wall_time_s", "ran"}. `zoo` injects a LabZoo (tests).
+
+    `device`: where the runner's own model loads run (`LabRunner.device`; ``auto`` = GPU when available).
+    """
+    from opd.device import resolve_device
     from opd.lab.experiments import EXPERIMENTS
     from opd.lab.report import build_report
     from opd.lab.runner import LabRunner, RichReporter, rich_progress
 
+    resolve_device(device)  # before the zoo is loaded or built: `cuda` without CUDA fails here
     console = console or Console(stderr=True)
     out = Console()
     t0 = time.monotonic()
@@ -153,7 +159,7 @@ def run_demo(
         console.rule(spec.title)
         with rich_progress(console) as progress:
             reporter = RichReporter(progress, console, total_runs=len(chosen) * len(spec.arms))
-            runner = LabRunner(zoo=zoo, out_root=runs, reporter=reporter)
+            runner = LabRunner(zoo=zoo, out_root=runs, reporter=reporter, device=device)
             summary = runner.run_experiment(spec, seeds=chosen, steps=steps, deadline=deadline)
         summaries.append(summary)
         ran.append(name)
@@ -224,8 +230,14 @@ def register_experiments(lab_app: typer.Typer, app: typer.Typer) -> None:
         runs: Path = typer.Option(Path("runs/lab"), "--runs", help="results directory"),
         zoo_root: Path | None = typer.Option(None, "--zoo", help="zoo directory (default: the shipped zoo)"),
         force: bool = typer.Option(False, "--force", help="re-run even when results exist"),
+        device: str = typer.Option(
+            "auto",
+            "--device",
+            help="where evaluations and probes run: auto (GPU when available) | cpu | cuda[:N]",
+        ),
     ) -> None:
         """Run a lab experiment (OPD runs x seeds + per-level evaluation); print its table, write plots."""
+        from opd.device import resolve_device
         from opd.errors import OpdError
         from opd.lab.experiments import EXPERIMENTS
         from opd.lab.report import build_report
@@ -240,6 +252,7 @@ def register_experiments(lab_app: typer.Typer, app: typer.Typer) -> None:
             )
             raise typer.Exit(2)
         try:
+            resolve_device(device)  # before the zoo is checked: `cuda` without CUDA fails here
             zoo = _load_zoo(zoo_root, console, build_if_missing=False)
             for n in names:
                 spec = EXPERIMENTS[n]
@@ -248,7 +261,7 @@ def register_experiments(lab_app: typer.Typer, app: typer.Typer) -> None:
                 console.rule(spec.title)
                 with rich_progress(console) as progress:
                     reporter = RichReporter(progress, console, total_runs=len(chosen) * n_arms)
-                    runner = LabRunner(zoo=zoo, out_root=runs, reporter=reporter, force=force)
+                    runner = LabRunner(zoo=zoo, out_root=runs, reporter=reporter, force=force, device=device)
                     summary = runner.run_experiment(spec, seeds=chosen, steps=steps, arms=arm or None)
                 print_summary(Console(), summary)
             rep = build_report(runs, runs / "report.md")
@@ -287,12 +300,18 @@ def register_experiments(lab_app: typer.Typer, app: typer.Typer) -> None:
         steps: int | None = typer.Option(
             None, "--steps", help="OPD steps per run (default: the experiment's)"
         ),
+        device: str = typer.Option(
+            "auto",
+            "--device",
+            help="where evaluations and probes run: auto (GPU when available) | cpu | cuda[:N]",
+        ),
     ) -> None:
         """The lab in minutes on a CPU: OPD works with a compatible teacher and fails with an incompatible one."""
         from opd.errors import OpdError
 
         try:
-            run_demo(budget_minutes=budget_minutes, runs=runs, zoo_root=zoo_root, seeds=seeds, steps=steps)
+            run_demo(budget_minutes=budget_minutes, runs=runs, zoo_root=zoo_root, seeds=seeds, steps=steps,
+                     device=device)  # fmt: skip
         except OpdError as exc:
             Console(stderr=True).print(f"[bold red]error:[/] {exc}")
             raise typer.Exit(2) from None

@@ -476,8 +476,17 @@ class LabRunner:
     threads: int | None = 1
     """torch intra-op threads during runs. 1: the lab's 200k-parameter models gain nothing from more, and
     on a loaded 2-core machine 2 threads made a tiny run 20x slower (measured: spinning OpenMP workers)."""
+    device: str = "auto"
+    """Where the runner's own model loads run (per-level evaluation, Recipe B scoring, Recipe A's teacher
+    answers, the probes): resolved by `opd.device.resolve_device`, so ``auto`` is this process's GPU when
+    CUDA is available. The OPD and SFT runs themselves follow accelerate's device (the same rule). Not part
+    of any fingerprint: it says where to compute, not what."""
+    compute_device: torch.device = field(init=False, repr=False)  # `device`, resolved
 
     def __post_init__(self) -> None:
+        from opd.device import resolve_device
+
+        self.compute_device = resolve_device(self.device)  # `cuda` without CUDA fails here, before any run
         self.out_root = Path(self.out_root)
         self._eval_cache_path = self.out_root / "_eval_cache.json"
         self._digests: dict[str, str] = {}
@@ -505,7 +514,7 @@ class LabRunner:
         if key in cache:
             return cache[key]
         tok = load_tokenizer(path)
-        model = load_model(path)
+        model = load_model(path, device=self.compute_device)
         acc = evaluate_levels(model, tok, self.zoo.eval_files, self.eval)
         cache = self._read_eval_cache()
         cache[key] = acc
@@ -665,7 +674,8 @@ class LabRunner:
             from opd.prompts import score_records
 
             tok = load_tokenizer(student)
-            s_model, t_model = load_model(student), load_model(teacher)
+            s_model = load_model(student, device=self.compute_device)
+            t_model = load_model(teacher, device=self.compute_device)
             records = [PromptRecord(text=p.prompt, messages=None, answer=p.answer, source=f"pool:{i}", raw={})
                        for i, p in enumerate(problems)]  # fmt: skip
             self.reporter.message(
@@ -704,7 +714,7 @@ class LabRunner:
         problems = draw_problems(a.get("mix", {2: 0.3, 3: 0.3, 4: 0.4}), int(a.get("n_prompts", 512)),
                                  seed=20_000 + seed, exclude=exclude | opd_set)  # fmt: skip
         tok = load_tokenizer(teacher)
-        t_model = load_model(teacher)
+        t_model = load_model(teacher, device=self.compute_device)
         ids = [tok(p.prompt)["input_ids"] for p in problems]
         self.reporter.message(f"  cold start: {teacher.rsplit('/', 1)[-1]} answers {len(problems)} problems")
         samples = sample_responses(t_model, tok, ids, n=1, params=SamplingParams(temperature=1.0, top_p=1.0, top_k=0,
@@ -767,7 +777,8 @@ class LabRunner:
             return cached
         self.reporter.message(f"  probe: {a['teacher_a']} vs {a['teacher_b']} at {a['student']}'s rollouts")
         res = teacher_pair_probe(paths["student"], paths["teacher_a"], paths["teacher_b"],
-                                 files=[self.zoo.eval_files[lv] for lv in levels], n=int(a.get("n", 64)))  # fmt: skip
+                                 files=[self.zoo.eval_files[lv] for lv in levels], n=int(a.get("n", 64)),
+                                 device=self.compute_device)  # fmt: skip
         res.update({"fingerprint": fp, "models": {k: a[k] for k in ("student", "teacher_a", "teacher_b")},
                     "levels": list(levels)})  # fmt: skip
         _atomic_write_json(path, _finite(res))
@@ -786,10 +797,12 @@ class LabRunner:
             n_prompts=int(a.get("n_prompts", 64)), samples=4, teacher_samples=4, templates=["raw"],
             max_new_tokens=int(a.get("max_new_tokens", MAX_NEW_TOKENS)), k=4, depths=[0.25, 0.5, 0.75],
             continuation_rollouts=32, verifier="opd.lab.world:LabVerifier", out=str(self.out_root / spec.name / "doctor"),
+            device=str(self.compute_device),
         )  # fmt: skip
-        fp = _fingerprint(
-            {"d": [self._digest(p) for p in (student, *teachers)], "cfg": cfg.model_dump(mode="json")}
-        )
+        fp = _fingerprint(  # the device is where, not what: a probe cached on one device holds on another
+            {"d": [self._digest(p) for p in (student, *teachers)],
+             "cfg": cfg.model_dump(mode="json", exclude={"device"})}
+        )  # fmt: skip
         path = self.out_root / spec.name / PROBE
         cached = load_result(path)
         if cached is not None and cached.get("fingerprint") == fp and not self.force:
@@ -859,14 +872,17 @@ class LabRunner:
 
 @torch.no_grad()
 def teacher_pair_probe(
-    student: str, teacher_a: str, teacher_b: str, *, files: list[Path], n: int = 64, k: int = 4, seed: int = 0
-) -> dict[str, Any]:
+    student: str, teacher_a: str, teacher_b: str, *, files: list[Path], n: int = 64, k: int = 4, seed: int = 0,
+    device: str | torch.device = "auto",
+) -> dict[str, Any]:  # fmt: skip
     """How distinguishable two teachers are at the student's states (paper finding 2's direct check).
 
-    `n` problems per file, one student rollout each at T=1; all three models score the same ids. Returns
-    reverse KL and top-k overlap of student vs each teacher, and of teacher_a vs teacher_b (a as "p").
+    `n` problems per file, one student rollout each at T=1; all three models score the same ids, on
+    `device` (`opd.device.resolve_device`). Returns reverse KL and top-k overlap of student vs each
+    teacher, and of teacher_a vs teacher_b (a as "p").
     """
     from opd.data import load_prompts
+    from opd.device import resolve_device
     from opd.diagnostics import token_diagnostics
     from opd.lab.world import MAX_NEW_TOKENS
     from opd.models import load_model, load_tokenizer
@@ -874,8 +890,9 @@ def teacher_pair_probe(
     from opd.sampling import stop_ids_for
     from opd.scoring import response_logits
 
+    device = resolve_device(device)
     tok = load_tokenizer(student)
-    s_model, a_model, b_model = load_model(student), load_model(teacher_a), load_model(teacher_b)
+    s_model, a_model, b_model = (load_model(p, device=device) for p in (student, teacher_a, teacher_b))
     prompts = [r.text for f in files for r in load_prompts(f)[:n]]
     ids = [tok(p)["input_ids"] for p in prompts]
     gen = HFGenerator(s_model, pad_id=tok.pad_token_id, stop_ids=stop_ids_for(tok, s_model))
