@@ -264,10 +264,10 @@ def sparse_diagnostic_sums(student_logits: Tensor, teacher: TeacherTopK, mask: T
     student = student_logits[..., :vocab_size] if vocab_size else student_logits
     dtype = _rows_dtype(student)
     b_idx, t_idx = masked_positions(mask)
-    f64 = torch.float64
-    out = {f"{name}__sum": torch.zeros((), dtype=f64) for name in SPARSE_METRICS}
-    out["tokens__count"] = torch.tensor(float(b_idx.numel()), dtype=f64)
-    out["overlap_nonempty__count"] = torch.zeros((), dtype=f64)
+    f64, device = torch.float64, student.device  # opd.device: a step's sums live on the compute device
+    out = {f"{name}__sum": torch.zeros((), dtype=f64, device=device) for name in SPARSE_METRICS}
+    out["tokens__count"] = torch.tensor(float(b_idx.numel()), dtype=f64, device=device)
+    out["overlap_nonempty__count"] = torch.zeros((), dtype=f64, device=device)
     kk = min(k, student.shape[-1])
     for start, stop in row_chunks(b_idx.numel(), chunk_size):
         bi, ti = b_idx[start:stop], t_idx[start:stop]

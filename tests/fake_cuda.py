@@ -1,0 +1,442 @@
+"""A CUDA device simulated on the CPU, for catching device mix-ups without a GPU.
+
+opd's first step on a real GPU crashed in ``torch.stack([lengths.sum(), trunc.sum(), torch.tensor(n)])``:
+two CUDA scalars and one CPU scalar. The CPU test suite could not see it because every tensor there is a
+CPU tensor. This module makes "a GPU" out of the CPU: `FakeCudaTensor` reports ``device == cuda:0`` and
+holds an ordinary CPU tensor (``.elem``) that computes the real values, and `FakeCudaMode` (a
+`TorchDispatchMode`) applies real CUDA's device rules to every ATen operator before running it on the
+CPU elements. `fake_cuda()` is the context to run code under.
+
+Device rules (what real CUDA does, as read from ATen; the error text is CUDA's):
+
+- Factory operators (``zeros``, ``full``, ``arange``, ``empty``, ``randn``, ``torch.tensor`` ...) with
+  ``device="cuda"`` give fake CUDA tensors; without a device, plain CPU tensors.
+- ``.to("cuda")`` / ``.cuda()`` wrap, ``.to("cpu")`` / ``.cpu()`` / ``.tolist()`` / ``.item()`` /
+  ``float(t)`` give host values; ``copy_`` between the two is allowed (host <-> device copies).
+- Any other operator mixing fake CUDA and CPU tensors raises ``RuntimeError: Expected all tensors to be
+  on the same device, but found at least two devices, cuda:0 and cpu!`` unless CUDA allows that mix:
+
+  * a pointwise operator (``torch.Tag.pointwise``, TensorIterator) may read ONE 0-dim CPU tensor (a
+    "CPU scalar"), never write one (``cpu_scalar += cuda_tensor`` raises); ``where`` may read several;
+  * indexing (``index``, ``index_put``) may take CPU index tensors, and a non-accumulating
+    ``index_put`` a 0-dim CPU value; ``masked_fill`` (mask on self's device) and ``fill_`` a 0-dim CPU
+    value;
+  * nothing else: ``cat`` / ``stack`` raise even for 0-dim CPU tensors (the crash above), as do
+    ``matmul``, ``gather``, ``index_select``, ``embedding`` ... with any CPU tensor.
+
+Autograd works through the wrappers (backward operators go through the same rules; gradients come back
+as fake CUDA tensors), and so do `nn.Module.to("cuda")` (parameters are swapped in place, so an
+optimizer built before keeps working), `torch.save` (saved as CPU tensors, which ``map_location="cpu"``
+would give anyway) and safetensors / ``save_pretrained`` (they copy to the host first, as on a GPU).
+
+How it is built (no part of torch is patched by `fake_cuda()` itself):
+
+- At the C++ level the wrappers are tensors of the ``lazy`` device. A CPU-only torch registers device
+  guards, which autograd needs for every tensor it records, only for cpu, meta and lazy: a C++-level
+  cuda tensor makes the first recorded op abort the process ("PyTorch is not linked with support for
+  cuda devices"; FakeTensorMode's fake cuda tensors hit the same). C++ code creating "a tensor like this
+  one" (``self.options()`` in backward formulas and composite operators) thus asks for the lazy device,
+  which the mode maps back to fake CUDA; nothing else in this project uses that device, and genuine meta
+  tensors (Hugging Face builds models on meta before loading them) are left alone. Python sees
+  ``t.device == cuda:0``, ``t.is_cuda``.
+- A `TorchFunctionMode` rewrites CUDA device arguments (``device="cuda"``, ``.to("cuda")``,
+  ``.cuda()``) to the carrier device before they reach C++, where a CPU-only build refuses them before
+  any dispatch mode could see them ("Torch not compiled with CUDA enabled").
+- ``torch._C._set_only_lift_cpu_tensors(True)`` while active (as FakeTensorMode does), so
+  ``torch.tensor(data, device="cuda")`` is built on the host and then moved through the mode.
+
+`cuda_runtime_stubs()` additionally replaces ``torch.cuda.get_rng_state`` / ``set_rng_state`` (used by
+``torch.random.fork_rng(devices=[cuda])``) and ``torch.cuda.synchronize`` with host-side no-ops, for code
+that calls the CUDA runtime directly.
+
+What it cannot tell you: anything about real kernels (dtype support such as bf16 on old GPUs, flash /
+memory-efficient attention paths, cuBLAS numerics, non-determinism), memory (sizes, OOM, the caching
+allocator), asynchrony (streams, events, timing, ``non_blocking`` races, the host syncs ``.item()``
+causes), NCCL / multi-GPU collectives and ``cuda:1``, CUDA graphs / ``torch.compile``, and the few ops
+whose CUDA kernels have their own device rules beyond those above (they are treated conservatively:
+refusing the mix). C++ code that branches on ``is_cuda()`` inside composite operators takes its
+non-CUDA branch (attention takes SDPA's math path); ``torch.autocast("cuda")`` is disabled by torch
+(CUDA is unavailable), so autocast runs are not simulated. Random numbers come from the CPU generator, so
+sampled values match a CPU run, not a GPU run. Optimizers and ``clip_grad_norm_`` take their
+single-tensor path (the foreach path only accepts plain tensors). ``.to("cuda")`` of a tensor already
+on the device returns a copy, where CUDA returns the tensor itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatch_mode_stack
+from torch.utils._pytree import tree_flatten, tree_map
+
+__all__ = [
+    "CUDA",
+    "FakeCudaMode",
+    "FakeCudaTensor",
+    "cuda_runtime_stubs",
+    "fake_cuda",
+    "host",
+    "is_fake_cuda",
+    "to_fake_cuda",
+]
+
+CUDA = torch.device("cuda", 0)
+_CPU = torch.device("cpu")
+# The C++-level device of the wrappers (see the module docstring).
+_CARRIER = torch.device("lazy", 0)
+
+aten = torch.ops.aten
+
+# Operators that read or move data across devices by design.
+_COPIES = {aten.copy_.default, aten._to_copy.default, aten.lift_fresh.default, aten.lift_fresh_copy.default}
+# Indexing: CPU index tensors are moved to the indexed tensor's device by ATen (AdvancedIndex).
+_INDEX = {aten.index.Tensor, aten._unsafe_index.Tensor}
+_INDEX_PUT = {aten.index_put.default, aten.index_put_.default, aten._index_put_impl_.default,
+              aten._unsafe_index_put.default}  # fmt: skip
+# masked_fill: self and mask on one device; a 0-dim value tensor of any device is read with .item().
+_MASKED_FILL = {aten.masked_fill.Tensor, aten.masked_fill_.Tensor, aten.masked_fill.Scalar,
+                aten.masked_fill_.Scalar}  # fmt: skip
+_FILL = {aten.fill_.Tensor, aten.fill.Tensor}  # a 0-dim value of any device, read with .item()
+# `where` moves 0-dim CPU condition/self/other to the output's device itself (several allowed).
+_WHERE = {aten.where.self, aten.where.self_out}
+
+
+class FakeCudaTensor(torch.Tensor):
+    """A tensor that says it lives on cuda:0 and holds its values in a CPU tensor, ``.elem``.
+
+    Create them with `to_fake_cuda` or with ``device="cuda"`` under `fake_cuda()`; use them under it.
+    """
+
+    elem: torch.Tensor
+
+    @staticmethod
+    def __new__(cls, elem: torch.Tensor, requires_grad: bool = False) -> FakeCudaTensor:
+        if type(elem) is not torch.Tensor or elem.device.type != "cpu":
+            raise TypeError(
+                f"FakeCudaTensor wraps a plain CPU tensor, got {type(elem).__name__} on {elem.device}"
+            )
+        return torch.Tensor._make_wrapper_subclass(  # type: ignore[attr-defined]
+            cls, elem.shape, strides=elem.stride(), storage_offset=elem.storage_offset(), dtype=elem.dtype,
+            layout=elem.layout, device=_CARRIER, requires_grad=requires_grad,
+        )  # fmt: skip
+
+    def __init__(self, elem: torch.Tensor, requires_grad: bool = False) -> None:
+        self.elem = elem
+
+    # What Python code sees. (C++ sees the carrier device; see the module docstring.)
+    @property
+    def device(self) -> torch.device:  # type: ignore[override]
+        return CUDA
+
+    @property
+    def is_cuda(self) -> bool:  # type: ignore[override]
+        return True
+
+    @property
+    def is_cpu(self) -> bool:  # type: ignore[override]
+        return False
+
+    @property
+    def is_meta(self) -> bool:  # type: ignore[override]
+        return False
+
+    def get_device(self) -> int:  # type: ignore[override]
+        return 0
+
+    def tolist(self) -> Any:  # type: ignore[override]
+        return self.elem.tolist()  # a device -> host copy, as on CUDA
+
+    def numpy(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        raise TypeError(
+            "can't convert cuda:0 device type tensor to numpy. Use Tensor.cpu() to copy the tensor to host "
+            "memory first. (simulated by tests/fake_cuda.py)"
+        )
+
+    __array__ = numpy
+
+    # Shared-weight detection (safetensors, save_pretrained) compares storage and data pointers.
+    def untyped_storage(self) -> torch.UntypedStorage:  # type: ignore[override]
+        return self.elem.untyped_storage()
+
+    def data_ptr(self) -> int:  # type: ignore[override]
+        return self.elem.data_ptr()
+
+    def __repr__(self, *, tensor_contents: Any = None) -> str:  # type: ignore[override]
+        grad = ", requires_grad=True" if self.requires_grad else ""
+        return f"FakeCudaTensor({self.elem!r}, device='cuda:0'{grad})"
+
+    def __reduce_ex__(self, proto: Any) -> Any:  # torch.save: written as the CPU tensor
+        return self.elem.detach().__reduce_ex__(proto)
+
+    def __tensor_flatten__(self) -> tuple[list[str], None]:
+        return ["elem"], None
+
+    @staticmethod
+    def __tensor_unflatten__(inner: dict[str, torch.Tensor], meta: Any, outer_size: Any, outer_stride: Any):
+        return FakeCudaTensor(inner["elem"])
+
+    __torch_function__ = torch._C._disabled_torch_function_impl  # type: ignore[assignment]
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN206
+        return _dispatch(func, args, kwargs or {})
+
+
+def is_fake_cuda(t: Any) -> bool:
+    return isinstance(t, FakeCudaTensor)
+
+
+def _device_error(func: Any, detail: str) -> RuntimeError:
+    return RuntimeError(
+        "Expected all tensors to be on the same device, but found at least two devices, cuda:0 and cpu! "
+        f"({func}: {detail}; simulated by tests/fake_cuda.py)"
+    )
+
+
+def _is_gpu_device(dev: Any) -> bool:
+    if dev is None:
+        return False
+    dev = torch.device(dev)
+    return dev.type in ("cuda", _CARRIER.type)
+
+
+def _written_args(func: Any, args: tuple, kwargs: dict) -> list[Any]:
+    """The tensors an operator writes to (in-place self, out=), from its schema."""
+    out = []
+    for i, a in enumerate(func._schema.arguments):
+        if a.alias_info is not None and a.alias_info.is_write:
+            value = kwargs.get(a.name) if a.kwarg_only or i >= len(args) else args[i]
+            out.extend(x for x in tree_flatten(value)[0] if isinstance(x, torch.Tensor))
+    return out
+
+
+def _check_mix(
+    func: Any, args: tuple, kwargs: dict, fakes: list[torch.Tensor], hosts: list[torch.Tensor]
+) -> None:
+    """Raise as CUDA would for an operator reading fake-CUDA and CPU tensors together."""
+    if func in _COPIES:
+        return
+    shapes = ", ".join(f"cpu{tuple(h.shape)}" for h in hosts)
+    if func in _INDEX or func in _INDEX_PUT:
+        self_ = args[0]
+        if not is_fake_cuda(self_):
+            raise RuntimeError(
+                f"indices should be either on cpu or on the same device as the indexed tensor (cpu) ({func}; "
+                "simulated by tests/fake_cuda.py)"
+            )
+        index_ids = {id(x) for x in tree_flatten(args[1])[0] if isinstance(x, torch.Tensor)}
+        for h in hosts:
+            if id(h) in index_ids:
+                continue  # CPU indices are moved to the device by ATen
+            accumulate = bool(args[3]) if len(args) > 3 else bool(kwargs.get("accumulate", False))
+            if func in _INDEX_PUT and h is args[2] and h.dim() == 0 and not accumulate:
+                continue
+            raise _device_error(func, f"a {tuple(h.shape)} CPU value")
+        return
+    if func in _MASKED_FILL or func in _FILL:
+        value = args[-1]
+        if isinstance(value, torch.Tensor) and value.dim() != 0 and any(h is value for h in hosts):
+            raise _device_error(func, f"a {tuple(value.shape)} CPU value")
+        if func in _MASKED_FILL and is_fake_cuda(args[0]) != is_fake_cuda(args[1]):
+            self_dev, mask_dev = ("cuda:0", "cpu") if is_fake_cuda(args[0]) else ("cpu", "cuda:0")
+            raise RuntimeError(
+                f"expected self and mask to be on the same device, but got mask on {mask_dev} and self on "
+                f"{self_dev} ({func}; simulated by tests/fake_cuda.py)"
+            )
+        return
+    if torch.Tag.pointwise in func.tags or func in _WHERE:
+        written = {id(w) for w in _written_args(func, args, kwargs)}
+        for h in hosts:
+            if h.dim() != 0:
+                raise _device_error(func, f"a non-scalar CPU tensor among {shapes}")
+            if id(h) in written:
+                raise _device_error(func, "writing into a CPU tensor")
+        if len(hosts) > 1 and func not in _WHERE:
+            raise RuntimeError(
+                f"Trying to pass too many CPU scalars to non-CPU kernel! ({func}; simulated by tests/fake_cuda.py)"
+            )
+        return
+    raise _device_error(func, f"CPU tensor(s) {shapes}")
+
+
+def _dispatch(func: Any, args: tuple, kwargs: dict, mode: FakeCudaMode | None = None) -> Any:
+    leaves = tree_flatten((args, kwargs))[0]
+    fakes = [x for x in leaves if isinstance(x, FakeCudaTensor)]
+    hosts = [x for x in leaves if isinstance(x, torch.Tensor) and not isinstance(x, FakeCudaTensor)]
+    device = kwargs.get("device")
+    to_gpu = _is_gpu_device(device)
+    if not fakes and not to_gpu:
+        return func(*args, **kwargs)  # nothing on the simulated GPU: an ordinary CPU (or meta) operator
+    if _composite(func):
+        # Composite operators arrive undecomposed where autograd is off (inference_mode): run their
+        # decomposition, whose operators come back through the mode (or the tensors' own dispatch)
+        # and are judged there, as CUDA judges kernels, never composites.
+        with mode if mode is not None else contextlib.nullcontext():
+            out = func.decompose(*args, **kwargs)
+        if out is not NotImplemented:
+            return out
+    if fakes and hosts:
+        _check_mix(func, args, kwargs, fakes, hosts)
+
+    # Where the results live: the device asked for, else CUDA when a CUDA tensor is involved.
+    on_gpu = to_gpu or (device is None and bool(fakes))
+    if "device" in kwargs and to_gpu:
+        kwargs = {**kwargs, "device": _CPU}
+    if kwargs.get("pin_memory"):
+        kwargs = {**kwargs, "pin_memory": False}
+
+    def unwrap(x: Any) -> Any:
+        return x.elem if isinstance(x, FakeCudaTensor) else x
+
+    out = func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs))
+    # In-place / out= operators return their argument: hand back the same (outer) object.
+    by_elem = {id(f.elem): f for f in fakes}
+    passthrough = {id(h): h for h in hosts}
+
+    def wrap(x: Any) -> Any:
+        if not isinstance(x, torch.Tensor) or isinstance(x, FakeCudaTensor):
+            return x
+        if id(x) in by_elem:
+            return by_elem[id(x)]
+        if id(x) in passthrough:
+            return passthrough[id(x)]
+        if on_gpu and x.device.type == "cpu":
+            return FakeCudaTensor(x)
+        return x
+
+    return tree_map(wrap, out)
+
+
+class FakeCudaMode(TorchDispatchMode):
+    """Applies the rules above to every ATen operator, including factories with a CUDA device."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN206
+        return _dispatch(func, args, kwargs or {}, mode=self)
+
+
+@functools.cache
+def _composite(func: Any) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), "CompositeImplicitAutograd")
+
+
+def _cuda_name(x: Any) -> bool:
+    """Whether `x` names the simulated GPU (``"cuda"``, ``"cuda:0"``, ``torch.device("cuda", 0)``)."""
+    if isinstance(x, str):
+        if not x.startswith("cuda"):
+            return False
+        x = torch.device(x)
+    if not isinstance(x, torch.device) or x.type != "cuda":
+        return False
+    if x.index not in (None, 0):
+        raise RuntimeError(f"tests/fake_cuda.py simulates one GPU (cuda:0); {x} was asked for")
+    return True
+
+
+class _CudaToCarrier(TorchFunctionMode):
+    """Rewrites CUDA device arguments of torch calls to the carrier device before they reach C++.
+
+    On a CPU-only build, C++ refuses ``device="cuda"`` before any dispatch mode can see it ("Torch not
+    compiled with CUDA enabled" from the lazy CUDA initialisation; "not linked with support for cuda
+    devices" when an index-less ``"cuda"`` is resolved to ``cuda:0``). The carrier device gets past both,
+    and `FakeCudaMode` maps it back to fake CUDA. Strings are rewritten only where they name a device
+    (``device=`` and the first argument of ``Tensor.to``), so e.g. autocast's ``"cuda"`` is left alone.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN206
+        kwargs = kwargs or {}
+        if func is torch.device:  # building a device object: Python code must keep seeing "cuda"
+            return func(*args, **kwargs)
+        if func is torch.Tensor.cuda:
+            device = args[1] if len(args) > 1 else kwargs.pop("device", None)
+            if device is not None and not isinstance(device, int) and not _cuda_name(device):
+                raise RuntimeError(f"Invalid device, must be cuda device (got {device})")
+            if isinstance(device, int) and device != 0:
+                raise RuntimeError(
+                    f"tests/fake_cuda.py simulates one GPU (cuda:0); cuda:{device} was asked for"
+                )
+            return args[0].to(_CARRIER, **kwargs)
+        if func is torch.Tensor.to or func is torch._C._nn._parse_to:
+            args = tuple(
+                _CARRIER if isinstance(a, (str, torch.device)) and _cuda_name(a) else a for a in args
+            )
+        else:
+            args = tuple(_CARRIER if isinstance(a, torch.device) and _cuda_name(a) else a for a in args)
+        if "device" in kwargs and _cuda_name(kwargs["device"]):
+            kwargs = {**kwargs, "device": _CARRIER}
+        return func(*args, **kwargs)
+
+
+def _mode_active() -> bool:
+    return any(isinstance(m, FakeCudaMode) for m in _get_current_dispatch_mode_stack())
+
+
+@contextlib.contextmanager
+def fake_cuda() -> Iterator[torch.device]:
+    """Run the body on a simulated cuda:0; yields ``torch.device("cuda", 0)``.
+
+    Nested use is a no-op. Fake tensors created inside should not be used after it exits.
+    """
+    if _mode_active():
+        yield CUDA
+        return
+    lift = torch._C._only_lift_cpu_tensors()
+    torch._C._set_only_lift_cpu_tensors(True)
+    try:
+        with _CudaToCarrier(), FakeCudaMode():
+            yield CUDA
+    finally:
+        torch._C._set_only_lift_cpu_tensors(lift)
+
+
+@contextlib.contextmanager
+def cuda_runtime_stubs() -> Iterator[None]:
+    """Host-side no-ops for the CUDA runtime calls code may make around the simulated device:
+    ``torch.cuda.get_rng_state`` / ``set_rng_state`` (``torch.random.fork_rng(devices=[cuda])`` saves
+    and restores the device generator; sampling here uses the CPU generator, which fork_rng restores
+    anyway) and ``torch.cuda.synchronize`` (nothing is asynchronous here). ``torch.cuda.is_available()``
+    stays False."""
+    saved = {n: getattr(torch.cuda, n) for n in ("get_rng_state", "set_rng_state", "synchronize")}
+    torch.cuda.get_rng_state = lambda device="cuda": torch.zeros(0, dtype=torch.uint8)  # type: ignore[assignment]
+    torch.cuda.set_rng_state = lambda new_state, device="cuda": None  # type: ignore[assignment]
+    torch.cuda.synchronize = lambda device=None: None  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.cuda, name, fn)
+
+
+def to_fake_cuda(x: Any) -> Any:
+    """Tensors (a leaf keeps ``requires_grad``), modules (in place: parameters and buffers are swapped,
+    so references held elsewhere, e.g. by an optimizer, see the fake CUDA ones) or containers of them."""
+    if isinstance(x, FakeCudaTensor):
+        return x
+    if isinstance(x, torch.nn.Module):
+        with fake_cuda():
+            return x.to(CUDA)
+    if isinstance(x, torch.Tensor):
+        if x.requires_grad and x.grad_fn is None:
+            return FakeCudaTensor(x.detach().clone(), requires_grad=True)
+        with fake_cuda():
+            return x.to(CUDA)
+    if isinstance(x, (list, tuple)):
+        return type(x)(to_fake_cuda(v) for v in x)
+    if isinstance(x, dict):
+        return {k: to_fake_cuda(v) for k, v in x.items()}
+    return x
+
+
+def host(x: Any) -> Any:
+    """The plain CPU value of a fake CUDA tensor (or of a container of them); others unchanged."""
+    if isinstance(x, FakeCudaTensor):
+        return x.elem.detach().clone()
+    if isinstance(x, (list, tuple)):
+        return type(x)(host(v) for v in x)
+    if isinstance(x, dict):
+        return {k: host(v) for k, v in x.items()}
+    return x
