@@ -26,8 +26,9 @@ Device rules (what real CUDA does, as read from ATen; the error text is CUDA's):
 
 Autograd works through the wrappers (backward operators go through the same rules; gradients come back
 as fake CUDA tensors), and so do `nn.Module.to("cuda")` (parameters are swapped in place, so an
-optimizer built before keeps working), `torch.save` (saved as CPU tensors, which ``map_location="cpu"``
-would give anyway) and safetensors / ``save_pretrained`` (they copy to the host first, as on a GPU).
+optimizer built before keeps working), `copy.deepcopy` (a copied model stays on the device), `torch.save`
+(saved as CPU tensors, which ``map_location="cpu"`` would give anyway) and safetensors / ``save_pretrained``
+(they copy to the host first, as on a GPU).
 
 How it is built (no part of torch is patched by `fake_cuda()` itself):
 
@@ -172,6 +173,29 @@ class FakeCudaTensor(torch.Tensor):
 
     def __reduce_ex__(self, proto: Any) -> Any:  # torch.save: written as the CPU tensor
         return self.elem.detach().__reduce_ex__(proto)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> FakeCudaTensor:
+        """`copy.deepcopy` (of a tensor, a parameter or a whole model on the device, e.g. peft's merge of a
+        LoRA student before saving): a new leaf on the device holding a copy of the values, with the same
+        Python attributes (a parameter stays a parameter) and a copy of ``.grad``, as on CUDA.
+        (torch's own `Tensor.__deepcopy__` would rebuild the wrapper from an empty 0-dim one.)"""
+        import copy
+
+        if id(self) in memo:
+            return memo[id(self)]
+        if not self.is_leaf:
+            raise RuntimeError(
+                "Only Tensors created explicitly by the user (graph leaves) support the deepcopy protocol at "
+                "the moment. (simulated by tests/fake_cuda.py)"
+            )
+        new = FakeCudaTensor(self.elem.detach().clone(), requires_grad=self.requires_grad)
+        memo[id(self)] = new
+        if self.grad is not None:
+            new.grad = copy.deepcopy(self.grad, memo)
+        for name, value in self.__dict__.items():
+            if name != "elem":
+                setattr(new, name, copy.deepcopy(value, memo))
+        return new
 
     def __tensor_flatten__(self) -> tuple[list[str], None]:
         return ["elem"], None

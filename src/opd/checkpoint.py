@@ -95,7 +95,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # A checkpoint written where more (or fewer) GPUs were visible restores the devices both have.
+        for i, gpu_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(gpu_state, i)
 
 
 def save_checkpoint(
@@ -177,6 +179,6 @@ def load_checkpoint(
                 torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
             )
     if scheduler is not None:
-        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    set_rng_state(torch.load(path / "rng.pt", weights_only=True))
+        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True, map_location="cpu"))
+    set_rng_state(torch.load(path / "rng.pt", weights_only=True, map_location="cpu"))
     return state
