@@ -45,7 +45,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-# Model sizes for --size (the tiny one is exactly opd.tiny.save_tiny_pair).
+# Model sizes for --size (the tiny one is exactly opd.tiny.save_tiny_pair): random Llamas on the tiny
+# character-level tokenizer, unless the size is in SHAPED_SIZES.
 SIZES: dict[str, dict[str, dict[str, int]]] = {
     "tiny": {
         "student": {"hidden": 32, "layers": 2, "heads": 4},
@@ -61,6 +62,11 @@ SIZES: dict[str, dict[str, dict[str, int]]] = {
         "teacher": {"hidden": 768, "layers": 12, "heads": 12},
     },
 }
+
+# --size names for real-shaped pairs with random weights (opd.tiny.save_shaped_pair, Qwen2 architecture, a
+# 151,936-entry vocabulary, tied embeddings): `qwen` = Qwen2.5-0.5B student / 1.5B teacher, nothing to
+# download (for a GPU); `qwen-tiny` = the same architecture and vocabulary at toy width (for a CPU).
+SHAPED_SIZES: dict[str, str] = {"qwen": "qwen2.5-0.5b/1.5b", "qwen-tiny": "qwen2.5-tiny"}
 
 OPD_SIGNALS = ("full", "topk", "sampled")
 # Arm suffixes after opd-SIGNAL: -vllm = rollout.backend vllm, -vt = teacher.backend vllm (in-process engine),
@@ -698,7 +704,32 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
 # parent: build models, run children, report
 
 
-def build_models(size: str, out: Path) -> dict[str, str]:
+def build_models(
+    size: str, out: Path, tokenizer: str | None = None, device: str | None = None
+) -> dict[str, str]:
+    """Write the student, teacher and prompt file of `size` under `out`. A shaped size (`SHAPED_SIZES`) is
+    built on `device` (default: cuda when available) and reused when `out` already holds the same pair (the
+    two invocations of a fp32 + bf16 comparison share one build)."""
+    if size in SHAPED_SIZES:
+        import torch
+
+        from opd.tiny import save_shaped_pair, shaped_pair_matches
+
+        shape = SHAPED_SIZES[size]
+        if shaped_pair_matches(out, shape, tokenizer_dir=tokenizer):
+            print(f"reusing the {shape} pair in {out}", flush=True)
+            names = {"student": out / "student", "teacher": out / "teacher", "prompts": out / "prompts.jsonl"}
+            return {k: str(v) for k, v in names.items()}
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        t0 = time.perf_counter()
+        paths = save_shaped_pair(out, shape, tokenizer_dir=tokenizer, device=device)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the arms run in children: give them back the memory the build used
+        print(
+            f"built the {shape} pair (random weights) on {device} in {time.perf_counter() - t0:.1f} s",
+            flush=True,
+        )
+        return {k: str(v) for k, v in paths.items()}
     if size == "tiny":
         from opd.tiny import save_tiny_pair
 
@@ -1290,7 +1321,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--teacher", help="teacher model dir")
     p.add_argument("--prompts", help="JSONL with a 'prompt' field per line")
     p.add_argument(
-        "--size", choices=sorted(SIZES), default="tiny", help="models to build when no paths are given"
+        "--size", choices=sorted([*SIZES, *SHAPED_SIZES]), default="tiny",
+        help="models to build when no paths are given: random Llamas on a ~100-token vocabulary (tiny, "
+        "small, medium), or random-weight pairs shaped like a real one with its 151,936-token vocabulary "
+        "(qwen = Qwen2.5-0.5B student / 1.5B teacher, for a GPU; qwen-tiny = the same vocabulary at toy width)",
+    )  # fmt: skip
+    p.add_argument(
+        "--tokenizer", help="shaped sizes: a real tokenizer directory (e.g. Qwen2.5's) instead of the "
+        "synthetic 151,936-entry one",
+    )  # fmt: skip
+    p.add_argument(
+        "--build-device",
+        help="shaped sizes: where to initialise the random models [cuda when available, else cpu]",
     )
     p.add_argument("--prompts-per-step", type=int, default=4)
     p.add_argument("--rollouts", type=int, default=2, help="rollouts per prompt")
@@ -1352,6 +1394,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--json", help="write the full results here")
     p.add_argument("--keep", help="keep models, logs and run dirs in this directory")
+    p.add_argument(
+        "--models-dir",
+        help="build the models here [KEEP/models]; a shaped pair (--size qwen, qwen-tiny) already there is "
+        "reused, so a fp32 and a bf16 invocation with their own --keep can share one build",
+    )
     p.add_argument("--child-timeout", type=float, default=3600)
     p.add_argument("--_child", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -1400,7 +1447,8 @@ def main(argv: list[str] | None = None) -> int:
             paths = {"student": args.student, "teacher": args.teacher, "prompts": args.prompts}
             size = "custom"
         else:
-            paths = build_models(args.size, workdir / "models")
+            models_dir = Path(args.models_dir) if args.models_dir else workdir / "models"
+            paths = build_models(args.size, models_dir, args.tokenizer, args.build_device)
             size = args.size
         import torch
 
@@ -1487,6 +1535,10 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     print(f"  {tag} FAILED:\n{res['error']}", flush=True)
                 runs[fw].append(res)
+                if args.json:  # after every arm, so a run stopped part-way still leaves what it measured
+                    done = {f: merge_runs(rs) for f, rs in runs.items() if rs}
+                    partial = {**base, "size": size, "device": device, "partial": True}
+                    Path(args.json).write_text(json.dumps({"meta": partial, "results": done}, indent=2))
         results = {fw: merge_runs(rs) for fw, rs in runs.items()}
         meta = {
             **base,

@@ -131,8 +131,6 @@ def _probe_enabled() -> bool:
     return os.environ.get("OPD_PRECISION_PROBE", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-
-
 def _best_rate(a: torch.Tensor, b: torch.Tensor, device: torch.device, seconds: float) -> float:
     """GFLOP/s of `a @ b`: the best of several timed groups within `seconds` (at least one matmul).
 
