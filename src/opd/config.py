@@ -148,6 +148,13 @@ class LossConfig(_Section):
         2**25, ge=1, description="cap on rows x vocabulary per chunk of full-vocabulary math (bounds each "
         "temporary at ~128 MB fp32 whatever the vocabulary: 220 rows at 152k tokens); null: chunk_size alone",
     )  # fmt: skip
+    from_hidden_states: bool = Field(
+        False, description="project hidden states to the vocabulary chunk by chunk inside the loss (opd.head_loss) "
+        "instead of building [B, T, V] logits for student and teacher; diagnostics, signal stats and the "
+        "engine log-prob cross-check are computed on the same chunks. The projection runs in the head weight's "
+        "dtype outside student.autocast. Not with sharding fsdp, teacher.placement cpu_offload or a LoRA on the "
+        "LM head",
+    )  # fmt: skip
 
     @model_validator(mode="after")
     def _combination(self) -> LossConfig:
@@ -303,6 +310,20 @@ class TrainConfig(_Section):
         if self.eval.every > 0:
             raise ValueError("sharding fsdp with in-loop evaluation (eval.every > 0) is not supported yet; "
                              "evaluate the saved checkpoints with `opd eval`")  # fmt: skip
+        return self
+
+    @model_validator(mode="after")
+    def _from_hidden_states(self) -> TrainConfig:
+        if not self.loss.from_hidden_states:
+            return self
+        if self.sharding == "fsdp":
+            raise ValueError("loss.from_hidden_states with sharding fsdp is not supported yet (the sharded LM head "
+                             "is a DTensor, not one plain [V, H] weight); use loss.from_hidden_states false or "
+                             "sharding none")  # fmt: skip
+        if self.teacher.backend == "hf" and self.teacher.placement == "cpu_offload":
+            raise ValueError("loss.from_hidden_states with teacher.placement cpu_offload is not supported yet (the "
+                             "offloaded teacher's LM-head weight is not resident); use teacher.placement device "
+                             "or loss.from_hidden_states false")  # fmt: skip
         return self
 
     @model_validator(mode="after")

@@ -16,12 +16,15 @@ the top-K teacher through ``opd.teacher_topk.sparse_per_token_loss``, so every d
 signal keeps one definition. ``opd.objectives.token_loss`` on explicit logits stays the readable reference,
 and the tests check this path equal to it in float64 (values and gradients) for every combination.
 
-Not covered yet: LoRA / FSDP-sharded heads (the weight is taken as one plain ``[V, H]`` tensor), autocast
-(the projection runs in the inputs' dtype), and diagnostics computed in the same pass.
+Diagnostics ride along through ``on_chunk``: it receives each chunk's detached student and teacher rows
+in the forward, so the trainer computes its metrics on the same bounded chunks. Not covered yet: LoRA /
+FSDP-sharded heads (the weight is taken as one plain ``[V, H]`` tensor) and autocast (the projection runs
+in the inputs' dtype).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -39,7 +42,10 @@ from opd.objectives import (
 )
 from opd.teacher_topk import TeacherTopK, check_sparse_objective, sparse_per_token_loss
 
-__all__ = ["head_loss_sum"]
+__all__ = ["ChunkCallback", "head_loss_sum"]
+
+# on_chunk(student_rows [n, V], teacher_rows [n, V] or TeacherTopK with [n, K] / [n] fields, b_idx [n], t_idx [n])
+ChunkCallback = Callable[[Tensor, "Tensor | TeacherTopK", Tensor, Tensor], None]
 
 
 def _shared_rows(v_student: int, v_teacher: int | None, vocab_size: int | None) -> int:
@@ -151,6 +157,7 @@ def head_loss_sum(
     max_chunk_elements: int | None = DEFAULT_CHUNK_ELEMENTS,
     w_teacher: Tensor | None = None,
     b_teacher: Tensor | None = None,
+    on_chunk: ChunkCallback | None = None,
 ) -> Tensor:
     """Sum over masked positions of the per-token OPD loss, from hidden states and head weights (0-dim).
 
@@ -161,6 +168,11 @@ def head_loss_sum(
     ``per_token_loss(vocab_size=)`` keeps the first logit columns. Rows per chunk are
     ``chunk_rows(V, chunk_size, max_chunk_elements)`` (``chunk_size=None``: one chunk, capped by
     ``max_chunk_elements`` unless that is None too). The teacher gets no gradient.
+
+    ``on_chunk``, when given, is called once per chunk in the forward (under no_grad) with the chunk's
+    detached student logits ``[n, V]`` (the first ``vocab_size`` columns, in the compute dtype), the
+    teacher's rows (logits ``[n, V]``, or a ``TeacherTopK`` of the chunk's rows: ``[n, K]`` / ``[n]``)
+    and the rows' batch and response-position indices ``[n]`` (masked rows, row-major order).
     """
     validate_objective(signal, divergence, support, renorm, beta, k)
     if h_student.dim() != 3 or w_student.dim() != 2 or h_student.shape[-1] != w_student.shape[-1]:
@@ -189,12 +201,14 @@ def head_loss_sum(
 
         def chunk_loss(s_rows: Tensor, bi: Tensor, ti: Tensor) -> Tensor:
             n = bi.numel()
+            flat = TeacherTopK(teacher.ids[bi, ti], teacher.logprobs[bi, ti], teacher.token_logprob[bi, ti])
             rows = TeacherTopK(
-                teacher.ids[bi, ti].unsqueeze(0),
-                teacher.logprobs[bi, ti].unsqueeze(0),
-                teacher.token_logprob[bi, ti].unsqueeze(0),
+                flat.ids.unsqueeze(0), flat.logprobs.unsqueeze(0), flat.token_logprob.unsqueeze(0)
             )
             ones = torch.ones((1, n), dtype=torch.bool, device=s_rows.device)
+            if on_chunk is not None:
+                with torch.no_grad():
+                    on_chunk(s_rows.detach(), flat, bi, ti)
             return sparse_per_token_loss(
                 s_rows.unsqueeze(0), rows, y_sparse[bi, ti].unsqueeze(0), ones, signal=signal,
                 divergence=divergence, k=k, support=support, renorm=renorm, beta=beta,
@@ -221,6 +235,8 @@ def head_loss_sum(
         def chunk_loss(s_rows: Tensor, bi: Tensor, ti: Tensor) -> Tensor:
             with torch.no_grad():
                 t_rows = _project(h_t[bi, ti], w_t, b_t, v, dtype)
+                if on_chunk is not None:
+                    on_chunk(s_rows.detach(), t_rows, bi, ti)
             y = y_all[bi, ti] if y_all is not None else None
             return row_loss(s_rows, t_rows, y)
 

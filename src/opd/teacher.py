@@ -6,19 +6,28 @@ inference mode, and may run in bf16 while the student keeps fp32 master weights.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 from transformers import PreTrainedModel
 
 from opd.rollout import Rollout
-from opd.scoring import response_logits
+from opd.scoring import response_hidden_states, response_logits
 
 
 class Teacher(Protocol):
     def score(self, rollout: Rollout) -> torch.Tensor:
         """Teacher logits `[B, T, V]` at the rollout's response positions (a constant tensor)."""
         ...
+
+
+class TeacherHidden(NamedTuple):
+    """A teacher's last hidden states `[B, T, H_t]` at the response positions and its LM head
+    (`weight` `[V_t, H_t]`, `bias` `[V_t]` or None), for `opd.head_loss.head_loss_sum`; all constant."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
 
 
 class HFTeacher:
@@ -29,6 +38,14 @@ class HFTeacher:
 
     def score(self, rollout: Rollout) -> torch.Tensor:
         return score_frozen(self.model, rollout)
+
+    def hidden(self, rollout: Rollout) -> TeacherHidden:
+        """Hidden states and head weights instead of `[B, T, V]` logits (`loss.from_hidden_states`)."""
+        with torch.inference_mode():
+            h = response_hidden_states(self.model, rollout)
+        head = self.model.get_output_embeddings()
+        bias = getattr(head, "bias", None)
+        return TeacherHidden(h.clone(), head.weight.detach(), bias.detach() if bias is not None else None)
 
 
 def score_frozen(model: torch.nn.Module, rollout: Rollout) -> torch.Tensor:

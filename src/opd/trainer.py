@@ -34,6 +34,7 @@ from opd.data import PromptCursor, encode_prompts, load_prompts, render_prompt, 
 from opd.device import clock, host, place
 from opd.diagnostics import diagnostic_sums, finalize, merge_sums
 from opd.errors import ConfigError, OpdError
+from opd.head_loss import head_loss_sum
 from opd.models import (
     check_tokenizers,
     freeze_teacher,
@@ -45,8 +46,8 @@ from opd.models import (
 from opd.objectives import chunk_rows, per_token_loss, signal_stats
 from opd.rollout import HFGenerator, Rollout, SamplingParams, chunk_seed
 from opd.sampling import stop_ids_for
-from opd.scoring import response_logits
-from opd.teacher import HFTeacher
+from opd.scoring import response_hidden_states, response_logits
+from opd.teacher import HFTeacher, TeacherHidden
 from opd.teacher_http import TeacherUnavailableError
 from opd.teacher_topk import TeacherTopK, sparse_diagnostic_sums, sparse_per_token_loss, sparse_signal_stats
 from opd.tracking import MetricsLogger
@@ -74,6 +75,64 @@ def _merge_engine_delta(acc: torch.Tensor, s_logits: torch.Tensor, tokens: torch
     ok = mask & torch.isfinite(engine_logprobs)
     d = torch.where(ok, (lp - engine_logprobs).abs(), 0.0).double()
     return torch.stack([acc[0] + d.sum(), acc[1] + ok.sum(), torch.maximum(acc[2], d.max())])
+
+
+def _spread(rows: torch.Tensor, width: int) -> torch.Tensor:
+    """Rows ``[n, ...]`` as an expanded ``[n, width, ...]`` view (no copy): with a mask that is True at
+    (i, t_i) only, the ``[B, T, ...]`` functions see row i at its own response position t_i."""
+    return rows.unsqueeze(1).expand(rows.shape[0], width, *rows.shape[1:])
+
+
+class _ChunkMetrics:
+    """`loss.from_hidden_states`: the step's diagnostics, signal stats and engine cross-check of one
+    micro-batch, accumulated chunk by chunk from `head_loss_sum`'s `on_chunk` (no ``[B, T, V]`` tensor).
+
+    Each chunk goes through the same functions as the logits path (`_diagnostic_sums`, `_signal_stats`,
+    `_merge_engine_delta`), laid out by `_spread` so position bins see every row's true position."""
+
+    def __init__(self, trainer: OPDTrainer, mb: Rollout, target: TeacherTopK | TeacherHidden):
+        self.trainer = trainer
+        self.tokens = mb.response_ids
+        self.engine = mb.engine_logprobs
+        self.width = int(mb.response_mask.shape[1])
+        device = mb.response_mask.device
+        self.engine_delta = torch.zeros(3, dtype=torch.float64, device=device)
+        self.reward_sum = 0.0
+        self.best_adv = torch.tensor([-1.0, 0.0], dtype=torch.float64)
+        # every key present even without a masked row, so processes all-reduce the same key set
+        v = trainer.vocab_size
+        none = torch.zeros((1, 1), dtype=torch.bool, device=device)
+        if isinstance(target, TeacherTopK):
+            k = target.k
+            empty: Any = TeacherTopK(torch.zeros((1, 1, k), dtype=torch.long, device=device),
+                                     torch.zeros((1, 1, k), device=device), torch.zeros((1, 1), device=device))  # fmt: skip
+        else:
+            empty = torch.zeros((1, 1, v), device=device)
+        self.sums = trainer._diagnostic_sums(torch.zeros((1, 1, v), device=device), empty, none)
+
+    def __call__(self, s_rows: torch.Tensor, t_rows: Any, b_idx: torch.Tensor, t_idx: torch.Tensor) -> None:
+        n, width = int(b_idx.numel()), self.width
+        if n == 0:
+            return
+        mask = torch.zeros((n, width), dtype=torch.bool, device=s_rows.device)
+        mask[torch.arange(n, device=s_rows.device), t_idx] = True
+        s = _spread(s_rows, width)
+        if isinstance(t_rows, TeacherTopK):
+            target: Any = TeacherTopK(_spread(t_rows.ids, width), _spread(t_rows.logprobs, width),
+                                      _spread(t_rows.token_logprob, width))  # fmt: skip
+        else:
+            target = _spread(t_rows, width)
+        y = self.tokens[b_idx, t_idx]
+        tr = self.trainer
+        self.sums = merge_sums(self.sums, tr._diagnostic_sums(s, target, mask))
+        if self.engine is not None:
+            ones = torch.ones((1, n), dtype=torch.bool, device=s_rows.device)
+            self.engine_delta = _merge_engine_delta(self.engine_delta, s_rows.unsqueeze(0), y.unsqueeze(0), ones,
+                                                    self.engine[b_idx, t_idx].unsqueeze(0))  # fmt: skip
+        st = tr._signal_stats(s, target, _spread(y, width), mask)
+        self.reward_sum += st["reward_mean"] * n
+        if st["adv_max_abs"] > self.best_adv[0]:
+            self.best_adv = torch.tensor([st["adv_max_abs"], st["p_minus_q_at_max_adv"]], dtype=torch.float64)
 
 
 class NonFiniteLossError(OpdError):
@@ -306,6 +365,8 @@ class OPDTrainer:
         else:
             self.student, self.optimizer = acc.prepare(student, self.optimizer)
         self.student.eval()  # dropout off: the loss is taken under the policy that sampled
+        if cfg.loss.from_hidden_states:
+            self._student_head()  # refuse a head head_loss cannot take as one plain weight, before any step
         self._in_backward = self._install_step_in_backward() if cfg.optim.in_backward else None
         self.teacher = self._build_teacher(teacher)
         stop_ids = stop_ids_for(self.tokenizer, self._unwrapped(), cfg.rollout.stop_token_ids)
@@ -580,6 +641,41 @@ class OPDTrainer:
         return signal_stats(s_det, target, tokens, mask, signal=lc.signal, k=lc.k, support=lc.support,
                             vocab_size=self.vocab_size, chunk_size=self.chunk_rows)  # fmt: skip
 
+    def _student_head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The student's LM-head weight ``[V, H]`` and bias (or None), the very parameters the optimiser
+        steps (tied embeddings included), for `loss.from_hidden_states`."""
+        head = self._unwrapped().get_output_embeddings()
+        if head is not None and hasattr(head, "base_layer"):  # a peft tuner layer wraps the head
+            raise ConfigError(
+                "loss.from_hidden_states with a LoRA on the LM head (student.lora.target_modules names it) is "
+                "not supported: the head's output is base weight + low-rank update, not one [V, H] weight; "
+                "leave the head out of target_modules or set loss.from_hidden_states false"
+            )
+        weight = getattr(head, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            raise ConfigError(
+                "loss.from_hidden_states needs a student whose get_output_embeddings() is a linear head with "
+                "a [V, H] weight; set loss.from_hidden_states false for this model"
+            )
+        return weight, getattr(head, "bias", None)
+
+    def _head_loss_sum(self, h: torch.Tensor, target: TeacherTopK | TeacherHidden, tokens: torch.Tensor,
+                       mask: torch.Tensor, on_chunk: _ChunkMetrics) -> torch.Tensor:  # fmt: skip
+        """`loss.from_hidden_states`: the micro-batch's summed per-token loss from hidden states, one chunk
+        of masked rows projected at a time (opd.head_loss); equal to ``_per_token_loss(...).sum()``."""
+        lc = self.cfg.loss
+        w, b = self._student_head()
+        if h.dtype != w.dtype:  # autocast hidden states: project in the head weight's dtype
+            h = h.to(w.dtype)
+        kw: dict[str, Any] = dict(signal=lc.signal, divergence=lc.divergence, k=lc.k, support=lc.support,
+                                  renorm=lc.renorm, beta=lc.beta, vocab_size=self.vocab_size,
+                                  chunk_size=lc.chunk_size, max_chunk_elements=lc.chunk_max_elements,
+                                  on_chunk=on_chunk)  # fmt: skip
+        if isinstance(target, TeacherTopK):
+            return head_loss_sum(h, w, b, target, tokens, mask, **kw)
+        return head_loss_sum(h, w, b, target.hidden, tokens, mask, w_teacher=target.weight,
+                             b_teacher=target.bias, **kw)  # fmt: skip
+
     def _reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
         """A step statistic summed over processes, as a host float64 tensor (opd.device's contract):
         the collective runs on the compute device (NCCL needs it there), the result comes back."""
@@ -671,22 +767,31 @@ class OPDTrainer:
         sums: dict[str, torch.Tensor] = {}
         t_teacher = 0.0
         t_update0 = clock(device)
+        from_hidden = cfg.loss.from_hidden_states
         for i, (mb, top) in enumerate(micro):
-            if top is None:  # an HF teacher scores each micro-batch: [B, T, V] logits
+            if top is None:  # an HF teacher scores each micro-batch: [B, T, V] logits (or hidden states)
                 ts = clock(device)
-                target = self.teacher.score(mb)
+                target = self.teacher.hidden(mb) if from_hidden else self.teacher.score(mb)
                 t_teacher += clock(device) - ts
             else:
                 target = top
             mask, tokens = mb.response_mask, mb.response_ids
             n_mb = int(mask.sum())
             sync = contextlib.nullcontext() if i == len(micro) - 1 else acc.no_sync(self.student)
+            chunk_metrics = _ChunkMetrics(self, mb, target) if from_hidden else None
             with sync:
-                with self._autocast():
-                    s_logits = response_logits(self.student, mb)
-                per_tok = self._per_token_loss(s_logits, target, tokens, mask)
+                if chunk_metrics is not None:  # no [B, T, V] logits: diagnostics come from the loss's chunks
+                    with self._autocast():
+                        h = response_hidden_states(self.student, mb)
+                    loss_mb = self._head_loss_sum(h, target, tokens, mask, chunk_metrics)
+                    del h
+                else:
+                    with self._autocast():
+                        s_logits = response_logits(self.student, mb)
+                    per_tok = self._per_token_loss(s_logits, target, tokens, mask)
+                    loss_mb = per_tok.sum()
                 scale = world / max(global_tokens, 1)
-                objective = per_tok.sum() * scale
+                objective = loss_mb * scale
                 ib = self._in_backward
                 if ib is not None:  # backward will step the weights: refuse a bad loss before it starts
                     if not math.isfinite(float(objective.detach())):
@@ -700,6 +805,17 @@ class OPDTrainer:
                 finally:
                     if ib is not None:
                         ib.armed = False
+            if chunk_metrics is not None:
+                loss_sum += loss_mb.detach().double()
+                sums = merge_sums(sums, chunk_metrics.sums)
+                engine_delta = torch.stack([engine_delta[0] + chunk_metrics.engine_delta[0],
+                                            engine_delta[1] + chunk_metrics.engine_delta[1],
+                                            torch.maximum(engine_delta[2], chunk_metrics.engine_delta[2])])  # fmt: skip
+                reward_sum += chunk_metrics.reward_sum
+                if chunk_metrics.best_adv[0] > best_adv[0]:
+                    best_adv = chunk_metrics.best_adv
+                del target, loss_mb, objective
+                continue
             loss_sum += per_tok.detach().double().sum()
             with torch.no_grad():
                 s_det = s_logits.detach()
