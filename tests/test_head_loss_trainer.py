@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_trainer import _args as trainer_args
 
 from opd.config import load_config
 from opd.errors import ConfigError
@@ -29,22 +30,15 @@ def pair(tmp_path_factory) -> dict[str, Path]:
 
 
 def _args(pair, run_dir, **extra) -> list[str]:
-    base = {
-        "student": str(pair["student"]), "teacher": str(pair["teacher"]), "prompts": str(pair["prompts"]),
-        "run_dir": str(run_dir), "prompts_per_step": 4, "micro_batch_size": 8, "rollout.rollouts_per_prompt": 2,
-        "rollout.max_new_tokens": 8, "rollout.batch_size": 2, "optim.lr": 1e-3, "steps": 2,
-        "checkpoint_every": 100, "tracking.tensorboard": False, "diagnostics.k": 8, "loss.k": 8,
-        "save_final": False,
+    """test_trainer's settings, with no checkpoints or final model (only the in-memory weights are compared)."""
+    settings = {
+        "checkpoint_every": 100, "save_final": False,
         # Adam maps a gradient entry of ~1e-8 (tokens barely touched) to an lr-sized update through
         # g / (|g| + eps): with eps 1e-8 a float32 summation-order difference of 3e-10 in such an entry
         # moved a weight by 3e-6 after step 2. eps 1e-6 keeps that amplification below the tolerance.
         "optim.eps": 1e-6,
     }  # fmt: skip
-    base.update(extra)
-    out = []
-    for k, v in base.items():
-        out += [f"--{k}", str(v)]
-    return out
+    return trainer_args(pair, run_dir, **{**settings, **extra})
 
 
 def _trainer(pair, run_dir, **extra) -> OPDTrainer:

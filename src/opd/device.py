@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 
 import torch
 
-__all__ = ["clock", "host", "place", "resolve_device", "synchronize"]
+__all__ = ["clock", "host", "place", "reduce_sum", "resolve_device", "synchronize"]
 
 T = TypeVar("T")
 
@@ -95,3 +95,12 @@ def place(obj: T, device: torch.device | str) -> T:
     if mover is None:
         raise TypeError(f"cannot place a {type(obj).__name__} on a device")
     return mover(torch.device(device))
+
+
+def reduce_sum(acc: Any, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """A step statistic reduced over `acc`'s processes (an accelerate `Accelerator` or anything with
+    ``num_processes``, ``device`` and ``reduce``), as host float64: the collective runs on the compute
+    device (NCCL needs it there) and the result comes back."""
+    if acc.num_processes == 1:
+        return host(t)
+    return host(acc.reduce(t.to(acc.device, torch.float64), reduction=op))

@@ -47,7 +47,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from opd import checkpoint as ckpt
 from opd.config import Dtype, OptimConfig, TrackingConfig, dump_config
-from opd.device import clock, host
+from opd.device import clock, reduce_sum
 from opd.errors import ConfigError, DataError
 
 IGNORE = -100
@@ -428,11 +428,6 @@ class SFTTrainer:
     def _unwrapped(self) -> torch.nn.Module:
         return self.acc.unwrap_model(self.model)
 
-    def _reduce(self, t: torch.Tensor) -> torch.Tensor:
-        if self.acc.num_processes == 1:
-            return host(t)
-        return host(self.acc.reduce(t.to(self.acc.device, torch.float64), reduction="sum"))
-
     def train_step(self, step: int) -> dict[str, float]:
         """One optimizer step on the next `batch_size` examples; returns the step's metrics."""
         cfg, acc = self.cfg, self.acc
@@ -460,7 +455,7 @@ class SFTTrainer:
         else:
             grads = [p.grad.detach().norm() for p in params if p.grad is not None]
             grad_norm = float(torch.stack(grads).norm()) if grads else 0.0
-        loss = float(self._reduce(loss_sum)) / global_tokens
+        loss = float(reduce_sum(self.acc, loss_sum)) / global_tokens
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
             from opd.trainer import NonFiniteLossError

@@ -31,7 +31,7 @@ from opd import checkpoint as ckpt
 from opd.alarms import NAN, Alarm, CollapseError, CollapseMonitor
 from opd.config import TrainConfig, dump_config
 from opd.data import PromptCursor, encode_prompts, load_prompts, render_prompt, uses_chat
-from opd.device import clock, host, place
+from opd.device import clock, host, place, reduce_sum
 from opd.diagnostics import diagnostic_sums, finalize, merge_sums
 from opd.errors import ConfigError, OpdError
 from opd.head_loss import head_loss_sum
@@ -74,7 +74,12 @@ def _merge_engine_delta(acc: torch.Tensor, s_logits: torch.Tensor, tokens: torch
     lp = sv.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(sv, dim=-1)
     ok = mask & torch.isfinite(engine_logprobs)
     d = torch.where(ok, (lp - engine_logprobs).abs(), 0.0).double()
-    return torch.stack([acc[0] + d.sum(), acc[1] + ok.sum(), torch.maximum(acc[2], d.max())])
+    return _combine_engine_delta(acc, torch.stack([d.sum(), ok.sum().to(d.dtype), d.max()]))
+
+
+def _combine_engine_delta(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Two (sum |Δ|, count, max |Δ|) accumulators as one."""
+    return torch.stack([a[0] + b[0], a[1] + b[1], torch.maximum(a[2], b[2])])
 
 
 def _spread(rows: torch.Tensor, width: int) -> torch.Tensor:
@@ -677,11 +682,7 @@ class OPDTrainer:
                              b_teacher=target.bias, **kw)  # fmt: skip
 
     def _reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
-        """A step statistic summed over processes, as a host float64 tensor (opd.device's contract):
-        the collective runs on the compute device (NCCL needs it there), the result comes back."""
-        if self.acc.num_processes == 1:
-            return host(t)
-        return host(self.acc.reduce(t.to(self.acc.device, torch.float64), reduction=op))
+        return reduce_sum(self.acc, t, op)
 
     def _gather_max_row(self, row: torch.Tensor) -> torch.Tensor:
         """The host row (of every process's) with the largest first entry."""
@@ -808,9 +809,7 @@ class OPDTrainer:
             if chunk_metrics is not None:
                 loss_sum += loss_mb.detach().double()
                 sums = merge_sums(sums, chunk_metrics.sums)
-                engine_delta = torch.stack([engine_delta[0] + chunk_metrics.engine_delta[0],
-                                            engine_delta[1] + chunk_metrics.engine_delta[1],
-                                            torch.maximum(engine_delta[2], chunk_metrics.engine_delta[2])])  # fmt: skip
+                engine_delta = _combine_engine_delta(engine_delta, chunk_metrics.engine_delta)
                 reward_sum += chunk_metrics.reward_sum
                 if chunk_metrics.best_adv[0] > best_adv[0]:
                     best_adv = chunk_metrics.best_adv
