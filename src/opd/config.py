@@ -149,11 +149,12 @@ class LossConfig(_Section):
         "temporary at ~128 MB fp32 whatever the vocabulary: 220 rows at 152k tokens); null: chunk_size alone",
     )  # fmt: skip
     from_hidden_states: bool = Field(
-        False, description="project hidden states to the vocabulary chunk by chunk inside the loss (opd.head_loss) "
-        "instead of building [B, T, V] logits for student and teacher; diagnostics, signal stats and the "
-        "engine log-prob cross-check are computed on the same chunks. The projection runs in the head weight's "
-        "dtype outside student.autocast. Not with sharding fsdp, teacher.placement cpu_offload or a LoRA on the "
-        "LM head",
+        True, description="take the student's and HF teacher's last hidden states and project them to the vocabulary "
+        "one chunk of response rows at a time inside the loss (opd.head_loss), never building [B, T, V] logits; "
+        "diagnostics, signal stats and the engine log-prob cross-check come from the same chunks. Under "
+        "student.autocast the student's projection runs in the autocast dtype, as its head would. false = the "
+        "plain path: [B, T, V] logits from each model's forward, then opd.objectives on them (the readable "
+        "reference; needed only for a model whose head is not a linear layer)",
     )  # fmt: skip
 
     @model_validator(mode="after")
@@ -276,6 +277,12 @@ class TrainConfig(_Section):
     steps: int | None = Field(None, ge=1, description="optimizer steps; default: one epoch of prompts")
     prompts_per_step: int = Field(64, ge=1, description="global, across all processes")
     micro_batch_size: int = Field(8, ge=1, description="sequences per forward/backward (grad accumulation)")
+    micro_batch_tokens: int | None = Field(
+        None, ge=1, description="also cap each micro-batch at this many padded tokens, rows x (prompt width + "
+        "response width) once all-padding columns are trimmed, so long and short responses cost even memory: "
+        "rows are sorted by length and packed under both caps (a single longer sequence runs alone); the loss "
+        "stays a mean over the whole step. null: micro_batch_size alone, rows in rollout order",
+    )  # fmt: skip
     seed: int = 0
     checkpoint_every: int = Field(50, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
@@ -313,20 +320,6 @@ class TrainConfig(_Section):
         return self
 
     @model_validator(mode="after")
-    def _from_hidden_states(self) -> TrainConfig:
-        if not self.loss.from_hidden_states:
-            return self
-        if self.sharding == "fsdp":
-            raise ValueError("loss.from_hidden_states with sharding fsdp is not supported yet (the sharded LM head "
-                             "is a DTensor, not one plain [V, H] weight); use loss.from_hidden_states false or "
-                             "sharding none")  # fmt: skip
-        if self.teacher.backend == "hf" and self.teacher.placement == "cpu_offload":
-            raise ValueError("loss.from_hidden_states with teacher.placement cpu_offload is not supported yet (the "
-                             "offloaded teacher's LM-head weight is not resident); use teacher.placement device "
-                             "or loss.from_hidden_states false")  # fmt: skip
-        return self
-
-    @model_validator(mode="after")
     def _in_backward(self) -> TrainConfig:
         if not self.optim.in_backward:
             return self
@@ -334,6 +327,10 @@ class TrainConfig(_Section):
         if self.optim.max_grad_norm is not None:
             raise ValueError(f"{why}, before the global gradient norm exists, so it cannot clip: set "
                              "optim.max_grad_norm null (or optim.in_backward false)")  # fmt: skip
+        if self.micro_batch_tokens is not None:
+            raise ValueError(f"{why}, so a step must be one micro-batch, which micro_batch_tokens "
+                             f"{self.micro_batch_tokens} cannot promise (the split depends on the sampled lengths); "
+                             "set micro_batch_tokens null (or optim.in_backward false)")  # fmt: skip
         per_step = self.prompts_per_step * self.rollout.rollouts_per_prompt
         if self.micro_batch_size < per_step:
             raise ValueError(f"{why}, so there is no gradient accumulation: micro_batch_size {self.micro_batch_size} "

@@ -115,7 +115,10 @@ class DoctorConfig(BaseModel):
     continuation_rollouts: int = Field(16, ge=0, description="student rollouts continued per depth (0: skip)")
     verifier: str = Field("math", description="answer checker, as in `opd eval`")
     batch_size: int = Field(8, ge=1, description="prompts per generate call")
-    score_batch: int = Field(4, ge=1, description="rollouts per scoring forward (bounds B x T x V memory)")
+    score_batch: int = Field(
+        4, ge=1, description="rollouts per scoring forward (bounds its activations and B x T x H hidden "
+        "states; logits are projected a bounded chunk of rows at a time)",
+    )  # fmt: skip
     student_dtype: str = "float32"
     teacher_dtype: str = "float32"
     device: str = Field(
@@ -328,7 +331,7 @@ def run_doctor(
     """
     from opd.data import load_prompts, validate_template
     from opd.device import host, resolve_device
-    from opd.diagnostics import diagnostic_sums, finalize, merge_sums, sequence_mean_reward
+    from opd.diagnostics import finalize, merge_sums
     from opd.eval import auroc, prepare_prompts
     from opd.models import (
         check_tokenizers,
@@ -338,11 +341,9 @@ def run_doctor(
         prepare_tokenizer,
         shared_vocab_size,
     )
-    from opd.objectives import chunk_rows
     from opd.rollout import HFGenerator, SamplingParams
+    from opd.row_scoring import Comparison, score_rollout, scoring_head
     from opd.sampling import stop_ids_for
-    from opd.scoring import response_logits
-    from opd.teacher import score_frozen
     from opd.verify import get_verifier, safe_verify
 
     say = log or (lambda s: None)
@@ -388,13 +389,22 @@ def run_doctor(
         )
         for name, path in zip(names, cfg.teachers, strict=True)
     }
+    # Checked before any sampling, so a model whose head cannot be projected by hand fails in seconds.
+    heads = [scoring_head(student, f"student {cfg.student}")] + [
+        scoring_head(teachers[name], f"teacher {path}")
+        for name, path in zip(names, cfg.teachers, strict=True)
+    ]
+    pair_idx = [(i, j) for i in range(len(names)) for j in range(i + 1, len(names))]
+    pair_names = [(names[i], names[j]) for i, j in pair_idx]
+    comparisons = [  # heads[0] is the student, heads[1 + i] teacher names[i]
+        Comparison(0, 1 + i, position_bins=cfg.position_bins, reward=True) for i in range(len(names))
+    ] + [Comparison(1 + i, 1 + j) for i, j in pair_idx]
     vocab = min(shared_vocab_size(student, t, tok) for t in teachers.values())
     stops = stop_ids_for(tok, student)
     params = SamplingParams(
         temperature=cfg.temperature, top_p=cfg.top_p, top_k=0, max_new_tokens=cfg.max_new_tokens
     )
     say(f"models loaded on {device} in {time.perf_counter() - t0:.1f}s (shared vocabulary {vocab})")
-    vocab_rows = chunk_rows(vocab)  # bounded temporaries at a 152k vocabulary
 
     # Work units, for a progress fraction that tracks time roughly: generated rows and scored rows.
     n_rows = len(records) * cfg.samples
@@ -432,31 +442,22 @@ def run_doctor(
                 correct.append(ok)
                 by_problem_s[pi].append(ok)
             lengths += roll.lengths.tolist()  # one host copy per batch, not one sync per row
-        # score: student, every teacher, pairs, rewards
+        # score: the student vs every teacher, with position bins and rewards, then every teacher pair
         sums: dict[str, dict[str, torch.Tensor]] = {n: {} for n in teachers}
-        pair_names = [(a, b) for i, a in enumerate(names) for b in names[i + 1 :]]
         pair_sums: dict[tuple[str, str], dict[str, torch.Tensor]] = {p: {} for p in pair_names}
         rewards: dict[str, list[float]] = {n: [] for n in teachers}
         for roll in rolls:
             for s in range(0, len(roll), cfg.score_batch):
                 mb = roll.select(slice(s, s + cfg.score_batch))
-                with torch.inference_mode():
-                    s_logits = response_logits(student, mb).float()
-                mask = mb.response_mask
-                t_logits = {}
-                for name, teacher in teachers.items():
-                    tl = score_frozen(teacher, mb).float()
-                    sums[name] = merge_sums(sums[name], diagnostic_sums(
-                        s_logits, tl, mask, k=cfg.k, vocab_size=vocab, position_bins=cfg.position_bins,
-                        bin_len=cfg.max_new_tokens, chunk_size=vocab_rows))  # fmt: skip
-                    rewards[name] += host(
-                        sequence_mean_reward(s_logits, tl, mb.response_ids, mask, vocab, vocab_rows)
-                    ).tolist()
-                    t_logits[name] = tl
-                for a, b in pair_names:
-                    pair_sums[(a, b)] = merge_sums(pair_sums[(a, b)], diagnostic_sums(
-                        t_logits[a], t_logits[b], mask, k=cfg.k, vocab_size=vocab, chunk_size=vocab_rows))  # fmt: skip
-                del s_logits, t_logits
+                scores = score_rollout(
+                    heads, mb, comparisons, k=cfg.k, vocab_size=vocab, bin_len=cfg.max_new_tokens
+                )
+                for name, sc in zip(names, scores[: len(names)], strict=True):
+                    sums[name] = merge_sums(sums[name], sc.sums)
+                    assert sc.reward is not None
+                    rewards[name] += host(sc.reward).tolist()
+                for pair, sc in zip(pair_names, scores[len(names) :], strict=True):
+                    pair_sums[pair] = merge_sums(pair_sums[pair], sc.sums)
                 advance(len(mb) * 0.3 * (1 + n_t), f"{template}: scoring")
         tmpl: dict[str, Any] = {
             "student_rollouts": len(correct),

@@ -24,7 +24,7 @@ in the inputs' dtype).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -42,7 +42,7 @@ from opd.objectives import (
 )
 from opd.teacher_topk import TeacherTopK, check_sparse_objective, sparse_per_token_loss
 
-__all__ = ["ChunkCallback", "head_loss_sum"]
+__all__ = ["ChunkCallback", "head_loss_sum", "projected_rows", "spread_rows"]
 
 # on_chunk(student_rows [n, V], teacher_rows [n, V] or TeacherTopK with [n, K] / [n] fields, b_idx [n], t_idx [n])
 ChunkCallback = Callable[[Tensor, "Tensor | TeacherTopK", Tensor, Tensor], None]
@@ -63,9 +63,10 @@ def _shared_rows(v_student: int, v_teacher: int | None, vocab_size: int | None) 
 
 
 def _project(h_rows: Tensor, w: Tensor, b: Tensor | None, v: int, dtype: torch.dtype) -> Tensor:
-    """Logits of the first ``v`` vocabulary rows, in the inputs' dtype (as the model's head), then ``dtype``."""
+    """Logits of the first ``v`` vocabulary rows, in the weight's dtype (as the model's head; the student's
+    weight arrives already cast to the autocast dtype), then ``dtype``."""
     w = w if w.shape[0] == v else w[:v]
-    out = h_rows @ w.T
+    out = h_rows.to(w.dtype) @ w.T
     if b is not None:
         out = out + (b if b.shape[0] == v else b[:v])
     return out.to(dtype)
@@ -98,16 +99,19 @@ class _HeadChunkedLoss(torch.autograd.Function):
         grad_w = torch.zeros(w.shape, dtype=dtype, device=w.device) if want[1] else None
         grad_b = torch.zeros(b.shape, dtype=dtype, device=b.device) if want[2] and b is not None else None
         total = torch.zeros((), dtype=dtype, device=h.device)
-        w_leaf = w.detach().requires_grad_(want[1])
-        b_leaf = b.detach().requires_grad_(want[2]) if b is not None else None
+        # Autocast: the head is cast once, not once per chunk; the gradient w.r.t. the cast weight is the
+        # gradient w.r.t. the weight (a cast's derivative is 1), accumulated in the compute dtype.
+        low = cfg["project_dtype"] or w.dtype
+        w_proj = w.detach().to(low).requires_grad_(want[1])
+        b_proj = b.detach().to(low).requires_grad_(want[2]) if b is not None else None
         for start, stop in row_chunks(b_idx.numel(), cfg["chunk_size"]):
             bi, ti = b_idx[start:stop], t_idx[start:stop]
             h_rows = h[bi, ti].detach().requires_grad_(want[0])
             with torch.enable_grad() if any_grad else torch.no_grad():
-                s_rows = _project(h_rows, w_leaf, b_leaf, v, dtype)
+                s_rows = _project(h_rows, w_proj, b_proj, v, dtype)
                 loss = cfg["chunk_loss"](s_rows, bi, ti).sum()
             if any_grad:
-                leaves = [x for x, on in zip((h_rows, w_leaf, b_leaf), want, strict=True) if on]
+                leaves = [x for x, on in zip((h_rows, w_proj, b_proj), want, strict=True) if on]
                 grads = iter(torch.autograd.grad(loss, leaves))
                 if grad_h is not None:
                     grad_h[bi, ti] = next(grads).to(grad_h.dtype)
@@ -158,6 +162,7 @@ def head_loss_sum(
     w_teacher: Tensor | None = None,
     b_teacher: Tensor | None = None,
     on_chunk: ChunkCallback | None = None,
+    project_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """Sum over masked positions of the per-token OPD loss, from hidden states and head weights (0-dim).
 
@@ -173,6 +178,10 @@ def head_loss_sum(
     detached student logits ``[n, V]`` (the first ``vocab_size`` columns, in the compute dtype), the
     teacher's rows (logits ``[n, V]``, or a ``TeacherTopK`` of the chunk's rows: ``[n, K]`` / ``[n]``)
     and the rows' batch and response-position indices ``[n]`` (masked rows, row-major order).
+
+    ``project_dtype`` (the student's autocast dtype, e.g. bfloat16) runs the student's projection in that
+    dtype, as the model's own head would under autocast; the loss maths stays in float32 at least and the
+    gradients come back in the weights' dtypes. The teacher's head always projects in its weight's dtype.
     """
     validate_objective(signal, divergence, support, renorm, beta, k)
     if h_student.dim() != 3 or w_student.dim() != 2 or h_student.shape[-1] != w_student.shape[-1]:
@@ -249,5 +258,56 @@ def head_loss_sum(
         "chunk_size": chunk_rows(v, chunk_size, max_chunk_elements),
         "chunk_loss": chunk_loss,
         "grad_enabled": torch.is_grad_enabled(),
+        "project_dtype": project_dtype,
     }
     return _HeadChunkedLoss.apply(h_student, w_student, b_student, cfg)
+
+
+def spread_rows(rows: Tensor, t_idx: Tensor, width: int) -> tuple[Tensor, Tensor]:
+    """Rows ``[n, ...]`` laid out as a ``[n, width, ...]`` batch (an expanded view, no copy) and a mask that is
+    True at ``(i, t_idx[i])`` only, so every ``[B, T, ...]`` function (diagnostics with position bins, signal
+    stats) sees row i at its own response position. Sums over the mask equal sums over the rows."""
+    n = rows.shape[0]
+    mask = torch.zeros((n, width), dtype=torch.bool, device=rows.device)
+    mask[torch.arange(n, device=rows.device), t_idx.to(rows.device)] = True
+    return rows.unsqueeze(1).expand(n, width, *rows.shape[1:]), mask
+
+
+@torch.no_grad()
+def projected_rows(
+    heads: list[tuple[Tensor, Tensor, Tensor | None]],
+    mask: Tensor,
+    *,
+    vocab_size: int | None = None,
+    chunk_size: int | None = 2048,
+    max_chunk_elements: int | None = DEFAULT_CHUNK_ELEMENTS,
+) -> Iterator[tuple[Tensor, Tensor, list[Tensor]]]:
+    """The logits of several models at the masked rows, one chunk of rows at a time, without gradient.
+
+    Why: scoring (doctor, prompt selection) compares a student with one or more teachers on the same
+    rollouts; projecting each model's hidden states ``[B, T, H]`` chunk by chunk bounds memory by one chunk
+    of ``[n, V]`` rows per model instead of ``[B, T, V]`` per model. ``heads`` holds ``(hidden [B, T, H_m],
+    weight [V_m, H_m], bias [V_m] or None)`` per model; all hidden states share ``mask``'s ``[B, T]``. Yields
+    ``(b_idx [n], t_idx [n], [logits [n, V] per model])`` over the masked rows in row-major order, in float32
+    (float64 when any input is), with ``V`` the shared vocabulary (``vocab_size``, else the smallest head).
+    """
+    if not heads:
+        raise ValueError("projected_rows needs at least one (hidden, weight, bias) head")
+    bt = tuple(mask.shape)
+    v: int | None = None
+    for i, (h, w, b) in enumerate(heads):
+        if h.dim() != 3 or tuple(h.shape[:2]) != bt or w.dim() != 2 or w.shape[1] != h.shape[-1]:
+            raise ValueError(
+                f"head {i}: need hidden [B, T, H] with B, T = {bt} and weight [V, H]; got "
+                f"{tuple(h.shape)}, {tuple(w.shape)}"
+            )
+        if b is not None and tuple(b.shape) != (w.shape[0],):
+            raise ValueError(f"head {i}: bias must be [V] = [{w.shape[0]}]; got {tuple(b.shape)}")
+        v = w.shape[0] if v is None else min(v, w.shape[0])
+    assert v is not None
+    v = _shared_rows(v, None, vocab_size)
+    dtype = compute_dtype(*(x for h, w, _ in heads for x in (h, w)))
+    b_idx, t_idx = masked_positions(mask)
+    for start, stop in row_chunks(b_idx.numel(), chunk_rows(v, chunk_size, max_chunk_elements)):
+        bi, ti = b_idx[start:stop], t_idx[start:stop]
+        yield bi, ti, [_project(h[bi, ti], w, b, v, dtype) for h, w, b in heads]

@@ -607,20 +607,25 @@ def score_records(
     Each generate call is seeded by (seed, stream, index of its first prompt) through
     `opd.rollout.chunk_seed`, like `opd.sampling`: a rerun with the same settings draws the same
     rollouts, and separate `stream`s (candidates vs teacher prompts) do not influence each other. Both
-    models are scored under inference mode on the student's exact ids, one prompt's rollouts at a time,
-    which bounds logits memory to rollouts × T × V.
+    models are scored under inference mode on the student's exact ids, one prompt's rollouts at a time;
+    each model's hidden states go through its LM head a bounded chunk of response rows at a time
+    (`opd.row_scoring`), since rollouts × T × V logits would dominate memory at a 152k vocabulary. A
+    model without a linear LM head raises `ModelError` before anything is sampled.
     """
     from opd.data import encode_prompts, render_prompt, uses_chat
-    from opd.diagnostics import sequence_mean_reward, token_diagnostics
-    from opd.objectives import chunk_rows
+    from opd.diagnostics import finalize
     from opd.rollout import HFGenerator, SamplingParams, chunk_seed
+    from opd.row_scoring import Comparison, score_rollout, scoring_head
     from opd.sampling import stop_ids_for
-    from opd.teacher import score_frozen
 
+    heads = [
+        scoring_head(m, f"{role} {getattr(m, 'name_or_path', '') or type(m).__name__}")
+        for role, m in (("student", student), ("teacher", teacher))
+    ]
+    compare = [Comparison(0, 1, reward=True)]
     stops = list(stop_ids) if stop_ids is not None else stop_ids_for(tokenizer, student)
     gen = HFGenerator(student, pad_id=tokenizer.pad_token_id, stop_ids=stops)
     params = SamplingParams(temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=max_new_tokens)
-    chunk = chunk_rows(vocab_size)  # bounded vocabulary-sized temporaries at 152k tokens
     texts = [
         render_prompt(r, tokenizer, template=template, chat_template_kwargs=chat_template_kwargs,
                       system_prompt=system_prompt)
@@ -644,18 +649,14 @@ def score_records(
         )
         for b, i in enumerate(batch):
             sub = roll.select(slice(b * rollouts, (b + 1) * rollouts))
-            s_logits = score_frozen(student, sub)
-            t_logits = score_frozen(teacher, sub)
-            mask = sub.response_mask
-            diag = token_diagnostics(s_logits, t_logits, mask, k=k, vocab_size=vocab_size, chunk_size=chunk)
+            (scores,) = score_rollout(heads, sub, compare, k=k, vocab_size=vocab_size)
+            diag = finalize(scores.sums)
             row = rows[i]
             row["response_len"] = float(sub.lengths.float().mean())
             row["truncated_frac"] = float(sub.truncated.float().mean())
             if "overlap_ratio" in diag:
-                r_bar = sequence_mean_reward(
-                    s_logits, t_logits, sub.response_ids, mask, vocab_size=vocab_size, chunk_size=chunk
-                )
-                has = mask.any(1)
+                assert scores.reward is not None
+                r_bar, has = scores.reward, sub.response_mask.any(1).to(scores.reward.device)
                 row.update(
                     overlap_ratio=diag["overlap_ratio"],
                     overlap_mass=0.5 * (diag["overlap_mass_student"] + diag["overlap_mass_teacher"]),

@@ -8,6 +8,7 @@ repetition_penalty=1.05, temperature=0.7, ...) is overridden here, not inherited
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -81,22 +82,162 @@ class Rollout:
             engine_logprobs=None if self.engine_logprobs is None else self.engine_logprobs.to(device),
         )
 
-    def select(self, rows: slice) -> Rollout:
-        """A row slice, trimmed of columns that are padding in every selected row."""
+    def select(self, rows: slice | torch.Tensor | Sequence[int]) -> Rollout:
+        """A row slice or row indices, trimmed of columns that are padding in every selected row.
+
+        Trimming is what makes a micro-batch of short rows cheap: its forward runs at its own width, not
+        at the width of the longest row of the chunk. Indices (any order, as `plan_micro_batches` gives
+        them) let rows of similar length from anywhere in the chunk share a micro-batch.
+        """
+        if not isinstance(rows, slice):
+            rows = _row_indices(rows)
         pm = self.prompt_mask[rows]
         rm = self.response_mask[rows]
         first = int((pm.sum(0) > 0).nonzero()[0]) if pm.any() else 0
         last = int((rm.sum(0) > 0).nonzero()[-1]) + 1 if rm.any() else 1
+        index = (
+            self.prompt_index[rows]
+            if isinstance(rows, slice)
+            else [self.prompt_index[i] for i in rows.tolist()]
+        )
         return Rollout(
             prompt_ids=self.prompt_ids[rows, first:],
             prompt_mask=pm[:, first:],
             response_ids=self.response_ids[rows, :last],
             response_mask=rm[:, :last],
             truncated=self.truncated[rows],
-            prompt_index=self.prompt_index[rows],
+            prompt_index=index,
             sampling=self.sampling,
             engine_logprobs=None if self.engine_logprobs is None else self.engine_logprobs[rows, :last],
         )
+
+
+def _row_indices(rows: torch.Tensor | Sequence[int]) -> torch.Tensor:
+    """`rows` as a 1-D int64 tensor; a bool mask or a 2-D index would select something else entirely."""
+    t = rows if isinstance(rows, torch.Tensor) else torch.tensor(list(rows), dtype=torch.long)
+    if t.dim() != 1 or t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
+        raise ValueError(f"row indices must be a 1-D integer tensor or list, got {t.dtype} {tuple(t.shape)}")
+    return t.long()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Micro-batch planning
+
+
+def _row_widths(rollout: Rollout) -> tuple[list[int], list[int]]:
+    """Per row, the prompt and response columns it keeps alive under `Rollout.select`'s trimming.
+
+    Read off the masks as `select` reads them (not from real-token counts), so the planner's cost is the
+    width `select` will actually produce: prompt columns from the row's first real token to the end
+    (left padding), response columns up to its last real token (right padding). One host copy per chunk.
+    """
+    P, T = rollout.prompt_mask.shape[1], rollout.response_mask.shape[1]
+    pm, rm = rollout.prompt_mask.bool(), rollout.response_mask.bool()
+    p_first = pm.int().argmax(1)
+    p_width = torch.where(pm.any(1), P - p_first, 0)
+    r_last = T - 1 - rm.flip(1).int().argmax(1)
+    r_width = torch.where(rm.any(1), r_last + 1, 0)
+    widths = torch.stack([p_width, r_width]).cpu().tolist()
+    return widths[0], widths[1]
+
+
+class _Planner:
+    """Cost bookkeeping shared by the packing and the splitting, for one or several rollout chunks."""
+
+    def __init__(self, rollouts: Sequence[Rollout]):
+        self.rollouts = rollouts
+        self._widths: dict[int, tuple[list[int], list[int]]] = {}
+
+    def widths(self, chunk: int) -> tuple[list[int], list[int]]:
+        if chunk not in self._widths:  # only read when needed: the default plan never touches the device
+            self._widths[chunk] = _row_widths(self.rollouts[chunk])
+        return self._widths[chunk]
+
+    def cost(self, chunk: int, rows: Sequence[int]) -> int:
+        """rows x (prompt width + response width) of `select(rows)`, all-padding fallbacks included."""
+        pw, rw = self.widths(chunk)
+        r = self.rollouts[chunk]
+        p = max((pw[i] for i in rows), default=0) or r.prompt_mask.shape[1]  # select keeps all P columns
+        t = max((rw[i] for i in rows), default=0) or 1  # ... and one response column
+        return len(rows) * (p + t)
+
+    def pack(self, chunk: int, max_sequences: int, max_tokens: int | None) -> list[list[int]]:
+        n = len(self.rollouts[chunk])
+        if max_tokens is None:  # today's contiguous slices, so the default run is unchanged
+            return [list(range(s, min(s + max_sequences, n))) for s in range(0, n, max_sequences)]
+        pw, rw = self.widths(chunk)
+        P = self.rollouts[chunk].prompt_mask.shape[1]
+        # Longest first: rows of similar length share a micro-batch (little padding), and the chunk's widest
+        # micro-batch runs first, so a budget too large for the device fails before much work is spent.
+        order = sorted(range(n), key=lambda i: (-(pw[i] + rw[i]), -rw[i], i))
+        groups: list[list[int]] = []
+        cur: list[int] = []
+        p = t = 0
+        for i in order:
+            np_, nt = max(p, pw[i]), max(t, rw[i])
+            if cur and (len(cur) >= max_sequences or (len(cur) + 1) * ((np_ or P) + (nt or 1)) > max_tokens):
+                groups.append(cur)
+                cur, np_, nt = [], pw[i], rw[i]
+            cur.append(i)  # an empty group always takes the row: an oversized sequence runs alone
+            p, t = np_, nt
+        if cur:
+            groups.append(cur)
+        return groups
+
+
+def plan_step_micro_batches(
+    rollouts: Sequence[Rollout], *, max_sequences: int, max_tokens: int | None, min_groups: int = 1
+) -> list[list[torch.Tensor]]:
+    """Row-index groups (CPU int64, for `Rollout.select`) of every chunk of a step: ``out[j]`` covers
+    every row of ``rollouts[j]`` exactly once, each group a micro-batch.
+
+    ``max_tokens`` None reproduces plain slicing by ``max_sequences`` in rollout order. With a budget,
+    each chunk's rows are sorted by length and packed greedily under both caps (see `micro_batch_cost`).
+
+    ``min_groups`` exists for sharded training: every process must run the same number of backwards
+    (FSDP reduce-scatters in each), yet a token budget packs each process's rollouts into its own count.
+    The trainer all-reduces the largest count and re-plans with it; the most expensive multi-row group of
+    the step is halved until the step has that many, which is possible whenever min_groups <= rows.
+    """
+    if max_sequences < 1:
+        raise ValueError(f"max_sequences must be >= 1, got {max_sequences}")
+    if max_tokens is not None and max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1 or None, got {max_tokens}")
+    total = sum(len(r) for r in rollouts)
+    if min_groups > max(total, 1):  # an empty step stays empty: the default min_groups=1 never fails
+        raise ValueError(f"cannot split {total} rows into min_groups={min_groups} non-empty micro-batches")
+    planner = _Planner(rollouts)
+    plans = [planner.pack(j, max_sequences, max_tokens) for j in range(len(rollouts))]
+    count = sum(len(g) for g in plans)
+    while count < min(min_groups, total):
+        _, j, k = max(  # ties go to the earliest group
+            (planner.cost(j, g), -j, -k) for j, gs in enumerate(plans) for k, g in enumerate(gs) if len(g) > 1
+        )
+        j, k = -j, -k
+        g = plans[j][k]
+        half = (len(g) + 1) // 2  # packed order: the longer rows stay together
+        plans[j][k : k + 1] = [g[:half], g[half:]]
+        count += 1
+    return [[torch.tensor(sorted(g), dtype=torch.long) for g in gs] for gs in plans]
+
+
+def plan_micro_batches(
+    rollout: Rollout, *, max_sequences: int, max_tokens: int | None, min_groups: int = 1
+) -> list[torch.Tensor]:
+    """`plan_step_micro_batches` for a single rollout chunk."""
+    return plan_step_micro_batches(
+        [rollout], max_sequences=max_sequences, max_tokens=max_tokens, min_groups=min_groups
+    )[0]
+
+
+def micro_batch_cost(rollout: Rollout, rows: slice | torch.Tensor | Sequence[int]) -> int:
+    """Padded tokens of ``rollout.select(rows)``: rows x (prompt width + response width).
+
+    This is what the budget caps, because the student's and teacher's activations, hidden states and
+    logits all scale with the padded sequence, not with the real tokens in it.
+    """
+    idx = list(range(len(rollout)))[rows] if isinstance(rows, slice) else _row_indices(rows).tolist()
+    return _Planner([rollout]).cost(0, idx)
 
 
 def response_mask_from_ids(response: torch.Tensor, stop_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

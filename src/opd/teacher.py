@@ -12,7 +12,7 @@ import torch
 from transformers import PreTrainedModel
 
 from opd.rollout import Rollout
-from opd.scoring import response_hidden_states, response_logits
+from opd.scoring import frozen_head, response_hidden_states, response_logits
 
 
 class Teacher(Protocol):
@@ -43,9 +43,8 @@ class HFTeacher:
         """Hidden states and head weights instead of `[B, T, V]` logits (`loss.from_hidden_states`)."""
         with torch.inference_mode():
             h = response_hidden_states(self.model, rollout)
-        head = self.model.get_output_embeddings()
-        bias = getattr(head, "bias", None)
-        return TeacherHidden(h.clone(), head.weight.detach(), bias.detach() if bias is not None else None)
+        weight, bias = frozen_head(self.model)
+        return TeacherHidden(h.clone(), weight, bias)
 
 
 def score_frozen(model: torch.nn.Module, rollout: Rollout) -> torch.Tensor:

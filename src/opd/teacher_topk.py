@@ -61,8 +61,9 @@ class TeacherTopK:
     def k(self) -> int:
         return int(self.ids.shape[-1])
 
-    def select(self, rows: slice) -> TeacherTopK:
-        """The rows of a micro-batch (the same slice as `Rollout.select`)."""
+    def select(self, rows: slice | Tensor) -> TeacherTopK:
+        """The rows of a micro-batch (the same rows as `Rollout.select`; the columns stay, since every use
+        indexes masked positions)."""
         return TeacherTopK(self.ids[rows], self.logprobs[rows], self.token_logprob[rows])
 
     @property

@@ -34,7 +34,7 @@ from opd.data import PromptCursor, encode_prompts, load_prompts, render_prompt, 
 from opd.device import clock, host, place, reduce_sum
 from opd.diagnostics import diagnostic_sums, finalize, merge_sums
 from opd.errors import ConfigError, OpdError
-from opd.head_loss import head_loss_sum
+from opd.head_loss import ChunkCallback, head_loss_sum, spread_rows
 from opd.models import (
     check_tokenizers,
     freeze_teacher,
@@ -43,10 +43,16 @@ from opd.models import (
     prepare_tokenizer,
     shared_vocab_size,
 )
-from opd.objectives import chunk_rows, per_token_loss, signal_stats
-from opd.rollout import HFGenerator, Rollout, SamplingParams, chunk_seed
+from opd.objectives import chunk_rows, masked_positions, per_token_loss, row_chunks, signal_stats
+from opd.rollout import HFGenerator, Rollout, SamplingParams, chunk_seed, plan_step_micro_batches
 from opd.sampling import stop_ids_for
-from opd.scoring import response_hidden_states, response_logits
+from opd.scoring import (
+    check_head_projection,
+    frozen_head,
+    head_weights,
+    response_hidden_states,
+    response_logits,
+)
 from opd.teacher import HFTeacher, TeacherHidden
 from opd.teacher_http import TeacherUnavailableError
 from opd.teacher_topk import TeacherTopK, sparse_diagnostic_sums, sparse_per_token_loss, sparse_signal_stats
@@ -82,59 +88,69 @@ def _combine_engine_delta(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.stack([a[0] + b[0], a[1] + b[1], torch.maximum(a[2], b[2])])
 
 
-def _spread(rows: torch.Tensor, width: int) -> torch.Tensor:
-    """Rows ``[n, ...]`` as an expanded ``[n, width, ...]`` view (no copy): with a mask that is True at
-    (i, t_i) only, the ``[B, T, ...]`` functions see row i at its own response position t_i."""
-    return rows.unsqueeze(1).expand(rows.shape[0], width, *rows.shape[1:])
+class _StepMetrics:
+    """A step's diagnostics, signal stats and engine cross-check, accumulated one chunk of response rows at a
+    time: from `head_loss_sum`'s `on_chunk` (hidden-state path) or by walking the masked rows of the logits
+    (plain path), so both paths share one accumulator and no metric needs a `[B, T, V]` tensor of its own.
 
+    Each chunk goes through the same functions as whole batches would (`_diagnostic_sums`, `_signal_stats`,
+    `_merge_engine_delta`), laid out by `spread_rows` so position bins see every row's true position.
+    Device: sums and the engine accumulator stay on the compute device; reward and max-advantage are host."""
 
-class _ChunkMetrics:
-    """`loss.from_hidden_states`: the step's diagnostics, signal stats and engine cross-check of one
-    micro-batch, accumulated chunk by chunk from `head_loss_sum`'s `on_chunk` (no ``[B, T, V]`` tensor).
-
-    Each chunk goes through the same functions as the logits path (`_diagnostic_sums`, `_signal_stats`,
-    `_merge_engine_delta`), laid out by `_spread` so position bins see every row's true position."""
-
-    def __init__(self, trainer: OPDTrainer, mb: Rollout, target: TeacherTopK | TeacherHidden):
-        self.trainer = trainer
-        self.tokens = mb.response_ids
-        self.engine = mb.engine_logprobs
-        self.width = int(mb.response_mask.shape[1])
-        device = mb.response_mask.device
-        self.engine_delta = torch.zeros(3, dtype=torch.float64, device=device)
+    def __init__(self, trainer: OPDTrainer, device: torch.device):
+        self.trainer, self.device = trainer, device
+        self.sums: dict[str, torch.Tensor] = {}
+        self.engine_delta = torch.zeros(3, dtype=torch.float64, device=device)  # sum |Δ logprob|, count, max
         self.reward_sum = 0.0
-        self.best_adv = torch.tensor([-1.0, 0.0], dtype=torch.float64)
-        # every key present even without a masked row, so processes all-reduce the same key set
-        v = trainer.vocab_size
-        none = torch.zeros((1, 1), dtype=torch.bool, device=device)
-        if isinstance(target, TeacherTopK):
-            k = target.k
-            empty: Any = TeacherTopK(torch.zeros((1, 1, k), dtype=torch.long, device=device),
-                                     torch.zeros((1, 1, k), device=device), torch.zeros((1, 1), device=device))  # fmt: skip
-        else:
-            empty = torch.zeros((1, 1, v), device=device)
-        self.sums = trainer._diagnostic_sums(torch.zeros((1, 1, v), device=device), empty, none)
+        self.best_adv = torch.tensor([-1.0, 0.0], dtype=torch.float64)  # (|adv|, p - q there)
 
-    def __call__(self, s_rows: torch.Tensor, t_rows: Any, b_idx: torch.Tensor, t_idx: torch.Tensor) -> None:
-        n, width = int(b_idx.numel()), self.width
+    def start(self, mb: Rollout, target: Any) -> ChunkCallback:
+        """The callback for micro-batch `mb`'s chunks; every key exists after the first call, even with no
+        masked row, so processes all-reduce the same key set."""
+        if not self.sums:
+            v, device = self.trainer.vocab_size, self.device
+            none = torch.zeros((1, 1), dtype=torch.bool, device=device)
+            if isinstance(target, TeacherTopK):
+                k = target.k
+                empty: Any = TeacherTopK(torch.zeros((1, 1, k), dtype=torch.long, device=device),
+                                         torch.zeros((1, 1, k), device=device), torch.zeros((1, 1), device=device))  # fmt: skip
+            else:
+                empty = torch.zeros((1, 1, v), device=device)
+            self.sums = self.trainer._diagnostic_sums(torch.zeros((1, 1, v), device=device), empty, none)
+        width = int(mb.response_mask.shape[1])
+        return lambda s, t, bi, ti: self._rows(mb, width, s, t, bi, ti)
+
+    def add_logits(self, mb: Rollout, s_det: torch.Tensor, target: Any) -> None:
+        """Plain path: the micro-batch's detached `[B, T, V]` logits, walked in chunks of masked rows."""
+        on_chunk = self.start(mb, target)
+        v = self.trainer.vocab_size
+        b_idx, t_idx = masked_positions(mb.response_mask)
+        for a, b in row_chunks(b_idx.numel(), self.trainer.chunk_rows):
+            bi, ti = b_idx[a:b], t_idx[a:b]
+            t_rows = (TeacherTopK(target.ids[bi, ti], target.logprobs[bi, ti], target.token_logprob[bi, ti])
+                      if isinstance(target, TeacherTopK) else target[bi, ti, :v])  # fmt: skip
+            on_chunk(s_det[bi, ti, :v], t_rows, bi, ti)
+
+    def _rows(self, mb: Rollout, width: int, s_rows: torch.Tensor, t_rows: Any, b_idx: torch.Tensor,
+              t_idx: torch.Tensor) -> None:  # fmt: skip
+        n = int(b_idx.numel())
         if n == 0:
             return
-        mask = torch.zeros((n, width), dtype=torch.bool, device=s_rows.device)
-        mask[torch.arange(n, device=s_rows.device), t_idx] = True
-        s = _spread(s_rows, width)
+        s, mask = spread_rows(s_rows, t_idx, width)
         if isinstance(t_rows, TeacherTopK):
-            target: Any = TeacherTopK(_spread(t_rows.ids, width), _spread(t_rows.logprobs, width),
-                                      _spread(t_rows.token_logprob, width))  # fmt: skip
+            target: Any = TeacherTopK(spread_rows(t_rows.ids, t_idx, width)[0],
+                                      spread_rows(t_rows.logprobs, t_idx, width)[0],
+                                      spread_rows(t_rows.token_logprob, t_idx, width)[0])  # fmt: skip
         else:
-            target = _spread(t_rows, width)
-        y = self.tokens[b_idx, t_idx]
+            target = spread_rows(t_rows, t_idx, width)[0]
+        y = mb.response_ids[b_idx, t_idx]
         tr = self.trainer
         self.sums = merge_sums(self.sums, tr._diagnostic_sums(s, target, mask))
-        if self.engine is not None:
+        if mb.engine_logprobs is not None:
             ones = torch.ones((1, n), dtype=torch.bool, device=s_rows.device)
             self.engine_delta = _merge_engine_delta(self.engine_delta, s_rows.unsqueeze(0), y.unsqueeze(0), ones,
-                                                    self.engine[b_idx, t_idx].unsqueeze(0))  # fmt: skip
-        st = tr._signal_stats(s, target, _spread(y, width), mask)
+                                                    mb.engine_logprobs[b_idx, t_idx].unsqueeze(0))  # fmt: skip
+        st = tr._signal_stats(s, target, spread_rows(y, t_idx, width)[0], mask)
         self.reward_sum += st["reward_mean"] * n
         if st["adv_max_abs"] > self.best_adv[0]:
             self.best_adv = torch.tensor([st["adv_max_abs"], st["p_minus_q_at_max_adv"]], dtype=torch.float64)
@@ -370,10 +386,10 @@ class OPDTrainer:
         else:
             self.student, self.optimizer = acc.prepare(student, self.optimizer)
         self.student.eval()  # dropout off: the loss is taken under the policy that sampled
-        if cfg.loss.from_hidden_states:
-            self._student_head()  # refuse a head head_loss cannot take as one plain weight, before any step
         self._in_backward = self._install_step_in_backward() if cfg.optim.in_backward else None
         self.teacher = self._build_teacher(teacher)
+        if cfg.loss.from_hidden_states:  # refuse a head head_loss cannot take, before any step
+            self._check_heads(self.teacher.model if isinstance(self.teacher, HFTeacher) else None)
         stop_ids = stop_ids_for(self.tokenizer, self._unwrapped(), cfg.rollout.stop_token_ids)
         self.stop_ids = stop_ids
         if cfg.rollout.backend == "vllm":
@@ -647,39 +663,82 @@ class OPDTrainer:
                             vocab_size=self.vocab_size, chunk_size=self.chunk_rows)  # fmt: skip
 
     def _student_head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The student's LM-head weight ``[V, H]`` and bias (or None), the very parameters the optimiser
-        steps (tied embeddings included), for `loss.from_hidden_states`."""
-        head = self._unwrapped().get_output_embeddings()
-        if head is not None and hasattr(head, "base_layer"):  # a peft tuner layer wraps the head
+        """The student's LM head as one ``[V, H]`` weight (and bias) in the graph of the trained parameters
+        (tied, LoRA'd or FSDP-sharded heads included: `opd.scoring.head_weights`)."""
+        try:
+            return head_weights(self._unwrapped())
+        except ValueError as exc:
             raise ConfigError(
-                "loss.from_hidden_states with a LoRA on the LM head (student.lora.target_modules names it) is "
-                "not supported: the head's output is base weight + low-rank update, not one [V, H] weight; "
-                "leave the head out of target_modules or set loss.from_hidden_states false"
-            )
-        weight = getattr(head, "weight", None)
-        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-            raise ConfigError(
-                "loss.from_hidden_states needs a student whose get_output_embeddings() is a linear head with "
-                "a [V, H] weight; set loss.from_hidden_states false for this model"
-            )
-        return weight, getattr(head, "bias", None)
+                f"loss.from_hidden_states: {exc}; or set loss.from_hidden_states false"
+            ) from None
+
+    def _check_heads(self, teacher: torch.nn.Module | None) -> None:
+        """`loss.from_hidden_states` projects with the heads' weights itself: the student's and an HF
+        teacher's logits must be exactly that projection (no soft-capping or scaling after the head)."""
+        models = [("student", self._unwrapped(), self._student_head)]
+        if teacher is not None:
+            models.append(("teacher", teacher, lambda: frozen_head(teacher)))
+        for role, model, head in models:
+            try:
+                check_head_projection(model, *head())
+            except ValueError as exc:
+                raise ConfigError(
+                    f"loss.from_hidden_states ({role}): {exc}; set loss.from_hidden_states false"
+                ) from None
 
     def _head_loss_sum(self, h: torch.Tensor, target: TeacherTopK | TeacherHidden, tokens: torch.Tensor,
-                       mask: torch.Tensor, on_chunk: _ChunkMetrics) -> torch.Tensor:  # fmt: skip
+                       mask: torch.Tensor, on_chunk: ChunkCallback) -> torch.Tensor:  # fmt: skip
         """`loss.from_hidden_states`: the micro-batch's summed per-token loss from hidden states, one chunk
-        of masked rows projected at a time (opd.head_loss); equal to ``_per_token_loss(...).sum()``."""
+        of masked rows projected at a time (opd.head_loss); equal to ``_per_token_loss(...).sum()``. Under
+        `student.autocast` the projection runs in the autocast dtype, as the model's own head would."""
         lc = self.cfg.loss
         w, b = self._student_head()
-        if h.dtype != w.dtype:  # autocast hidden states: project in the head weight's dtype
-            h = h.to(w.dtype)
+        ac = self.cfg.student.autocast
         kw: dict[str, Any] = dict(signal=lc.signal, divergence=lc.divergence, k=lc.k, support=lc.support,
                                   renorm=lc.renorm, beta=lc.beta, vocab_size=self.vocab_size,
                                   chunk_size=lc.chunk_size, max_chunk_elements=lc.chunk_max_elements,
-                                  on_chunk=on_chunk)  # fmt: skip
+                                  on_chunk=on_chunk, project_dtype=None if ac == "none" else getattr(torch, ac))  # fmt: skip
         if isinstance(target, TeacherTopK):
             return head_loss_sum(h, w, b, target, tokens, mask, **kw)
         return head_loss_sum(h, w, b, target.hidden, tokens, mask, w_teacher=target.weight,
                              b_teacher=target.bias, **kw)  # fmt: skip
+
+    def _micro_batch_loss(self, mb: Rollout, target: Any, stats: _StepMetrics) -> torch.Tensor:
+        """The micro-batch's summed per-token loss (0-dim, with gradient); its metrics go into `stats`.
+
+        `loss.from_hidden_states` (default): the student's hidden states and head, projected one chunk of
+        response rows at a time inside the loss, metrics from the same chunks. Otherwise the plain path:
+        `[B, T, V]` logits, `opd.objectives` on them, metrics walked over the detached logits."""
+        mask, tokens = mb.response_mask, mb.response_ids
+        if self.cfg.loss.from_hidden_states:
+            with self._autocast():
+                h = response_hidden_states(self.student, mb)
+            return self._head_loss_sum(h, target, tokens, mask, stats.start(mb, target))
+        with self._autocast():
+            s_logits = response_logits(self.student, mb)
+        loss = self._per_token_loss(s_logits, target, tokens, mask).sum()
+        with torch.no_grad():
+            stats.add_logits(mb, s_logits.detach(), target)
+        return loss
+
+    def _micro_batches(self, rollouts: list[Rollout], tops: list[TeacherTopK] | None
+                       ) -> list[tuple[Rollout, TeacherTopK | None]]:  # fmt: skip
+        """The step's micro-batches: at most `micro_batch_size` sequences and, with `micro_batch_tokens`, at
+        most that many padded tokens each (similar lengths grouped). Every process runs the same number of
+        micro-batches (FSDP reduce-scatters on every backward), so the count is agreed across processes."""
+        cfg = self.cfg
+        kw = dict(max_sequences=cfg.micro_batch_size, max_tokens=cfg.micro_batch_tokens)
+        plans = plan_step_micro_batches(rollouts, **kw)
+        if self.acc.num_processes > 1 and cfg.micro_batch_tokens is not None:
+            most = int(
+                self._gather_max_row(torch.tensor([float(sum(map(len, plans)))], dtype=torch.float64))[0]
+            )
+            plans = plan_step_micro_batches(rollouts, **kw, min_groups=most)
+        return [
+            (r.select(g), tops[j].select(g) if tops is not None else None)
+            for j, (r, groups) in enumerate(zip(rollouts, plans, strict=True))
+            for g in groups
+        ]
 
     def _reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
         return reduce_sum(self.acc, t, op)
@@ -751,48 +810,27 @@ class OPDTrainer:
 
         local_tokens = sum(int(r.response_mask.sum()) for r in rollouts)
         global_tokens = int(self._reduce(torch.tensor(float(local_tokens), dtype=torch.float64)).item())
-        micro = [
-            (r.select(sl), tops[j].select(sl) if tops is not None else None)
-            for j, r in enumerate(rollouts)
-            for sl in (slice(s, s + cfg.micro_batch_size) for s in range(0, len(r), cfg.micro_batch_size))
-        ]
+        micro = self._micro_batches(rollouts, tops)
 
         if self._in_backward is not None and len(micro) > 1:  # the config check should make this unreachable
             raise ConfigError(f"optim.in_backward needs one micro-batch per step; this step has {len(micro)}")
 
         # Accumulators of the step: on the compute device (no host round trip per micro-batch), float64.
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        engine_delta = torch.zeros(3, dtype=torch.float64, device=device)  # sum |Δ logprob|, count, max
-        reward_sum = 0.0  # host: signal_stats returns Python floats
-        best_adv = torch.tensor([-1.0, 0.0], dtype=torch.float64)  # host: (|adv|, p - q there)
-        sums: dict[str, torch.Tensor] = {}
+        stats = _StepMetrics(self, device)
         t_teacher = 0.0
         t_update0 = clock(device)
-        from_hidden = cfg.loss.from_hidden_states
         for i, (mb, top) in enumerate(micro):
-            if top is None:  # an HF teacher scores each micro-batch: [B, T, V] logits (or hidden states)
+            if top is None:  # an HF teacher scores each micro-batch: hidden states (or [B, T, V] logits)
                 ts = clock(device)
-                target = self.teacher.hidden(mb) if from_hidden else self.teacher.score(mb)
+                target = self.teacher.hidden(mb) if cfg.loss.from_hidden_states else self.teacher.score(mb)
                 t_teacher += clock(device) - ts
             else:
                 target = top
-            mask, tokens = mb.response_mask, mb.response_ids
-            n_mb = int(mask.sum())
             sync = contextlib.nullcontext() if i == len(micro) - 1 else acc.no_sync(self.student)
-            chunk_metrics = _ChunkMetrics(self, mb, target) if from_hidden else None
             with sync:
-                if chunk_metrics is not None:  # no [B, T, V] logits: diagnostics come from the loss's chunks
-                    with self._autocast():
-                        h = response_hidden_states(self.student, mb)
-                    loss_mb = self._head_loss_sum(h, target, tokens, mask, chunk_metrics)
-                    del h
-                else:
-                    with self._autocast():
-                        s_logits = response_logits(self.student, mb)
-                    per_tok = self._per_token_loss(s_logits, target, tokens, mask)
-                    loss_mb = per_tok.sum()
-                scale = world / max(global_tokens, 1)
-                objective = loss_mb * scale
+                loss_mb = self._micro_batch_loss(mb, target, stats)
+                objective = loss_mb * (world / max(global_tokens, 1))
                 ib = self._in_backward
                 if ib is not None:  # backward will step the weights: refuse a bad loss before it starts
                     if not math.isfinite(float(objective.detach())):
@@ -806,30 +844,14 @@ class OPDTrainer:
                 finally:
                     if ib is not None:
                         ib.armed = False
-            if chunk_metrics is not None:
-                loss_sum += loss_mb.detach().double()
-                sums = merge_sums(sums, chunk_metrics.sums)
-                engine_delta = _combine_engine_delta(engine_delta, chunk_metrics.engine_delta)
-                reward_sum += chunk_metrics.reward_sum
-                if chunk_metrics.best_adv[0] > best_adv[0]:
-                    best_adv = chunk_metrics.best_adv
-                del target, loss_mb, objective
-                continue
-            loss_sum += per_tok.detach().double().sum()
-            with torch.no_grad():
-                s_det = s_logits.detach()
-                sums = merge_sums(sums, self._diagnostic_sums(s_det, target, mask))
-                if mb.engine_logprobs is not None and n_mb:
-                    engine_delta = _merge_engine_delta(engine_delta, s_det[..., : self.vocab_size], tokens,
-                                                       mask, mb.engine_logprobs)  # fmt: skip
-                if n_mb:
-                    st = self._signal_stats(s_det, target, tokens, mask)
-                    reward_sum += st["reward_mean"] * n_mb
-                    if st["adv_max_abs"] > best_adv[0]:
-                        best_adv = torch.tensor(
-                            [st["adv_max_abs"], st["p_minus_q_at_max_adv"]], dtype=torch.float64
-                        )
-            del s_logits, target, per_tok
+            loss_sum += loss_mb.detach().double()
+            del target, loss_mb, objective
+        sums, engine_delta, reward_sum, best_adv = (
+            stats.sums,
+            stats.engine_delta,
+            stats.reward_sum,
+            stats.best_adv,
+        )
 
         max_norm = cfg.optim.max_grad_norm
         params = [p for p in self.student.parameters() if p.requires_grad]
