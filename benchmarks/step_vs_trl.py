@@ -393,6 +393,22 @@ def run_opd(spec: dict[str, Any]) -> dict[str, Any]:
             dtypes.phase = "other"
 
     opd.trainer.response_logits = counting_response_logits  # the trainer's student forward only
+    response_hidden_states = getattr(opd.trainer, "response_hidden_states", None)
+
+    def counting_response_hidden_states(model: Any, rollout: Any) -> Any:
+        # loss.from_hidden_states (default): the head projects one position in the forward and then, inside
+        # the loss, only the masked response rows
+        b, p, t = len(rollout), rollout.prompt_len, int(rollout.response_ids.shape[1])
+        fwd["tokens"] += b * (p + t)
+        fwd["head_tokens"] += b + int(rollout.response_mask.sum())
+        dtypes.phase = "update"
+        try:
+            return response_hidden_states(model, rollout)
+        finally:
+            dtypes.phase = "other"
+
+    if response_hidden_states is not None:
+        opd.trainer.response_hidden_states = counting_response_hidden_states
 
     # Count what was generated, from the rollouts themselves.
     counts = {"seqs": 0, "prompt_tokens": 0, "response_tokens": 0, "truncated": 0}

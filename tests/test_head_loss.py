@@ -194,3 +194,27 @@ def test_invalid_inputs_are_refused() -> None:
         head_loss_sum(h, w, b, h_t, None, mask, w_teacher=w_t, signal="sampled")
     with pytest.raises(ValueError, match="signal='sampled'"):
         head_loss_sum(h, w, b, h_t, y, mask, w_teacher=w_t, signal="sampled", divergence="tvd")
+
+
+def test_project_dtype_projects_the_student_in_that_dtype() -> None:
+    """project_dtype (the trainer passes the autocast dtype) runs the student's head in that dtype, as the
+    model's own head would under autocast; the loss maths stays in the inputs' float64 and gradients come
+    back in the leaves' dtypes."""
+    h, w, b, h_t, w_t, b_t, y, mask = _inputs(7, True)
+    kw = dict(signal="full", divergence="reverse_kl")
+    ref_leaves = _leaves(h, w, b)
+    rh, rw, rb = ref_leaves
+    s_logits = (rh.float() @ rw.float().T + rb.float()).double()  # the head in float32, the loss in float64
+    ref = per_token_loss(s_logits, _logits(h_t, w_t, b_t), y, mask, **kw).sum()
+    ref.backward()
+    leaves = _leaves(h, w, b)
+    got = head_loss_sum(
+        *leaves, h_t, y, mask, w_teacher=w_t, b_teacher=b_t, project_dtype=torch.float32, **kw
+    )
+    got.backward()
+    assert got.dtype == torch.float64
+    assert torch.allclose(got, ref, atol=1e-6, rtol=0)
+    for a, r in zip(_grads(leaves), _grads(ref_leaves), strict=True):
+        assert a.dtype == torch.float64 and torch.allclose(a, r, atol=1e-5, rtol=0), (a - r).abs().max()
+    exact = head_loss_sum(h, w, b, h_t, y, mask, w_teacher=w_t, b_teacher=b_t, **kw)
+    assert abs(float(exact) - float(got)) > 1e-9  # the float32 head really ran (float64 differs)

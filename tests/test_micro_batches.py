@@ -343,3 +343,23 @@ def test_processes_agree_on_the_micro_batch_count(tmp_path):
     la = [json.loads(x)["loss"] for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
     lb = [json.loads(x)["loss"] for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert lb == pytest.approx(la, rel=1e-5)
+
+
+def test_the_trainer_plans_the_count_agreed_across_processes(tmp_path):
+    """With a token budget, a process plans at least as many micro-batches as the busiest process (here a
+    simulated peer that needed 3 more), every row still trained on exactly once."""
+    import types
+
+    from test_head_loss_trainer import _trainer
+
+    from opd.tiny import save_tiny_pair
+
+    pair = save_tiny_pair(tmp_path / "pair")
+    t = _trainer(pair, tmp_path / "run", micro_batch_tokens=10_000)
+    rollouts = t._rollouts(1, t.cursor.next_indices(t.cfg.prompts_per_step))
+    alone = t._micro_batches(rollouts, None)
+    t.acc = types.SimpleNamespace(num_processes=2, device=t.acc.device)
+    t._gather_max_row = lambda row: row + 3  # the other process planned 3 more micro-batches
+    agreed = t._micro_batches(rollouts, None)
+    assert len(agreed) == len(alone) + 3
+    assert sum(len(mb) for mb, _ in agreed) == sum(len(r) for r in rollouts)

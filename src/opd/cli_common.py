@@ -18,9 +18,10 @@ PASSTHROUGH = {
 
 
 def fail(exc: Exception, code: int = 2) -> None:
-    """One red line instead of a traceback; the message is printed literally (no rich markup)."""
+    """One red line instead of a traceback; the message is printed literally (no rich markup). An
+    exception's own ``exit_code`` (e.g. `opd.errors.InterruptedRun`: 130) wins over ``code``."""
     console.print(Text.assemble(("error: ", "bold red"), str(exc)))
-    raise typer.Exit(code)
+    raise typer.Exit(getattr(exc, "exit_code", code))
 
 
 def is_main() -> bool:

@@ -26,3 +26,14 @@ class ModelError(OpdError):
 
 class TokenizerMismatchError(ModelError):
     """Student and teacher map token ids to different strings, so teacher scores would be meaningless."""
+
+
+class InterruptedRun(OpdError):
+    """SIGINT/SIGTERM stopped a command; the message says what was kept and how to resume (exit 130)."""
+
+    exit_code = 130
+
+
+class StorageError(OpdError):
+    """A write failed (disk full, permissions, ...); the message names the path, the space needed and
+    the last good checkpoint, and temporary files are already removed."""

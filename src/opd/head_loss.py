@@ -17,9 +17,10 @@ signal keeps one definition. ``opd.objectives.token_loss`` on explicit logits st
 and the tests check this path equal to it in float64 (values and gradients) for every combination.
 
 Diagnostics ride along through ``on_chunk``: it receives each chunk's detached student and teacher rows
-in the forward, so the trainer computes its metrics on the same bounded chunks. Not covered yet: LoRA /
-FSDP-sharded heads (the weight is taken as one plain ``[V, H]`` tensor) and autocast (the projection runs
-in the inputs' dtype).
+in the forward, so the trainer computes its metrics on the same bounded chunks. The head arrives as one
+``[V, H]`` tensor in the autograd graph of whatever the optimiser steps (`opd.scoring.head_weights` builds
+it for tied, LoRA'd and FSDP-sharded heads), so its gradient flows on to those parameters; under autocast
+``project_dtype`` runs the student's projection in the autocast dtype.
 """
 
 from __future__ import annotations
@@ -63,8 +64,7 @@ def _shared_rows(v_student: int, v_teacher: int | None, vocab_size: int | None) 
 
 
 def _project(h_rows: Tensor, w: Tensor, b: Tensor | None, v: int, dtype: torch.dtype) -> Tensor:
-    """Logits of the first ``v`` vocabulary rows, in the weight's dtype (as the model's head; the student's
-    weight arrives already cast to the autocast dtype), then ``dtype``."""
+    """Logits of the first ``v`` vocabulary rows, in the weight's dtype (as the model's head), then ``dtype``."""
     w = w if w.shape[0] == v else w[:v]
     out = h_rows.to(w.dtype) @ w.T
     if b is not None:
@@ -99,28 +99,38 @@ class _HeadChunkedLoss(torch.autograd.Function):
         grad_w = torch.zeros(w.shape, dtype=dtype, device=w.device) if want[1] else None
         grad_b = torch.zeros(b.shape, dtype=dtype, device=b.device) if want[2] and b is not None else None
         total = torch.zeros((), dtype=dtype, device=h.device)
-        # Autocast: the head is cast once, not once per chunk; the gradient w.r.t. the cast weight is the
-        # gradient w.r.t. the weight (a cast's derivative is 1), accumulated in the compute dtype.
+        # Autocast: the head is cast once, not once per chunk; the head's matmuls (forward and backward) run
+        # in that dtype as the model's own head would, the gradients accumulate in the compute dtype.
         low = cfg["project_dtype"] or w.dtype
-        w_proj = w.detach().to(low).requires_grad_(want[1])
-        b_proj = b.detach().to(low).requires_grad_(want[2]) if b is not None else None
+        w_low = w.detach()[:v].to(low)
+        b_low = b.detach()[:v].to(low) if b is not None else None
         for start, stop in row_chunks(b_idx.numel(), cfg["chunk_size"]):
             bi, ti = b_idx[start:stop], t_idx[start:stop]
-            h_rows = h[bi, ti].detach().requires_grad_(want[0])
+            h_low = h.detach()[bi, ti].to(low)
+            out = h_low @ w_low.T
+            if b_low is not None:
+                out = out + b_low
+            # The loss is differentiated with respect to the chunk's logits only; the head's gradients are
+            # then two matmuls written straight into the accumulators (no [V, H] temporary per chunk).
+            s_rows = out.to(dtype).requires_grad_(any_grad)
+            del out
             with torch.enable_grad() if any_grad else torch.no_grad():
-                s_rows = _project(h_rows, w_proj, b_proj, v, dtype)
                 loss = cfg["chunk_loss"](s_rows, bi, ti).sum()
             if any_grad:
-                leaves = [x for x, on in zip((h_rows, w_proj, b_proj), want, strict=True) if on]
-                grads = iter(torch.autograd.grad(loss, leaves))
+                (g,) = torch.autograd.grad(loss, s_rows)
+                g_low = g.to(low)
                 if grad_h is not None:
-                    grad_h[bi, ti] = next(grads).to(grad_h.dtype)
+                    grad_h[bi, ti] = (g_low @ w_low).to(grad_h.dtype)
                 if grad_w is not None:
-                    grad_w += next(grads)
+                    if low == dtype:
+                        grad_w[:v].addmm_(g_low.T, h_low)
+                    else:
+                        grad_w[:v] += g_low.T @ h_low
                 if grad_b is not None:
-                    grad_b += next(grads)
+                    grad_b[:v] += g.sum(0)
+                del g, g_low
             total += loss.detach()
-            del s_rows, loss
+            del s_rows, loss, h_low
         ctx.grads = (  # type: ignore[attr-defined]
             grad_h,
             grad_w.to(w.dtype) if grad_w is not None else None,
