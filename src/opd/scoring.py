@@ -132,14 +132,21 @@ def head_weights(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | N
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     if head is not None and hasattr(head, "base_layer") and hasattr(head, "lora_A"):
         return _lora_head(head)
+    _, weight, bias = _linear_head(base)
+    return _gathered(weight), _gathered(bias) if bias is not None else None
+
+
+def _linear_head(model: torch.nn.Module) -> tuple[Any, torch.Tensor, torch.Tensor | None]:
+    """``(head module, weight [V, H], bias or None)``, or a ValueError naming what the head is instead."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     weight = getattr(head, "weight", None)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         raise ValueError(
-            f"{type(base).__name__}.get_output_embeddings() is {type(head).__name__}, not a linear head with a "
+            f"{type(model).__name__}.get_output_embeddings() is {type(head).__name__}, not a linear head with a "
             "[V, H] weight"
         )
     bias = getattr(head, "bias", None)
-    return _gathered(weight), _gathered(bias) if isinstance(bias, torch.Tensor) else None
+    return head, weight, bias if isinstance(bias, torch.Tensor) else None
 
 
 def _gathered(t: torch.Tensor) -> torch.Tensor:
@@ -181,14 +188,7 @@ def frozen_head(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | No
     A CPU-offloaded teacher (`accelerate.cpu_offload`) keeps its parameters on "meta" and streams them to
     the execution device per forward; its head is read from the offload hook's CPU copy and moved once per
     call, as the forward itself would."""
-    head = model.get_output_embeddings()
-    weight = getattr(head, "weight", None)
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        raise ValueError(
-            f"{type(model).__name__}.get_output_embeddings() is {type(head).__name__}, not a linear head with "
-            "a [V, H] weight"
-        )
-    bias = getattr(head, "bias", None)
+    head, weight, bias = _linear_head(model)
     if weight.device.type == "meta":
         hook = getattr(head, "_hf_hook", None)
         stored = next(
