@@ -204,8 +204,9 @@ def _cli(args: list[str]) -> subprocess.Popen:
     # `from opd.cli import app` rather than `-m opd.cli`, so commands registered below cli's __main__
     # guard exist too.
     code = "import sys; from opd.cli import app; sys.exit(app())"
-    return subprocess.Popen([sys.executable, "-c", code, *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    from multiproc import Proc  # its own session; a timeout kills the whole tree and shows the output
+
+    return Proc([sys.executable, "-c", code, *args], env=env)
 
 
 def _gen_args(tiny_pair, out: Path) -> list[str]:

@@ -227,25 +227,20 @@ def test_gradient_checkpointing_keeps_far_fewer_activations(tiny_pair, tmp_path)
 @pytest.mark.slow
 def test_gradient_checkpointing_under_fsdp_matches_one_plain_process(tiny_pair, tmp_path):
     """FSDP2 unshards a layer's weights for its backward; the recomputed forward runs inside that window."""
-    import os
-    import subprocess
     import sys
 
+    from multiproc import run as run_one  # a timeout kills the whole process tree, ranks included
+    from multiproc import torchrun
     from safetensors.torch import load_file
 
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     same = {"steps": 2, "rollout.batch_size": 2}  # one generate call per process's prompts, as on 2 processes
     one_args = _args(tiny_pair, tmp_path / "one", **same)
-    one = subprocess.run([sys.executable, "-m", "opd.cli", "train", *one_args], env=env, capture_output=True,
-                         text=True, timeout=600)  # fmt: skip
+    one = run_one([sys.executable, "-m", "opd.cli", "train", *one_args])
     assert one.returncode == 0, one.stdout + one.stderr
     args = _args(
         tiny_pair, tmp_path / "fsdp", sharding="fsdp", **{"student.gradient_checkpointing": True, **same}
     )
-    run = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "opd.cli",
-         "train", *args], env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    run = torchrun(args)
     assert run.returncode == 0, run.stdout + run.stderr
     a = load_file(tmp_path / "one" / "final" / "model.safetensors")
     b = load_file(tmp_path / "fsdp" / "final" / "model.safetensors")

@@ -148,8 +148,9 @@ def test_paper_defaults():
 def _cli(args: list[str]) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     code = "import sys; from opd.cli import app; sys.exit(app())"
-    return subprocess.Popen([sys.executable, "-c", code, "sft", *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    from multiproc import Proc  # its own session; a timeout kills the whole tree and shows the output
+
+    return Proc([sys.executable, "-c", code, "sft", *args], env=env)
 
 
 def _sft_args(tiny_pair, data: Path, run_dir: Path) -> list[str]:

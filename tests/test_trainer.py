@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -133,9 +131,10 @@ def test_lora_trains_and_saves_merged(pair, tmp_path):
 
 
 def _cli(args: list[str], **kw) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "opd.cli", "train", *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)  # fmt: skip
+    """`opd train ARGS` in the background, in its own session: a timeout kills the whole tree."""
+    from multiproc import opd
+
+    return opd(["train", *args], **kw)
 
 
 @pytest.mark.slow
@@ -177,12 +176,7 @@ def test_two_processes_match_one(pair, tmp_path):
     one = _cli(_args(pair, tmp_path / "one", **extra))
     out1, _ = one.communicate(timeout=600)
     assert one.returncode == 0, out1
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    two = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "opd.cli",
-         "train", *_args(pair, tmp_path / "two", **extra)],
-        env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    two = _torchrun(_args(pair, tmp_path / "two", **extra))
     assert two.returncode == 0, two.stdout + two.stderr
     assert "on 2 process(es)" in two.stderr + two.stdout
     a = load_file(tmp_path / "one" / "final" / "model.safetensors")
@@ -296,11 +290,11 @@ def test_processes_that_did_not_join_a_group_are_refused(pair, tmp_path, monkeyp
 
 
 def _torchrun(args: list[str]) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "opd.cli",
-         "train", *args], env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    """`opd train ARGS` on 2 CPU ranks; on a timeout the whole tree (ranks included) is killed and the
+    failure shows every rank's output (tests/multiproc.py)."""
+    from multiproc import torchrun
+
+    return torchrun(args)
 
 
 @pytest.mark.slow

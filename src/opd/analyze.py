@@ -223,7 +223,7 @@ def load_run(path: str | Path, name: str | None = None) -> RunData:
         import yaml
 
         try:
-            cfg = yaml.safe_load(cfg_path.read_text())
+            cfg = yaml.safe_load(cfg_path.read_text(encoding="utf-8-sig"))
         except yaml.YAMLError as exc:
             _warn(run.warnings, f"{cfg_path}: not readable YAML ({exc.__class__.__name__}); ignored")
             cfg = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -16,6 +17,18 @@ from opd.errors import OpdError
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="On-policy distillation of LLMs.")
 config_app = typer.Typer(no_args_is_help=True, help="Inspect configuration.")
 app.add_typer(config_app, name="config")
+
+
+@app.callback()
+def _global_options(
+    debug: bool = typer.Option(
+        False, "--debug", help="on an error, print the full traceback too (sets OPD_DEBUG=1)"
+    ),
+) -> None:
+    # Errors are one line by default; a bug report needs the traceback, which opd.cli_common.fail prints
+    # when OPD_DEBUG is set. The environment carries it into torchrun workers and subprocesses as well.
+    if debug:
+        os.environ["OPD_DEBUG"] = "1"
 
 
 @app.command(context_settings=PASSTHROUGH)
@@ -40,6 +53,11 @@ def train(
         else:
             cfg = load_config(config, overrides)
         _run_training(cfg, resume=resume is not None)
+    except KeyboardInterrupt:  # a Ctrl-C before the training loop took over the signal (loading, set-up)
+        from opd.errors import InterruptedRun
+
+        again = f"`opd train --resume {resume}`" if resume is not None else "the same command"
+        fail(InterruptedRun(f"interrupted during start-up, before any step; rerun {again}"))
     except OpdError as exc:
         from opd.alarms import CollapseError
         from opd.teacher_http import TeacherUnavailableError
@@ -52,48 +70,48 @@ def train(
 
 
 def _run_training(cfg, *, resume: bool) -> None:
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    from opd.trainer import OPDTrainer
+    from opd.alarms import CollapseError
+    from opd.errors import InterruptedRun, StorageError
+    from opd.progress import bar
+    from opd.teacher_http import TeacherUnavailableError
+    from opd.trainer import NonFiniteLossError, OPDTrainer, _apply_dist_timeout
 
     trainer = OPDTrainer(cfg, resume=resume, log=lambda m: console.print(m) if is_main() else None)
-    trainer.setup()
-    main = trainer.acc.is_main_process
-    if main:
-        _startup_report(trainer)
-    if cfg.startup_checks:
-        _fidelity_at_startup(trainer)
-    remaining = trainer.total_steps - trainer.start_step
-    if main:
-        console.print(
-            f"training {remaining} step(s) into {cfg.run_dir} on {trainer.acc.num_processes} process(es)"
-        )
-    with Progress(
-        TextColumn("[bold]opd train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-        TextColumn("{task.description}"), console=console, disable=not main, transient=False,
-    ) as progress:  # fmt: skip
-        task = progress.add_task("", total=trainer.total_steps, completed=trainer.start_step)
-
-        def on_step(step: int, m: dict) -> None:
-            desc = (
-                f"loss {m['loss']:.4g} | overlap {m.get('overlap_ratio', float('nan')):.3f} | "
-                f"H_s {m.get('entropy_student', float('nan')):.3f} | len {m['response_len_mean']:.0f} | "
-                f"{m['tokens_per_s']:.0f} tok/s"
+    _apply_dist_timeout(trainer.acc)  # before set-up's first collective: a dead rank fails the others fast
+    ok = False
+    try:
+        trainer.setup()
+        main = trainer.acc.is_main_process
+        if main:
+            _startup_report(trainer)
+        if cfg.startup_checks:
+            _fidelity_at_startup(trainer)
+        remaining = trainer.total_steps - trainer.start_step
+        if main:
+            console.print(
+                f"training {remaining} step(s) into {cfg.run_dir} on {trainer.acc.num_processes} process(es)"
             )
-            progress.update(task, completed=step, description=desc)
+        with bar("opd train", console=console, enabled=main) as progress:
+            task = progress.add_task("", total=trainer.total_steps, completed=trainer.start_step)
 
-        trainer.train(on_step=on_step)
+            def on_step(step: int, m: dict) -> None:
+                desc = (
+                    f"loss {m['loss']:.4g} | overlap {m.get('overlap_ratio', float('nan')):.3f} | "
+                    f"H_s {m.get('entropy_student', float('nan')):.3f} | len {m['response_len_mean']:.0f} | "
+                    f"{m['tokens_per_s']:.0f} tok/s"
+                )
+                progress.update(task, completed=step, description=desc)
+
+            trainer.train(on_step=on_step)
+        ok = True
+    except (InterruptedRun, TeacherUnavailableError, CollapseError, NonFiniteLossError, StorageError):
+        ok = True  # every process stopped at the same point: the ordered teardown may still barrier
+        raise
+    finally:
+        trainer._teardown(ok=ok)
     if main:
-        console.print(
-            f"[green]done[/]: metrics in {cfg.run_dir}/metrics.jsonl, final model in {cfg.run_dir}/final"
-        )
+        final = f", final model in {cfg.run_dir}/final" if cfg.save_final else " (save_final false: no model)"
+        console.print(f"[green]done[/]: metrics in {cfg.run_dir}/metrics.jsonl{final}")
     trainer.acc.end_training()
 
 

@@ -92,10 +92,11 @@ def register(app: typer.Typer) -> None:
         Forward passes and sampling only. Other fields: `--thresholds.min_overlap_mass 0.8`, `--temperature`,
         `--batch_size`, `--score_batch`, `--system_prompt` ... (see `opd.doctor.DoctorConfig`).
         """
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import BarColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
         from opd.doctor import run_doctor
         from opd.doctor_report import write_doctor_report
+        from opd.progress import Progress  # plain progress lines when stderr is not a terminal
 
         cli = _cli_values(
             student=student, teachers=teacher, prompts=prompts, templates=template, n_prompts=n_prompts,

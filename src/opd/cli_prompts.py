@@ -254,7 +254,6 @@ def _select(cfg: Any) -> None:
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
-        Progress,
         TextColumn,
         TimeElapsedColumn,
         TimeRemainingColumn,
@@ -270,6 +269,7 @@ def _select(cfg: Any) -> None:
         prepare_tokenizer,
         shared_vocab_size,
     )
+    from opd.progress import Progress  # plain progress lines when stderr is not a terminal
     from opd.prompts import SCORE_KEYS, dedup_records, prompt_text, score_records, select_prompts, summarize
     from opd.sampling import stop_ids_for
 

@@ -16,7 +16,6 @@ import typer
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
-    Progress,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -24,6 +23,7 @@ from rich.progress import (
 
 from opd.cli_common import PASSTHROUGH, console, fail, is_main
 from opd.errors import OpdError
+from opd.progress import Progress  # plain progress lines when stderr is not a terminal
 
 
 def _progress(name: str, enabled: bool = True) -> Progress:
@@ -86,7 +86,12 @@ def sft_with_progress(cfg: Any, *, resume: bool, log: Callable[[str], Any] | Non
 
         trainer.train(on_step=on_step)
     if main:
-        log(f"[green]done[/]: metrics in {cfg.run_dir}/metrics.jsonl, final model in {cfg.run_dir}/final")
+        final = (
+            f", final model in {cfg.run_dir}/final"
+            if cfg.save_final
+            else " (save_final false: no final model)"
+        )
+        log(f"[green]done[/]: metrics in {cfg.run_dir}/metrics.jsonl{final}")
     return trainer
 
 

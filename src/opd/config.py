@@ -15,7 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from opd.errors import ConfigError
+from opd.errors import ConfigError, read_utf8
 
 Dtype = Literal["float32", "bfloat16", "float16", "auto"]
 
@@ -438,6 +438,48 @@ def _bool_fields(model: type[BaseModel], prefix: str = "") -> set[str]:
     return out
 
 
+def _close_keys(key: str, candidates: list[str]) -> list[str]:
+    """The known names closest to a misspelt one (command line and YAML share the suggestion)."""
+    import difflib
+
+    def ratio(c: str) -> float:
+        return difflib.SequenceMatcher(None, key, c).ratio()
+
+    close = difflib.get_close_matches(key, candidates, n=3)
+    if close:  # only the near-best: `loss.sigal` -> loss.signal, not also loss.k because of "loss."
+        best = ratio(close[0])
+        close = [c for c in close if ratio(c) >= best - 0.1]
+    if not close and "." in key:  # a long path: match its last part, in its own section first
+        parent, leaf = key.rsplit(".", 1)
+        pool = [c for c in candidates if c.rpartition(".")[0] == parent] or candidates
+        by_leaf: dict[str, str] = {}
+        for c in pool:
+            by_leaf.setdefault(c.rsplit(".", 1)[-1], c)
+        close = [by_leaf[m] for m in difflib.get_close_matches(leaf, list(by_leaf), n=3)]
+    return close
+
+
+def _prefixes(dotted: str) -> list[str]:
+    parts = dotted.split(".")
+    return [".".join(parts[: i + 1]) for i in range(len(parts))]
+
+
+def _yaml_key_lines(text: str) -> dict[tuple[str, ...], int]:
+    """1-based line of every mapping key in a YAML text, by key path, so errors can point at the line."""
+    out: dict[tuple[str, ...], int] = {}
+
+    def walk(node: Any, path: tuple[str, ...]) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                key = (*path, str(key_node.value))
+                out.setdefault(key, key_node.start_mark.line + 1)
+                walk(value_node, key)
+
+    with contextlib.suppress(yaml.YAMLError):  # the text already parsed; lines are only a courtesy
+        walk(yaml.compose(text, Loader=yaml.SafeLoader), ())
+    return out
+
+
 def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     node = tree
@@ -477,9 +519,7 @@ def parse_overrides(
         key = key.replace("-", "_")
         key = aliases.get(key, key)
         if key not in known and not key.startswith("data.chat_template_kwargs."):
-            import difflib
-
-            close = difflib.get_close_matches(key, list(known) + list(aliases), n=3)
+            close = _close_keys(key, list(known) + list(aliases))
             hint = f" did you mean {', '.join('--' + c for c in close)}?" if close else ""
             raise ConfigError(f"unknown option --{key}.{hint} `opd config fields` lists every option")
         if raw is not None:
@@ -516,41 +556,69 @@ def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _format_validation(exc: ValidationError, source: str) -> str:
-    lines = [f"invalid configuration in {source}:"]
+def _format_validation(
+    exc: ValidationError,
+    source: str,
+    model: type[BaseModel] | None = None,
+    key_lines: dict[tuple[str, ...], int] | None = None,
+) -> str:
+    """One line for all of a config's errors; an unknown key gets its YAML line (`key_lines`, from
+    `_yaml_key_lines`) and the closest known keys, as an unknown command-line option does."""
+    parts = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; `opd config fields` lists every key)"
+            # sections too, so a misspelt section (`studnet:`) finds `student`
+            known = {q for f in field_paths(model) for q in _prefixes(f)} if model is not None else set()
+            close = _close_keys(loc, sorted(known))
+            hint = f"did you mean {', '.join(close)}? " if close else "check the spelling; "
+            msg = f"unknown key ({hint}`opd config fields` lists every key)"
+            line = (key_lines or {}).get(tuple(str(p) for p in err["loc"]))
+            if line is not None:
+                loc = f"{loc} (line {line})"
         got = err.get("input")
         shown = "" if isinstance(got, dict) or err["type"] == "extra_forbidden" else f" (got {got!r})"
-        lines.append(f"  {loc}: {msg}{shown}")
-    return "\n".join(lines)
+        parts.append(f"{loc}: {msg}{shown}")
+    return f"invalid configuration in {source}: " + "; ".join(parts)
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML config file as a dict; UTF-8 with or without a BOM, every failure one ConfigError line."""
+    return _read_yaml_text(path)[0]
+
+
+def _read_yaml_text(path: str | Path) -> tuple[dict[str, Any], str]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
+    text = read_utf8(p, ConfigError, "config file")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{p}:{mark.line + 1}" if mark is not None else str(p)
-        raise ConfigError(f"{where}: not valid YAML: {exc}") from None
+        what = getattr(exc, "problem", None) or str(exc).splitlines()[0]  # YAML's own text spans lines
+        col = f", column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{where}: not valid YAML ({what}{col}); fix the file.") from exc
     if data is None:
-        return {}
+        return {}, text
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: the top level must be a mapping of sections, got {type(data).__name__}")
-    return data
+    return data, text
 
 
-def build_config(data: dict[str, Any], source: str = "config", model: type[BaseModel] | None = None) -> Any:
+def build_config(
+    data: dict[str, Any],
+    source: str = "config",
+    model: type[BaseModel] | None = None,
+    key_lines: dict[tuple[str, ...], int] | None = None,
+) -> Any:
+    """Validate `data` against `model` (default TrainConfig); every error in one ConfigError line."""
     try:
         return (model or TrainConfig).model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_validation(exc, source)) from None
+        raise ConfigError(_format_validation(exc, source, model or TrainConfig, key_lines)) from None
 
 
 def load_config(
@@ -563,10 +631,14 @@ def load_config(
 
     Other commands (sft, generate, ...) pass their own config class and short aliases.
     """
-    data = read_yaml(path) if path else {}
+    data: dict[str, Any] = {}
+    key_lines: dict[tuple[str, ...], int] = {}
+    if path:
+        data, text = _read_yaml_text(path)
+        key_lines = _yaml_key_lines(text)  # unknown keys can only come from the file: overrides are checked
     over = parse_overrides(overrides or [], model, aliases)
     source = f"{path} + command line" if path and over else str(path or "command line")
-    return build_config(deep_merge(data, over), source, model)
+    return build_config(deep_merge(data, over), source, model, key_lines)
 
 
 def dump_config(cfg: BaseModel) -> str:

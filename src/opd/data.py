@@ -23,6 +23,7 @@ so the rendered text is meant to be shown for both models at start-up.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from collections.abc import Sequence
@@ -32,7 +33,7 @@ from typing import Any
 
 import torch
 
-from opd.errors import ConfigError, DataError
+from opd.errors import ConfigError, DataError, read_utf8
 
 # DAPO-Math-17K's own wording (the paper's default prompt set), instruction first, problem in the middle
 # and the reminder last, so that students see training prompts exactly as the DAPO data spells them.
@@ -106,7 +107,7 @@ def load_prompts(
 
 
 def _read_jsonl(p: Path) -> list[tuple[str, dict[str, Any]]]:
-    text = p.read_text(encoding="utf-8")
+    text = read_utf8(p, DataError, "prompt file")  # BOM or not; other encodings fail naming file:line
     if text.lstrip().startswith("["):
         # A whole-file JSON array (a common .json export) rather than JSON lines.
         try:
@@ -151,10 +152,16 @@ def _read_parquet(p: Path) -> list[tuple[str, dict[str, Any]]]:
 
 
 def _read_csv(p: Path) -> list[tuple[str, dict[str, Any]]]:
-    with p.open(newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
+    # Spreadsheets save "CSV UTF-8" with a BOM, which read_utf8 drops before it can stick to the first
+    # header ("\ufeffprompt"); newline="" keeps quoted multi-line cells intact, as the csv module wants.
+    reader = csv.DictReader(io.StringIO(read_utf8(p, DataError, "prompt file"), newline=""))
+    try:
         # Row numbers count data records from 1 (the header is not a row), matching Parquet.
         return [(f"{p}:row {i}", dict(row)) for i, row in enumerate(reader, 1)]
+    except csv.Error as e:
+        raise DataError(
+            f"{p}:{reader.line_num}: not a readable CSV file ({e}); fix the quoting or save it as JSONL."
+        ) from e
 
 
 def _lookup(row: dict[str, Any], name: str | None) -> Any:
@@ -202,7 +209,7 @@ def _to_record(
         messages_field = prompt_field
     if prompt is None and messages is None:
         fields = " nor ".join(repr(f) for f in (prompt_field, messages_field) if f)
-        keys = ", ".join(sorted(row)) or "none"
+        keys = ", ".join(sorted(str(k) for k in row)) or "none"
         raise DataError(
             f"{source}: record has neither {fields} (its fields: {keys}); "
             "add one, or set data.prompt_field / data.messages_field to the right column."
@@ -363,10 +370,11 @@ def render_prompt(
             messages[users[-1]]["content"] = _fill(fmt, messages[users[-1]]["content"])
     else:
         messages = [{"role": "user", "content": _fill(fmt, record.text or "")}]
-    if system_prompt and messages[0]["role"] != "system":
+    added_system = bool(system_prompt) and messages[0]["role"] != "system"
+    if added_system:
         messages.insert(0, {"role": "system", "content": system_prompt})
     try:
-        return tokenizer.apply_chat_template(
+        text = tokenizer.apply_chat_template(
             messages, add_generation_prompt=True, tokenize=False, **(chat_template_kwargs or {})
         )
     except Exception as e:  # Jinja raises TemplateError / TypeError / ValueError from user templates
@@ -374,6 +382,38 @@ def render_prompt(
             f"{record.source}: the tokenizer's chat template failed on this record ({type(e).__name__}: {e}); "
             "check the record's roles and data.chat_template_kwargs."
         ) from e
+    check_rendered(messages, text, record.source, added_system=added_system)
+    return text
+
+
+def _squash(text: str) -> str:
+    return " ".join(text.split())
+
+
+def check_rendered(
+    messages: Sequence[dict[str, Any]], rendered: str, source: str, *, added_system: bool = False
+) -> None:
+    """Refuse a rendered chat prompt that lost the text of one of its prompt messages.
+
+    Jinja chat templates skip messages whose role they do not know (Qwen's drops a ``human`` or
+    ``question`` turn without a word), so a record can render to a prompt without its question and the
+    run trains on nothing. Every non-assistant message's text, whitespace-normalised (templates
+    ``trim``), must appear in the rendered prompt. Assistant turns are exempt: templates legitimately
+    rewrite earlier replies (Qwen3 strips their thinking). `added_system`: ``messages[0]`` is
+    data.system_prompt, not one of the record's messages (they are numbered from 0 as in the file).
+    """
+    flat = _squash(rendered)
+    for i, msg in enumerate(messages):
+        content = msg.get("content")
+        if msg.get("role") == "assistant" or not isinstance(content, str) or not content.strip():
+            continue
+        if _squash(content) not in flat:
+            what = "data.system_prompt" if added_system and i == 0 else f"message {i - int(added_system)}"
+            raise DataError(
+                f"{source}: the chat template dropped {what} (role {msg.get('role')!r}): its text is not in "
+                "the rendered prompt, so the model would never see it; use a role the template knows "
+                "('user', 'system'), or another data.template."
+            )
 
 
 # --------------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -33,7 +34,17 @@ from pydantic import BaseModel, ConfigDict, Field
 from opd.config import DataConfig, EvalConfig
 from opd.data import PromptRecord, encode_prompts, load_prompts, render_prompt, uses_chat
 from opd.errors import ConfigError, DataError
-from opd.verify import VERIFIER_ERROR, Verdict, Verifier, get_verifier, safe_verify
+from opd.verify import (
+    VERIFIER_ERROR,
+    Verdict,
+    Verifier,
+    get_verifier,
+    prediction_unparsed,
+    reference_parses,
+    safe_verify,
+)
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "EvalCommandConfig",
@@ -232,6 +243,7 @@ def summarize(problems: Sequence[ProblemResult], samples: int) -> dict[str, Any]
             "truncation_rate": sum(s.truncated for s in all_s) / n_s if n_s else nan,
             "no_answer_rate": sum(s.extracted is None for s in all_s) / n_s if n_s else nan,
             "verifier_errors": sum(s.reason.startswith(VERIFIER_ERROR) for s in all_s),
+            "unparsed_predictions": sum(prediction_unparsed(s.extracted, s.reason) for s in all_s),
             "n_problems": len(problems),
             "samples": samples,
         }
@@ -241,6 +253,39 @@ def summarize(problems: Sequence[ProblemResult], samples: int) -> dict[str, Any]
 
 # ----------------------------------------------------------------------------------------------------
 # Evaluation
+
+
+UNPARSED_WARN_SHARE = 0.5  # warn when at least this share of references / responses cannot be read
+
+
+def unparsed_references(problems: Sequence[ProblemResult], verifier: Verifier) -> list[ProblemResult]:
+    """The problems whose reference answer `verifier` cannot read, warned about when they are many.
+
+    Checked before any generation: with unreadable references (a whole sentence, an answer the math
+    grammar rejects) every sample is graded wrong, and 0% accuracy would look like a bad model.
+    """
+    bad = [p for p in problems if reference_parses(verifier, p.answer) is False]
+    if problems and len(bad) >= UNPARSED_WARN_SHARE * len(problems):
+        name = getattr(verifier, "name", type(verifier).__name__)
+        log.warning(
+            "%d of %d reference answers cannot be parsed by the %s verifier (e.g. %s: %r); they are compared "
+            "as plain strings, so a low accuracy may mean unreadable references, not a bad model: fix the "
+            "answer field or choose another verifier (--verifier exact or package.module:callable).",
+            len(bad), len(problems), name, bad[0].source, bad[0].answer,
+        )  # fmt: skip
+    return bad
+
+
+def _warn_unparsed_predictions(summary: dict[str, Any], verifier: Verifier) -> None:
+    n = summary["n_problems"] * summary["samples"]
+    bad = summary["unparsed_predictions"]
+    if n and bad >= UNPARSED_WARN_SHARE * n:
+        log.warning(
+            "%d of %d responses have no final answer the %s verifier can read; the model may not follow the "
+            "answer format (\\boxed{} or an 'Answer:' line): check the template, or use --verifier "
+            "math-flexible.",
+            bad, n, getattr(verifier, "name", type(verifier).__name__),
+        )  # fmt: skip
 
 
 def check_answers(records: Sequence[PromptRecord]) -> None:
@@ -286,7 +331,9 @@ def prepare_prompts(
 
 def _progress_bar(total: int, label: str) -> tuple[Any, Callable[[int], None]]:
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+
+    from opd.progress import Progress  # plain periodic lines instead of a bar when stderr is not a terminal
 
     bar = Progress(
         TextColumn(f"[bold]{label}"),
@@ -333,6 +380,7 @@ def evaluate_prepared(
         )
         for i, r in enumerate(records)
     ]
+    bad_refs = unparsed_references(problems, verifier)  # warns before an hour of generation
     params = SamplingParams(temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=max_new_tokens)
     bar, advance = _progress_bar(len(records), label) if progress else (None, lambda n: None)
 
@@ -371,6 +419,8 @@ def evaluate_prepared(
         if bar is not None:
             bar.stop()
     summary = summarize(problems, samples)
+    summary["unparsed_references"] = len(bad_refs)
+    _warn_unparsed_predictions(summary, verifier)
     summary.update({"verifier": getattr(verifier, "name", type(verifier).__name__), "temperature": temperature,
                     "top_p": top_p, "max_new_tokens": max_new_tokens, "seed": seed})  # fmt: skip
     return EvalResult(problems=problems, summary=summary)

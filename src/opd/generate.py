@@ -439,6 +439,7 @@ def run_generate(
     from opd.data import encode_prompts, load_prompts, render_prompt, uses_chat
     from opd.device import resolve_device
     from opd.models import load_model, load_tokenizer, prepare_tokenizer
+    from opd.progress import StopRequests
     from opd.rollout import SamplingParams
     from opd.sampling import sample_responses
 
@@ -482,6 +483,8 @@ def run_generate(
 
     t0 = time.perf_counter()
     generated = written = 0
+    interrupted = False
+    again = "continue with the same `opd generate` command (it skips what is written)"
     if todo:
         if tokenizer is None:
             tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
@@ -511,45 +514,51 @@ def run_generate(
             temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, max_new_tokens=cfg.max_new_tokens
         )
         progress = already
-        for batch in todo:
-            samples = sample_responses(
-                model, tokenizer, [prompt_ids[i] for i in batch], n=n, params=params,
-                batch_size=len(batch), seed=cfg.seed, indices=batch,
-            )  # fmt: skip
-            generated += len(samples)
-            kept_rows, rejected_rows = [], []
-            for s in samples:
-                key = (s.prompt_index, s.sample_index)
-                if key in done:
-                    continue  # written before the interruption: the regenerated copy is identical
-                rec = records[s.prompt_index]
-                row = {
-                    "messages": [*messages[s.prompt_index], {"role": "assistant", "content": s.text}],
-                    "prompt": rec.text,
-                    "response": s.text,
-                    "answer": rec.answer,
-                    "source": rec.source,
-                    "prompt_index": s.prompt_index,
-                    "sample_index": s.sample_index,
-                    "n_tokens": s.n_tokens,
-                    "truncated": s.truncated,
-                    "template": cfg.template,
-                }
-                reasons = filter_reasons(
-                    s.text, truncated=s.truncated, answer=rec.answer, filters=cfg.filters,
-                    max_new_tokens=cfg.max_new_tokens, verifier=verifier,
+        # Ctrl-C/SIGTERM: finish and write the current batch, then stop; the files stay resumable.
+        stop = StopRequests(log, lambda: f"finished batches are in {paths.out}; {again}", "the current batch")
+        with stop:
+            for batch in todo:
+                if stop.requested is not None:
+                    interrupted = True
+                    break
+                samples = sample_responses(
+                    model, tokenizer, [prompt_ids[i] for i in batch], n=n, params=params,
+                    batch_size=len(batch), seed=cfg.seed, indices=batch,
                 )  # fmt: skip
-                if reasons:
-                    rejected_rows.append({**row, "reasons": reasons})
-                else:
-                    kept_rows.append(row)
-                done.add(key)
-            _append_lines(paths.out, kept_rows)
-            _append_lines(paths.rejected, rejected_rows)
-            written += len(kept_rows) + len(rejected_rows)
-            progress += len(kept_rows) + len(rejected_rows)
-            if on_batch is not None:
-                on_batch(progress, total)
+                generated += len(samples)
+                kept_rows, rejected_rows = [], []
+                for s in samples:
+                    key = (s.prompt_index, s.sample_index)
+                    if key in done:
+                        continue  # written before the interruption: the regenerated copy is identical
+                    rec = records[s.prompt_index]
+                    row = {
+                        "messages": [*messages[s.prompt_index], {"role": "assistant", "content": s.text}],
+                        "prompt": rec.text,
+                        "response": s.text,
+                        "answer": rec.answer,
+                        "source": rec.source,
+                        "prompt_index": s.prompt_index,
+                        "sample_index": s.sample_index,
+                        "n_tokens": s.n_tokens,
+                        "truncated": s.truncated,
+                        "template": cfg.template,
+                    }
+                    reasons = filter_reasons(
+                        s.text, truncated=s.truncated, answer=rec.answer, filters=cfg.filters,
+                        max_new_tokens=cfg.max_new_tokens, verifier=verifier,
+                    )  # fmt: skip
+                    if reasons:
+                        rejected_rows.append({**row, "reasons": reasons})
+                    else:
+                        kept_rows.append(row)
+                    done.add(key)
+                _append_lines(paths.out, kept_rows)
+                _append_lines(paths.rejected, rejected_rows)
+                written += len(kept_rows) + len(rejected_rows)
+                progress += len(kept_rows) + len(rejected_rows)
+                if on_batch is not None:
+                    on_batch(progress, total)
     else:
         log(f"nothing to generate: all {total} samples of {paths.out} are written")
     run = {
@@ -560,4 +569,11 @@ def run_generate(
     }
     summary = summarize(paths, settings, run)
     atomic_write_text(paths.summary, json.dumps(summary, indent=1) + "\n")
+    if interrupted:
+        from opd.errors import InterruptedRun
+
+        raise InterruptedRun(
+            f"interrupted after {len(done)}/{total} samples, all written to {paths.out} (summary so far in "
+            f"{paths.summary}); {again}"
+        )
     return GenerateResult(paths, summary, generated, written, already)

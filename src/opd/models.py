@@ -9,7 +9,12 @@ differ between sizes of one family), and the EOS/chat-template setup of both mus
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import pickle
+import re
+import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +80,228 @@ def _classify(spec: str) -> tuple[str, Path | None]:
     return "hub", None
 
 
+# ----------------------------------------------------------------------------------------------------
+# Damaged and unsafe files: checked where they are opened, so the user gets one line naming the file
+# and what to do, not a traceback from gguf/safetensors/torch deep inside transformers.
+
+_REDOWNLOAD = "re-download it (compare its size or sha256 with the source)"
+_JSON_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json",
+               "pytorch_model.bin.index.json")  # fmt: skip
+_TOKENIZER_JSON = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def _first_line(err: BaseException, limit: int = 200) -> str:
+    text = str(err).strip().splitlines()
+    line = text[0] if text else type(err).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def check_gguf(path: Path) -> None:
+    """Refuse a GGUF file that is not one or is cut short, before transformers parses it.
+
+    gguf's reader maps the file and views every tensor's bytes; a truncated download fails there with
+    ``cannot reshape array of size ... into shape ...``. The same reader run here turns any failure into
+    one line naming the file. It only maps the file (no copy), so this costs a header parse.
+    """
+    import gguf
+
+    size = path.stat().st_size
+    with path.open("rb") as fh:
+        magic = fh.read(4)
+    if magic != b"GGUF":
+        raise ModelError(
+            f"{path}: not a GGUF file (it starts with {magic!r}, not b'GGUF'; {size:,} bytes); "
+            f"pass the .gguf itself, or {_REDOWNLOAD}."
+        )
+    try:
+        reader = gguf.GGUFReader(str(path))
+        need = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+    except Exception as e:  # numpy reshape/index errors, ValueError from the header, ...
+        raise ModelError(
+            f"{path}: damaged or truncated GGUF file ({size:,} bytes; the reader fails with "
+            f"{type(e).__name__}: {_first_line(e)}); {_REDOWNLOAD}."
+        ) from e
+    if need > size:
+        raise ModelError(
+            f"{path}: truncated GGUF file ({size:,} bytes, its tensors need {need:,}); {_REDOWNLOAD}."
+        )
+
+
+def check_safetensors(path: Path) -> None:
+    """Refuse a safetensors file whose header is unreadable or whose tensors run past its end.
+
+    The format is an 8-byte little-endian header length, a JSON header with each tensor's byte range,
+    then the data; reading the header (not the weights) finds a truncated or corrupt download.
+    """
+    size = path.stat().st_size
+    with path.open("rb") as fh:
+        head = fh.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 2 or 8 + n > size:
+            raise ModelError(
+                f"{path}: damaged or truncated safetensors file ({size:,} bytes, "
+                + ("too short for a header" if n < 0 else f"its header claims {n:,} bytes")
+                + f"); {_REDOWNLOAD}."
+            )
+        try:
+            header = json.loads(fh.read(n).decode("utf-8"))
+            ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError,
+                IndexError) as e:  # fmt: skip
+            raise ModelError(
+                f"{path}: damaged safetensors file (its header is not valid: {type(e).__name__}); {_REDOWNLOAD}."
+            ) from e
+    need = 8 + n + max(ends, default=0)
+    if need > size:
+        raise ModelError(
+            f"{path}: truncated safetensors file ({size:,} bytes, its header needs {need:,}); {_REDOWNLOAD}."
+        )
+
+
+def check_torch_bin(path: Path) -> None:
+    """Refuse a ``.bin`` checkpoint that is cut short (its zip directory is missing).
+
+    Only the container is checked here; what the pickle inside holds is judged by torch's
+    ``weights_only=True`` loader during the load, and `_model_load_error` words its refusal.
+    """
+    with path.open("rb") as fh:
+        start = fh.read(2)
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as zf:
+                if not any(n.endswith("data.pkl") for n in zf.namelist()):
+                    raise ModelError(
+                        f"{path}: not a PyTorch checkpoint (a zip without data.pkl); {_REDOWNLOAD}, "
+                        "or use the model's safetensors weights."
+                    )
+        except zipfile.BadZipFile as e:
+            raise ModelError(f"{path}: damaged PyTorch checkpoint ({_first_line(e)}); {_REDOWNLOAD}.") from e
+    elif not start.startswith(b"\x80"):  # neither torch's zip format nor its legacy raw pickle
+        raise ModelError(
+            f"{path}: damaged or truncated PyTorch checkpoint (not a zip archive, {path.stat().st_size:,} "
+            f"bytes); {_REDOWNLOAD}, or use the model's safetensors weights."
+        )
+
+
+def _check_json(path: Path) -> None:
+    from opd.errors import read_utf8
+
+    try:
+        json.loads(read_utf8(path, ModelError, "model file"))
+    except json.JSONDecodeError as e:
+        raise ModelError(
+            f"{path}:{e.lineno}: not valid JSON ({e.msg}, column {e.colno}); the file is damaged or "
+            f"truncated: {_REDOWNLOAD}."
+        ) from e
+
+
+def _shards(directory: Path, index_name: str) -> list[Path]:
+    index = directory / index_name
+    if not index.is_file():
+        return []
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8-sig"))["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
+        raise ModelError(f"{index}: damaged shard index ({type(e).__name__}); {_REDOWNLOAD}.") from e
+    missing = [n for n in names if not (directory / n).is_file()]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ModelError(
+            f"{directory / missing[0]}: weight shard listed in {index.name} is missing{more}; "
+            "download every shard of the model."
+        )
+    return [directory / n for n in names]
+
+
+def check_model_dir(directory: Path, *, weights: bool = True, tokenizer: bool = False) -> None:
+    """Check the files a model directory is loaded from: config, JSON side files and weight files.
+
+    `weights`: the files transformers would load (safetensors first, like transformers, else ``.bin``);
+    `tokenizer`: the tokenizer's JSON files. Missing optional files are not errors here.
+    """
+    if weights and not (directory / "config.json").is_file():
+        raise ModelError(
+            f"{directory}: no config.json, so this is not a Hugging Face model directory; pass the directory "
+            "that holds config.json and the weights (or a .gguf file)."
+        )
+    names = (_JSON_FILES if weights else ()) + (_TOKENIZER_JSON if tokenizer else ())
+    for name in names:
+        if (directory / name).is_file():
+            _check_json(directory / name)
+    if not weights:
+        return
+    safetensors = _shards(directory, "model.safetensors.index.json") or [
+        p for p in [directory / "model.safetensors"] if p.is_file()
+    ]
+    if safetensors:
+        for p in safetensors:
+            check_safetensors(p)
+        return
+    bins = _shards(directory, "pytorch_model.bin.index.json") or [
+        p for p in [directory / "pytorch_model.bin"] if p.is_file()
+    ]
+    for p in bins:
+        check_torch_bin(p)
+    weight_like = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt")
+    if (
+        not bins
+        and not (directory / "adapter_config.json").is_file()
+        and not any(f.suffix in weight_like for f in directory.iterdir())
+    ):
+        raise ModelError(
+            f"{directory}: has config.json but no weights (model.safetensors or pytorch_model.bin); the "
+            "download is incomplete or the model was saved without weights: download the weight files too."
+        )
+
+
+def _causes(err: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    cur: BaseException | None = err
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        yield cur
+        cur = cur.__cause__ or cur.__context__
+
+
+_UNSAFE_GLOBAL = re.compile(r"GLOBAL (\S+) was not an allowed global")
+
+
+def _model_load_error(spec: str, kind: str, path: Path | None, err: Exception) -> ModelError | None:
+    """One line for a known failure of transformers' loader on a local model; None for anything else.
+
+    Never suggests ``weights_only=False``: a pickle that safe loading refuses can run code when loaded,
+    so the way out is a safetensors copy, made where the source is trusted.
+    """
+    where = str(path) if path is not None else spec
+    if path is not None and path.is_dir():
+        bins = sorted(path.glob("pytorch_model*.bin"))
+        where = str(bins[0]) if len(bins) == 1 else where
+    for e in _causes(err):
+        if isinstance(e, pickle.UnpicklingError):
+            m = _UNSAFE_GLOBAL.search(str(e))
+            what = f"the Python object {m.group(1)}" if m else "Python objects other than tensors"
+            return ModelError(
+                f"{where}: refused to load: the pickle holds {what}, which opd will not unpickle (loading it "
+                "could run code); use the model's safetensors weights, or convert the checkpoint to "
+                "safetensors where you trust its source."
+            )
+        if isinstance(e, (EOFError, zipfile.BadZipFile)) or (
+            isinstance(e, RuntimeError) and "PytorchStreamReader" in str(e)
+        ):
+            return ModelError(
+                f"{where}: damaged or truncated PyTorch checkpoint ({_first_line(e)}); {_REDOWNLOAD}."
+            )
+        if type(e).__name__ == "SafetensorError":
+            return ModelError(f"{where}: damaged safetensors file ({_first_line(e)}); {_REDOWNLOAD}.")
+    if kind == "gguf" and isinstance(err, (ValueError, KeyError, NotImplementedError, IndexError)):
+        return ModelError(
+            f"{where}: transformers cannot load this GGUF ({type(err).__name__}: {_first_line(err)}); check that "
+            "transformers supports its architecture and quantization, or use a Hugging Face model directory."
+        )
+    return None
+
+
 def model_directory(spec: str, what: str = "this backend") -> Path:
     """The local Hugging Face model directory a spec names (a dir or ``lab:NAME``), for engines (vLLM)
     that load checkpoints themselves and cannot take a GGUF file or an offline hub id."""
@@ -105,6 +332,7 @@ def _hub_error(spec: str, what: str, err: Exception) -> ModelError | None:
 def load_tokenizer(spec: str, *, trust_remote_code: bool = False) -> Any:
     """A tokenizer from a directory, a .gguf file or a hub id (hub only when online)."""
     kind, path = _classify(spec)
+    _check_files(kind, path, weights=False, tokenizer=True)
     try:
         if kind == "dir":
             return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
@@ -117,7 +345,19 @@ def load_tokenizer(spec: str, *, trust_remote_code: bool = False) -> Any:
     except Exception as e:
         if kind == "hub" and (err := _hub_error(spec, "tokenizer", e)) is not None:
             raise err from e
+        if kind != "hub" and (err := _model_load_error(spec, kind, path, e)) is not None:
+            raise err from e
         raise
+
+
+def _check_files(kind: str, path: Path | None, *, weights: bool, tokenizer: bool) -> None:
+    """Validate a local model's files before transformers opens them (see `check_model_dir`)."""
+    if path is None:
+        return
+    if kind == "gguf":
+        check_gguf(path)
+    elif kind == "dir":
+        check_model_dir(path, weights=weights, tokenizer=tokenizer)
 
 
 def load_model(
@@ -139,6 +379,7 @@ def load_model(
     torch_dtype = resolve_dtype(dtype)
     target = None if device is None else resolve_device(device)  # a bad device fails before the load
     kind, path = _classify(spec)
+    _check_files(kind, path, weights=True, tokenizer=False)
     try:
         if kind == "dir":
             model = AutoModelForCausalLM.from_pretrained(
@@ -162,6 +403,8 @@ def load_model(
             )
     except Exception as e:
         if kind == "hub" and (err := _hub_error(spec, "model", e)) is not None:
+            raise err from e
+        if kind != "hub" and (err := _model_load_error(spec, kind, path, e)) is not None:
             raise err from e
         raise
     model.eval()

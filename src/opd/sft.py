@@ -48,7 +48,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from opd import checkpoint as ckpt
 from opd.config import Dtype, OptimConfig, TrackingConfig, dump_config
 from opd.device import clock, reduce_sum
-from opd.errors import ConfigError, DataError
+from opd.errors import ConfigError, DataError, StorageError, read_utf8
 
 IGNORE = -100
 
@@ -127,7 +127,7 @@ def read_sft_jsonl(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
     if not p.is_file():
         raise DataError(f"{p}: SFT data file not found; check --data (paths are relative to the cwd).")
     rows = []
-    for lineno, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in enumerate(read_utf8(p, DataError, "SFT data file").splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -187,7 +187,7 @@ def encode_example(
     response_field: str = "response",
 ) -> tuple[list[int], list[int]]:
     """(context ids, target ids) of one record; see the module docstring for the rules."""
-    from opd.data import uses_chat, validate_template
+    from opd.data import check_rendered, uses_chat, validate_template
 
     validate_template(template)
     kwargs = chat_template_kwargs or {}
@@ -230,6 +230,7 @@ def encode_example(
             raise DataError(
                 f"{source}: the chat template failed on this record ({type(e).__name__}: {e})."
             ) from e
+        check_rendered(msgs[:-1], context, source)
         if not full.startswith(context):
             raise DataError(
                 f"{source}: the chat template's rendering of the conversation does not start with its "
@@ -389,10 +390,11 @@ class SFTTrainer:
 
         resume_step = None
         if self.resume:
-            latest = ckpt.latest_checkpoint(self.run_dir)
-            if latest is None:
-                raise ConfigError(
-                    f"--resume {self.run_dir}: no complete checkpoint in {ckpt.checkpoint_dir(self.run_dir)}"
+            # The newest whole checkpoint: damaged newer ones are skipped, named, and left on disk.
+            latest, skipped = ckpt.resumable_checkpoint(self.run_dir)
+            for bad, why in skipped:
+                self.log(
+                    f"[yellow]warning:[/] skipped damaged checkpoint {bad}: {why}; left on disk, not used"
                 )
             state = json.loads((latest / ckpt.COMPLETE).read_text())
             if state.get("data_sha256") not in (None, self.data_sha256):
@@ -481,50 +483,114 @@ class SFTTrainer:
             "epoch": float(self.cursor.state_dict()["epoch"]),
         }
 
+    def _raise_if_write_failed(self, error: StorageError | None) -> None:
+        """Only the main process writes; the others learn of its failure (one all-reduce) and stop too,
+        instead of waiting for it forever in the next collective."""
+        if self.acc.num_processes > 1:
+            flag = torch.tensor(float(error is not None), device=self.acc.device)
+            if float(reduce_sum(self.acc, flag)) and error is None:
+                error = StorageError("the main process failed to write to disk (its message says why)")
+        if error is not None:
+            raise error
+
     def save(self, step: int) -> Path | None:
-        path = None
+        """Checkpoint `step`; a refused write (disk full, ...) raises StorageError naming the path, the
+        free space, the size needed and the checkpoint to resume from (opd.checkpoint)."""
+        path = error = None
         if self.acc.is_main_process:
-            path = ckpt.save_checkpoint(
-                self.run_dir, step, model=self._unwrapped(), optimizer=self.optimizer, scheduler=self.scheduler,
-                state={"cursor": self.cursor.state_dict(), "seed": self.cfg.seed, "total_steps": self.total_steps,
-                       "data_sha256": self.data_sha256},
-                keep=self.cfg.keep_checkpoints,
-            )  # fmt: skip
-            self.last_checkpoint = path
+            try:
+                path = ckpt.save_checkpoint(
+                    self.run_dir, step, model=self._unwrapped(), optimizer=self.optimizer, scheduler=self.scheduler,
+                    state={"cursor": self.cursor.state_dict(), "seed": self.cfg.seed, "total_steps": self.total_steps,
+                           "data_sha256": self.data_sha256},
+                    keep=self.cfg.keep_checkpoints,
+                )  # fmt: skip
+                self.last_checkpoint = path
+            except StorageError as exc:
+                error = StorageError(f"{exc}; free space, then resume with `opd sft --resume {self.run_dir}`")
+        self._raise_if_write_failed(error)
         self.acc.wait_for_everyone()
         return path
 
     def save_final(self) -> Path:
-        """`save_pretrained` model + tokenizer into RUN_DIR/final, renamed into place when complete."""
-        import shutil
-
+        """`save_pretrained` model + tokenizer into RUN_DIR/final, swapped into place when complete; a
+        refused write raises StorageError (the weights stay in the last checkpoint)."""
         out = self.run_dir / "final"
+        error = None
         if self.acc.is_main_process:
-            tmp = self.run_dir / ".final.tmp"
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            self._unwrapped().save_pretrained(tmp, safe_serialization=True)
-            self.tokenizer.save_pretrained(tmp)
-            if out.exists():
-                shutil.rmtree(out)
-            tmp.rename(out)
+            model = self._unwrapped()
+
+            def write(tmp: Path) -> None:
+                model.save_pretrained(tmp, safe_serialization=True)
+                self.tokenizer.save_pretrained(tmp)
+
+            last = self.last_checkpoint or ckpt.latest_checkpoint(self.run_dir)
+            try:
+                ckpt.save_model_dir(
+                    out, write, need=ckpt.state_nbytes(model.state_dict()),
+                    last_good=str(last) if last is not None else "none",
+                )  # fmt: skip
+            except StorageError as exc:
+                hint = f"`opd sft --resume {self.run_dir}` writes it again" if last is not None else "rerun"
+                error = StorageError(f"{exc}; free space, then {hint}")
+        self._raise_if_write_failed(error)
         self.acc.wait_for_everyone()
         return out
 
     def train(self, on_step: Callable[[int, dict[str, float]], Any] | None = None) -> list[dict[str, float]]:
-        """Run from start_step to total_steps; returns the metrics of the steps run."""
+        """Run from start_step to total_steps; returns the metrics of the steps run.
+
+        SIGINT/SIGTERM let the current step finish, then all processes stop after the same step, which
+        is checkpointed unless it already is, and `InterruptedRun` (exit 130) names the resume command; a
+        second signal exits at once. On several processes the run ends by dropping the DDP wrapper (its
+        Reducer) while the process group still works, so no rank hangs in the gloo destructor at exit;
+        after a complete run the group itself is left to ``acc.end_training()`` (a cold start trains OPD
+        in the same processes next), after a stop or an error it is destroyed here.
+        """
+        from opd.errors import InterruptedRun, StorageError
+        from opd.progress import StopRequests
+        from opd.trainer import _apply_dist_timeout, _release_distributed, _stop_agreed
+
+        if getattr(self, "_released", False):
+            raise RuntimeError(
+                "this SFTTrainer's run has ended (its DDP wrapper was released); make a new one"
+            )
+        _apply_dist_timeout(self.acc)
+        hint = f"opd sft --resume {self.run_dir}"
+        saved = self.start_step  # the last step whose checkpoint is on disk (0: none)
         history = []
+        ok = completed = False
         try:
-            for step in range(self.start_step + 1, self.total_steps + 1):
-                metrics = self.train_step(step)
-                self.metrics.log(step, metrics)
-                history.append(metrics)
-                if on_step is not None:
-                    on_step(step, metrics)
-                if step % self.cfg.checkpoint_every == 0 or step == self.total_steps:
-                    self.save(step)
-            if self.cfg.save_final:
-                self.save_final()
+            with StopRequests(self.log, lambda: f"resume from the last checkpoint with: {hint}") as stop:
+                for step in range(self.start_step + 1, self.total_steps + 1):
+                    if _stop_agreed(self.acc, stop):
+                        done = step - 1
+                        if done == 0:
+                            raise InterruptedRun(
+                                "interrupted before the first step finished; nothing to resume: rerun the "
+                                "same command"
+                            )
+                        if saved != done:
+                            self.save(done)
+                        raise InterruptedRun(f"interrupted after step {done}; resume with: {hint}")
+                    metrics = self.train_step(step)
+                    self.metrics.log(step, metrics)
+                    history.append(metrics)
+                    if on_step is not None:
+                        on_step(step, metrics)
+                    if step % self.cfg.checkpoint_every == 0 or step == self.total_steps:
+                        self.save(step)
+                        saved = step
+                if self.cfg.save_final:
+                    self.save_final()
+            ok = completed = True
+        except (InterruptedRun, StorageError):
+            ok = True  # raised on every process at the same point: the barrier is safe
+            raise
         finally:
             self.metrics.close()
+            if self.acc.num_processes > 1:
+                # After a stop or an error nothing else runs in this process: destroy the group here too.
+                self._released = True
+                _release_distributed(self.acc, self, "model", ok=ok, destroy=not completed)
         return history

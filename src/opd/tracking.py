@@ -74,9 +74,22 @@ class MetricsLogger:
         if not self.enabled:
             return
         row = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
-        self._fh.write(json.dumps(row) + "\n")
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
+        try:
+            self._fh.write(json.dumps(row) + "\n")
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+        except (
+            OSError
+        ) as exc:  # a full disk: one line, not a traceback; a torn last line is dropped on resume
+            import shutil
+
+            from opd.errors import StorageError
+
+            free = shutil.disk_usage(self.path.parent).free / 1e6
+            raise StorageError(
+                f"could not append to {self.path}: {exc.strerror or exc} [{exc.errno}]; {free:.1f} MB free there; "
+                f"checkpoints are untouched: free space, then resume the run (`--resume {self.path.parent}`)"
+            ) from exc
         if metrics.get("kind") == "alarm":  # dashboards get one series per alarming signal, not "value"
             scalars = {f"alarm/{metrics.get('signal', 'unknown')}": metrics.get("value")}
             scalars = {k: v for k, v in scalars.items() if isinstance(v, (int, float))}

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ from opd.config import TrainConfig, dump_config
 from opd.data import PromptCursor, encode_prompts, load_prompts, render_prompt, uses_chat
 from opd.device import clock, host, place, reduce_sum
 from opd.diagnostics import diagnostic_sums, finalize, merge_sums
-from opd.errors import ConfigError, OpdError
+from opd.errors import ConfigError, OpdError, StorageError
 from opd.head_loss import ChunkCallback, head_loss_sum, spread_rows
 from opd.models import (
     check_tokenizers,
@@ -277,6 +276,33 @@ class OPDTrainer:
             log=lambda msg: self.log(f"[yellow]warning:[/] {msg}"),
         )  # fmt: skip
 
+    def _resumable_checkpoint(self) -> Path:
+        """The newest whole checkpoint, after logging each newer damaged one skipped (left on disk).
+
+        A run killed while a disk filled, or a checkpoint cut short by a copy, must not end a resume with
+        a safetensors/torch traceback when the checkpoint before it is complete (opd.checkpoint)."""
+        path, skipped = ckpt.resumable_checkpoint(self.run_dir)
+        for bad, why in skipped:
+            self.log(f"[yellow]warning:[/] skipped damaged checkpoint {bad}: {why}; left on disk, not used")
+        return path
+
+    def _adjusted_settings(self) -> list[dict[str, Any]]:
+        """Settings this run uses with another value than the config asks, each with why.
+
+        The objectives clamp a top-k to the vocabulary so tiny vocabularies work; done silently, a run
+        asked for `--loss.k 500` on a 103-token vocabulary would report results of a setting nobody chose.
+        Each one is logged as a warning and written to run_dir/adjustments.json by `setup`."""
+        cfg, vocab = self.cfg, self.vocab_size
+        asked = {"diagnostics.k": cfg.diagnostics.k}
+        if cfg.loss.signal == "topk":  # the only signal whose loss takes a top-k
+            asked = {"loss.k": cfg.loss.k, **asked}
+        return [
+            {"setting": name, "asked": value, "used": vocab,
+             "why": f"larger than the shared vocabulary of student and teacher ({vocab} tokens)"}
+            for name, value in asked.items()
+            if value > vocab
+        ]  # fmt: skip
+
     def setup(self) -> None:
         cfg, acc = self.cfg, self.acc
         self._check_launch()
@@ -313,6 +339,12 @@ class OPDTrainer:
         # An engine teacher's ids come from the shared tokenizer, so the student alone bounds the columns.
         self.vocab_size = shared_vocab_size(student, teacher or student, self.tokenizer)
         self.chunk_rows = chunk_rows(self.vocab_size, cfg.loss.chunk_size, cfg.loss.chunk_max_elements)
+        self.adjustments = adjusted = self._adjusted_settings()
+        for adj in adjusted:
+            self.log(
+                f"[yellow]warning:[/] {adj['setting']}={adj['asked']} is {adj['why']}: using "
+                f"{adj['setting']}={adj['used']} (recorded in {self.run_dir / 'adjustments.json'})"
+            )
         if cfg.student.dtype in ("bfloat16", "float16"):
             self.log(
                 f"[yellow]warning:[/] student.dtype={cfg.student.dtype}: low-precision master weights can "
@@ -407,11 +439,7 @@ class OPDTrainer:
 
         resume_step = None
         if self.resume:
-            latest = ckpt.latest_checkpoint(self.run_dir)
-            if latest is None:
-                raise ConfigError(
-                    f"--resume {self.run_dir}: no complete checkpoint found in {ckpt.checkpoint_dir(self.run_dir)}"
-                )
+            latest = self._resumable_checkpoint()
             state = ckpt.load_checkpoint(
                 latest, model=self._unwrapped(), optimizer=self.optimizer, scheduler=self.scheduler,
                 sharded=self.sharded,
@@ -432,6 +460,10 @@ class OPDTrainer:
         if acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             ckpt.atomic_write_text(self.run_dir / "config.yaml", dump_config(cfg))
+            if adjusted:
+                ckpt.atomic_write_text(
+                    self.run_dir / "adjustments.json", json.dumps({"adjustments": adjusted}, indent=1) + "\n"
+                )
             samples = self.run_dir / "samples.jsonl"
             if samples.exists():
                 keep = [
@@ -447,7 +479,7 @@ class OPDTrainer:
             wandb=cfg.tracking.wandb,
             wandb_project=cfg.tracking.wandb_project,
             run_name=cfg.tracking.run_name,
-            config=cfg.model_dump(mode="json"),
+            config={**cfg.model_dump(mode="json"), **({"adjustments": adjusted} if adjusted else {})},
             resume_step=resume_step,
         )
 
@@ -951,7 +983,19 @@ class OPDTrainer:
     # ------------------------------------------------------------------------------------------------
     # the run
 
+    def _raise_if_write_failed(self, error: StorageError | None) -> None:
+        """Only the main process writes; with several processes they agree on its failure (one
+        all-reduce) so the others stop too instead of waiting for it forever in the next collective."""
+        if self.acc.num_processes > 1:
+            flag = torch.tensor(float(error is not None), device=self.acc.device)
+            if float(reduce_sum(self.acc, flag)) and error is None:
+                error = StorageError("the main process failed to write to disk (its message says why)")
+        if error is not None:
+            raise error
+
     def save(self, step: int) -> Path | None:
+        """Checkpoint `step` (opd.checkpoint); a refused write (disk full, ...) raises StorageError on every
+        process, naming the path, the free space, the size needed and the checkpoint to resume from."""
         path = None
         model_state = optimizer_state = None
         if self.sharded:  # gathering the shards is collective: every process takes part
@@ -959,14 +1003,20 @@ class OPDTrainer:
 
             model_state = full_model_state(self.student)
             optimizer_state = full_optimizer_state(self.student, self.optimizer)
+        error = None
         if self.acc.is_main_process:
-            path = ckpt.save_checkpoint(
-                self.run_dir, step, model=self._unwrapped(), optimizer=self.optimizer, scheduler=self.scheduler,
-                state={"cursor": self.cursor.state_dict(), "seed": self.cfg.seed, "total_steps": self.total_steps,
-                       "alarms": self.monitor.state_dict(), "sharding": self.cfg.sharding,
-                       "last_good_checkpoint": self.last_good_checkpoint.name if self.last_good_checkpoint else None},
-                keep=self.cfg.keep_checkpoints, model_state=model_state, optimizer_state=optimizer_state,
-            )  # fmt: skip
+            try:
+                path = ckpt.save_checkpoint(
+                    self.run_dir, step, model=self._unwrapped(), optimizer=self.optimizer, scheduler=self.scheduler,
+                    state={"cursor": self.cursor.state_dict(), "seed": self.cfg.seed, "total_steps": self.total_steps,
+                           "alarms": self.monitor.state_dict(), "sharding": self.cfg.sharding,
+                           "last_good_checkpoint": self.last_good_checkpoint.name if self.last_good_checkpoint else None},
+                    keep=self.cfg.keep_checkpoints, model_state=model_state, optimizer_state=optimizer_state,
+                )  # fmt: skip
+            except StorageError as exc:
+                hint = f"opd train --resume {self.run_dir}"
+                error = StorageError(f"{exc}; free space, then resume with `{hint}`")
+        self._raise_if_write_failed(error)
         path = path or ckpt.checkpoint_path(self.run_dir, step)
         self.last_checkpoint = path
         self._unjudged_checkpoint = path
@@ -974,32 +1024,42 @@ class OPDTrainer:
         return path
 
     def save_final(self) -> Path | None:
+        """The trained student as a Hugging Face model in RUN_DIR/final, swapped in only when complete; a
+        refused write raises StorageError (the weights stay in the last checkpoint, a resume rewrites it)."""
         out = self.run_dir / "final"
         full = None
         if self.sharded:
             from opd.sharding import full_model_state
 
             full = full_model_state(self.student)
+        error = None
         if self.acc.is_main_process:
             model = self._unwrapped()
             if self.cfg.student.lora.enabled and self.cfg.student.lora.merge_on_save:
                 import copy
 
                 model = copy.deepcopy(model).merge_and_unload()
-            tmp = self.run_dir / ".final.tmp"
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            if full is not None:
-                from opd.sharding import restore_architecture
 
-                model.save_pretrained(tmp, safe_serialization=True, state_dict=full)
-                restore_architecture(tmp, self._architecture)
-            else:
-                model.save_pretrained(tmp, safe_serialization=True)
-            self.tokenizer.save_pretrained(tmp)
-            if out.exists():
-                shutil.rmtree(out)
-            tmp.rename(out)
+            def write(tmp: Path) -> None:
+                if full is not None:
+                    from opd.sharding import restore_architecture
+
+                    model.save_pretrained(tmp, safe_serialization=True, state_dict=full)
+                    restore_architecture(tmp, self._architecture)
+                else:
+                    model.save_pretrained(tmp, safe_serialization=True)
+                self.tokenizer.save_pretrained(tmp)
+
+            last = self.last_checkpoint or ckpt.latest_checkpoint(self.run_dir)
+            try:
+                ckpt.save_model_dir(
+                    out, write, need=ckpt.state_nbytes(full if full is not None else model.state_dict()),
+                    last_good=str(last) if last is not None else "none",
+                )  # fmt: skip
+            except StorageError as exc:
+                hint = f"`opd train --resume {self.run_dir}` writes it again" if last is not None else "rerun"
+                error = StorageError(f"{exc}; free space, then {hint}")
+        self._raise_if_write_failed(error)
         self.acc.wait_for_everyone()
         return out
 
@@ -1119,54 +1179,176 @@ class OPDTrainer:
         collapse alarms declare a collapse (``stop_on_collapse``); neither writes a checkpoint of the
         damaged weights. Periodic checkpoints due on an alarming step are deferred to the next clean
         step, so rotation (``keep_checkpoints``) never evicts the last good one for a suspect one.
+
+        SIGINT/SIGTERM let the current step finish; then every process stops after the same step (the
+        request is all-reduced at step boundaries, so no rank is left waiting in a collective), that step
+        is checkpointed unless it already is, and `InterruptedRun` (exit 130) says how to resume. A second
+        signal exits at once (the atomic checkpoints already on disk stay usable).
         """
+        from opd.progress import StopRequests
+
         history = []
         samples_path = self.run_dir / "samples.jsonl"
         evaluator = self._evaluator()
+        _apply_dist_timeout(self.acc)
+        hint = f"opd train --resume {self.run_dir}"
+        saved = self.start_step  # the last step whose checkpoint is on disk (0: none)
+        stop = StopRequests(self.log, lambda: f"resume from the last checkpoint with: {hint}")
         try:
-            if evaluator is not None and self.start_step == 0:
-                self.evaluate(evaluator, 0)
-            for step in range(self.start_step + 1, self.total_steps + 1):
-                try:
-                    result = self.train_step(step)
-                except TeacherUnavailableError as exc:
-                    raise self._teacher_down(step, exc) from None
-                except NonFiniteLossError as exc:
-                    _, declared = self._watch(step, exc.metrics or {"loss": math.nan})
-                    if self.cfg.stop_on_nan or exc.weights_damaged:
-                        where = self.last_checkpoint or "none (no checkpoint was written yet)"
-                        raise NonFiniteLossError(
-                            f"{exc}; stopped, last good checkpoint: {where}", exc.metrics, exc.weights_damaged
-                        ) from None
-                    self.log(f"[yellow]warning:[/] {exc}; step skipped (stop_on_nan is false)")
+            with stop:
+                if evaluator is not None and self.start_step == 0:
+                    self.evaluate(evaluator, 0)
+                for step in range(self.start_step + 1, self.total_steps + 1):
+                    if _stop_agreed(self.acc, stop):
+                        self._interrupted(step - 1, saved, hint)
+                    try:
+                        result = self.train_step(step)
+                    except TeacherUnavailableError as exc:
+                        raise self._teacher_down(step, exc) from None
+                    except NonFiniteLossError as exc:
+                        _, declared = self._watch(step, exc.metrics or {"loss": math.nan})
+                        if self.cfg.stop_on_nan or exc.weights_damaged:
+                            where = self.last_checkpoint or "none (no checkpoint was written yet)"
+                            raise NonFiniteLossError(
+                                f"{exc}; stopped, last good checkpoint: {where}",
+                                exc.metrics,
+                                exc.weights_damaged,
+                            ) from None
+                        self.log(f"[yellow]warning:[/] {exc}; step skipped (stop_on_nan is false)")
+                        if declared:
+                            self._collapse(step)
+                        continue
+                    self.metrics.log(step, result.metrics)
+                    alarming, declared = self._watch(step, result.metrics)
+                    if self.acc.is_main_process and result.samples:
+                        with open(samples_path, "a") as fh:
+                            for s in result.samples:
+                                fh.write(json.dumps(s) + "\n")
+                    history.append(result.metrics)
+                    if on_step is not None:
+                        on_step(step, result.metrics)
                     if declared:
                         self._collapse(step)
-                    continue
-                self.metrics.log(step, result.metrics)
-                alarming, declared = self._watch(step, result.metrics)
-                if self.acc.is_main_process and result.samples:
-                    with open(samples_path, "a") as fh:
-                        for s in result.samples:
-                            fh.write(json.dumps(s) + "\n")
-                history.append(result.metrics)
-                if on_step is not None:
-                    on_step(step, result.metrics)
-                if declared:
-                    self._collapse(step)
-                if evaluator is not None and (step % self.cfg.eval.every == 0 or step == self.total_steps):
-                    self.evaluate(evaluator, step)
-                due = step % self.cfg.checkpoint_every == 0 or self._checkpoint_deferred
-                if step == self.total_steps or (due and not alarming):
-                    self.save(step)
-                    self._checkpoint_deferred = False
-                elif due:
-                    if not self._checkpoint_deferred:
-                        self.log(
-                            f"[yellow]note:[/] checkpoint of step {step} deferred until a step without alarms"
-                        )
-                    self._checkpoint_deferred = True
-            if self.cfg.save_final:
-                self.save_final()
+                    if evaluator is not None and (
+                        step % self.cfg.eval.every == 0 or step == self.total_steps
+                    ):
+                        self.evaluate(evaluator, step)
+                    due = step % self.cfg.checkpoint_every == 0 or self._checkpoint_deferred
+                    if step == self.total_steps or (due and not alarming):
+                        self.save(step)
+                        saved = step
+                        self._checkpoint_deferred = False
+                    elif due:
+                        if not self._checkpoint_deferred:
+                            self.log(
+                                f"[yellow]note:[/] checkpoint of step {step} deferred until a step without alarms"
+                            )
+                        self._checkpoint_deferred = True
+                # A request during the last step: the run is complete, so the final model is still written.
+                if self.cfg.save_final:
+                    self.save_final()
         finally:
             self.metrics.close()
         return history
+
+    def _interrupted(self, done: int, saved: int, hint: str) -> None:
+        """Every process agreed to stop after step `done`: checkpoint it unless it is on disk, then raise
+        `InterruptedRun` naming the command that continues the run."""
+        from opd.errors import InterruptedRun
+
+        if done == 0:
+            raise InterruptedRun(
+                "interrupted before the first step finished; nothing to resume: rerun the same command"
+            )
+        if saved != done:
+            self.save(done)
+        raise InterruptedRun(f"interrupted after step {done}; resume with: {hint}")
+
+    def _teardown(self, *, ok: bool) -> None:
+        """End a multi-process run in an order that cannot hang: drop the DDP wrapper (its Reducer) and
+        accelerate's references while the process group still works, barrier, then destroy the group.
+
+        Left to interpreter exit, the Reducer and the gloo group were freed in arbitrary order and one rank
+        hung forever in ``ProcessGroupGloo::~ProcessGroupGloo``. ``ok`` is false after an error that
+        only this process may have met: then there is no barrier (the others may never reach it).
+        """
+        _release_distributed(self.acc, self, "student", ok=ok)
+
+
+# ----------------------------------------------------------------------------------------------------
+# multi-process runs: fail fast, agree on a stop, end in order (shared with opd.sft)
+
+DIST_TIMEOUT_ENV = "OPD_DIST_TIMEOUT"
+CPU_DIST_TIMEOUT_S = 600.0
+
+
+def _dist_timeout_s(acc: Any) -> float | None:
+    """Seconds a collective may wait for the other processes before this one fails.
+
+    ``OPD_DIST_TIMEOUT`` sets it; without it, gloo (CPU) runs get 10 minutes instead of torch's 30, so a
+    rank that died leaves the others failing within minutes, not half an hour (long enough for the
+    main process's in-loop evaluation and final save while the others wait at a barrier). GPU runs keep
+    torch's NCCL default unless the variable is set.
+    """
+    import os
+
+    raw = os.environ.get(DIST_TIMEOUT_ENV)
+    if raw:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError(f"{DIST_TIMEOUT_ENV}={raw!r} is not a number of seconds") from None
+        return value if value > 0 else None
+    return CPU_DIST_TIMEOUT_S if acc.device.type == "cpu" else None
+
+
+def _apply_dist_timeout(acc: Any) -> None:
+    """Put `_dist_timeout_s` on the default process group (no-op for one process)."""
+    import torch.distributed as dist
+
+    seconds = _dist_timeout_s(acc)
+    if seconds is None or acc.num_processes <= 1 or not (dist.is_available() and dist.is_initialized()):
+        return
+    from datetime import timedelta
+
+    try:
+        from torch.distributed.distributed_c10d import _set_pg_timeout
+
+        _set_pg_timeout(timedelta(seconds=seconds))
+    except (ImportError, AttributeError, RuntimeError, ValueError):  # a torch without it: keep its default
+        pass
+
+
+def _stop_agreed(acc: Any, stop: Any) -> bool:
+    """Whether any process got a stop request (one all-reduce per step on several processes): all of
+    them then stop after the same step, so none waits in a collective the others never join."""
+    requested = stop.requested is not None
+    if acc.num_processes <= 1:
+        return requested
+    flag = torch.tensor(float(requested), dtype=torch.float64, device=acc.device)
+    return float(reduce_sum(acc, flag)) > 0
+
+
+def _release_distributed(acc: Any, owner: Any, attr: str, *, ok: bool, destroy: bool = True) -> None:
+    """Replace ``owner.<attr>`` (a DDP-wrapped model) by the bare model, drop accelerate's references,
+    collect the freed Reducer, barrier (only when ``ok``: after an error on one process the others may
+    never arrive), then destroy the default process group (unless ``destroy`` is false)."""
+    import gc
+
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    model = getattr(owner, attr, None)
+    if model is not None:
+        setattr(owner, attr, acc.unwrap_model(model))
+    for name in ("_models", "_optimizers", "_schedulers", "_dataloaders"):
+        held = getattr(acc, name, None)
+        if isinstance(held, list):
+            held.clear()
+    del model
+    gc.collect()
+    if ok:
+        dist.barrier()
+    if destroy:
+        dist.destroy_process_group()

@@ -48,6 +48,8 @@ __all__ = [
     "extract_last_number",
     "get_verifier",
     "normalize_answer",
+    "prediction_unparsed",
+    "reference_parses",
     "safe_verify",
     "VERIFIER_ERROR",
     "VerifierError",
@@ -55,6 +57,10 @@ __all__ = [
 
 VERIFIER_ERROR = "verifier error"
 NO_ANSWER = "no final answer"
+# Verdict reasons of the math verifier when math-verify cannot parse one side (then strings are compared).
+UNPARSED_REFERENCE = "unparsed reference"
+UNPARSED_ANSWER = "unparsed answer"
+UNPARSED_BOTH = "unparsed reference and answer"
 
 
 class VerifierError(OpdError):
@@ -244,6 +250,16 @@ class MathVerifier:
             parsed = self._mv.parse(s, extraction_config=self._configs, parsing_timeout=timeout)
         return parsed
 
+    @staticmethod
+    def _has_math(parsed: list[Any]) -> bool:
+        # math-verify returns [expression, original string], or just [string] when it found no expression
+        return any(not isinstance(x, str) for x in parsed)
+
+    def parses(self, answer: str) -> bool:
+        """Whether math-verify can read a reference answer as mathematics; if not, grading is string
+        equality only, so a problem set of unreadable references scores ~0 whatever the model does."""
+        return self._has_math(self._parse(str(answer), self._timeout()))
+
     def __call__(self, response: str, answer: str) -> Verdict:
         extracted = extract_final_answer(response)
         if extracted is None and self.flexible:
@@ -256,10 +272,12 @@ class MathVerifier:
         timeout = self._timeout()
         gold = self._parse(answer, timeout)
         pred = self._parse(extracted, timeout)
+        g, p = self._has_math(gold), self._has_math(pred)
+        which = "" if g and p else UNPARSED_ANSWER if g else UNPARSED_REFERENCE if p else UNPARSED_BOTH
         if not gold or not pred:
-            return Verdict(False, extracted, "mismatch (unparsed; string compare)")
+            return Verdict(False, extracted, f"mismatch ({which}; string compare)")
         ok = bool(self._mv.verify(gold, pred, timeout_seconds=timeout))
-        return Verdict(ok, extracted, "" if ok else "mismatch")
+        return Verdict(ok, extracted, "" if ok else f"mismatch ({which})" if which else "mismatch")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -326,6 +344,28 @@ def get_verifier(spec: str = "math") -> Verifier:
     raise ConfigError(
         f"unknown verifier {spec!r}: use math, math-flexible, exact, or package.module:callable"
     )
+
+
+def reference_parses(verifier: Verifier, answer: str) -> bool | None:
+    """Whether `verifier` can read reference `answer`: None when it cannot tell (custom verifiers).
+
+    Used by evaluation to tell "the references are unreadable" apart from "the model is wrong": both
+    give 0% accuracy. ``exact`` reads anything that is not blank after normalisation.
+    """
+    try:
+        if isinstance(verifier, MathVerifier):
+            return verifier.parses(answer)
+        if isinstance(verifier, ExactVerifier):
+            return bool(normalize_answer(str(answer)))
+    except Exception:  # a parser crash means "cannot read it"; grading reports its own errors
+        return False
+    return None
+
+
+def prediction_unparsed(extracted: str | None, reason: str) -> bool:
+    """Whether a graded response had no answer the verifier could read (none found, or math-verify could
+    not parse it), from the `Verdict` fields a sample keeps."""
+    return extracted is None or UNPARSED_ANSWER in reason or UNPARSED_BOTH in reason
 
 
 def safe_verify(verifier: Verifier, response: str, answer: str, *, strict: bool = False) -> Verdict:

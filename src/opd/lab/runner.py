@@ -453,10 +453,14 @@ class RichReporter(Reporter):
 
 
 def rich_progress(console: Any) -> Any:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    """The lab's bars; plain periodic lines with counts, rate and ETA when the console is not a terminal."""
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+
+    from opd.progress import Progress
 
     return Progress(TextColumn("[bold]{task.description:<38}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), TextColumn("{task.fields[info]}"), console=console, transient=False)  # fmt: skip
+                    TimeElapsedColumn(), TextColumn("{task.fields[info]}"), console=console, transient=False,
+                    name="opd lab")  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------

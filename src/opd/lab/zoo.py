@@ -489,7 +489,9 @@ def build_zoo(
     manifest.
     """
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+
+    from opd.progress import Progress  # plain progress lines when stderr is not a terminal
 
     if threads:  # 1 is faster than 2 when other jobs share the cores (OpenMP threads spin and collide)
         previous = torch.get_num_threads()
