@@ -217,4 +217,4 @@ def test_project_dtype_projects_the_student_in_that_dtype() -> None:
     for a, r in zip(_grads(leaves), _grads(ref_leaves), strict=True):
         assert a.dtype == torch.float64 and torch.allclose(a, r, atol=1e-5, rtol=0), (a - r).abs().max()
     exact = head_loss_sum(h, w, b, h_t, y, mask, w_teacher=w_t, b_teacher=b_t, **kw)
-    assert abs(float(exact) - float(got)) > 1e-9  # the float32 head really ran (float64 differs)
+    assert abs(float(exact) - float(got.detach())) > 1e-9  # the float32 head really ran (float64 differs)
