@@ -360,17 +360,8 @@ def save_checkpoint(
         problem = checkpoint_problem(tmp, load=False)
         if problem is not None:
             raise OSError(f"the written checkpoint does not read back: {problem}")
-        if final.exists():  # re-saving a step after a resume: move the old one out of the way first
-            old = root / f".old-{final.name}-{os.getpid()}"
-            os.replace(final, old)
-            try:
-                os.replace(tmp, final)
-            except BaseException:
-                os.replace(old, final)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        # re-saving a step after a resume: the old one is moved out of the way first
+        _swap_into_place(tmp, final, root / f".old-{final.name}-{os.getpid()}")
         _fsync_dir(root)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -388,6 +379,23 @@ def save_checkpoint(
         if leftover != tmp:
             shutil.rmtree(leftover, ignore_errors=True)
     return final
+
+
+def _swap_into_place(tmp: Path, dest: Path, old: Path) -> None:
+    """Rename `tmp` to `dest`; an existing `dest` is parked at `old` and restored if the rename fails, so
+    `dest` is always either the previous or the new directory."""
+    if not dest.exists():
+        os.replace(tmp, dest)
+        return
+    if old.exists():
+        shutil.rmtree(old)
+    os.replace(dest, old)
+    try:
+        os.replace(tmp, dest)
+    except BaseException:
+        os.replace(old, dest)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def save_model_dir(
@@ -411,18 +419,7 @@ def save_model_dir(
             if problem is not None:
                 raise OSError(f"the written model does not read back: {f.name} {problem}")
         _fsync_tree(tmp)
-        if out.exists():
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(out, old)
-            try:
-                os.replace(tmp, out)
-            except BaseException:
-                os.replace(old, out)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        _swap_into_place(tmp, out, old)
         _fsync_dir(out.parent)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -465,3 +462,16 @@ def load_checkpoint(
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True, map_location="cpu"))
     set_rng_state(torch.load(path / "rng.pt", weights_only=True, map_location="cpu"))
     return state
+
+
+def raise_if_write_failed(acc: Any, error: StorageError | None) -> None:
+    """Only the main process writes; with several processes they agree on its failure (one all-reduce)
+    so the others stop too instead of waiting for it forever in the next collective."""
+    if acc.num_processes > 1:
+        from opd.device import reduce_sum
+
+        flag = torch.tensor(float(error is not None), device=acc.device)
+        if float(reduce_sum(acc, flag)) and error is None:
+            error = StorageError("the main process failed to write to disk (its message says why)")
+    if error is not None:
+        raise error

@@ -484,14 +484,7 @@ class SFTTrainer:
         }
 
     def _raise_if_write_failed(self, error: StorageError | None) -> None:
-        """Only the main process writes; the others learn of its failure (one all-reduce) and stop too,
-        instead of waiting for it forever in the next collective."""
-        if self.acc.num_processes > 1:
-            flag = torch.tensor(float(error is not None), device=self.acc.device)
-            if float(reduce_sum(self.acc, flag)) and error is None:
-                error = StorageError("the main process failed to write to disk (its message says why)")
-        if error is not None:
-            raise error
+        ckpt.raise_if_write_failed(self.acc, error)
 
     def save(self, step: int) -> Path | None:
         """Checkpoint `step`; a refused write (disk full, ...) raises StorageError naming the path, the

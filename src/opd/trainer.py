@@ -984,14 +984,7 @@ class OPDTrainer:
     # the run
 
     def _raise_if_write_failed(self, error: StorageError | None) -> None:
-        """Only the main process writes; with several processes they agree on its failure (one
-        all-reduce) so the others stop too instead of waiting for it forever in the next collective."""
-        if self.acc.num_processes > 1:
-            flag = torch.tensor(float(error is not None), device=self.acc.device)
-            if float(reduce_sum(self.acc, flag)) and error is None:
-                error = StorageError("the main process failed to write to disk (its message says why)")
-        if error is not None:
-            raise error
+        ckpt.raise_if_write_failed(self.acc, error)
 
     def save(self, step: int) -> Path | None:
         """Checkpoint `step` (opd.checkpoint); a refused write (disk full, ...) raises StorageError on every
