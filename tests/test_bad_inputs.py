@@ -239,6 +239,24 @@ def test_cli_yaml_typo_is_one_line(tmp_path):
     assert "did you mean optim.warmup_steps" in lines[0]
 
 
+@pytest.mark.parametrize(
+    ("command", "text", "where", "suggestion"),
+    [
+        (["eval", "--prompts", "p.jsonl"], "models: [m]\nsamplez: 4\n", "samplez (line 2)", "samples"),
+        (["doctor"], "student: s\nteachers: [t]\nprompt: p.jsonl\n", "prompt (line 3)", "prompts"),
+        (["serve-teacher"], "model: m\nprot: 8001\n", "prot (line 2)", "port"),
+    ],
+)  # fmt: skip
+def test_yaml_typos_of_eval_doctor_and_serve_teacher_name_the_line(tmp_path, command, text, where, suggestion):
+    """Every command with a --config file reports an unknown key with its line and the closest key."""
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    res = runner.invoke(app, [*command, "--config", str(p)])
+    lines = [ln for ln in (res.output or "").splitlines() if ln.strip()]
+    assert res.exit_code == 2 and len(lines) == 1, res.output
+    assert str(p) in lines[0] and f"{where}: unknown key (did you mean {suggestion}" in lines[0], res.output
+
+
 # ---------------------------------------------------------------------------------------------------
 # Answers the verifier cannot read
 

@@ -254,3 +254,58 @@ def test_a_timed_out_launch_kills_the_whole_tree_and_shows_the_output():
         proc.communicate(timeout=2)
     assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
     assert proc.poll() is not None
+
+
+@pytest.mark.parametrize(
+    ("argv", "target", "rerun"),
+    [
+        (["sft", "--model", "m", "--data", "d.jsonl"], "opd.sft.SFTTrainer", "rerun the same command"),
+        (["generate", "--model", "m", "--prompts", "p", "--out", "o.jsonl"], "opd.generate.run_generate",
+         "finished samples are kept"),
+        (["cold-start", "--generate.model", "m"], "opd.cold_start.run_cold_start", "finished stages are skipped"),
+    ],
+)  # fmt: skip
+def test_ctrl_c_while_a_recipe_starts_exits_130_with_what_to_rerun(monkeypatch, argv, target, rerun):
+    """A Ctrl-C while models load (before the command's own signal handling) is exit 130 and one line,
+    not click's bare "Aborted!" with exit 1."""
+    import importlib
+
+    from typer.testing import CliRunner
+
+    from opd.cli import app
+
+    module, _, attr = target.rpartition(".")
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(importlib.import_module(module), attr, interrupted)
+    monkeypatch.setattr("opd.config.load_config", lambda *a, **k: _AnyConfig())
+    res = CliRunner().invoke(app, argv)
+    assert res.exit_code == 130, res.output
+    assert "interrupted during start-up" in res.output and rerun in res.output, res.output
+    assert "Aborted" not in res.output
+
+
+class _AnyConfig:
+    """Stands in for a loaded config: the interrupted call never reads it."""
+
+    run_dir = "runs/x"
+
+
+def test_peer_failure_names_the_rank_and_points_at_the_cause(monkeypatch):
+    from opd.cli_common import peer_failure
+
+    gloo = RuntimeError(
+        "[../third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:30395"
+    )
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert peer_failure(gloo) is None  # one process: a real error, keep its traceback
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    lost = peer_failure(gloo)
+    assert lost is not None and lost.__cause__ is gloo
+    assert str(lost).startswith("rank 1: another process of this run failed")
+    assert "Connection closed by peer [127.0.0.1]:30395" in str(lost)
+    assert peer_failure(RuntimeError("shape mismatch")) is None
+    assert peer_failure(ValueError("connection closed by peer")) is None

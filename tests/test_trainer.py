@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import time
@@ -402,3 +403,50 @@ def test_bf16_autocast_keeps_fp32_master_weights_and_tracks_fp32(pair, tmp_path)
     assert h16[0]["overlap_ratio"] == pytest.approx(h32[0]["overlap_ratio"], abs=0.05)
     with pytest.raises(Exception, match="autocast"):
         load_config(None, _args(pair, tmp_path / "x", **{"student.autocast": "int8"}))
+
+
+_FAULT_INJECTOR = """
+import os
+if os.environ.get("RANK") == os.environ.get("OPD_TEST_FAIL_RANK"):
+    import opd.trainer as t
+    _orig = t.OPDTrainer.train_step
+    _at = int(os.environ["OPD_TEST_FAIL_STEP"])
+    def train_step(self, step):
+        if step == _at:
+            raise RuntimeError(f"injected failure on rank {os.environ['RANK']} at step {step}")
+        return _orig(self, step)
+    t.OPDTrainer.train_step = train_step
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_failing_rank_makes_the_others_fail_fast(pair, tmp_path, rank):
+    """One rank raises in step 2 (a `sitecustomize` injects it, no hook in opd): the whole torchrun job
+    ends with the error within a minute, not after the collective timeout (set to 10 minutes here), and
+    leaves no process behind."""
+    import psutil
+    from multiproc import opd_env, torchrun
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(_FAULT_INJECTOR)
+    env = opd_env(
+        OPD_DIST_TIMEOUT="600", OPD_TEST_FAIL_RANK=str(rank), OPD_TEST_FAIL_STEP="2",
+        PYTHONPATH=os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]),
+    )  # fmt: skip
+    t0 = time.time()
+    result = torchrun(_args(pair, tmp_path / "run", steps=4), env=env, timeout=400)
+    out = result.stdout + (result.stderr or "")
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    assert result.returncode != 0, out
+    assert f"injected failure on rank {rank} at step 2" in out, out
+    wait = time.time() - t0
+    assert wait < 120, f"the job took {wait:.0f}s to end after one rank failed\n{out}"
+    assert [json.loads(x)["step"] for x in metrics.read_text().splitlines()] == [1]
+    leftovers = [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if str(tmp_path / "run") in " ".join(p.info["cmdline"] or [])
+    ]
+    assert not leftovers, leftovers

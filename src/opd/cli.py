@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
 
-from opd.cli_common import PASSTHROUGH, console, fail, is_main
+from opd.cli_common import PASSTHROUGH, console, fail, is_main, peer_failure, startup_interrupted
 from opd.errors import OpdError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="On-policy distillation of LLMs.")
@@ -54,10 +54,13 @@ def train(
             cfg = load_config(config, overrides)
         _run_training(cfg, resume=resume is not None)
     except KeyboardInterrupt:  # a Ctrl-C before the training loop took over the signal (loading, set-up)
-        from opd.errors import InterruptedRun
-
         again = f"`opd train --resume {resume}`" if resume is not None else "the same command"
-        fail(InterruptedRun(f"interrupted during start-up, before any step; rerun {again}"))
+        fail(startup_interrupted(again))
+    except RuntimeError as exc:
+        lost = peer_failure(exc)
+        if lost is None:
+            raise
+        fail(lost)
     except OpdError as exc:
         from opd.alarms import CollapseError
         from opd.teacher_http import TeacherUnavailableError

@@ -16,13 +16,10 @@ from opd.errors import OpdError
 
 def build_doctor_config(config: Path | None, cli: dict[str, Any], extra: list[str]) -> Any:
     """YAML (optional), then the named options, then `--section.field VALUE` extras, validated."""
-    from opd.config import build_config, deep_merge, parse_overrides, read_yaml
+    from opd.config import config_from, deep_merge, parse_overrides
     from opd.doctor import DoctorConfig
 
-    data = read_yaml(config) if config else {}
-    over = parse_overrides(extra, DoctorConfig, {})
-    source = f"{config} + command line" if config and (cli or over) else str(config or "command line")
-    return build_config(deep_merge(deep_merge(data, cli), over), source, DoctorConfig)
+    return config_from(config, deep_merge(cli, parse_overrides(extra, DoctorConfig, {})), DoctorConfig)
 
 
 def _verdict_table(res: dict[str, Any]) -> Table:

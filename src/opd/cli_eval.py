@@ -46,12 +46,10 @@ def _parse_name_as(items: list[str]) -> dict[str, str]:
 
 def build_eval_config(config: Path | None, cli: dict[str, Any]) -> Any:
     """YAML (optional) with the given command-line values on top, validated as an EvalCommandConfig."""
-    from opd.config import build_config, deep_merge, read_yaml
+    from opd.config import config_from
     from opd.eval import EvalCommandConfig
 
-    data = read_yaml(config) if config else {}
-    source = f"{config} + command line" if config and cli else str(config or "command line")
-    return build_config(deep_merge(data, cli), source, EvalCommandConfig)
+    return config_from(config, cli, EvalCommandConfig)
 
 
 def _summary_table(name: str, path: str, summary: dict[str, Any], seconds: float) -> Table:

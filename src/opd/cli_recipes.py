@@ -21,7 +21,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from opd.cli_common import PASSTHROUGH, console, fail, is_main
+from opd.cli_common import PASSTHROUGH, console, fail, is_main, peer_failure, startup_interrupted
 from opd.errors import OpdError
 from opd.progress import Progress  # plain progress lines when stderr is not a terminal
 
@@ -115,6 +115,8 @@ def register(app: typer.Typer) -> None:
         try:
             cfg = load_config(config, list(ctx.args), model=GenerateConfig, aliases=GENERATE_ALIASES)
             generate_with_progress(cfg)
+        except KeyboardInterrupt:  # while the model loads; generation itself stops on its own
+            fail(startup_interrupted("the same command (finished samples are kept)"))
         except OpdError as exc:
             fail(exc)
 
@@ -147,6 +149,13 @@ def register(app: typer.Typer) -> None:
                 cfg = load_config(config, overrides, model=SFTConfig, aliases=SFT_ALIASES)
             trainer = sft_with_progress(cfg, resume=resume is not None)
             trainer.acc.end_training()
+        except KeyboardInterrupt:  # while models load; the training loop stops on its own
+            fail(startup_interrupted(f"`opd sft --resume {resume}`" if resume else "the same command"))
+        except RuntimeError as exc:
+            lost = peer_failure(exc)
+            if lost is None:
+                raise
+            fail(lost)
         except OpdError as exc:
             from opd.trainer import NonFiniteLossError
 
@@ -173,6 +182,13 @@ def register(app: typer.Typer) -> None:
             out = run_cold_start(cfg, log=lambda m: console.print(m) if is_main() else None)
             if is_main():
                 console.print(f"[green]cold start done[/]: {json.dumps({k: str(v) for k, v in out.items()})}")
+        except KeyboardInterrupt:
+            fail(startup_interrupted("the same command (finished stages are skipped)"))
+        except RuntimeError as exc:
+            lost = peer_failure(exc)
+            if lost is None:
+                raise
+            fail(lost)
         except OpdError as exc:
             from opd.trainer import NonFiniteLossError
 

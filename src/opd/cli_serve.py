@@ -67,7 +67,7 @@ def register(app: typer.Typer) -> None:
         `--teacher.backend http --teacher.urls URL --loss.support teacher` (or --loss.signal sampled).
         Set OPD_TEACHER_API_KEY (on both sides) before binding to a non-loopback address.
         """
-        from opd.config import build_config, read_yaml
+        from opd.config import config_from
         from opd.teacher_server import ServeTeacherConfig, build_server
 
         cli = _cli_values(
@@ -78,8 +78,7 @@ def register(app: typer.Typer) -> None:
         server = None
         _stop_on_signals()
         try:
-            data = read_yaml(config) if config else {}
-            cfg = build_config({**data, **cli}, str(config or "command line"), ServeTeacherConfig)
+            cfg = config_from(config, cli, ServeTeacherConfig)
             if cfg.host not in ("127.0.0.1", "localhost", "::1"):
                 console.print(
                     f"[yellow]warning:[/] binding to {cfg.host}: anyone who can reach this port can use the "

@@ -631,14 +631,19 @@ def load_config(
 
     Other commands (sft, generate, ...) pass their own config class and short aliases.
     """
+    return config_from(path, parse_overrides(overrides or [], model, aliases), model)
+
+
+def config_from(path: str | Path | None, values: dict[str, Any], model: type[BaseModel] | None = None) -> Any:
+    """YAML file (optional) with already-parsed command-line `values` on top, validated against `model`;
+    an unknown key in the file is reported with its line (command-line values were checked when parsed)."""
     data: dict[str, Any] = {}
     key_lines: dict[tuple[str, ...], int] = {}
     if path:
         data, text = _read_yaml_text(path)
-        key_lines = _yaml_key_lines(text)  # unknown keys can only come from the file: overrides are checked
-    over = parse_overrides(overrides or [], model, aliases)
-    source = f"{path} + command line" if path and over else str(path or "command line")
-    return build_config(deep_merge(data, over), source, model, key_lines)
+        key_lines = _yaml_key_lines(text)
+    source = f"{path} + command line" if path and values else str(path or "command line")
+    return build_config(deep_merge(data, values), source, model, key_lines)
 
 
 def dump_config(cfg: BaseModel) -> str:
