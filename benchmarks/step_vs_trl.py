@@ -16,7 +16,7 @@ generated tokens are counted from what each side actually generated (tokens up t
 EOS, as both frameworks mask them), so a side whose samples stop early is not credited with tokens it did
 not produce.
 
-    python benchmarks/step_vs_trl.py                      # tiny pair from opd.tiny.save_tiny_pair
+    python benchmarks/step_vs_trl.py                      # tiny pair from opd.models.tiny.save_tiny_pair
     python benchmarks/step_vs_trl.py --size small         # bigger random Llamas: compute-bound step
     python benchmarks/step_vs_trl.py --student S --teacher T --prompts P.jsonl --json out.json
     python benchmarks/step_vs_trl.py --size small --frameworks trl,opd-topk-vllm-vt --vllm-python VENV/bin/python
@@ -45,7 +45,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-# Model sizes for --size (the tiny one is exactly opd.tiny.save_tiny_pair): random Llamas on the tiny
+# Model sizes for --size (the tiny one is exactly opd.models.tiny.save_tiny_pair): random Llamas on the tiny
 # character-level tokenizer, unless the size is in SHAPED_SIZES.
 SIZES: dict[str, dict[str, dict[str, int]]] = {
     "tiny": {
@@ -63,7 +63,7 @@ SIZES: dict[str, dict[str, dict[str, int]]] = {
     },
 }
 
-# --size names for real-shaped pairs with random weights (opd.tiny.save_shaped_pair, Qwen2 architecture, a
+# --size names for real-shaped pairs with random weights (opd.models.tiny.save_shaped_pair, Qwen2 architecture, a
 # 151,936-entry vocabulary, tied embeddings): `qwen` = Qwen2.5-0.5B student / 1.5B teacher, nothing to
 # download (for a GPU); `qwen-tiny` = the same architecture and vocabulary at toy width (for a CPU).
 SHAPED_SIZES: dict[str, str] = {"qwen": "qwen2.5-0.5b/1.5b", "qwen-tiny": "qwen2.5-tiny"}
@@ -285,10 +285,10 @@ def _update_flops(step: dict[str, Any], params: dict[str, int]) -> None:
 
 def run_opd(spec: dict[str, Any]) -> dict[str, Any]:
     torch = _child_prologue(spec["threads"])
-    import opd.scoring
-    import opd.trainer
+    import opd.generation.scoring
+    import opd.train.trainer
     from opd.config import load_config
-    from opd.trainer import OPDTrainer
+    from opd.train.trainer import OPDTrainer
 
     rss_import = _rss_now_mb()
     total = spec["warmup"] + spec["steps"]
@@ -379,8 +379,8 @@ def run_opd(spec: dict[str, Any]) -> dict[str, Any]:
     # Count what the student's forward in the update actually gets: the padded [B, P + T] micro-batches
     # (Rollout.select trims all-padding columns), and the positions its LM head projects (logits_to_keep).
     fwd = {"tokens": 0, "head_tokens": 0}
-    response_logits = opd.trainer.response_logits
-    keeps = getattr(opd.scoring, "_accepts_logits_to_keep", lambda m: False)
+    response_logits = opd.train.trainer.response_logits
+    keeps = getattr(opd.generation.scoring, "_accepts_logits_to_keep", lambda m: False)
 
     def counting_response_logits(model: Any, rollout: Any) -> Any:
         b, p, t = len(rollout), rollout.prompt_len, int(rollout.response_ids.shape[1])
@@ -392,8 +392,8 @@ def run_opd(spec: dict[str, Any]) -> dict[str, Any]:
         finally:
             dtypes.phase = "other"
 
-    opd.trainer.response_logits = counting_response_logits  # the trainer's student forward only
-    response_hidden_states = getattr(opd.trainer, "response_hidden_states", None)
+    opd.train.trainer.response_logits = counting_response_logits  # the trainer's student forward only
+    response_hidden_states = getattr(opd.train.trainer, "response_hidden_states", None)
 
     def counting_response_hidden_states(model: Any, rollout: Any) -> Any:
         # loss.from_hidden_states (default): the head projects one position in the forward and then, inside
@@ -408,7 +408,7 @@ def run_opd(spec: dict[str, Any]) -> dict[str, Any]:
             dtypes.phase = "other"
 
     if response_hidden_states is not None:
-        opd.trainer.response_hidden_states = counting_response_hidden_states
+        opd.train.trainer.response_hidden_states = counting_response_hidden_states
 
     # Count what was generated, from the rollouts themselves.
     counts = {"seqs": 0, "prompt_tokens": 0, "response_tokens": 0, "truncated": 0}
@@ -729,7 +729,7 @@ def build_models(
     if size in SHAPED_SIZES:
         import torch
 
-        from opd.tiny import save_shaped_pair, shaped_pair_matches
+        from opd.models.tiny import save_shaped_pair, shaped_pair_matches
 
         shape = SHAPED_SIZES[size]
         if shaped_pair_matches(out, shape, tokenizer_dir=tokenizer):
@@ -747,11 +747,11 @@ def build_models(
         )
         return {k: str(v) for k, v in paths.items()}
     if size == "tiny":
-        from opd.tiny import save_tiny_pair
+        from opd.models.tiny import save_tiny_pair
 
         paths = save_tiny_pair(out)
         return {k: str(v) for k, v in paths.items()}
-    from opd.tiny import build_tiny_model, build_tiny_tokenizer, tiny_prompts
+    from opd.models.tiny import build_tiny_model, build_tiny_tokenizer, tiny_prompts
 
     tok = build_tiny_tokenizer()
     paths = {}

@@ -753,7 +753,9 @@ def describe_probe(info: dict[str, Any]) -> dict[str, Any]:
         "accelerate": ver("accelerate"),
         "trl": ver("trl"),
         "datasets": ver("datasets"),
-        "opd_from": str(Path(mods.get("opd.cli", {}).get("file") or "?").parent),  # the checkout's src?
+        "opd_from": str(
+            Path(mods.get("opd.cli", {}).get("file") or "?").parent.parent
+        ),  # cli/__init__.py: the package
         "cuda_available": info.get("cuda_available", False),
         "gpu_count": info.get("gpu_count", 0),
         "gpu_name": info.get("gpu_name"),

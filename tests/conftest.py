@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from opd.tiny import build_tiny_tokenizer, save_tiny_pair
+from opd.models.tiny import build_tiny_tokenizer, save_tiny_pair
 
 # The dtype-speed probe (opd.precision) measures the machine, not the code: the suite runs bf16 autocast on
 # whatever CPU CI has, so the probe is off here (subprocesses inherit it) except where a test turns it on.

@@ -12,9 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from opd.alarms import NAN, SIGNALS, CollapseError, CollapseMonitor
 from opd.config import AlarmConfig, TrainConfig, field_paths, load_config, parse_overrides
 from opd.errors import ConfigError
+from opd.train.alarms import NAN, SIGNALS, CollapseError, CollapseMonitor
 
 # ----------------------------------------------------------------------------------------------------
 # the monitor on synthetic sequences
@@ -262,7 +262,7 @@ def test_config_fields_command_lists_the_alarms() -> None:
 
 
 def _tiny_trainer(tiny_pair, run_dir: Path, resume: bool = False, **extra):
-    from opd.trainer import OPDTrainer
+    from opd.train.trainer import OPDTrainer
 
     over = {
         "student": tiny_pair["student"], "teacher": tiny_pair["teacher"], "prompts": tiny_pair["prompts"],
@@ -284,7 +284,7 @@ def _poison_teacher(t) -> None:
 
 
 def test_nan_step_logs_an_alarm_line_before_stopping(tiny_pair, tmp_path: Path, one_thread) -> None:
-    from opd.trainer import NonFiniteLossError
+    from opd.train.trainer import NonFiniteLossError
 
     t = _tiny_trainer(tiny_pair, tmp_path / "run")
     _poison_teacher(t)
@@ -422,13 +422,13 @@ def _rows(run_dir: Path) -> tuple[list[dict], list[dict]]:
 
 
 def _ckpt_steps(run_dir: Path) -> list[int]:
-    from opd.checkpoint import list_checkpoints
+    from opd.train.checkpoint import list_checkpoints
 
     return [s for s, _ in list_checkpoints(run_dir)]
 
 
 def test_lab_run_with_absurd_lr_stops_on_collapse(lab_prompts, tmp_path: Path) -> None:
-    from opd.trainer import OPDTrainer
+    from opd.train.trainer import OPDTrainer
 
     zoo, prompts = lab_prompts
     run = tmp_path / "run"
@@ -461,7 +461,7 @@ def test_lab_run_with_absurd_lr_stops_on_collapse(lab_prompts, tmp_path: Path) -
 
 
 def test_lab_run_with_absurd_lr_without_stop_completes_and_logs(lab_prompts, tmp_path: Path) -> None:
-    from opd.trainer import OPDTrainer
+    from opd.train.trainer import OPDTrainer
 
     zoo, prompts = lab_prompts
     run = tmp_path / "run"

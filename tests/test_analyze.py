@@ -12,7 +12,7 @@ import typer
 import yaml
 from typer.testing import CliRunner
 
-from opd.analyze import (
+from opd.analysis.analyze import (
     bin_ranges,
     compare_runs,
     default_names,
@@ -23,7 +23,7 @@ from opd.analyze import (
     success_signals,
     write_analysis,
 )
-from opd.cli_analyze import register, run_names
+from opd.cli.analyze import register, run_names
 from opd.errors import OpdError
 
 N = 20  # steps of the synthetic runs; the edge window is then max(1, 20 // 10) = 2 steps
@@ -313,8 +313,8 @@ def test_cli_defaults_and_errors(improving, flat, tmp_path, monkeypatch):
 def test_real_tiny_training_run_end_to_end(tmp_path):
     """A real 3-step OPD run on the tiny models, then the analysis of its run dir."""
     from opd.config import load_config
-    from opd.tiny import save_tiny_pair
-    from opd.trainer import OPDTrainer
+    from opd.models.tiny import save_tiny_pair
+    from opd.train.trainer import OPDTrainer
 
     pair = save_tiny_pair(tmp_path / "pair")
     run_dir = tmp_path / "run"
@@ -346,7 +346,7 @@ def test_real_tiny_training_run_end_to_end(tmp_path):
 
 def test_read_metrics_skips_a_torn_last_line_only(tmp_path: Path) -> None:
     from opd.errors import OpdError
-    from opd.tracking import read_metrics
+    from opd.train.tracking import read_metrics
 
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "lo')
     assert read_metrics(tmp_path) == [{"step": 1, "loss": 1.0}]

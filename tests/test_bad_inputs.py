@@ -17,15 +17,15 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from opd.checks import determinism_check, pair_diagnostics, self_test_rollout
 from opd.cli import app
 from opd.config import load_config, read_yaml
 from opd.data import PromptRecord, load_prompts, render_prompt
 from opd.errors import ConfigError, DataError, ModelError
-from opd.eval import ProblemResult, evaluate, unparsed_references
-from opd.models import load_model, load_tokenizer, prepare_tokenizer
-from opd.tiny import build_tiny_model, build_tiny_tokenizer, save_tiny_gguf
-from opd.verify import get_verifier
+from opd.evaluation.checks import determinism_check, pair_diagnostics, self_test_rollout
+from opd.evaluation.eval import ProblemResult, evaluate, unparsed_references
+from opd.evaluation.verify import get_verifier
+from opd.models.loading import load_model, load_tokenizer, prepare_tokenizer
+from opd.models.tiny import build_tiny_model, build_tiny_tokenizer, save_tiny_gguf
 
 runner = CliRunner()
 
@@ -247,7 +247,9 @@ def test_cli_yaml_typo_is_one_line(tmp_path):
         (["serve-teacher"], "model: m\nprot: 8001\n", "prot (line 2)", "port"),
     ],
 )  # fmt: skip
-def test_yaml_typos_of_eval_doctor_and_serve_teacher_name_the_line(tmp_path, command, text, where, suggestion):
+def test_yaml_typos_of_eval_doctor_and_serve_teacher_name_the_line(
+    tmp_path, command, text, where, suggestion
+):
     """Every command with a --config file reports an unknown key with its line and the closest key."""
     p = tmp_path / "c.yaml"
     p.write_text(text)
@@ -269,7 +271,7 @@ def test_unparseable_references_are_warned_and_counted(tiny_pair, caplog):
         PromptRecord(text="1+1=", messages=None, answer="@@ ##", source=f"mem:{i}", raw={})
         for i in range(1, 4)
     ]
-    with caplog.at_level(logging.WARNING, logger="opd.eval"):
+    with caplog.at_level(logging.WARNING, logger="opd.evaluation.eval"):
         res = evaluate(model, tok, records, samples=2, max_new_tokens=4, verifier="math", template="raw",
                        progress=False)  # fmt: skip
     s = res.summary
@@ -281,7 +283,7 @@ def test_unparseable_references_are_warned_and_counted(tiny_pair, caplog):
 
 def test_parseable_references_do_not_warn(caplog):
     problems = [ProblemResult(index=0, source="mem:1", prompt="q", answer="\\frac{1}{2}")]
-    with caplog.at_level(logging.WARNING, logger="opd.eval"):
+    with caplog.at_level(logging.WARNING, logger="opd.evaluation.eval"):
         assert unparsed_references(problems, get_verifier("math")) == []
     assert caplog.text == ""
 

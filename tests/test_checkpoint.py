@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import torch
 
-from opd import checkpoint as ckpt
+from opd.train import checkpoint as ckpt
 
 
 def _objs(seed=0):

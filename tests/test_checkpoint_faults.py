@@ -22,12 +22,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from opd import checkpoint as ckpt
+from opd import files
 from opd.config import load_config
 from opd.errors import ConfigError, StorageError
-from opd.sft import SFTConfig, SFTTrainer
-from opd.tiny import save_tiny_pair
-from opd.trainer import OPDTrainer
+from opd.models.tiny import save_tiny_pair
+from opd.train import checkpoint as ckpt
+from opd.train.sft import SFTConfig, SFTTrainer
+from opd.train.trainer import OPDTrainer
 
 # --------------------------------------------------------------------------------------------------------
 # helpers
@@ -283,9 +284,9 @@ def test_atomic_write_text_leaves_no_temporary_file(tmp_path: Path, monkeypatch:
     def refuse(*a: Any, **kw: Any) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(ckpt.os, "fsync", refuse)
+    monkeypatch.setattr(files.os, "fsync", refuse)
     with pytest.raises(OSError):
-        ckpt.atomic_write_text(target, "new\n")
+        files.atomic_write_text(target, "new\n")
     assert [p.name for p in tmp_path.iterdir()] == ["config.yaml"] and target.read_text() == "old\n"
 
 
@@ -397,7 +398,7 @@ def test_metrics_append_on_a_full_disk_is_one_line(tmp_path):
     import errno
 
     from opd.errors import StorageError
-    from opd.tracking import MetricsLogger
+    from opd.train.tracking import MetricsLogger
 
     logger = MetricsLogger(tmp_path, tensorboard=False)
 

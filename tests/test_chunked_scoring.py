@@ -17,16 +17,16 @@ from typing import Any
 import pytest
 import torch
 
-import opd.head_loss
-import opd.row_scoring
+import opd.generation.row_scoring
+import opd.objectives.hidden
 from opd.data import PromptRecord
 from opd.diagnostics import diagnostic_sums, finalize, merge_sums, sequence_mean_reward, token_diagnostics
 from opd.errors import ModelError
-from opd.eval import auroc
-from opd.rollout import Rollout
-from opd.row_scoring import Comparison, score_rollout, scoring_head
-from opd.scoring import response_logits
-from opd.tiny import build_tiny_model, build_tiny_tokenizer, tiny_prompts
+from opd.evaluation.eval import auroc
+from opd.generation.rollout import Rollout
+from opd.generation.row_scoring import Comparison, score_rollout, scoring_head
+from opd.generation.scoring import response_logits
+from opd.models.tiny import build_tiny_model, build_tiny_tokenizer, tiny_prompts
 
 VOCAB = 103  # len(build_tiny_tokenizer()); the heads below have 112 and 128 rows
 CHUNK = 3  # rows per projected chunk: every rollout below spans several chunks
@@ -100,7 +100,7 @@ class _HeadWatch:
 @pytest.fixture
 def small_chunks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Force `CHUNK`-row chunks on the scoring path and record the size of every chunk it projects."""
-    real = opd.head_loss.projected_rows
+    real = opd.objectives.hidden.projected_rows
     sizes: list[int] = []
 
     def projected_rows(heads: list, mask: torch.Tensor, **kw: Any) -> Iterator:
@@ -109,7 +109,7 @@ def small_chunks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
             sizes.append(int(b_idx.numel()))
             yield b_idx, t_idx, rows
 
-    monkeypatch.setattr(opd.row_scoring, "projected_rows", projected_rows)
+    monkeypatch.setattr(opd.generation.row_scoring, "projected_rows", projected_rows)
     return sizes
 
 
@@ -216,14 +216,14 @@ def _patch_doctor(
     monkeypatch: pytest.MonkeyPatch, paths: dict[str, Path], watch: _HeadWatch
 ) -> tuple[dict[str, torch.nn.Module], list[Rollout], list[list[float]]]:
     """float64 models with the bias/tie and head hooks; record the student rollouts and AUROC inputs."""
-    import opd.doctor
-    import opd.eval
-    import opd.models
+    import opd.evaluation.doctor
+    import opd.evaluation.eval
+    import opd.models.loading
 
     eos = build_tiny_tokenizer().eos_token_id
     by_path = {str(p): n for n, p in paths.items()}
     loaded: dict[str, torch.nn.Module] = {}
-    real_load = opd.models.load_model
+    real_load = opd.models.loading.load_model
 
     def load_model(spec: str, **kw: Any) -> torch.nn.Module:
         model = _adjust(by_path[spec], real_load(spec, **kw), eos)
@@ -232,7 +232,7 @@ def _patch_doctor(
         return model
 
     rolls: list[Rollout] = []
-    real_rollouts = opd.doctor._rollouts
+    real_rollouts = opd.evaluation.doctor._rollouts
 
     def rollouts(model: torch.nn.Module, *args: Any, **kw: Any) -> list[Rollout]:
         out = real_rollouts(model, *args, **kw)
@@ -241,22 +241,22 @@ def _patch_doctor(
         return out
 
     scored: list[list[float]] = []
-    real_auroc: Callable = opd.eval.auroc
+    real_auroc: Callable = opd.evaluation.eval.auroc
 
     def auroc(scores: list[float], labels: list[bool]) -> float:
         scored.append(list(scores))
         return real_auroc(scores, labels)
 
-    monkeypatch.setattr(opd.models, "load_model", load_model)
-    monkeypatch.setattr(opd.doctor, "_rollouts", rollouts)
-    monkeypatch.setattr(opd.eval, "auroc", auroc)
+    monkeypatch.setattr(opd.models.loading, "load_model", load_model)
+    monkeypatch.setattr(opd.evaluation.doctor, "_rollouts", rollouts)
+    monkeypatch.setattr(opd.evaluation.eval, "auroc", auroc)
     return loaded, rolls, scored
 
 
 def test_doctor_equals_the_logits_path(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, small_chunks: list[int]
 ) -> None:
-    from opd.doctor import DoctorConfig, run_doctor
+    from opd.evaluation.doctor import DoctorConfig, run_doctor
 
     paths = _save_models(tmp_path)
     watch = _HeadWatch()
@@ -308,12 +308,12 @@ def test_doctor_equals_the_logits_path(
 def test_doctor_refuses_a_teacher_without_a_linear_head(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import opd.doctor
-    import opd.models
-    from opd.doctor import DoctorConfig, run_doctor
+    import opd.evaluation.doctor
+    import opd.models.loading
+    from opd.evaluation.doctor import DoctorConfig, run_doctor
 
     paths = _save_models(tmp_path)
-    real_load = opd.models.load_model
+    real_load = opd.models.loading.load_model
 
     def load_model(spec: str, **kw: Any) -> torch.nn.Module:
         model = real_load(spec, **kw)
@@ -324,8 +324,8 @@ def test_doctor_refuses_a_teacher_without_a_linear_head(
     def no_sampling(*args: Any, **kw: Any) -> None:
         raise AssertionError("the head is checked before any rollout is sampled")
 
-    monkeypatch.setattr(opd.models, "load_model", load_model)
-    monkeypatch.setattr(opd.doctor, "_rollouts", no_sampling)
+    monkeypatch.setattr(opd.models.loading, "load_model", load_model)
+    monkeypatch.setattr(opd.evaluation.doctor, "_rollouts", no_sampling)
     cfg = DoctorConfig(student=str(paths["student"]), teachers=[str(paths["teacher_a"]), str(paths["teacher_b"])],
                        prompts=str(paths["prompts"]), templates=["raw"], n_prompts=1, samples=1)  # fmt: skip
     with pytest.raises(ModelError, match=f"teacher {paths['teacher_b']}: .*linear head"):
@@ -339,9 +339,9 @@ def test_doctor_refuses_a_teacher_without_a_linear_head(
 def test_score_records_equals_the_logits_path(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, small_chunks: list[int]
 ) -> None:
-    import opd.rollout
+    import opd.generation.rollout
     from opd.data import load_prompts
-    from opd.prompts import score_records
+    from opd.recipes.prompts import score_records
 
     paths = _save_models(tmp_path)
     tok = build_tiny_tokenizer()
@@ -351,13 +351,13 @@ def test_score_records_equals_the_logits_path(
     watch.watch(teacher)
     rolls: list[Rollout] = []
 
-    class Recording(opd.rollout.HFGenerator):
+    class Recording(opd.generation.rollout.HFGenerator):
         def generate(self, *args: Any, **kw: Any) -> Rollout:
             out = super().generate(*args, **kw)
             rolls.append(out)
             return out
 
-    monkeypatch.setattr(opd.rollout, "HFGenerator", Recording)
+    monkeypatch.setattr(opd.generation.rollout, "HFGenerator", Recording)
     records = load_prompts(paths["prompts"])[:5]
     n, k, budget = 3, 5, 8
     rows = score_records(student, teacher, tok, records, vocab_size=VOCAB, template="raw", rollouts=n,
@@ -394,17 +394,17 @@ def test_score_records_equals_the_logits_path(
 
 
 def test_score_records_refuses_a_student_without_a_linear_head(monkeypatch: pytest.MonkeyPatch) -> None:
-    import opd.rollout
-    from opd.prompts import score_records
+    import opd.generation.rollout
+    from opd.recipes.prompts import score_records
 
     student, teacher, _ = _models()
     student.get_output_embeddings = lambda: None  # type: ignore[method-assign]
 
-    class NoSampling(opd.rollout.HFGenerator):
+    class NoSampling(opd.generation.rollout.HFGenerator):
         def generate(self, *args: Any, **kw: Any) -> Rollout:
             raise AssertionError("the head is checked before any rollout is sampled")
 
-    monkeypatch.setattr(opd.rollout, "HFGenerator", NoSampling)
+    monkeypatch.setattr(opd.generation.rollout, "HFGenerator", NoSampling)
     with pytest.raises(ModelError, match="student .*linear head"):
         score_records(student, teacher, build_tiny_tokenizer(), [PromptRecord("1+1=", None, None, "x:1", {})], vocab_size=VOCAB,
                       template="raw")  # fmt: skip

@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from opd.cli import app
-from opd.tiny import build_tiny_model, build_tiny_tokenizer, save_tiny_pair
+from opd.models.tiny import build_tiny_model, build_tiny_tokenizer, save_tiny_pair
 
 runner = CliRunner()
 

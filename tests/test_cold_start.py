@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from opd.cold_start import ColdStartConfig, run_cold_start, stage_configs, stage_paths
 from opd.config import load_config
 from opd.errors import ConfigError
+from opd.recipes.cold_start import ColdStartConfig, run_cold_start, stage_configs, stage_paths
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import opd.models
+import opd.models.loading
 from opd.cli import app
 from opd.errors import ConfigError
 
@@ -32,9 +32,9 @@ def no_cuda(monkeypatch):
 
 @pytest.fixture
 def loads(monkeypatch) -> list[Any]:
-    """The `device` argument of every `opd.models.load_model` call (commands import it at call time)."""
+    """The `device` argument of every `opd.models.loading.load_model` call (commands import it at call time)."""
     seen: list[Any] = []
-    real = opd.models.load_model
+    real = opd.models.loading.load_model
 
     def recording(spec, **kw):
         seen.append(kw.get("device"))
@@ -42,7 +42,7 @@ def loads(monkeypatch) -> list[Any]:
         assert next(model.parameters()).device == CPU
         return model
 
-    monkeypatch.setattr(opd.models, "load_model", recording)
+    monkeypatch.setattr(opd.models.loading, "load_model", recording)
     return seen
 
 
@@ -58,19 +58,19 @@ def _refused(res, what: str = NO_CUDA) -> None:
 
 def test_load_model_places_the_model_once(tiny_pair):
     path = str(tiny_pair["student"])
-    assert next(opd.models.load_model(path, device="cpu").parameters()).device == CPU
-    meta = opd.models.load_model(path, device="meta")  # any non-CUDA device: proves the move happens
+    assert next(opd.models.loading.load_model(path, device="cpu").parameters()).device == CPU
+    meta = opd.models.loading.load_model(path, device="meta")  # any non-CUDA device: proves the move happens
     assert {p.device.type for p in meta.parameters()} == {"meta"}
-    assert next(opd.models.load_model(path).parameters()).device == CPU  # None: stays where it loaded
+    assert next(opd.models.loading.load_model(path).parameters()).device == CPU  # None: stays where it loaded
 
 
 def test_load_model_refuses_cuda_before_loading(no_cuda, monkeypatch):
     def never(*a, **k):
         raise AssertionError("the model was loaded before the device was checked")
 
-    monkeypatch.setattr(opd.models.AutoModelForCausalLM, "from_pretrained", never)
+    monkeypatch.setattr(opd.models.loading.AutoModelForCausalLM, "from_pretrained", never)
     with pytest.raises(ConfigError, match=NO_CUDA):
-        opd.models.load_model("/nonexistent/model", device="cuda")
+        opd.models.loading.load_model("/nonexistent/model", device="cuda")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -112,7 +112,7 @@ def test_doctor_on_cpu_and_refused_cuda(tiny_pair, tmp_path, no_cuda, loads):
 
 def test_doctor_device_auto_resolves_through_the_rule(tiny_pair, tmp_path, loads):
     from opd.device import resolve_device
-    from opd.doctor import DoctorConfig, run_doctor
+    from opd.evaluation.doctor import DoctorConfig, run_doctor
 
     cfg = DoctorConfig(student=str(tiny_pair["student"]), teachers=[str(tiny_pair["teacher"])],
                        prompts=str(tiny_pair["prompts"]), templates=["raw"], n_prompts=1, samples=1,
@@ -158,7 +158,7 @@ def _generate_args(tiny_pair, out: Path) -> list[str]:
 
 
 def test_generate_on_cpu_and_refused_cuda(tiny_pair, tmp_path, no_cuda, loads):
-    from opd.generate import OutputPaths, read_complete_lines
+    from opd.recipes.generate import OutputPaths, read_complete_lines
 
     out = tmp_path / "t.jsonl"
     res = runner.invoke(app, [*_generate_args(tiny_pair, out), "--device", "cpu"])
@@ -196,7 +196,7 @@ def test_prompts_select_on_cpu_and_refused_cuda(tiny_pair, tmp_path, no_cuda, lo
 
 
 def test_prompts_dedup_embedder_device(tmp_path, no_cuda, monkeypatch):
-    from opd.prompts import DedupConfig, Embedder, get_embedder
+    from opd.recipes.prompts import DedupConfig, Embedder, get_embedder
 
     assert DedupConfig().device == "cpu"  # the embedding model's own default: small, same cosines everywhere
     a = tmp_path / "a.jsonl"
@@ -234,7 +234,7 @@ def test_cold_start_refuses_cuda_before_any_stage(tiny_pair, tmp_path, no_cuda, 
 
 
 def test_cold_start_device_fields_default():
-    from opd.cold_start import ColdStartConfig
+    from opd.recipes.cold_start import ColdStartConfig
 
     cfg = ColdStartConfig()
     assert cfg.generate.device == "auto" and cfg.dedup.device == "cpu"

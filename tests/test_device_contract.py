@@ -32,17 +32,17 @@ from opd.config import load_config
 from opd.device import host as device_host
 from opd.device import place
 from opd.diagnostics import diagnostic_sums, token_diagnostics
-from opd.objectives import per_token_loss, signal_stats, token_loss
-from opd.rollout import Rollout, response_mask_from_ids
-from opd.teacher import score_frozen
-from opd.teacher_topk import (
+from opd.generation.rollout import Rollout, response_mask_from_ids
+from opd.objectives.token import per_token_loss, signal_stats, token_loss
+from opd.objectives.topk import (
     TeacherTopK,
     sparse_diagnostic_sums,
     sparse_per_token_loss,
     sparse_signal_stats,
     topk_from_logits,
 )
-from opd.trainer import OPDTrainer
+from opd.teachers.hf import score_frozen
+from opd.train.trainer import OPDTrainer
 
 sys.path.insert(0, str(Path(__file__).parent))
 from fake_cuda import CUDA, FakeCudaTensor, cuda_runtime_stubs, fake_cuda, host, is_fake_cuda, to_fake_cuda  # noqa: E402
@@ -490,7 +490,7 @@ def test_training_steps_with_a_topk_teacher_on_the_simulated_gpu(tiny_pair, tmp_
     """2 training steps on the simulated GPU with a top-K teacher whose scores arrive on the host (as
     from vLLM or an HTTP server): scores placed on the device, sparse loss, sparse diagnostics and
     signal statistics all keep the device contract."""
-    from opd.models import load_model
+    from opd.models.loading import load_model
 
     teacher = FakeTopKTeacher(load_model(str(tiny_pair["teacher"])), k=8)
     extra = {"teacher.backend": "http", "teacher.urls": "[http://fake-teacher:1]", "teacher.top_k": 8,

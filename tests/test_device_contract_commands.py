@@ -7,14 +7,14 @@ so the numbers agree up to the float32 rounding of a few composite ops, e.g. att
 
 1. `OPDTrainer` variants: LoRA, ``optim.in_backward``, gradient checkpointing, in-loop evaluation,
    collapse alarms, and a resume on the GPU from a checkpoint written on the CPU;
-2. the SFT trainer (`opd.sft.SFTTrainer`);
+2. the SFT trainer (`opd.train.sft.SFTTrainer`);
 3. the other commands' cores with ``device="cuda"``: `opd doctor`, `opd check`, `opd eval`,
    `opd generate`, `opd prompts select`, and the lab runner's `evaluate_path` / `teacher_pair_probe` on
    the shipped lab zoo.
 
 The commands are run on a machine that *has* a GPU (`gpu_machine`): ``torch.cuda.is_available()`` is
 True and ``device_count()`` is 1, so ``--device cuda`` and ``auto`` go through the real
-`opd.device.resolve_device` to cuda, and every model `opd.models.load_model` places lands on the
+`opd.device.resolve_device` to cuda, and every model `opd.models.loading.load_model` places lands on the
 simulated device; the CUDA runtime calls such a machine makes (RNG state, synchronize) are host no-ops.
 
 Not simulated: ``student.autocast`` (torch disables ``torch.autocast("cuda")`` when CUDA is not compiled
@@ -38,9 +38,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import opd.models
+import opd.models.loading
 from opd.config import load_config
-from opd.trainer import OPDTrainer
+from opd.train.trainer import OPDTrainer
 
 sys.path.insert(0, str(Path(__file__).parent))
 from fake_cuda import CUDA, cuda_runtime_stubs, fake_cuda, host, is_fake_cuda  # noqa: E402
@@ -87,10 +87,10 @@ def gpu():
 
 @pytest.fixture
 def loads(monkeypatch) -> list[str]:
-    """Where each model `opd.models.load_model` returns lives ("cuda" for the simulated GPU, else the
+    """Where each model `opd.models.loading.load_model` returns lives ("cuda" for the simulated GPU, else the
     parameters' device type); commands import `load_model` at call time, so they all go through it."""
     seen: list[str] = []
-    real = opd.models.load_model
+    real = opd.models.loading.load_model
 
     def recording(spec: str, **kw: Any):
         model = real(spec, **kw)
@@ -100,7 +100,7 @@ def loads(monkeypatch) -> list[str]:
         seen.append("cuda" if on_gpu.pop() else params[0].device.type)
         return model
 
-    monkeypatch.setattr(opd.models, "load_model", recording)
+    monkeypatch.setattr(opd.models.loading, "load_model", recording)
     return seen
 
 
@@ -239,7 +239,7 @@ def test_in_loop_evaluation_on_the_simulated_gpu(tiny_pair, tmp_path, cpu_run):
     """eval.prompts + eval.every 1: the InLoopEvaluator samples and grades with the GPU student at
     steps 0, 1 and 2 between training steps; its step-0 metrics equal the same evaluation of the
     untrained student on the CPU, and the training metrics are the CPU baseline's."""
-    from opd.eval import InLoopEvaluator
+    from opd.evaluation.eval import InLoopEvaluator
 
     extra = {"eval.prompts": tiny_pair["prompts"], "eval.every": 1, "eval.samples": 2,
              "eval.max_new_tokens": 4, "eval.max_problems": 2, "eval.verifier": "exact"}  # fmt: skip
@@ -253,7 +253,7 @@ def test_in_loop_evaluation_on_the_simulated_gpu(tiny_pair, tmp_path, cpu_run):
     assert all("eval/avg@2" in r and "eval/pass@2" in r for r in evals)
     _same_steps(history, cpu_run[0])
 
-    student = opd.models.load_model(str(tiny_pair["student"]))
+    student = opd.models.loading.load_model(str(tiny_pair["student"]))
     want = InLoopEvaluator(cfg.eval, cfg.data, trainer.tokenizer).run(student)
     _close({k: v for k, v in evals[0].items() if k.startswith("eval/")}, want)
 
@@ -314,7 +314,7 @@ def test_lora_student_on_the_simulated_gpu(tiny_pair, tmp_path):
 
 
 def _sft_config(pair: dict[str, Path], data: Path, run_dir: Path):
-    from opd.sft import SFTConfig
+    from opd.train.sft import SFTConfig
 
     return SFTConfig(
         model=str(pair["student"]), data=str(data), template="raw", run_dir=str(run_dir), steps=2,
@@ -327,7 +327,7 @@ def test_sft_on_the_simulated_gpu(tiny_pair, tmp_path):
     """`opd sft`'s trainer with accelerate's device = cuda:0: collated host batches moved to the device,
     cross-entropy summed on it, two accumulated micro-batches, clipping, AdamW, checkpoints and the
     final save; metrics and weights equal a CPU run's."""
-    from opd.sft import SFTTrainer
+    from opd.train.sft import SFTTrainer
 
     records = [json.loads(x) for x in tiny_pair["prompts"].read_text().splitlines()[:8]]
     data = tmp_path / "sft.jsonl"
@@ -358,7 +358,7 @@ def test_doctor_on_the_simulated_gpu(tiny_pair, tmp_path, loads):
     """`opd doctor --device cuda` (run_doctor): student rollouts, scoring by two teachers (diagnostic
     sums, sequence rewards, the teacher-pair metrics), teacher samples and teacher continuations of
     student prefixes, all on the GPU; the result equals the CPU run's."""
-    from opd.doctor import DoctorConfig, run_doctor
+    from opd.evaluation.doctor import DoctorConfig, run_doctor
 
     student, teacher, prompts = (str(tiny_pair[k]) for k in ("student", "teacher", "prompts"))
 
@@ -403,8 +403,8 @@ def test_eval_command_on_the_simulated_gpu(tiny_pair, tmp_path, loads):
     summaries equal the CPU run's."""
     from rich.console import Console
 
-    from opd.cli_eval import run_eval_command
-    from opd.eval import EvalCommandConfig
+    from opd.cli.eval import run_eval_command
+    from opd.evaluation.eval import EvalCommandConfig
 
     def run(device: str, out: Path) -> dict[str, Any]:
         cfg = EvalCommandConfig(models=[str(tiny_pair["student"]), str(tiny_pair["teacher"])],
@@ -427,7 +427,7 @@ def test_eval_command_on_the_simulated_gpu(tiny_pair, tmp_path, loads):
 def test_generate_on_the_simulated_gpu(tiny_pair, tmp_path, loads):
     """`opd generate --device cuda` (run_generate): batched sampling on the GPU, decoding and filtering
     on the host; the written rows equal the CPU run's."""
-    from opd.generate import GenerateConfig, OutputPaths, read_complete_lines, run_generate
+    from opd.recipes.generate import GenerateConfig, OutputPaths, read_complete_lines, run_generate
 
     def run(device: str, out: Path) -> list[dict[str, Any]]:
         cfg = GenerateConfig(model=str(tiny_pair["teacher"]), prompts=str(tiny_pair["prompts"]), out=str(out),
@@ -448,8 +448,8 @@ def test_prompts_select_on_the_simulated_gpu(tiny_pair, tmp_path, loads):
     """`opd prompts select --device cuda` (cli_prompts._select -> prompts.score_records): student
     rollouts, student and teacher scoring, token diagnostics and sequence rewards per prompt on the GPU;
     the scores and the selection equal the CPU run's."""
-    from opd.cli_prompts import _select
-    from opd.prompts import SelectConfig
+    from opd.cli.prompts import _select
+    from opd.recipes.prompts import SelectConfig
 
     pool = tmp_path / "pool.jsonl"
     pool.write_text("\n".join(tiny_pair["prompts"].read_text().splitlines()[:4]) + "\n")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from opd.doctor import (
+from opd.evaluation.doctor import (
     DoctorConfig,
     DoctorThresholds,
     continuation_prefixes,
@@ -17,7 +17,7 @@ from opd.doctor import (
     run_doctor,
     verdict,
 )
-from opd.doctor_report import write_doctor_report
+from opd.report.doctor import write_doctor_report
 
 
 def test_novelty_stats_by_hand() -> None:
@@ -91,7 +91,7 @@ def test_config_rejects_bad_depths() -> None:
 
 
 def test_doctor_on_the_tiny_pair_end_to_end(tmp_path: Path) -> None:
-    from opd.tiny import save_tiny_pair
+    from opd.models.tiny import save_tiny_pair
 
     paths = save_tiny_pair(tmp_path / "pair")
     cfg = DoctorConfig(
@@ -132,13 +132,13 @@ def test_doctor_metrics_match_token_diagnostics(tmp_path: Path) -> None:
     """The doctor's batched sums equal one `token_diagnostics` call on the same rollouts."""
     from opd.data import load_prompts
     from opd.diagnostics import token_diagnostics
-    from opd.doctor import _rollouts
-    from opd.eval import prepare_prompts
-    from opd.models import load_model, load_tokenizer, prepare_tokenizer
-    from opd.rollout import SamplingParams
-    from opd.sampling import stop_ids_for
-    from opd.scoring import response_logits
-    from opd.tiny import save_tiny_pair
+    from opd.evaluation.doctor import _rollouts
+    from opd.evaluation.eval import prepare_prompts
+    from opd.generation.rollout import SamplingParams
+    from opd.generation.sampling import stop_ids_for
+    from opd.generation.scoring import response_logits
+    from opd.models.loading import load_model, load_tokenizer, prepare_tokenizer
+    from opd.models.tiny import save_tiny_pair
 
     paths = save_tiny_pair(tmp_path / "pair")
     cfg = DoctorConfig(student=str(paths["student"]), teachers=[str(paths["teacher"])], prompts=str(paths["prompts"]),

@@ -18,7 +18,7 @@ from opd.cli import app
 from opd.config import DataConfig, EvalConfig
 from opd.data import PromptRecord, load_prompts
 from opd.errors import DataError
-from opd.eval import (
+from opd.evaluation.eval import (
     InLoopEvaluator,
     auroc,
     avg_at_k,
@@ -28,8 +28,8 @@ from opd.eval import (
     rollout_reward_auroc,
     write_results,
 )
-from opd.models import load_model, load_tokenizer, prepare_tokenizer
-from opd.verify import Verdict, VerifierError
+from opd.evaluation.verify import Verdict, VerifierError
+from opd.models.loading import load_model, load_tokenizer, prepare_tokenizer
 
 
 def _out(res) -> str:
@@ -210,16 +210,16 @@ def test_write_results_atomic(tiny_student, tiny_pair, tmp_path, monkeypatch):
     assert summary["avg@2"] == res.summary["avg@2"]
     before = files["summary"].read_text()
 
-    import opd.checkpoint
+    import opd.train.checkpoint
 
-    real_replace = opd.checkpoint.os.replace
+    real_replace = opd.train.checkpoint.os.replace
 
     def crash_on_summary(src, dst):
         if str(dst).endswith(".summary.json"):
             raise OSError("disk full")
         real_replace(src, dst)
 
-    monkeypatch.setattr(opd.checkpoint.os, "replace", crash_on_summary)
+    monkeypatch.setattr(opd.train.checkpoint.os, "replace", crash_on_summary)
     res.summary["avg@2"] = 0.123
     with pytest.raises(OSError):
         write_results(res, tmp_path / "out", "m")
@@ -245,8 +245,8 @@ def test_in_loop_evaluator(tiny_pair, tiny_student):
 
 
 def test_rollout_reward_auroc(tiny_pair, tiny_student):
-    from opd.models import shared_vocab_size
-    from opd.rollout import HFGenerator, SamplingParams
+    from opd.generation.rollout import HFGenerator, SamplingParams
+    from opd.models.loading import shared_vocab_size
 
     model, tok = tiny_student
     teacher = load_model(str(tiny_pair["teacher"]))

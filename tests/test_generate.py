@@ -14,7 +14,7 @@ import pytest
 
 from opd.config import load_config
 from opd.errors import ConfigError
-from opd.generate import (
+from opd.recipes.generate import (
     GENERATE_ALIASES,
     GenerateConfig,
     OutputPaths,
@@ -90,7 +90,7 @@ def test_character_loops_at_the_end_are_caught():
 
 
 def test_every_failing_filter_is_reported_and_incorrect_uses_the_verifier():
-    from opd.verify import get_verifier
+    from opd.evaluation.verify import get_verifier
 
     bad = "Wait, this is going nowhere at all.\n" * 4
     reasons = filter_reasons(

@@ -247,14 +247,14 @@ def test_bench_table_extracts_the_printed_table():
 
 
 # ----------------------------------------------------------------------------------------------------
-# the real-shaped pair (opd.tiny.save_shaped_pair): the full 151,936-entry vocabulary at toy width
+# the real-shaped pair (opd.models.tiny.save_shaped_pair): the full 151,936-entry vocabulary at toy width
 
 
 def test_shaped_pair_tokenizer_and_models(tmp_path):
     from transformers import AutoConfig, AutoTokenizer
     from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
-    from opd.tiny import QWEN_VOCAB_SIZE, save_shaped_pair, shaped_pair_matches
+    from opd.models.tiny import QWEN_VOCAB_SIZE, save_shaped_pair, shaped_pair_matches
 
     paths = save_shaped_pair(tmp_path, "qwen2.5-tiny")
     # transformers loads a qwen2 directory's tokenizer with its own Qwen2Tokenizer, which rebuilds the
@@ -297,7 +297,7 @@ def test_shaped_pair_tokenizer_and_models(tmp_path):
 
 
 def test_shaped_shapes_are_qwen25():
-    from opd.tiny import SHAPED_PAIRS, build_byte_level_tokenizer
+    from opd.models.tiny import SHAPED_PAIRS, build_byte_level_tokenizer
 
     pair = SHAPED_PAIRS["qwen2.5-0.5b/1.5b"]
     assert (

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from opd.head_loss import head_loss_sum
-from opd.objectives import per_token_loss, token_loss
-from opd.teacher_topk import sparse_per_token_loss, topk_from_logits
+from opd.objectives.hidden import head_loss_sum
+from opd.objectives.token import per_token_loss, token_loss
+from opd.objectives.topk import sparse_per_token_loss, topk_from_logits
 
 B, T, H, H_T, V, V_T = 2, 5, 6, 4, 11, 13
 ATOL = 1e-10

@@ -1,4 +1,4 @@
-"""`loss.from_hidden_states`: the trainer's loss from hidden states and head weights (opd.head_loss).
+"""`loss.from_hidden_states`: the trainer's loss from hidden states and head weights (opd.objectives.hidden).
 
 The path must change memory only: the same loss, gradients, weights and metrics as the logits path on the
 tiny pair, with no `[B, T, V]` logits in the student's or teacher's forward.
@@ -15,10 +15,10 @@ from test_trainer import _args as trainer_args
 
 from opd.config import load_config
 from opd.errors import ConfigError
-from opd.teacher import score_frozen
-from opd.teacher_topk import topk_from_logits
-from opd.tiny import save_tiny_pair
-from opd.trainer import OPDTrainer
+from opd.models.tiny import save_tiny_pair
+from opd.objectives.topk import topk_from_logits
+from opd.teachers.hf import score_frozen
+from opd.train.trainer import OPDTrainer
 
 # metrics that measure the machine, not the maths
 TIMING = {"tokens_per_s", "step_time_s", "time_rollout_s", "time_teacher_s", "time_update_s"}
@@ -260,7 +260,7 @@ def test_autocast_projects_in_the_autocast_dtype(pair, tmp_path):
 def test_a_model_that_transforms_its_logits_is_refused(pair, tmp_path):
     """A head whose logits are not hidden @ W.T (soft-capping, scaling, a custom head) would be trained on
     other numbers by the chunked path: the start-up probe refuses it, naming the way out."""
-    from opd.scoring import check_head_projection, head_weights
+    from opd.generation.scoring import check_head_projection, head_weights
 
     t = _trainer(pair, tmp_path / "ok", steps=1)
     model = t._unwrapped()

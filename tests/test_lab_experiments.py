@@ -69,7 +69,7 @@ def test_training_prompts_exclude_heldout() -> None:
 @pytest.fixture(scope="module")
 def tiny_zoo(tmp_path_factory) -> LabZoo:
     """Four random lab-tokenizer models under the zoo's names and small held-out files."""
-    from opd.tiny import build_tiny_model
+    from opd.models.tiny import build_tiny_model
 
     root = tmp_path_factory.mktemp("tinyzoo")
     tok = build_lab_tokenizer()
@@ -218,7 +218,7 @@ def _shipped_zoo() -> LabZoo:
 
 def _weakened_copy(src: Path, dst: Path, *, scale: float, seed: int = 0) -> Path:
     """teacher_novel with Gaussian noise (`scale` x each matrix's own std) on every weight matrix."""
-    from opd.models import load_model, load_tokenizer
+    from opd.models.loading import load_model, load_tokenizer
 
     model = load_model(str(src))
     gen = torch.Generator().manual_seed(seed)

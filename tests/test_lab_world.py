@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from opd.evaluation.verify import Verdict, get_verifier
 from opd.lab.world import (
     CHARSET,
     LEVELS,
@@ -23,7 +24,6 @@ from opd.lab.world import (
     solution,
     write_prompt_file,
 )
-from opd.verify import Verdict, get_verifier
 
 
 def test_problem_fields_and_prompt_roundtrip() -> None:

@@ -20,7 +20,7 @@ from opd.lab.world import (
     make_problems,
     solution,
 )
-from opd.models import load_model, load_tokenizer
+from opd.models.loading import load_model, load_tokenizer
 
 shipped = pytest.mark.skipif(
     not (z.ZOO_DIR / z.MANIFEST).is_file(), reason="no shipped lab zoo (run `opd lab build`)"

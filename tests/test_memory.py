@@ -11,8 +11,8 @@ import torch
 
 from opd.config import LossConfig, load_config
 from opd.errors import ConfigError
-from opd.objectives import DEFAULT_CHUNK_ELEMENTS, chunk_rows, per_token_loss
-from opd.trainer import NonFiniteLossError, OPDTrainer
+from opd.objectives.token import DEFAULT_CHUNK_ELEMENTS, chunk_rows, per_token_loss
+from opd.train.trainer import NonFiniteLossError, OPDTrainer
 
 
 def _args(pair, run_dir, **extra) -> list[str]:
@@ -202,7 +202,7 @@ def test_gradient_checkpointing_gives_the_same_training(tiny_pair, tmp_path, ext
 
 def _saved_bytes(t: OPDTrainer) -> int:
     """Bytes the autograd graph keeps from one student forward (what backward will need)."""
-    from opd.scoring import response_logits
+    from opd.generation.scoring import response_logits
 
     r = t.generator.generate([t.prompt_ids[0], t.prompt_ids[1]], t.sampling, n=2, seed=0, prompt_index=[0, 1])
     total = 0

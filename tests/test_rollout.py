@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from opd.rollout import HFGenerator, SamplingParams, chunk_seed, response_mask_from_ids
-from opd.scoring import response_logits
-from opd.tiny import build_tiny_model, build_tiny_tokenizer
+from opd.generation.rollout import HFGenerator, SamplingParams, chunk_seed, response_mask_from_ids
+from opd.generation.scoring import response_logits
+from opd.models.tiny import build_tiny_model, build_tiny_tokenizer
 
 
 def _setup():
@@ -76,7 +76,7 @@ def test_scoring_reproduces_generation_logprobs():
                          output_logits=True, return_dict_in_generate=True, pad_token_id=tok.pad_token_id,
                          eos_token_id=tok.eos_token_id)  # fmt: skip
     gen_logits = torch.stack(out.logits, dim=1)
-    from opd.rollout import Rollout, response_mask_from_ids
+    from opd.generation.rollout import Rollout, response_mask_from_ids
 
     resp = out.sequences[:, width:]
     mask, trunc = response_mask_from_ids(resp, [tok.eos_token_id])

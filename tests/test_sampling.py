@@ -1,8 +1,8 @@
 from __future__ import annotations
 
-from opd.rollout import SamplingParams
-from opd.sampling import sample_responses
-from opd.tiny import build_tiny_model, build_tiny_tokenizer
+from opd.generation.rollout import SamplingParams
+from opd.generation.sampling import sample_responses
+from opd.models.tiny import build_tiny_model, build_tiny_tokenizer
 
 
 def test_samples_are_keyed_by_prompt_index_so_subsets_reproduce():

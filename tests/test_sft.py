@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from opd.errors import DataError
-from opd.sft import IGNORE, SFTConfig, SFTTrainer, collate, encode_example, load_sft_examples
+from opd.train.sft import IGNORE, SFTConfig, SFTTrainer, collate, encode_example, load_sft_examples
 
 
 def _write_data(path: Path, n: int = 4, reply_len: int = 1) -> Path:

@@ -79,7 +79,7 @@ def test_sigint_mid_run_checkpoints_says_how_to_resume_and_resume_matches(tiny_p
 def test_sigint_during_generate_keeps_the_written_batches(tiny_pair, tmp_path):
     from test_generate import _cli, _gen_args
 
-    from opd.generate import OutputPaths
+    from opd.recipes.generate import OutputPaths
 
     out = tmp_path / "gen" / "teacher.jsonl"
     paths = OutputPaths.for_out(out)
@@ -259,10 +259,10 @@ def test_a_timed_out_launch_kills_the_whole_tree_and_shows_the_output():
 @pytest.mark.parametrize(
     ("argv", "target", "rerun"),
     [
-        (["sft", "--model", "m", "--data", "d.jsonl"], "opd.sft.SFTTrainer", "rerun the same command"),
-        (["generate", "--model", "m", "--prompts", "p", "--out", "o.jsonl"], "opd.generate.run_generate",
+        (["sft", "--model", "m", "--data", "d.jsonl"], "opd.train.sft.SFTTrainer", "rerun the same command"),
+        (["generate", "--model", "m", "--prompts", "p", "--out", "o.jsonl"], "opd.recipes.generate.run_generate",
          "finished samples are kept"),
-        (["cold-start", "--generate.model", "m"], "opd.cold_start.run_cold_start", "finished stages are skipped"),
+        (["cold-start", "--generate.model", "m"], "opd.recipes.cold_start.run_cold_start", "finished stages are skipped"),
     ],
 )  # fmt: skip
 def test_ctrl_c_while_a_recipe_starts_exits_130_with_what_to_rerun(monkeypatch, argv, target, rerun):
@@ -294,7 +294,7 @@ class _AnyConfig:
 
 
 def test_peer_failure_names_the_rank_and_points_at_the_cause(monkeypatch):
-    from opd.cli_common import peer_failure
+    from opd.cli.common import peer_failure
 
     gloo = RuntimeError(
         "[../third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:30395"

@@ -16,13 +16,13 @@ import torch
 
 from opd.config import load_config
 from opd.errors import ConfigError, TokenizerMismatchError
-from opd.models import load_model, load_tokenizer
-from opd.rollout import HFGenerator, SamplingParams
-from opd.teacher import score_frozen
-from opd.teacher_http import HTTPTeacher, TeacherUnavailableError, parse_prompt_logprobs
-from opd.teacher_topk import topk_from_logits
-from opd.tiny import build_tiny_model, build_tiny_tokenizer, save_tiny_pair
-from opd.trainer import OPDTrainer
+from opd.generation.rollout import HFGenerator, SamplingParams
+from opd.models.loading import load_model, load_tokenizer
+from opd.models.tiny import build_tiny_model, build_tiny_tokenizer, save_tiny_pair
+from opd.objectives.topk import topk_from_logits
+from opd.teachers.hf import score_frozen
+from opd.teachers.http import HTTPTeacher, TeacherUnavailableError, parse_prompt_logprobs
+from opd.train.trainer import OPDTrainer
 
 sys.path.insert(0, str(Path(__file__).parent))
 from reference_teacher_server import ReferenceTeacherServer  # noqa: E402

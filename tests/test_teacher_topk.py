@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from opd.errors import ConfigError
-from opd.objectives import per_token_loss
-from opd.teacher_topk import check_sparse_objective, sparse_per_token_loss, topk_from_logits
+from opd.objectives.token import per_token_loss
+from opd.objectives.topk import check_sparse_objective, sparse_per_token_loss, topk_from_logits
 
 B, T, V, K = 3, 5, 40, 12
 
@@ -72,7 +72,7 @@ def test_impossible_objectives_are_refused_with_alternatives(signal, support, k,
 @pytest.mark.parametrize("k", [1, 4, 8, 12])
 def test_sparse_diagnostics_equal_the_dense_ones(k: int) -> None:
     from opd.diagnostics import finalize, token_diagnostics
-    from opd.teacher_topk import SPARSE_METRICS, sparse_diagnostic_sums
+    from opd.objectives.topk import SPARSE_METRICS, sparse_diagnostic_sums
 
     s, t, y, mask = _inputs(2)
     # make the pair agree a lot so overlaps are large and varied (and some rows empty at k=1)
@@ -87,7 +87,7 @@ def test_sparse_diagnostics_equal_the_dense_ones(k: int) -> None:
 
 
 def test_topk_fidelity_reports_agreement_and_drift() -> None:
-    from opd.teacher_topk import topk_fidelity
+    from opd.objectives.topk import topk_fidelity
 
     s, t, y, mask = _inputs(3)
     exact = topk_from_logits(t, y, 8)
@@ -104,8 +104,8 @@ def test_topk_fidelity_reports_agreement_and_drift() -> None:
 
 @pytest.mark.parametrize(("signal", "k"), [("sampled", 16), ("topk", 8), ("topk", 12)])
 def test_sparse_signal_stats_equal_the_dense_ones(signal: str, k: int) -> None:
-    from opd.objectives import signal_stats
-    from opd.teacher_topk import sparse_signal_stats
+    from opd.objectives.token import signal_stats
+    from opd.objectives.topk import sparse_signal_stats
 
     s, t, y, mask = _inputs(3)
     dense = signal_stats(s, t, y, mask, signal=signal, k=k, support="teacher", chunk_size=None)
@@ -120,7 +120,7 @@ def test_sparse_signal_stats_equal_the_dense_ones(signal: str, k: int) -> None:
 def test_topk_from_prompt_logprobs_matches_the_dense_topk() -> None:
     """An engine's per-position dicts (top-k plus the actual token at its own rank) give the same
     `TeacherTopK` as cutting the dense logits; padding positions stay -inf; a short answer is refused."""
-    from opd.teacher_topk import topk_from_prompt_logprobs
+    from opd.objectives.topk import topk_from_prompt_logprobs
 
     s, t, y, mask = _inputs(4)
     mask = torch.arange(T).unsqueeze(0) < torch.tensor([[5], [3], [1]])  # response prefixes
@@ -154,8 +154,8 @@ def test_padded_teacher_rows_leave_the_support() -> None:
     """An engine ranks a padded teacher's extra rows too: `restrict` empties those slots, after which
     losses, stats and diagnostics are finite and equal the dense ones when the padded rows carry ~no
     mass (real checkpoints), and never index past the student's vocabulary."""
-    from opd.objectives import signal_stats
-    from opd.teacher_topk import sparse_diagnostic_sums, sparse_signal_stats
+    from opd.objectives.token import signal_stats
+    from opd.objectives.topk import sparse_diagnostic_sums, sparse_signal_stats
 
     s, t, y, mask = _inputs(5)
     pad = torch.full((B, T, 8), -1e4, dtype=torch.float64)
@@ -184,7 +184,7 @@ def test_padded_teacher_rows_leave_the_support() -> None:
 
 @pytest.mark.parametrize("chunk", [1, 3, None])
 def test_sparse_stats_and_diagnostics_do_not_depend_on_chunking(chunk) -> None:
-    from opd.teacher_topk import sparse_diagnostic_sums, sparse_signal_stats
+    from opd.objectives.topk import sparse_diagnostic_sums, sparse_signal_stats
 
     s, t, y, mask = _inputs(6)
     top = topk_from_logits(t, y, K)

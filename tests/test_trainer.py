@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 from opd.config import load_config
-from opd.tiny import save_tiny_pair
-from opd.trainer import NonFiniteLossError, OPDTrainer
+from opd.models.tiny import save_tiny_pair
+from opd.train.trainer import NonFiniteLossError, OPDTrainer
 
 REQUIRED = [
     "loss", "grad_norm", "lr", "overlap_ratio", "overlap_token_advantage", "entropy_student", "entropy_teacher",
@@ -195,7 +195,7 @@ def test_repeated_random_kills_then_resume_match_uninterrupted(pair, tmp_path):
     """SIGKILL at arbitrary moments (start-up, mid-step, mid-checkpoint), resume each time: same result."""
     import random
 
-    from opd.checkpoint import latest_checkpoint
+    from opd.train.checkpoint import latest_checkpoint
 
     extra = {"steps": 8, "checkpoint_every": 1}
     t0 = time.time()
@@ -265,7 +265,7 @@ def test_precision_check_refuses_a_dtype_the_device_runs_slowly(pair, tmp_path, 
     monkeypatch.setenv("OPD_PRECISION_PROBE", "1")
     monkeypatch.setattr(opd.precision, "matmul_rates", lambda *a, **k: {"float32": 151.0, "bfloat16": 1.0})
     loaded = []
-    monkeypatch.setattr("opd.trainer.load_model", lambda *a, **k: loaded.append(a) or None)
+    monkeypatch.setattr("opd.models.loading.load_model", lambda *a, **k: loaded.append(a) or None)
     cfg = load_config(None, _args(pair, tmp_path / "slow", **{"student.autocast": "bfloat16"}))
     with pytest.raises(
         ConfigError, match=r"student\.autocast=bfloat16.*151x slower.*set student\.autocast none"
@@ -345,7 +345,7 @@ def test_fsdp_refuses_what_it_cannot_do(pair, tmp_path):
 
 
 def test_lr_schedules():
-    from opd.trainer import lr_lambda
+    from opd.train.trainer import lr_lambda
 
     const = lr_lambda("constant", 10, 0, 0.0)
     assert [const(s) for s in range(3)] == [1.0, 1.0, 1.0]
@@ -374,7 +374,7 @@ def test_vllm_backend_errors_are_clear(tiny_pair, tmp_path) -> None:
 
     from opd.config import load_config
     from opd.errors import ConfigError
-    from opd.trainer import OPDTrainer
+    from opd.train.trainer import OPDTrainer
 
     base = ["--student.path", str(tiny_pair["student"]), "--teacher.path", str(tiny_pair["teacher"]),
             "--data.prompts", str(tiny_pair["prompts"]), "--data.template", "raw", "--run_dir", str(tmp_path / "r"),
@@ -408,7 +408,7 @@ def test_bf16_autocast_keeps_fp32_master_weights_and_tracks_fp32(pair, tmp_path)
 _FAULT_INJECTOR = """
 import os
 if os.environ.get("RANK") == os.environ.get("OPD_TEST_FAIL_RANK"):
-    import opd.trainer as t
+    import opd.train.trainer as t
     _orig = t.OPDTrainer.train_step
     _at = int(os.environ["OPD_TEST_FAIL_STEP"])
     def train_step(self, step):

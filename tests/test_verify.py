@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from opd.errors import ConfigError
-from opd.verify import (
+from opd.evaluation.verify import (
     ExactVerifier,
     MathVerifier,
     Verdict,
@@ -169,7 +169,7 @@ def plugin_module(tmp_path, monkeypatch):
     (tmp_path / "my_grader.py").write_text(
         textwrap.dedent(
             """
-            from opd.verify import Verdict
+            from opd.evaluation.verify import Verdict
 
             def contains(response, answer):
                 return answer in response

@@ -13,16 +13,16 @@ import torch
 
 vllm = pytest.importorskip("vllm")
 
-from opd.models import load_model, load_tokenizer  # noqa: E402
-from opd.rollout import HFGenerator, SamplingParams  # noqa: E402
-from opd.sampling import stop_ids_for  # noqa: E402
-from opd.scoring import response_logits  # noqa: E402
-from opd.vllm_backend import VLLMGenerator  # noqa: E402
+from opd.generation.rollout import HFGenerator, SamplingParams  # noqa: E402
+from opd.generation.sampling import stop_ids_for  # noqa: E402
+from opd.generation.scoring import response_logits  # noqa: E402
+from opd.generation.vllm import VLLMGenerator  # noqa: E402
+from opd.models.loading import load_model, load_tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory) -> dict[str, Path]:
-    from opd.tiny import build_tiny_model, build_tiny_tokenizer, save_tiny_pair
+    from opd.models.tiny import build_tiny_model, build_tiny_tokenizer, save_tiny_pair
 
     paths = save_tiny_pair(tmp_path_factory.mktemp("vllm_pair"))
     # vLLM's CPU attention kernels need head_dim >= 32 (the default tiny student has 8): same tokenizer,
@@ -115,7 +115,7 @@ def test_sync_pushes_new_weights(engine, pair) -> None:
 def test_trainer_with_vllm_rollouts(pair, tmp_path: Path, extra: list[str]) -> None:
     """The engine samples from the weights the trainer stepped (also when they were stepped in backward)."""
     from opd.config import load_config
-    from opd.trainer import OPDTrainer
+    from opd.train.trainer import OPDTrainer
 
     cfg = load_config(None, [
         "--student.path", str(pair["student"]), "--teacher.path", str(pair["teacher"]),
@@ -139,8 +139,8 @@ def test_trainer_with_vllm_rollouts(pair, tmp_path: Path, extra: list[str]) -> N
 
 def test_vllm_teacher_topk_matches_hf_logits(engine, pair) -> None:
     """The engine's prompt log-probs at the student's exact ids are the HF model's top-k (fp32 engine)."""
-    from opd.teacher_topk import topk_from_logits
-    from opd.vllm_backend import VLLMTeacher
+    from opd.generation.vllm import VLLMTeacher
+    from opd.objectives.topk import topk_from_logits
 
     gen, tok, model, _ = engine
     roll = gen.generate(_prompts(tok), SamplingParams(temperature=1.0, max_new_tokens=10), 2, 7, [0, 1, 2])
@@ -172,7 +172,7 @@ def _train_cfg(pair, run_dir: Path, *extra: str):
 def test_trainer_with_vllm_rollouts_and_vllm_teacher(pair, tmp_path: Path) -> None:
     """Both engines in the training process; step 1 (same seeded rollouts, same teacher weights) gives
     the loss and overlap metrics of the in-process HF teacher."""
-    from opd.trainer import OPDTrainer
+    from opd.train.trainer import OPDTrainer
 
     vllm_ro = [
         "--rollout.backend",
@@ -216,10 +216,10 @@ def test_serve_teacher_real_server_on_loopback(pair, tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    from opd.teacher_http import HTTPTeacher, TeacherUnavailableError
-    from opd.teacher_server import TeacherServer
-    from opd.teacher_topk import topk_from_logits
-    from opd.trainer import OPDTrainer
+    from opd.objectives.topk import topk_from_logits
+    from opd.teachers.http import HTTPTeacher, TeacherUnavailableError
+    from opd.teachers.server import TeacherServer
+    from opd.train.trainer import OPDTrainer
 
     port = _free_port()
     log = tmp_path / "server.log"

@@ -150,16 +150,16 @@ class LossConfig(_Section):
     )  # fmt: skip
     from_hidden_states: bool = Field(
         True, description="take the student's and HF teacher's last hidden states and project them to the vocabulary "
-        "one chunk of response rows at a time inside the loss (opd.head_loss), never building [B, T, V] logits; "
+        "one chunk of response rows at a time inside the loss (opd.objectives.hidden), never building [B, T, V] logits; "
         "diagnostics, signal stats and the engine log-prob cross-check come from the same chunks. Under "
         "student.autocast the student's projection runs in the autocast dtype, as its head would. false = the "
-        "plain path: [B, T, V] logits from each model's forward, then opd.objectives on them (the readable "
+        "plain path: [B, T, V] logits from each model's forward, then opd.objectives.token on them (the readable "
         "reference; needed only for a model whose head is not a linear layer)",
     )  # fmt: skip
 
     @model_validator(mode="after")
     def _combination(self) -> LossConfig:
-        from opd.objectives import validate_objective
+        from opd.objectives.token import validate_objective
 
         try:
             validate_objective(self.signal, self.divergence, self.support, self.renorm, self.beta, self.k)
@@ -217,7 +217,7 @@ class EvalConfig(_Section):
 
 
 class AlarmConfig(_Section):
-    """Collapse alarms during training (`opd.alarms`): the paper's late-collapse signatures (finding 7).
+    """Collapse alarms during training (`opd.train.alarms`): the paper's late-collapse signatures (finding 7).
 
     Each watched metric is compared with its own baseline, an exponential moving average over the run's
     clean steps (steps with an alarm never update it, so a slow collapse cannot drag it along). A null
@@ -353,7 +353,7 @@ class TrainConfig(_Section):
         tc = self.teacher
         if tc.backend == "hf":
             return self
-        from opd.teacher_topk import check_sparse_objective
+        from opd.objectives.topk import check_sparse_objective
 
         try:
             check_sparse_objective(self.loss.signal, self.loss.support, self.loss.k, tc.top_k)
@@ -547,12 +547,13 @@ def parse_overrides(
 
 
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` on top of `base`, section by section; a new dict that shares nothing with either."""
     out = copy.deepcopy(base)
     for key, value in over.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = deep_merge(out[key], value)
         else:
-            out[key] = value
+            out[key] = copy.deepcopy(value)
     return out
 
 

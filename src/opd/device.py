@@ -8,7 +8,7 @@ between the host and the compute device.
 - **Compute device** (`resolve_device`): the device a command's models run on. ``auto`` is the
   process's own GPU (``cuda:LOCAL_RANK``) when CUDA is available, else the CPU; the trainer and SFT use
   accelerate's device, which follows the same rule.
-- **Rollouts** (`opd.rollout.Rollout`) and **top-K teacher scores** (`opd.teacher_topk.TeacherTopK`) are
+- **Rollouts** (`opd.generation.rollout.Rollout`) and **top-K teacher scores** (`opd.objectives.topk.TeacherTopK`) are
   moved to the compute device once, by the trainer, right after they are produced (`place`): generators
   and engines may return them anywhere (vLLM and HTTP teachers build them on the CPU). Everything
   downstream (scoring, losses, diagnostics) takes them as they are and never moves them again.

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from opd.objectives import (
+from opd.objectives.token import (
     compute_dtype,
     masked_positions,
     row_chunks,

@@ -1,6 +1,6 @@
 """The lab's experiments as data: which OPD runs test which of the paper's claims, and how to judge them.
 
-Every experiment is a set of ordinary OPD runs (`opd.trainer.OPDTrainer`, see `opd.lab.runner`) over
+Every experiment is a set of ordinary OPD runs (`opd.train.trainer.OPDTrainer`, see `opd.lab.runner`) over
 arms x seeds, and a verdict function that turns the measured numbers into "reproduced / partly / not
 reproduced" per claim. Verdicts are computed from result files only (`aggregate` over `run_metrics` of
 each ``result.json``), never typed in, so a rerun with other numbers can flip them; that is the point.
@@ -69,7 +69,7 @@ class PromptsSpec:
 
     kind ``levels``: `n` fresh problems drawn by level with weights `mix`, never a held-out one.
     kind ``aligned``: Recipe B. A pool of `n_pool` candidates (weights `mix`) is scored on student
-    rollouts with `opd.prompts.score_records`; `opd.prompts.select_prompts` then takes `n` prompts:
+    rollouts with `opd.recipes.prompts.score_records`; `opd.recipes.prompts.select_prompts` then takes `n` prompts:
     the teacher's own post-training problems first (weights `teacher_mix`, when given), else the pool's
     best by `score_key`, plus a share `mix_fraction` of random pool prompts.
     Recipe B's control is kind ``levels`` with the pool's `mix`: random prompts of the same distribution.
@@ -867,7 +867,7 @@ EXPERIMENTS: dict[str, ExperimentSpec] = {
             title="7. Recipe B: teacher-aligned prompts vs non-aligned",
             description="lab:student toward teacher_novel on (a) the teacher's own post-training problems (levels "
             "4-5 in its training mix) with 25% random pool prompts, (b) the pool's prompts ranked by "
-            "overlap ratio on student rollouts (opd.prompts.score_records/select_prompts) with 25% "
+            "overlap ratio on student rollouts (opd.recipes.prompts.score_records/select_prompts) with 25% "
             "random, (c) random pool prompts. The lab's prompts have one template (raw), so the "
             "template half of finding 6 is not tested here.",
             arms=(

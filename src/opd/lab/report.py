@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from opd.eval import json_safe
+from opd.files import json_safe
 from opd.lab.experiments import (
     EXPERIMENTS,
     ExperimentData,
@@ -179,7 +179,7 @@ def _doctor_rows(probe: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 
 def write_summary(spec: ExperimentSpec, runs: str | Path) -> dict[str, Any]:
     """Summarise an experiment's result files into <runs>/<experiment>/summary.json; returns it."""
-    from opd.checkpoint import atomic_write_text
+    from opd.files import atomic_write_text
 
     summary = summarize(spec, load_results(runs, spec.name), load_probe(runs, spec.name))
     path = Path(runs, spec.name, "summary.json")

@@ -1,13 +1,13 @@
 """Run lab experiments: ordinary OPD runs on zoo models, evaluated per level, written as result files.
 
-Each (experiment, arm, seed) is one `opd.trainer.OPDTrainer` run with a `TrainConfig` built in code
+Each (experiment, arm, seed) is one `opd.train.trainer.OPDTrainer` run with a `TrainConfig` built in code
 (`LAB_DEFAULTS`, then the experiment's `common`, then the arm's `loss`/`overrides`), so the lab measures
 the same engine a user trains real models with. Around it the runner
 
 * writes the training prompts (fresh problems by level, never a held-out one; or Recipe B's selection),
 * optionally prepares the student (Recipe A: teacher rollouts -> response-only SFT),
 * evaluates the student before and after, and the teacher, on the zoo's held-out file of every level
-  with `opd.eval.evaluate_prepared` and `LabVerifier`,
+  with `opd.evaluation.eval.evaluate_prepared` and `LabVerifier`,
 * and writes ``<out>/<experiment>/<arm>/seed<k>/result.json`` (config, per-step metrics copied from
   metrics.jsonl, in-loop gap-level accuracy, per-level accuracy before/after, wall time, seed), then
   ``<out>/<experiment>/summary.json`` with mean and spread over seeds and the verdicts
@@ -31,7 +31,6 @@ Decisions, and why:
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import json
@@ -46,6 +45,7 @@ from typing import Any
 
 import torch
 
+from opd.config import deep_merge
 from opd.lab.experiments import ArmSpec, ExperimentSpec, PromptsSpec
 
 __all__ = [
@@ -85,16 +85,6 @@ LAB_DEFAULTS: dict[str, Any] = {
 step. lr 3e-4 (constant, fresh AdamW): the zoo models were trained from scratch at 1.5-3e-3, and on the
 shipped student 3e-4 lifted the gap level from 49% to 88% in 80 steps without touching levels 2-3, while
 1e-3 on a weaker student halved its level-2 accuracy; the paper's 1e-6 is for 1-7B pretrained models."""
-
-
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -204,7 +194,7 @@ def evaluate_levels(
     match), which shows a student switching patterns, not just getting answers right.
     """
     from opd.data import load_prompts
-    from opd.eval import evaluate_prepared, prepare_prompts
+    from opd.evaluation.eval import evaluate_prepared, prepare_prompts
     from opd.lab.world import MAX_NEW_TOKENS, LabVerifier, pattern_of
 
     was_training = model.training
@@ -269,7 +259,7 @@ def write_training_prompts(
 ) -> dict[str, Any]:
     """Write the run's training prompt file; returns a small report (counts by level, selection stats).
 
-    For kind ``aligned``, `score` maps a list of problems to `opd.prompts.score_records` rows (the
+    For kind ``aligned``, `score` maps a list of problems to `opd.recipes.prompts.score_records` rows (the
     runner passes one bound to the student and teacher models).
     """
     from opd.lab.world import write_prompt_file
@@ -280,7 +270,7 @@ def write_training_prompts(
         problems = draw_problems(spec.mix, spec.n, seed=base_seed, exclude=exclude)
         write_prompt_file(path, problems)
     elif spec.kind == "aligned":
-        from opd.prompts import select_prompts, summarize
+        from opd.recipes.prompts import select_prompts, summarize
 
         pool = draw_problems(spec.mix, spec.n_pool, seed=base_seed, exclude=exclude)
         rows = [{"prompt": p.prompt, "answer": p.answer, "level": p.level} for p in pool]
@@ -334,10 +324,12 @@ def build_train_config(
     from opd.config import TrainConfig
     from opd.lab.world import MAX_NEW_TOKENS
 
-    data = _merge(LAB_DEFAULTS, spec.common)
-    data = _merge(data, arm.overrides)
-    data = _merge(data, {"loss": dict(arm.loss)})  # k above the vocabulary is clamped by opd.objectives
-    data = _merge(data, {
+    data = deep_merge(LAB_DEFAULTS, spec.common)
+    data = deep_merge(data, arm.overrides)
+    data = deep_merge(
+        data, {"loss": dict(arm.loss)}
+    )  # k above the vocabulary is clamped by opd.objectives.token
+    data = deep_merge(data, {
         "student": {"path": student_path}, "teacher": {"path": teacher_path},
         "data": {"prompts": str(prompts)}, "run_dir": str(run_dir), "steps": steps, "seed": seed,
         "checkpoint_every": steps,
@@ -370,7 +362,7 @@ def load_result(path: str | Path) -> dict[str, Any] | None:
 
 
 def _atomic_write_json(path: Path, obj: Any) -> None:
-    from opd.checkpoint import atomic_write_text
+    from opd.files import atomic_write_text
 
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(obj, indent=1, default=_json_default) + "\n")
@@ -510,7 +502,7 @@ class LabRunner:
 
     def evaluate_path(self, path: str) -> dict[str, dict[str, float]]:
         """Per-level accuracy of a saved model, cached by weights digest + eval settings + eval files."""
-        from opd.models import load_model, load_tokenizer
+        from opd.models.loading import load_model, load_tokenizer
 
         files = {str(lv): _weights_digest(p) for lv, p in self.zoo.eval_files.items()}
         key = _fingerprint({"w": self._digest(path), "e": self.eval.key(), "f": files})
@@ -531,7 +523,7 @@ class LabRunner:
         """Everything that determines a run's outcome, and nothing that only names it."""
         return _fingerprint({
             "student": self._digest(self.zoo.resolve(arm.student)), "teacher": self._digest(self.zoo.resolve(arm.teacher)),
-            "config": _merge(_merge(_merge(LAB_DEFAULTS, spec.common), arm.overrides), {"loss": dict(arm.loss)}),
+            "config": deep_merge(deep_merge(deep_merge(LAB_DEFAULTS, spec.common), arm.overrides), {"loss": dict(arm.loss)}),
             "prompts": dataclasses.asdict(arm.prompts), "prepare": [arm.prepare, arm.prepare_args],
             "seed": seed, "steps": steps, "eval": self.eval.key(), "format": FORMAT,
         })  # fmt: skip
@@ -572,9 +564,9 @@ class LabRunner:
     def _train_and_evaluate(
         self, spec: ExperimentSpec, arm: ArmSpec, seed: int, steps: int, run_dir: Path, label: str
     ) -> dict[str, Any]:
-        from opd.models import load_tokenizer
-        from opd.tracking import read_metrics
-        from opd.trainer import OPDTrainer
+        from opd.models.loading import load_tokenizer
+        from opd.train.tracking import read_metrics
+        from opd.train.trainer import OPDTrainer
 
         t0 = time.perf_counter()
         if run_dir.exists():
@@ -669,13 +661,13 @@ class LabRunner:
     # -- preparation steps ---------------------------------------------------------------------------
 
     def _scorer(self, student: str, teacher: str, seed: int) -> Callable[[list[Any]], list[dict[str, Any]]]:
-        """Recipe B scoring: `opd.prompts.score_records` of problems on student rollouts vs the teacher."""
+        """Recipe B scoring: `opd.recipes.prompts.score_records` of problems on student rollouts vs the teacher."""
 
         def score(problems: list[Any]) -> list[dict[str, Any]]:
             from opd.data import PromptRecord
             from opd.lab.world import MAX_NEW_TOKENS
-            from opd.models import load_model, load_tokenizer, shared_vocab_size
-            from opd.prompts import score_records
+            from opd.models.loading import load_model, load_tokenizer, shared_vocab_size
+            from opd.recipes.prompts import score_records
 
             tok = load_tokenizer(student)
             s_model = load_model(student, device=self.compute_device)
@@ -705,13 +697,13 @@ class LabRunner:
     ) -> tuple[str, dict[str, Any]]:
         """Recipe A: the teacher answers fresh problems (T=1, one each), filtered like `opd generate`
         (truncated, no final ``#answer``, repetition; no correctness check, as in the paper's code), then
-        response-only SFT of the student (`opd.sft.SFTTrainer`). Returns the SFT model's path."""
-        from opd.generate import filter_reasons
+        response-only SFT of the student (`opd.train.sft.SFTTrainer`). Returns the SFT model's path."""
+        from opd.generation.rollout import SamplingParams
+        from opd.generation.sampling import sample_responses
         from opd.lab.world import MAX_NEW_TOKENS, parse_answer
-        from opd.models import load_model, load_tokenizer
-        from opd.rollout import SamplingParams
-        from opd.sampling import sample_responses
-        from opd.sft import SFTConfig, SFTTrainer
+        from opd.models.loading import load_model, load_tokenizer
+        from opd.recipes.generate import filter_reasons
+        from opd.train.sft import SFTConfig, SFTTrainer
 
         a = arm.prepare_args
         opd_set = {json.loads(x)["prompt"] for x in opd_prompts.read_text(encoding="utf-8").splitlines() if x}
@@ -726,7 +718,7 @@ class LabRunner:
         kept, rejected = [], 0
         filters = list(a.get("filters", ["truncated", "no_answer", "repetition"]))
         for s in samples:
-            # opd.generate's no_answer filter looks for \boxed{}/Answer:, so the lab's `#answer` is checked here
+            # opd.recipes.generate's no_answer filter looks for \boxed{}/Answer:, so the lab's `#answer` is checked here
             reasons = filter_reasons(s.text, truncated=s.truncated, answer=None, max_new_tokens=MAX_NEW_TOKENS,
                                      filters=[f for f in filters if f != "no_answer"])  # fmt: skip
             if "no_answer" in filters and parse_answer(s.text) is None:
@@ -790,7 +782,7 @@ class LabRunner:
 
     def _doctor_probe(self, spec: ExperimentSpec) -> dict[str, Any]:
         """`opd doctor` (the same `run_doctor` the command runs) on the gap level, cached by its inputs."""
-        from opd.doctor import DoctorConfig, run_doctor
+        from opd.evaluation.doctor import DoctorConfig, run_doctor
         from opd.lab.world import MAX_NEW_TOKENS
 
         a = spec.probe_args
@@ -813,7 +805,7 @@ class LabRunner:
             return cached
         self.reporter.message(f"  probe: opd doctor on {a['student']} with {', '.join(a['teachers'])}")
         res = run_doctor(cfg)
-        from opd.doctor_report import write_doctor_report
+        from opd.report.doctor import write_doctor_report
 
         write_doctor_report(res, cfg.out)
         res["fingerprint"] = fp
@@ -888,11 +880,11 @@ def teacher_pair_probe(
     from opd.data import load_prompts
     from opd.device import resolve_device
     from opd.diagnostics import token_diagnostics
+    from opd.generation.rollout import HFGenerator, SamplingParams
+    from opd.generation.sampling import stop_ids_for
+    from opd.generation.scoring import response_logits
     from opd.lab.world import MAX_NEW_TOKENS
-    from opd.models import load_model, load_tokenizer
-    from opd.rollout import HFGenerator, SamplingParams
-    from opd.sampling import stop_ids_for
-    from opd.scoring import response_logits
+    from opd.models.loading import load_model, load_tokenizer
 
     device = resolve_device(device)
     tok = load_tokenizer(student)

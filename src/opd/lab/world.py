@@ -30,7 +30,7 @@ from typing import Literal
 
 from transformers import PreTrainedTokenizerFast
 
-from opd.verify import Verdict
+from opd.evaluation.verify import Verdict
 
 __all__ = [
     "CHARSET",
@@ -209,10 +209,10 @@ def pattern_of(response: str, prompt: str | None = None) -> Pattern | None:
 class LabVerifier:
     """Grader for lab problems: correct iff the response's ``#answer`` equals the gold answer.
 
-    Use as ``opd.verify.get_verifier("opd.lab.world:LabVerifier")`` (instantiated without arguments).
+    Use as ``opd.evaluation.verify.get_verifier("opd.lab.world:LabVerifier")`` (instantiated without arguments).
     The intermediate steps are not graded (a wrong step with a right answer counts as right, as with
     outcome rewards in the paper). Truncated responses (no EOS within the budget) are graded on their
-    text like any other, which is opd.eval's convention; with `MAX_NEW_TOKENS` at twice the longest
+    text like any other, which is opd.evaluation.eval's convention; with `MAX_NEW_TOKENS` at twice the longest
     solution, a response that hits the budget has written past its answer, so it cannot end in a lone
     ``#answer`` (see `parse_answer`) and counts wrong: in effect an answer counts only when EOS came.
     """
@@ -230,9 +230,9 @@ class LabVerifier:
 def build_lab_tokenizer() -> PreTrainedTokenizerFast:
     """A real character-level fast tokenizer over `CHARSET` with pad/bos/eos/unk (ids 0..3).
 
-    Reuses `opd.tiny.build_tiny_tokenizer`, so it also carries the tiny chat template and role tokens;
+    Reuses `opd.models.tiny.build_tiny_tokenizer`, so it also carries the tiny chat template and role tokens;
     lab prompts use the ``raw`` template, where the tokenizer only prepends BOS.
     """
-    from opd.tiny import build_tiny_tokenizer
+    from opd.models.tiny import build_tiny_tokenizer
 
     return build_tiny_tokenizer(charset=CHARSET)

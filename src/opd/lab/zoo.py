@@ -7,7 +7,7 @@ load), by teacher-forced cross-entropy on ``prompt + solution + EOS`` with the p
 
 * ``student``: small, pattern A, trained mostly on easy levels and rarely on the gap level
   (`GAP_LEVEL`), so it is partly inside the capability gap (a student with no support on a level gets
-  no usable OPD signal: lab-notes), and never on the hardest level.
+  no usable OPD signal: measured while building the zoo), and never on the hardest level.
 * ``teacher_novel``: the student's own checkpoint trained further on the hard levels (pattern A): a
   compatible descendant with new capability, like an RL-post-trained model.
 * ``teacher_big``: same pipeline and data mix as the student, but 3x the parameters and trained longer:
@@ -20,7 +20,7 @@ Each model is saved with ``save_pretrained`` (safetensors) plus its tokenizer in
 ``zoo_files/<name>/``, beside the held-out eval prompt files and a ``MANIFEST.json`` with every file's
 sha256, every model's per-level accuracy (greedy and T=1, with format exact-match per pattern), the
 student-vs-teacher overlap diagnostics at the gap level, seeds, step counts and build time. Accuracy is
-measured with `opd.eval.evaluate_prepared` and `LabVerifier`, the same machinery later OPD experiments
+measured with `opd.evaluation.eval.evaluate_prepared` and `LabVerifier`, the same machinery later OPD experiments
 use, so the numbers mean the same thing there.
 """
 
@@ -367,13 +367,13 @@ def evaluate_levels(
 ) -> dict[str, dict[str, dict[str, float]]]:
     """Accuracy per level on the held-out problems: {"greedy"|"t1": {level: {acc, format_A, ...}}}.
 
-    Uses `opd.eval.evaluate_prepared` with `LabVerifier` and the lab's response budget, so the numbers
+    Uses `opd.evaluation.eval.evaluate_prepared` with `LabVerifier` and the lab's response budget, so the numbers
     are the ones `opd eval` and in-loop OPD evaluation report. ``format_A``/``format_B`` are the rates of
     responses equal to that pattern's canonical solution (exact match, arithmetic included);
     ``truncated`` is the rate of responses that never emitted EOS.
     """
     from opd.data import PromptRecord
-    from opd.eval import evaluate_prepared, prepare_prompts
+    from opd.evaluation.eval import evaluate_prepared, prepare_prompts
 
     verifier = LabVerifier()
     out: dict[str, dict[str, dict[str, float]]] = {}
@@ -418,13 +418,13 @@ def gap_diagnostics(
     """Agreement of each teacher with the student at student-visited states of `level`.
 
     `n` student rollouts at T=1 on held-out problems of the level, scored by the student and each teacher
-    (`opd.scoring.response_logits`), then `opd.diagnostics.token_diagnostics` for every k in `ks`.
+    (`opd.generation.scoring.response_logits`), then `opd.diagnostics.token_diagnostics` for every k in `ks`.
     Returns {teacher: {"k4/overlap_ratio": ..., "reverse_kl": ..., ...}}.
     """
     from opd.diagnostics import token_diagnostics
-    from opd.rollout import HFGenerator, SamplingParams
-    from opd.sampling import stop_ids_for
-    from opd.scoring import response_logits
+    from opd.generation.rollout import HFGenerator, SamplingParams
+    from opd.generation.sampling import stop_ids_for
+    from opd.generation.scoring import response_logits
 
     problems = eval_problems(level)[:n]
     prompt_ids = [tok(p.prompt)["input_ids"] for p in problems]

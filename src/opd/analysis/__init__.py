@@ -1,0 +1,1 @@
+"""What a training run's own files say about it (`opd analyze`)."""

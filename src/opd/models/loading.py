@@ -1,0 +1,694 @@
+"""Loading the student and teacher, and the checks that must pass before their scores are comparable.
+
+OPD scores the student's token ids with the teacher, so the two must agree on what every id means
+(same vocabulary), the teacher's logits must be cut to that shared vocabulary (padded output layers
+differ between sizes of one family), and the EOS/chat-template setup of both must be visible at start-up
+(field notes #5, #6, #7).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import pickle
+import re
+import zipfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig, PreTrainedModel
+
+from opd.device import resolve_device
+from opd.errors import ConfigError, ModelError, TokenizerMismatchError
+
+log = logging.getLogger(__name__)
+
+DTYPES: dict[str, torch.dtype | str] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "auto": "auto",
+}
+_DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+
+# Words in hub/network failures; anything else (a broken config, a bad GGUF) is re-raised as is.
+_OFFLINE_MARKERS = (
+    "connect",
+    "offline",
+    "resolve",
+    "not a valid model identifier",
+    "does not appear to have",
+    "repository not found",
+    "couldn't find",
+    "404",
+    "name or service not known",
+)
+
+
+def resolve_dtype(dtype: str) -> torch.dtype | str:
+    """The torch dtype for a config string; unknown names fail here rather than inside transformers."""
+    name = _DTYPE_ALIASES.get(str(dtype).lower(), str(dtype).lower())
+    if name not in DTYPES:
+        raise ConfigError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}.")
+    return DTYPES[name]
+
+
+MODEL_SCHEMES = "opd.model_schemes"
+
+
+def model_scheme(scheme: str) -> Callable[[str], Path]:
+    """The resolver of ``SCHEME:NAME`` model specs, from the ``opd.model_schemes`` entry-point group.
+
+    An entry point rather than an import: opd's lab registers ``lab`` this way, so loading a model never
+    imports the lab (and other packages can add schemes of their own)."""
+    from importlib.metadata import entry_points
+
+    found = {ep.name: ep for ep in entry_points(group=MODEL_SCHEMES)}
+    if scheme not in found:
+        known = ", ".join(f"{n}:NAME" for n in sorted(found)) or "none (is opd installed? pip install -e .)"
+        raise ModelError(f"no resolver for {scheme}:... model specs; known: {known}")
+    return found[scheme].load()
+
+
+def _classify(spec: str) -> tuple[str, Path | None]:
+    """('dir' | 'gguf' | 'hub', path) for a model spec; local-looking specs that do not exist fail here.
+
+    ``SCHEME:NAME`` resolves through the `model_scheme` registered for SCHEME (``lab:student`` is a model
+    of the lab zoo shipped with opd) to a directory, so such models go through exactly the loader real
+    checkpoints use.
+    """
+    scheme, sep, name = spec.partition(":")
+    if sep and len(scheme) > 1 and scheme.isidentifier() and not Path(spec).exists():
+        return "dir", model_scheme(scheme)(name.strip())
+    p = Path(spec).expanduser()
+    if p.is_dir():
+        return "dir", p
+    if p.suffix.lower() == ".gguf":
+        if not p.is_file():
+            raise ModelError(f"GGUF file not found: {p}; check the path.")
+        return "gguf", p
+    if p.exists():
+        raise ModelError(f"{p} is a file but not a .gguf; pass a model directory or a .gguf file.")
+    if spec.startswith(("/", "./", "../", "~")) or spec.count("/") > 1:
+        raise ModelError(f"model path not found: {p}; pass an existing directory, a .gguf file or a hub id.")
+    return "hub", None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Damaged and unsafe files: checked where they are opened, so the user gets one line naming the file
+# and what to do, not a traceback from gguf/safetensors/torch deep inside transformers.
+
+_REDOWNLOAD = "re-download it (compare its size or sha256 with the source)"
+_JSON_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json",
+               "pytorch_model.bin.index.json")  # fmt: skip
+_TOKENIZER_JSON = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def _first_line(err: BaseException, limit: int = 200) -> str:
+    text = str(err).strip().splitlines()
+    line = text[0] if text else type(err).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def check_gguf(path: Path) -> None:
+    """Refuse a GGUF file that is not one or is cut short, before transformers parses it.
+
+    gguf's reader maps the file and views every tensor's bytes; a truncated download fails there with
+    ``cannot reshape array of size ... into shape ...``. The same reader run here turns any failure into
+    one line naming the file. It only maps the file (no copy), so this costs a header parse.
+    """
+    import gguf
+
+    size = path.stat().st_size
+    with path.open("rb") as fh:
+        magic = fh.read(4)
+    if magic != b"GGUF":
+        raise ModelError(
+            f"{path}: not a GGUF file (it starts with {magic!r}, not b'GGUF'; {size:,} bytes); "
+            f"pass the .gguf itself, or {_REDOWNLOAD}."
+        )
+    try:
+        reader = gguf.GGUFReader(str(path))
+        need = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+    except Exception as e:  # numpy reshape/index errors, ValueError from the header, ...
+        raise ModelError(
+            f"{path}: damaged or truncated GGUF file ({size:,} bytes; the reader fails with "
+            f"{type(e).__name__}: {_first_line(e)}); {_REDOWNLOAD}."
+        ) from e
+    if need > size:
+        raise ModelError(
+            f"{path}: truncated GGUF file ({size:,} bytes, its tensors need {need:,}); {_REDOWNLOAD}."
+        )
+
+
+def check_safetensors(path: Path) -> None:
+    """Refuse a safetensors file whose header is unreadable or whose tensors run past its end.
+
+    The format is an 8-byte little-endian header length, a JSON header with each tensor's byte range,
+    then the data; reading the header (not the weights) finds a truncated or corrupt download.
+    """
+    size = path.stat().st_size
+    with path.open("rb") as fh:
+        head = fh.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 2 or 8 + n > size:
+            raise ModelError(
+                f"{path}: damaged or truncated safetensors file ({size:,} bytes, "
+                + ("too short for a header" if n < 0 else f"its header claims {n:,} bytes")
+                + f"); {_REDOWNLOAD}."
+            )
+        try:
+            header = json.loads(fh.read(n).decode("utf-8"))
+            ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError,
+                IndexError) as e:  # fmt: skip
+            raise ModelError(
+                f"{path}: damaged safetensors file (its header is not valid: {type(e).__name__}); {_REDOWNLOAD}."
+            ) from e
+    need = 8 + n + max(ends, default=0)
+    if need > size:
+        raise ModelError(
+            f"{path}: truncated safetensors file ({size:,} bytes, its header needs {need:,}); {_REDOWNLOAD}."
+        )
+
+
+def check_torch_bin(path: Path) -> None:
+    """Refuse a ``.bin`` checkpoint that is cut short (its zip directory is missing).
+
+    Only the container is checked here; what the pickle inside holds is judged by torch's
+    ``weights_only=True`` loader during the load, and `_model_load_error` words its refusal.
+    """
+    with path.open("rb") as fh:
+        start = fh.read(2)
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as zf:
+                if not any(n.endswith("data.pkl") for n in zf.namelist()):
+                    raise ModelError(
+                        f"{path}: not a PyTorch checkpoint (a zip without data.pkl); {_REDOWNLOAD}, "
+                        "or use the model's safetensors weights."
+                    )
+        except zipfile.BadZipFile as e:
+            raise ModelError(f"{path}: damaged PyTorch checkpoint ({_first_line(e)}); {_REDOWNLOAD}.") from e
+    elif not start.startswith(b"\x80"):  # neither torch's zip format nor its legacy raw pickle
+        raise ModelError(
+            f"{path}: damaged or truncated PyTorch checkpoint (not a zip archive, {path.stat().st_size:,} "
+            f"bytes); {_REDOWNLOAD}, or use the model's safetensors weights."
+        )
+
+
+def _check_json(path: Path) -> None:
+    from opd.errors import read_utf8
+
+    try:
+        json.loads(read_utf8(path, ModelError, "model file"))
+    except json.JSONDecodeError as e:
+        raise ModelError(
+            f"{path}:{e.lineno}: not valid JSON ({e.msg}, column {e.colno}); the file is damaged or "
+            f"truncated: {_REDOWNLOAD}."
+        ) from e
+
+
+def _shards(directory: Path, index_name: str) -> list[Path]:
+    index = directory / index_name
+    if not index.is_file():
+        return []
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8-sig"))["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
+        raise ModelError(f"{index}: damaged shard index ({type(e).__name__}); {_REDOWNLOAD}.") from e
+    missing = [n for n in names if not (directory / n).is_file()]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ModelError(
+            f"{directory / missing[0]}: weight shard listed in {index.name} is missing{more}; "
+            "download every shard of the model."
+        )
+    return [directory / n for n in names]
+
+
+def check_model_dir(directory: Path, *, weights: bool = True, tokenizer: bool = False) -> None:
+    """Check the files a model directory is loaded from: config, JSON side files and weight files.
+
+    `weights`: the files transformers would load (safetensors first, like transformers, else ``.bin``);
+    `tokenizer`: the tokenizer's JSON files. Missing optional files are not errors here.
+    """
+    if weights and not (directory / "config.json").is_file():
+        raise ModelError(
+            f"{directory}: no config.json, so this is not a Hugging Face model directory; pass the directory "
+            "that holds config.json and the weights (or a .gguf file)."
+        )
+    names = (_JSON_FILES if weights else ()) + (_TOKENIZER_JSON if tokenizer else ())
+    for name in names:
+        if (directory / name).is_file():
+            _check_json(directory / name)
+    if not weights:
+        return
+    safetensors = _shards(directory, "model.safetensors.index.json") or [
+        p for p in [directory / "model.safetensors"] if p.is_file()
+    ]
+    if safetensors:
+        for p in safetensors:
+            check_safetensors(p)
+        return
+    bins = _shards(directory, "pytorch_model.bin.index.json") or [
+        p for p in [directory / "pytorch_model.bin"] if p.is_file()
+    ]
+    for p in bins:
+        check_torch_bin(p)
+    weight_like = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt")
+    if (
+        not bins
+        and not (directory / "adapter_config.json").is_file()
+        and not any(f.suffix in weight_like for f in directory.iterdir())
+    ):
+        raise ModelError(
+            f"{directory}: has config.json but no weights (model.safetensors or pytorch_model.bin); the "
+            "download is incomplete or the model was saved without weights: download the weight files too."
+        )
+
+
+def _causes(err: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    cur: BaseException | None = err
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        yield cur
+        cur = cur.__cause__ or cur.__context__
+
+
+_UNSAFE_GLOBAL = re.compile(r"GLOBAL (\S+) was not an allowed global")
+
+
+def _model_load_error(spec: str, kind: str, path: Path | None, err: Exception) -> ModelError | None:
+    """One line for a known failure of transformers' loader on a local model; None for anything else.
+
+    Never suggests ``weights_only=False``: a pickle that safe loading refuses can run code when loaded,
+    so the way out is a safetensors copy, made where the source is trusted.
+    """
+    where = str(path) if path is not None else spec
+    if path is not None and path.is_dir():
+        bins = sorted(path.glob("pytorch_model*.bin"))
+        where = str(bins[0]) if len(bins) == 1 else where
+    for e in _causes(err):
+        if isinstance(e, pickle.UnpicklingError):
+            m = _UNSAFE_GLOBAL.search(str(e))
+            what = f"the Python object {m.group(1)}" if m else "Python objects other than tensors"
+            return ModelError(
+                f"{where}: refused to load: the pickle holds {what}, which opd will not unpickle (loading it "
+                "could run code); use the model's safetensors weights, or convert the checkpoint to "
+                "safetensors where you trust its source."
+            )
+        if isinstance(e, (EOFError, zipfile.BadZipFile)) or (
+            isinstance(e, RuntimeError) and "PytorchStreamReader" in str(e)
+        ):
+            return ModelError(
+                f"{where}: damaged or truncated PyTorch checkpoint ({_first_line(e)}); {_REDOWNLOAD}."
+            )
+        if type(e).__name__ == "SafetensorError":
+            return ModelError(f"{where}: damaged safetensors file ({_first_line(e)}); {_REDOWNLOAD}.")
+    if kind == "gguf" and isinstance(err, (ValueError, KeyError, NotImplementedError, IndexError)):
+        return ModelError(
+            f"{where}: transformers cannot load this GGUF ({type(err).__name__}: {_first_line(err)}); check that "
+            "transformers supports its architecture and quantization, or use a Hugging Face model directory."
+        )
+    return None
+
+
+def model_directory(spec: str, what: str = "this backend") -> Path:
+    """The local Hugging Face model directory a spec names (a dir or ``lab:NAME``), for engines (vLLM)
+    that load checkpoints themselves and cannot take a GGUF file or an offline hub id."""
+    kind, path = _classify(spec)
+    if kind != "dir" or path is None or not (path / "config.json").is_file():
+        raise ModelError(
+            f"{what} needs a Hugging Face model directory (config.json + safetensors), got {spec!r}; "
+            "save it with `model.save_pretrained(DIR)` and pass DIR"
+        )
+    return path
+
+
+def _hub_error(spec: str, what: str, err: Exception) -> ModelError | None:
+    text = f"{type(err).__name__} {err}".lower()
+    module = type(err).__module__
+    networky = isinstance(err, OSError) or module.startswith(
+        ("huggingface_hub", "httpx", "requests", "urllib3")
+    )
+    if networky and any(m in text for m in _OFFLINE_MARKERS):
+        return ModelError(
+            f"cannot load {what} {spec!r}: it is not a local directory or .gguf file, and the Hugging Face Hub "
+            f"is unreachable or has no such repository ({type(err).__name__}: {str(err).splitlines()[0]}). "
+            "Pass a local model directory or a .gguf path (or download it first where the hub is reachable)."
+        )
+    return None
+
+
+def load_tokenizer(spec: str, *, trust_remote_code: bool = False) -> Any:
+    """A tokenizer from a directory, a .gguf file or a hub id (hub only when online)."""
+    kind, path = _classify(spec)
+    _check_files(kind, path, weights=False, tokenizer=True)
+    try:
+        if kind == "dir":
+            return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+        if kind == "gguf":
+            assert path is not None
+            return AutoTokenizer.from_pretrained(
+                str(path.parent), gguf_file=path.name, trust_remote_code=trust_remote_code
+            )
+        return AutoTokenizer.from_pretrained(spec, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        if kind == "hub" and (err := _hub_error(spec, "tokenizer", e)) is not None:
+            raise err from e
+        if kind != "hub" and (err := _model_load_error(spec, kind, path, e)) is not None:
+            raise err from e
+        raise
+
+
+def _check_files(kind: str, path: Path | None, *, weights: bool, tokenizer: bool) -> None:
+    """Validate a local model's files before transformers opens them (see `check_model_dir`)."""
+    if path is None:
+        return
+    if kind == "gguf":
+        check_gguf(path)
+    elif kind == "dir":
+        check_model_dir(path, weights=weights, tokenizer=tokenizer)
+
+
+def load_model(
+    spec: str,
+    *,
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+    device: str | torch.device | None = None,
+) -> PreTrainedModel:
+    """A causal LM in eval mode, freshly loaded on every call.
+
+    No caching on purpose: student and teacher may come from the same file but the student gets trained,
+    so they must never share parameters.
+
+    `device`: where the model runs, resolved by `opd.device.resolve_device` (``auto``, ``cpu``,
+    ``cuda:N`` or a `torch.device`); the model is moved there once, here, right after loading. None
+    leaves it on the CPU for callers that place it themselves (the trainer and SFT, through accelerate).
+    """
+    torch_dtype = resolve_dtype(dtype)
+    target = None if device is None else resolve_device(device)  # a bad device fails before the load
+    kind, path = _classify(spec)
+    _check_files(kind, path, weights=True, tokenizer=False)
+    try:
+        if kind == "dir":
+            model = AutoModelForCausalLM.from_pretrained(
+                str(path), dtype=torch_dtype, trust_remote_code=trust_remote_code
+            )
+        elif kind == "gguf":
+            assert path is not None
+            # dequantize=True: with the `kernels` package installed transformers would otherwise keep the
+            # weights packed in GGUF blocks, which cannot be trained or saved as safetensors.
+            model = AutoModelForCausalLM.from_pretrained(
+                str(path.parent),
+                gguf_file=path.name,
+                dtype=torch_dtype,
+                quantization_config=GgufConfig(dequantize=True),
+                trust_remote_code=trust_remote_code,
+            )
+            _drop_gguf_quantization(model)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                spec, dtype=torch_dtype, trust_remote_code=trust_remote_code
+            )
+    except Exception as e:
+        if kind == "hub" and (err := _hub_error(spec, "model", e)) is not None:
+            raise err from e
+        if kind != "hub" and (err := _model_load_error(spec, kind, path, e)) is not None:
+            raise err from e
+        raise
+    model.eval()
+    if target is not None:
+        model.to(target)
+    return model
+
+
+def _drop_gguf_quantization(model: PreTrainedModel) -> None:
+    """Forget that the weights came from GGUF: they are already de-quantized to plain tensors.
+
+    Depending on the transformers version and path, a GGUF quantizer and `config.quantization_config`
+    stay on the model, which makes `save_pretrained` refuse to write (or a saved config claim GGUF
+    quantization) and blocks dtype casts; dequantize=True removes most of it, this removes the rest.
+    """
+    if getattr(model.config, "quantization_config", None) is not None:
+        try:
+            delattr(model.config, "quantization_config")
+        except AttributeError:
+            model.config.quantization_config = None
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    if hasattr(model, "quantization_method"):
+        with contextlib.suppress(AttributeError):
+            delattr(model, "quantization_method")
+    if getattr(model, "is_quantized", False):
+        model.is_quantized = False
+
+
+def prepare_tokenizer(tok: Any) -> list[str]:
+    """Make a tokenizer fit for batched generation; return notes on what was changed, for the start-up print.
+
+    Left padding keeps every prompt's last token at the same position, where generation starts. A
+    missing pad token is set to EOS (the usual choice), which means masks must come from lengths,
+    never from `ids == pad_id`, or generated EOS tokens get masked out.
+    """
+    notes: list[str] = []
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise ModelError(
+                f"tokenizer {getattr(tok, 'name_or_path', '?')!r} has neither a pad nor an EOS token; "
+                "generation cannot stop or batch. Use a tokenizer that defines eos_token."
+            )
+        tok.pad_token = tok.eos_token
+        notes.append(
+            f"tokenizer has no pad token: using EOS {tok.eos_token!r} (id {tok.eos_token_id}) as pad; "
+            "masks are built from lengths, so generated EOS tokens still count."
+        )
+    if tok.padding_side != "left":
+        notes.append(
+            f"padding_side {tok.padding_side!r} -> 'left' (prompts must end where generation starts)."
+        )
+        tok.padding_side = "left"
+    for note in notes:
+        log.warning(note)
+    return notes
+
+
+def _vocab_diff(a: dict[str, int], b: dict[str, int], limit: int = 5) -> list[str]:
+    out = []
+    for token in sorted(set(a) | set(b), key=lambda t: (a.get(t, b.get(t, 0)), t)):
+        ia, ib = a.get(token), b.get(token)
+        if ia != ib:
+            out.append(f"{token!r}: student id {ia}, teacher id {ib}")
+            if len(out) >= limit:
+                break
+    return out
+
+
+def check_tokenizers(student_tok: Any, teacher_tok: Any) -> dict[str, Any]:
+    """Compare the two tokenizers; refuse different vocabularies, warn about EOS/BOS/template differences.
+
+    The teacher scores the student's token ids. If an id maps to different strings in the two
+    vocabularies, every teacher log-prob is for a token the student never produced, silently
+    (TRL #4562). opd has no cross-tokenizer mode, so this is an error, not a warning.
+    """
+    sv, tv = student_tok.get_vocab(), teacher_tok.get_vocab()
+    report: dict[str, Any] = {
+        "student_vocab_size": len(sv),
+        "teacher_vocab_size": len(tv),
+        "same_vocab": sv == tv,
+        "warnings": [],
+    }
+    if sv != tv:
+        diffs = _vocab_diff(sv, tv)
+        raise TokenizerMismatchError(
+            f"student and teacher tokenizers have different vocabularies (student {len(sv)} tokens, "
+            f"teacher {len(tv)}); e.g. " + "; ".join(diffs) + ". The teacher would score the student's ids "
+            "as different strings (TRL #4562). Use a teacher from the same tokenizer family as the student; "
+            "opd does not support cross-tokenizer distillation."
+        )
+    warnings: list[str] = report["warnings"]
+    for name in ("eos", "bos", "pad"):
+        s_id, t_id = getattr(student_tok, f"{name}_token_id"), getattr(teacher_tok, f"{name}_token_id")
+        s_tok, t_tok = getattr(student_tok, f"{name}_token"), getattr(teacher_tok, f"{name}_token")
+        report[f"student_{name}"] = (s_tok, s_id)
+        report[f"teacher_{name}"] = (t_tok, t_id)
+        if s_id != t_id and name != "pad":
+            warnings.append(
+                f"{name.upper()} differs: student {s_tok!r} (id {s_id}), teacher {t_tok!r} (id {t_id}); "
+                "the student may never emit the token the teacher expects to end on (runaway length)."
+                if name == "eos"
+                else f"{name.upper()} differs: student {s_tok!r} (id {s_id}), teacher {t_tok!r} (id {t_id})."
+            )
+    s_tpl, t_tpl = getattr(student_tok, "chat_template", None), getattr(teacher_tok, "chat_template", None)
+    report["student_has_chat_template"] = bool(s_tpl)
+    report["teacher_has_chat_template"] = bool(t_tpl)
+    report["same_chat_template"] = s_tpl == t_tpl
+    if s_tpl != t_tpl:
+        which = (
+            "only the teacher has one"
+            if not s_tpl
+            else "only the student has one"
+            if not t_tpl
+            else "they differ"
+        )
+        warnings.append(
+            f"chat templates: {which}; both models are scored on the prompt rendered with the student's "
+            "template. Check the rendered prompt for both models at start-up."
+        )
+    for w in warnings:
+        log.warning(w)
+    return report
+
+
+def _rows(model: PreTrainedModel) -> tuple[int, int]:
+    """(output rows, input embedding rows) of a model."""
+    out = model.get_output_embeddings()
+    n_out = out.weight.shape[0] if out is not None and hasattr(out, "weight") else model.config.vocab_size
+    emb = model.get_input_embeddings()
+    n_in = emb.weight.shape[0] if emb is not None and hasattr(emb, "weight") else model.config.vocab_size
+    return int(n_out), int(n_in)
+
+
+def shared_vocab_size(student_model: PreTrainedModel, teacher_model: PreTrainedModel, tokenizer: Any) -> int:
+    """The number of logit columns both models share: the tokenizer's real vocabulary.
+
+    Checkpoints of one family pad their output layers to different sizes (Qwen2.5: 151936 vs 152064);
+    columns past the real vocabulary are never produced by the tokenizer and must be sliced away before
+    comparing distributions, or the softmaxes differ in support. Counts the highest id, not just
+    `len(tokenizer)`, in case a vocabulary has holes.
+    """
+    vocab = tokenizer.get_vocab()
+    n = max(len(tokenizer), max(vocab.values(), default=-1) + 1)
+    sizes = {}
+    for name, model in (("student", student_model), ("teacher", teacher_model)):
+        n_out, n_in = _rows(model)
+        sizes[name] = n_out
+        if min(n_out, n_in) < n:
+            raise ModelError(
+                f"the {name} model is too small for the tokenizer: {n_out} output rows and {n_in} embedding "
+                f"rows, but the tokenizer has {n} tokens. The {name} was trained with a different "
+                "tokenizer; pass the tokenizer that belongs to it."
+            )
+    log.info(
+        "vocabulary: shared %d tokens; student logits %d, teacher logits %d (extra rows are sliced away)",
+        n,
+        sizes["student"],
+        sizes["teacher"],
+    )
+    return n
+
+
+def _as_list(x: Any) -> list[int]:
+    if x is None:
+        return []
+    return [int(v) for v in x] if isinstance(x, (list, tuple)) else [int(x)]
+
+
+def special_tokens_report(tokenizer: Any, model: PreTrainedModel) -> dict[str, Any]:
+    """Special tokens as tokenizer, config and generation config see them, for the start-up print.
+
+    Generation stops on `generation_config.eos_token_id`; if the tokenizer's EOS (the one the chat
+    template ends turns with) is not among those ids, rollouts run to the length limit.
+    """
+    gen = getattr(model, "generation_config", None)
+    gen_eos = _as_list(getattr(gen, "eos_token_id", None)) if gen is not None else []
+    report: dict[str, Any] = {
+        name: {"token": getattr(tokenizer, f"{name}_token"), "id": getattr(tokenizer, f"{name}_token_id")}
+        for name in ("bos", "eos", "pad")
+    }
+    report["config_eos_ids"] = _as_list(getattr(model.config, "eos_token_id", None))
+    report["generation_eos_ids"] = gen_eos
+    report["has_chat_template"] = bool(getattr(tokenizer, "chat_template", None))
+    warnings = []
+    eos_id = tokenizer.eos_token_id
+    if eos_id is not None and gen_eos and eos_id not in gen_eos:
+        warnings.append(
+            f"tokenizer EOS {tokenizer.eos_token!r} (id {eos_id}) is not a generation stop id {gen_eos}; "
+            "rollouts may not stop where the template ends a turn."
+        )
+    if not gen_eos and eos_id is None:
+        warnings.append("no EOS anywhere: generation only stops at the length limit.")
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id == eos_id:
+        warnings.append("pad token is EOS: masks must come from lengths, not from pad ids.")
+    report["warnings"] = warnings
+    return report
+
+
+def freeze_teacher(model: PreTrainedModel) -> PreTrainedModel:
+    """No gradients and eval mode: the teacher must never hold grads or optimizer state (field notes #10)."""
+    model.requires_grad_(False)
+    model.eval()
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------
+# A student/teacher pair: the one loader every command that compares two models uses
+
+
+@dataclass
+class PairTokenizers:
+    """Both tokenizers, prepared for batched generation and checked to agree on every id."""
+
+    student: Any
+    teacher: Any
+    report: dict[str, Any]  # check_tokenizers' findings (warnings about EOS/templates)
+    notes: list[str]  # what prepare_tokenizer changed, for the start-up print
+
+
+@dataclass
+class Pair:
+    """A loaded student/teacher pair; ``teacher`` is None when it scores elsewhere (vLLM, HTTP)."""
+
+    tokenizers: PairTokenizers
+    student: PreTrainedModel
+    teacher: PreTrainedModel | None
+    vocab_size: int  # logit columns both share (padded rows sliced away)
+
+
+def load_pair_tokenizers(
+    student: str, teacher: str | None, *, student_trust_remote_code: bool = False,
+    teacher_trust_remote_code: bool = False,
+) -> PairTokenizers:  # fmt: skip
+    """Load, prepare and compare both tokenizers before any weights are read, so a mismatched pair fails
+    in seconds (`TokenizerMismatchError`). Without a teacher path (an HTTP teacher checked against the
+    server's tokenizer later) the student's stands in."""
+    s_tok = load_tokenizer(student, trust_remote_code=student_trust_remote_code)
+    t_tok = load_tokenizer(teacher, trust_remote_code=teacher_trust_remote_code) if teacher else s_tok
+    notes = prepare_tokenizer(s_tok) + prepare_tokenizer(t_tok)
+    return PairTokenizers(s_tok, t_tok, check_tokenizers(s_tok, t_tok), notes)
+
+
+def load_pair(
+    student: str, teacher: str | None, *, student_dtype: str = "float32", teacher_dtype: str = "float32",
+    student_trust_remote_code: bool = False, teacher_trust_remote_code: bool = False,
+    device: torch.device | str | None = None, teacher_model: bool = True,
+    tokenizers: PairTokenizers | None = None,
+) -> Pair:  # fmt: skip
+    """Tokenizers (unless already checked: `tokenizers`), then both models, the teacher frozen, and the
+    vocabulary they share. ``teacher_model=False`` loads no teacher weights: an engine teacher's ids come
+    from the shared tokenizer, so the student alone bounds the columns."""
+    toks = tokenizers or load_pair_tokenizers(
+        student, teacher, student_trust_remote_code=student_trust_remote_code,
+        teacher_trust_remote_code=teacher_trust_remote_code,
+    )  # fmt: skip
+    s_model = load_model(
+        student, dtype=student_dtype, trust_remote_code=student_trust_remote_code, device=device
+    )
+    t_model = None
+    if teacher_model:
+        if not teacher:
+            raise ConfigError("a teacher model path is needed to load the teacher's weights")
+        t_model = freeze_teacher(
+            load_model(
+                teacher, dtype=teacher_dtype, trust_remote_code=teacher_trust_remote_code, device=device
+            )
+        )
+    return Pair(toks, s_model, t_model, shared_vocab_size(s_model, t_model or s_model, toks.student))

@@ -1,0 +1,1 @@
+"""Writing results for people: markdown, HTML and figures."""

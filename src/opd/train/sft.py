@@ -1,0 +1,622 @@
+"""`opd sft`: supervised fine-tuning on response tokens only, the first half of the off-policy cold start.
+
+Data (JSONL, one conversation per line; `opd generate` writes it):
+
+- ``messages`` ending with an assistant turn: rendered with the tokenizer's chat template. The last
+  assistant turn is the target; everything before it (system, user, earlier turns) is context with
+  label -100. The boundary is found by rendering the conversation without the last turn with
+  ``add_generation_prompt=True`` and checking that this text is a prefix of the full rendering (templates
+  that rewrite history, e.g. by stripping ``<think>`` blocks, fail here with ``file:line``). The target is
+  the rest of the rendering, so the assistant turn's end-of-turn / EOS tokens are learnt too: a student
+  that never learns to stop runs away in OPD. Prompt and target are tokenised separately, exactly as the
+  teacher generated them (prompt ids, then sampled ids), so no BPE merge crosses the boundary.
+- ``prompt`` + ``response`` (used when there are no messages, or with a non-chat template): the prompt is
+  rendered with `template` (``raw``, ``dapo``, ``boxed``, a format string, or ``chat``/``chat:<x>`` as a
+  single user message); the target is the response followed by EOS.
+
+`opd generate` output: train with ``template: chat`` when it was generated with ``chat`` or
+``chat:<x>`` (its messages already hold the filled prompt), and with the generation template itself when
+that was a non-chat one (the teacher then saw the raw rendering, which `prompt`/`response` reproduce).
+
+Too-long examples (prompt + target > `max_seq_len` tokens) are SKIPPED and counted, not truncated: a cut
+response would teach the student to stop mid-thought, and failing the whole run over a few long-tail
+teacher responses is worse than dropping them. The count and the first sources are printed and written
+to ``RUN_DIR/data_report.json``; a data set with nothing left is an error.
+
+Optimisation mirrors `opd train`: AdamW, grad-norm clip, `opd.train.trainer.lr_lambda` schedules (paper
+defaults for SFT here: lr 1e-5, cosine, 5% warmup, weight decay 0.01), atomic checkpoints, ``--resume``.
+Each step takes `batch_size` examples (global, across processes) from a `PromptCursor` (epochs are fresh
+seeded permutations) and splits them into micro-batches; the loss is the sum of token cross-entropies
+divided by the number of target tokens of the WHOLE step, so micro-batch size and process count do not
+change the gradient.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from opd.config import Dtype, OptimConfig, TrackingConfig, dump_config
+from opd.device import clock, reduce_sum
+from opd.errors import ConfigError, DataError, StorageError, read_utf8
+from opd.files import atomic_write_text
+from opd.progress import bar
+from opd.train import checkpoint as ckpt
+
+IGNORE = -100
+
+
+class SFTOptimConfig(OptimConfig):
+    """`opd train`'s optimizer settings with the paper's SFT defaults."""
+
+    lr: float = Field(1e-5, gt=0.0)
+    schedule: Literal["constant", "warmup", "cosine"] = "cosine"
+    warmup_ratio: float = Field(0.05, ge=0.0, le=1.0, description="used when warmup_steps is 0")
+
+
+class SFTConfig(BaseModel):
+    """Every `opd sft` option (each also a --section.field CLI option; YAML with --config)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    model: str = Field("", description="student to fine-tune: local dir, .gguf file, or hub id")
+    dtype: Dtype = Field("float32", description="fp32 master weights (bf16 swallows small updates)")
+    trust_remote_code: bool = False
+    data: str = Field(
+        "", description="JSONL with `messages` (ending in an assistant turn) or prompt/response"
+    )
+    messages_field: str = "messages"
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    template: str = Field("chat", description="chat | chat:<x> | raw | dapo | boxed | a format string")
+    chat_template_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="e.g. {enable_thinking: false}"
+    )
+    max_seq_len: int = Field(8192, ge=2, description="longer examples are skipped and counted")
+    run_dir: str = "runs/sft"
+    epochs: float = Field(1.0, gt=0.0, description="passes over the data; ignored when steps is set")
+    steps: int | None = Field(
+        None, ge=1, description="optimizer steps; default: epochs x examples / batch_size"
+    )
+    batch_size: int = Field(32, ge=1, description="examples per optimizer step, global across processes")
+    micro_batch_size: int = Field(4, ge=1, description="examples per forward/backward (grad accumulation)")
+    shuffle: bool = True
+    optim: SFTOptimConfig = SFTOptimConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    seed: int = 0
+    checkpoint_every: int = Field(100, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    save_final: bool = True
+
+    def require_paths(self) -> None:
+        missing = [name for name in ("model", "data") if not getattr(self, name)]
+        if missing:
+            raise ConfigError(
+                f"opd sft: missing required setting(s): {', '.join(missing)}; e.g. --{missing[0]} VALUE"
+            )
+
+
+SFT_ALIASES: dict[str, str] = {"student": "model", "lr": "optim.lr", "prompts": "data"}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data
+
+
+@dataclass
+class SFTExample:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE on context tokens
+    source: str
+
+    @property
+    def n_targets(self) -> int:
+        return sum(1 for t in self.labels if t != IGNORE)
+
+
+def read_sft_jsonl(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
+    """(file:line, object) for every non-blank line; bad JSON fails with its line number."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{p}: SFT data file not found; check --data (paths are relative to the cwd).")
+    rows = []
+    for lineno, line in enumerate(read_utf8(p, DataError, "SFT data file").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(
+                f"{p}:{lineno}: invalid JSON ({e.msg}); each line must be one JSON object."
+            ) from e
+        if not isinstance(obj, dict):
+            raise DataError(f"{p}:{lineno}: expected a JSON object, got {type(obj).__name__}.")
+        rows.append((f"{p}:{lineno}", obj))
+    if not rows:
+        raise DataError(f"{p}: no records (the file is empty).")
+    return rows
+
+
+def _check_messages(messages: Any, source: str) -> list[dict[str, str]]:
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{source}: `messages` must be a non-empty list of {{role, content}} objects.")
+    for i, m in enumerate(messages):
+        if (
+            not isinstance(m, dict)
+            or not isinstance(m.get("role"), str)
+            or not isinstance(m.get("content"), str)
+        ):
+            raise DataError(f"{source}: message {i} must be an object with string 'role' and 'content'.")
+    if messages[-1]["role"] != "assistant":
+        raise DataError(
+            f"{source}: the last message must be the assistant's response (the SFT target), got role "
+            f"{messages[-1]['role']!r}."
+        )
+    if len(messages) < 2:
+        raise DataError(f"{source}: a conversation needs a prompt before the assistant's response.")
+    return [dict(m) for m in messages]
+
+
+def _fill(tokenizer: Any, fmt: str | None, text: str, source: str) -> str:
+    """A non-chat template applied to a text (opd.data's own rendering, so both commands agree)."""
+    from opd.data import PromptRecord, render_prompt
+
+    if fmt is None:
+        return text
+    return render_prompt(
+        PromptRecord(text=text, messages=None, answer=None, source=source, raw={}), tokenizer, template=fmt
+    )
+
+
+def encode_example(
+    row: dict[str, Any],
+    source: str,
+    tokenizer: Any,
+    *,
+    template: str = "chat",
+    chat_template_kwargs: dict[str, Any] | None = None,
+    messages_field: str = "messages",
+    prompt_field: str = "prompt",
+    response_field: str = "response",
+) -> tuple[list[int], list[int]]:
+    """(context ids, target ids) of one record; see the module docstring for the rules."""
+    from opd.data import check_rendered, uses_chat, validate_template
+
+    validate_template(template)
+    kwargs = chat_template_kwargs or {}
+    chat = uses_chat(template)
+    inner = (
+        template[len("chat:") :]
+        if template.startswith("chat:")
+        else (None if template == "chat" else template)
+    )
+    messages = row.get(messages_field)
+    prompt, response = row.get(prompt_field), row.get(response_field)
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ConfigError(
+                f"template {template!r} needs a chat template, but the tokenizer has none; use a non-chat "
+                "template (raw, dapo, a format string) with prompt/response data."
+            )
+        if messages is not None:
+            msgs = _check_messages(messages, source)
+            if inner is not None:
+                users = [i for i, m in enumerate(msgs[:-1]) if m["role"] == "user"]
+                if users:
+                    msgs[users[-1]]["content"] = _fill(tokenizer, inner, msgs[users[-1]]["content"], source)
+        elif isinstance(prompt, str) and isinstance(response, str):
+            msgs = [
+                {"role": "user", "content": _fill(tokenizer, inner, prompt, source)},
+                {"role": "assistant", "content": response},
+            ]
+        else:
+            raise DataError(
+                f"{source}: needs `{messages_field}` (ending with an assistant turn) or string "
+                f"`{prompt_field}` and `{response_field}` fields."
+            )
+        try:
+            context = tokenizer.apply_chat_template(
+                msgs[:-1], add_generation_prompt=True, tokenize=False, **kwargs
+            )
+            full = tokenizer.apply_chat_template(msgs, tokenize=False, **kwargs)
+        except Exception as e:  # Jinja errors from user templates
+            raise DataError(
+                f"{source}: the chat template failed on this record ({type(e).__name__}: {e})."
+            ) from e
+        check_rendered(msgs[:-1], context, source)
+        if not full.startswith(context):
+            raise DataError(
+                f"{source}: the chat template's rendering of the conversation does not start with its "
+                "rendering of the prompt (add_generation_prompt=True), so the assistant turn cannot be "
+                "located; the template rewrites earlier turns (e.g. strips <think> blocks) or adds text "
+                f"before the reply. Prompt part ends {context[-40:]!r}; full text there is "
+                f"{full[max(0, len(context) - 40) : len(context)]!r}."
+            )
+        ctx_ids = tokenizer(context, add_special_tokens=False)["input_ids"]
+        tgt_ids = tokenizer(full[len(context) :], add_special_tokens=False)["input_ids"]
+    else:
+        if not (isinstance(prompt, str) and isinstance(response, str)):
+            raise DataError(
+                f"{source}: template {template!r} is not a chat template, so the record needs string "
+                f"`{prompt_field}` and `{response_field}` fields (messages need template: chat)."
+            )
+        context = _fill(tokenizer, template, prompt, source)
+        ctx_ids = tokenizer(context, add_special_tokens=True)["input_ids"]
+        eos = tokenizer.eos_token_id
+        if eos is None:
+            raise ConfigError("the tokenizer has no EOS token, so the student could not learn to stop.")
+        tgt_ids = [*tokenizer(response, add_special_tokens=False)["input_ids"], int(eos)]
+    if not ctx_ids:
+        raise DataError(f"{source}: the prompt renders to zero tokens.")
+    if not tgt_ids:
+        raise DataError(f"{source}: the response renders to zero target tokens.")
+    return list(ctx_ids), list(tgt_ids)
+
+
+def load_sft_examples(cfg: SFTConfig, tokenizer: Any) -> tuple[list[SFTExample], dict[str, Any]]:
+    """Encode every record up front (bad records fail before any compute); skip and count too-long ones."""
+    examples: list[SFTExample] = []
+    skipped: list[str] = []
+    rows = read_sft_jsonl(cfg.data)
+    for source, row in rows:
+        ctx, tgt = encode_example(
+            row, source, tokenizer, template=cfg.template, chat_template_kwargs=cfg.chat_template_kwargs,
+            messages_field=cfg.messages_field, prompt_field=cfg.prompt_field, response_field=cfg.response_field,
+        )  # fmt: skip
+        if len(ctx) + len(tgt) > cfg.max_seq_len:
+            skipped.append(f"{source} ({len(ctx) + len(tgt)} tokens)")
+            continue
+        examples.append(SFTExample([*ctx, *tgt], [IGNORE] * len(ctx) + tgt, source))
+    report = {
+        "records": len(rows),
+        "used": len(examples),
+        "skipped_too_long": len(skipped),
+        "skipped_examples": skipped[:20],
+        "max_seq_len": cfg.max_seq_len,
+        "target_tokens": sum(e.n_targets for e in examples),
+    }
+    if not examples:
+        raise DataError(
+            f"{cfg.data}: all {len(rows)} examples are longer than max_seq_len={cfg.max_seq_len} tokens "
+            f"(e.g. {skipped[0]}); raise max_seq_len."
+        )
+    return examples, report
+
+
+def collate(examples: list[SFTExample], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded input_ids / attention_mask / labels (IGNORE on padding)."""
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[i, :n] = torch.tensor(e.input_ids)
+        mask[i, :n] = 1
+        labels[i, :n] = torch.tensor(e.labels)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def token_ce_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sum over target tokens of -log p(token | prefix); the caller normalises by the step's count."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    logits = out.logits[:, :-1].float()
+    labels = batch["labels"][:, 1:]
+    return torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE, reduction="sum"
+    )
+
+
+def _sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------
+# The trainer
+
+
+class SFTTrainer:
+    """Set-up, steps, checkpoints and the final save of one SFT run (single or multi-process)."""
+
+    def __init__(self, cfg: SFTConfig, *, resume: bool = False, accelerator: Any = None, log: Any = None):
+        from accelerate import Accelerator
+
+        cfg.require_paths()
+        self.cfg = cfg
+        self.resume = resume
+        self.acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+        self.log: Callable[[str], Any] = log or (lambda msg: self.acc.print(msg))
+        self.run_dir = Path(cfg.run_dir)
+        self.start_step = 0
+        self.last_checkpoint: Path | None = None
+
+    def setup(self) -> None:
+        from accelerate.utils import set_seed
+
+        from opd.data import PromptCursor
+        from opd.models.loading import load_model, load_tokenizer
+        from opd.train.tracking import MetricsLogger
+        from opd.train.trainer import lr_lambda
+
+        cfg, acc = self.cfg, self.acc
+        world = acc.num_processes
+        if cfg.batch_size % world:
+            raise ConfigError(
+                f"batch_size={cfg.batch_size} must be divisible by the number of processes ({world})"
+            )
+        if not self.resume and ckpt.list_checkpoints(self.run_dir):
+            raise ConfigError(
+                f"{self.run_dir} already holds checkpoints: resume it with `opd sft --resume {self.run_dir}` "
+                "or choose another run_dir (nothing was overwritten)"
+            )
+        set_seed(cfg.seed)
+        self.tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = int(pad if pad is not None else (self.tokenizer.eos_token_id or 0))
+        self.examples, self.data_report = load_sft_examples(cfg, self.tokenizer)
+        self.data_sha256 = _sha256(cfg.data)
+        if self.data_report["skipped_too_long"]:
+            self.log(
+                f"[yellow]warning:[/] skipped {self.data_report['skipped_too_long']} of "
+                f"{self.data_report['records']} examples longer than max_seq_len={cfg.max_seq_len} "
+                f"(e.g. {self.data_report['skipped_examples'][0]}); see {self.run_dir}/data_report.json"
+            )
+        model = load_model(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+        self.cursor = PromptCursor(len(self.examples), seed=cfg.seed, shuffle=cfg.shuffle)
+        self.total_steps = cfg.steps or max(1, math.ceil(cfg.epochs * len(self.examples) / cfg.batch_size))
+        params = [p for p in model.parameters() if p.requires_grad]
+        o = cfg.optim
+        self.optimizer = torch.optim.AdamW(
+            params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay
+        )
+        warmup = o.warmup_steps or round(o.warmup_ratio * self.total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(o.schedule, self.total_steps, warmup, o.min_lr_ratio)
+        )
+        # The scheduler stays out of prepare(): accelerate would step it once per process.
+        self.model, self.optimizer = acc.prepare(model, self.optimizer)
+        self.model.train()
+
+        resume_step = None
+        if self.resume:
+            # The newest whole checkpoint: damaged newer ones are skipped, named, and left on disk.
+            latest, skipped = ckpt.resumable_checkpoint(self.run_dir)
+            for bad, why in skipped:
+                self.log(
+                    f"[yellow]warning:[/] skipped damaged checkpoint {bad}: {why}; left on disk, not used"
+                )
+            state = json.loads((latest / ckpt.COMPLETE).read_text())
+            if state.get("data_sha256") not in (None, self.data_sha256):
+                raise ConfigError(
+                    f"--resume {self.run_dir}: {cfg.data} changed since the checkpoint was written; resume "
+                    "with the original data or start a new run_dir."
+                )
+            state = ckpt.load_checkpoint(
+                latest, model=self._unwrapped(), optimizer=self.optimizer, scheduler=self.scheduler
+            )
+            self.start_step = int(state["step"])
+            self.cursor.load_state_dict(state["cursor"])
+            self.last_checkpoint = latest
+            resume_step = self.start_step
+            self.log(f"resumed from {latest} at step {self.start_step}")
+        if acc.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.run_dir / "config.yaml", dump_config(cfg))
+            atomic_write_text(
+                self.run_dir / "data_report.json", json.dumps(self.data_report, indent=1) + "\n"
+            )
+        self.metrics = MetricsLogger(
+            self.run_dir,
+            enabled=acc.is_main_process,
+            tensorboard=cfg.tracking.tensorboard,
+            wandb=cfg.tracking.wandb,
+            wandb_project=cfg.tracking.wandb_project,
+            run_name=cfg.tracking.run_name,
+            config=cfg.model_dump(mode="json"),
+            resume_step=resume_step,
+        )
+
+    def _unwrapped(self) -> torch.nn.Module:
+        return self.acc.unwrap_model(self.model)
+
+    def train_step(self, step: int) -> dict[str, float]:
+        """One optimizer step on the next `batch_size` examples; returns the step's metrics."""
+        cfg, acc = self.cfg, self.acc
+        world = acc.num_processes
+        t0 = clock(acc.device)
+        indices = self.cursor.next_indices(cfg.batch_size)
+        # Every process knows the whole step, so the global target count needs no communication.
+        global_tokens = sum(self.examples[i].n_targets for i in indices)
+        per = len(indices) // world
+        mine = indices[acc.process_index * per : (acc.process_index + 1) * per]
+        micro = [mine[s : s + cfg.micro_batch_size] for s in range(0, len(mine), cfg.micro_batch_size)]
+        loss_sum = torch.zeros((), dtype=torch.float64, device=acc.device)  # opd.device: step sums on device
+        for i, mb in enumerate(micro):
+            batch = {
+                k: v.to(acc.device) for k, v in collate([self.examples[j] for j in mb], self.pad_id).items()
+            }
+            sync = contextlib.nullcontext() if i == len(micro) - 1 else acc.no_sync(self.model)
+            with sync:
+                ce = token_ce_sum(self.model, batch)
+                acc.backward(ce * (world / global_tokens))
+            loss_sum += ce.detach().double()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if cfg.optim.max_grad_norm is not None:
+            grad_norm = float(acc.clip_grad_norm_(params, cfg.optim.max_grad_norm))
+        else:
+            grads = [p.grad.detach().norm() for p in params if p.grad is not None]
+            grad_norm = float(torch.stack(grads).norm()) if grads else 0.0
+        loss = float(reduce_sum(self.acc, loss_sum)) / global_tokens
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            from opd.train.trainer import NonFiniteLossError
+
+            where = self.last_checkpoint or "none (no checkpoint was written yet)"
+            raise NonFiniteLossError(
+                f"non-finite loss ({loss}) or grad norm ({grad_norm}) at step {step}; stopped, last good "
+                f"checkpoint: {where}"
+            )
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        elapsed = clock(acc.device) - t0
+        seq_tokens = sum(len(self.examples[i].input_ids) for i in indices)
+        return {
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "lr": float(self.scheduler.get_last_lr()[0]),
+            "target_tokens": float(global_tokens),
+            "seq_len_mean": seq_tokens / len(indices),
+            "tokens_per_s": seq_tokens / elapsed,
+            "step_time_s": elapsed,
+            "epoch": float(self.cursor.state_dict()["epoch"]),
+        }
+
+    def _raise_if_write_failed(self, error: StorageError | None) -> None:
+        ckpt.raise_if_write_failed(self.acc, error)
+
+    def save(self, step: int) -> Path | None:
+        """Checkpoint `step`; a refused write (disk full, ...) raises StorageError naming the path, the
+        free space, the size needed and the checkpoint to resume from (opd.train.checkpoint)."""
+        path = error = None
+        if self.acc.is_main_process:
+            try:
+                path = ckpt.save_checkpoint(
+                    self.run_dir, step, model=self._unwrapped(), optimizer=self.optimizer, scheduler=self.scheduler,
+                    state={"cursor": self.cursor.state_dict(), "seed": self.cfg.seed, "total_steps": self.total_steps,
+                           "data_sha256": self.data_sha256},
+                    keep=self.cfg.keep_checkpoints,
+                )  # fmt: skip
+                self.last_checkpoint = path
+            except StorageError as exc:
+                error = StorageError(f"{exc}; free space, then resume with `opd sft --resume {self.run_dir}`")
+        self._raise_if_write_failed(error)
+        self.acc.wait_for_everyone()
+        return path
+
+    def save_final(self) -> Path:
+        """`save_pretrained` model + tokenizer into RUN_DIR/final, swapped into place when complete; a
+        refused write raises StorageError (the weights stay in the last checkpoint)."""
+        out = self.run_dir / "final"
+        error = None
+        if self.acc.is_main_process:
+            model = self._unwrapped()
+
+            def write(tmp: Path) -> None:
+                model.save_pretrained(tmp, safe_serialization=True)
+                self.tokenizer.save_pretrained(tmp)
+
+            last = self.last_checkpoint or ckpt.latest_checkpoint(self.run_dir)
+            try:
+                ckpt.save_model_dir(
+                    out, write, need=ckpt.state_nbytes(model.state_dict()),
+                    last_good=str(last) if last is not None else "none",
+                )  # fmt: skip
+            except StorageError as exc:
+                hint = f"`opd sft --resume {self.run_dir}` writes it again" if last is not None else "rerun"
+                error = StorageError(f"{exc}; free space, then {hint}")
+        self._raise_if_write_failed(error)
+        self.acc.wait_for_everyone()
+        return out
+
+    def train(self, on_step: Callable[[int, dict[str, float]], Any] | None = None) -> list[dict[str, float]]:
+        """Run from start_step to total_steps; returns the metrics of the steps run.
+
+        SIGINT/SIGTERM let the current step finish, then all processes stop after the same step, which
+        is checkpointed unless it already is, and `InterruptedRun` (exit 130) names the resume command; a
+        second signal exits at once. On several processes the run ends by dropping the DDP wrapper (its
+        Reducer) while the process group still works, so no rank hangs in the gloo destructor at exit;
+        after a complete run the group itself is left to ``acc.end_training()`` (a cold start trains OPD
+        in the same processes next), after a stop or an error it is destroyed here.
+        """
+        from opd.errors import InterruptedRun, StorageError
+        from opd.progress import StopRequests
+        from opd.train.trainer import _apply_dist_timeout, _release_distributed, _stop_agreed
+
+        if getattr(self, "_released", False):
+            raise RuntimeError(
+                "this SFTTrainer's run has ended (its DDP wrapper was released); make a new one"
+            )
+        _apply_dist_timeout(self.acc)
+        hint = f"opd sft --resume {self.run_dir}"
+        saved = self.start_step  # the last step whose checkpoint is on disk (0: none)
+        history = []
+        ok = completed = False
+        try:
+            with StopRequests(self.log, lambda: f"resume from the last checkpoint with: {hint}") as stop:
+                for step in range(self.start_step + 1, self.total_steps + 1):
+                    if _stop_agreed(self.acc, stop):
+                        done = step - 1
+                        if done == 0:
+                            raise InterruptedRun(
+                                "interrupted before the first step finished; nothing to resume: rerun the "
+                                "same command"
+                            )
+                        if saved != done:
+                            self.save(done)
+                        raise InterruptedRun(f"interrupted after step {done}; resume with: {hint}")
+                    metrics = self.train_step(step)
+                    self.metrics.log(step, metrics)
+                    history.append(metrics)
+                    if on_step is not None:
+                        on_step(step, metrics)
+                    if step % self.cfg.checkpoint_every == 0 or step == self.total_steps:
+                        self.save(step)
+                        saved = step
+                if self.cfg.save_final:
+                    self.save_final()
+            ok = completed = True
+        except (InterruptedRun, StorageError):
+            ok = True  # raised on every process at the same point: the barrier is safe
+            raise
+        finally:
+            self.metrics.close()
+            if self.acc.num_processes > 1:
+                # After a stop or an error nothing else runs in this process: destroy the group here too.
+                self._released = True
+                _release_distributed(self.acc, self, "model", ok=ok, destroy=not completed)
+        return history
+
+
+def sft_with_progress(cfg: Any, *, resume: bool, log: Callable[[str], Any] | None = None) -> Any:
+    """Set up and run an `opd.train.sft.SFTTrainer` with a progress bar; returns the trainer."""
+    log = log or print
+    trainer = SFTTrainer(cfg, resume=resume, log=log)
+    trainer.setup()
+    main = trainer.acc.is_main_process
+    rep = trainer.data_report
+    if main:
+        log(
+            f"sft: {rep['used']} examples ({rep['target_tokens']} target tokens; {rep['skipped_too_long']} "
+            f"skipped as longer than {rep['max_seq_len']}), {trainer.total_steps - trainer.start_step} step(s) "
+            f"into {cfg.run_dir} on {trainer.acc.num_processes} process(es)"
+        )
+    with bar("opd sft", enabled=main) as progress:
+        task = progress.add_task("", total=trainer.total_steps, completed=trainer.start_step)
+
+        def on_step(step: int, m: dict[str, float]) -> None:
+            desc = f"loss {m['loss']:.4g} | lr {m['lr']:.2e} | {m['tokens_per_s']:.0f} tok/s"
+            progress.update(task, completed=step, description=desc)
+
+        trainer.train(on_step=on_step)
+    if main:
+        final = (
+            f", final model in {cfg.run_dir}/final"
+            if cfg.save_final
+            else " (save_final false: no final model)"
+        )
+        log(f"[green]done[/]: metrics in {cfg.run_dir}/metrics.jsonl{final}")
+    return trainer

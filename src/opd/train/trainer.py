@@ -1,0 +1,1385 @@
+"""The OPD loop: student rollouts, teacher scores at student-visited states, the objective, one step.
+
+Built on accelerate so the same code runs in one process or data-parallel under torchrun /
+`accelerate launch`. Three invariants carry the design:
+
+- The loss is a token mean over ALL response tokens of the step, across micro-batches and processes:
+  each micro-batch contributes sum(per-token loss) * world_size / global_token_count, so gradient
+  accumulation and the number of processes do not change the gradient (TRL #4719).
+- Rollout sampling is seeded by (seed, step, position of the prompt chunk in the global batch), so the
+  same global batch gives the same rollouts on 1 or N processes and after a resume.
+- One optimizer step per batch of rollouts: the policy that sampled is the policy being scored, so the
+  student's "old" log-probs are the detached values of the training forward itself (PPO ratio 1). The
+  student is scored with dropout off for the same reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from opd.config import TrainConfig, dump_config
+from opd.data import PromptCursor, encode_prompts, load_prompts, render_prompt, uses_chat
+from opd.device import clock, host, place, reduce_sum
+from opd.diagnostics import diagnostic_sums, finalize, merge_sums
+from opd.errors import ConfigError, OpdError, StorageError
+from opd.files import atomic_write_text
+from opd.generation.rollout import HFGenerator, Rollout, SamplingParams, chunk_seed, plan_step_micro_batches
+from opd.generation.sampling import stop_ids_for
+from opd.generation.scoring import (
+    check_head_projection,
+    frozen_head,
+    head_weights,
+    response_hidden_states,
+    response_logits,
+)
+from opd.models.loading import Pair, freeze_teacher, load_model, load_pair
+from opd.objectives.hidden import ChunkCallback, head_loss_sum, spread_rows
+from opd.objectives.token import chunk_rows, masked_positions, per_token_loss, row_chunks, signal_stats
+from opd.objectives.topk import (
+    TeacherTopK,
+    sparse_diagnostic_sums,
+    sparse_per_token_loss,
+    sparse_signal_stats,
+)
+from opd.teachers.hf import HFTeacher, TeacherHidden
+from opd.teachers.http import TeacherUnavailableError
+from opd.train import checkpoint as ckpt
+from opd.train.alarms import NAN, Alarm, CollapseError, CollapseMonitor
+from opd.train.tracking import MetricsLogger
+
+
+def _step_of(line: str) -> int:
+    try:
+        return int(json.loads(line).get("step", 1 << 62))
+    except (json.JSONDecodeError, AttributeError):
+        return 1 << 62
+
+
+def rollout_length_stats(rollouts: list[Rollout]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Response lengths and truncation flags of every row, as host float64 (step statistics)."""
+    lengths = torch.cat([host(r.lengths) for r in rollouts])
+    return lengths, torch.cat([host(r.truncated) for r in rollouts])
+
+
+def _merge_engine_delta(acc: torch.Tensor, s_logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor,
+                        engine_logprobs: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """(sum |Δ|, count, max |Δ|) of the engine's sampled-token log-probs against the trainer's, added to
+    `acc` on the compute device: a cross-check only, the objective never uses the engine's numbers."""
+    sv = s_logits.float()
+    lp = sv.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(sv, dim=-1)
+    ok = mask & torch.isfinite(engine_logprobs)
+    d = torch.where(ok, (lp - engine_logprobs).abs(), 0.0).double()
+    return _combine_engine_delta(acc, torch.stack([d.sum(), ok.sum().to(d.dtype), d.max()]))
+
+
+def _combine_engine_delta(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Two (sum |Δ|, count, max |Δ|) accumulators as one."""
+    return torch.stack([a[0] + b[0], a[1] + b[1], torch.maximum(a[2], b[2])])
+
+
+class _StepMetrics:
+    """A step's diagnostics, signal stats and engine cross-check, accumulated one chunk of response rows at a
+    time: from `head_loss_sum`'s `on_chunk` (hidden-state path) or by walking the masked rows of the logits
+    (plain path), so both paths share one accumulator and no metric needs a `[B, T, V]` tensor of its own.
+
+    Each chunk goes through the same functions as whole batches would (`_diagnostic_sums`, `_signal_stats`,
+    `_merge_engine_delta`), laid out by `spread_rows` so position bins see every row's true position.
+    Device: sums and the engine accumulator stay on the compute device; reward and max-advantage are host."""
+
+    def __init__(self, trainer: OPDTrainer, device: torch.device):
+        self.trainer, self.device = trainer, device
+        self.sums: dict[str, torch.Tensor] = {}
+        self.engine_delta = torch.zeros(3, dtype=torch.float64, device=device)  # sum |Δ logprob|, count, max
+        self.reward_sum = 0.0
+        self.best_adv = torch.tensor([-1.0, 0.0], dtype=torch.float64)  # (|adv|, p - q there)
+
+    def start(self, mb: Rollout, target: Any) -> ChunkCallback:
+        """The callback for micro-batch `mb`'s chunks; every key exists after the first call, even with no
+        masked row, so processes all-reduce the same key set."""
+        if not self.sums:
+            v, device = self.trainer.vocab_size, self.device
+            none = torch.zeros((1, 1), dtype=torch.bool, device=device)
+            if isinstance(target, TeacherTopK):
+                k = target.k
+                empty: Any = TeacherTopK(torch.zeros((1, 1, k), dtype=torch.long, device=device),
+                                         torch.zeros((1, 1, k), device=device), torch.zeros((1, 1), device=device))  # fmt: skip
+            else:
+                empty = torch.zeros((1, 1, v), device=device)
+            self.sums = self.trainer._diagnostic_sums(torch.zeros((1, 1, v), device=device), empty, none)
+        width = int(mb.response_mask.shape[1])
+        return lambda s, t, bi, ti: self._rows(mb, width, s, t, bi, ti)
+
+    def add_logits(self, mb: Rollout, s_det: torch.Tensor, target: Any) -> None:
+        """Plain path: the micro-batch's detached `[B, T, V]` logits, walked in chunks of masked rows."""
+        on_chunk = self.start(mb, target)
+        v = self.trainer.vocab_size
+        b_idx, t_idx = masked_positions(mb.response_mask)
+        for a, b in row_chunks(b_idx.numel(), self.trainer.chunk_rows):
+            bi, ti = b_idx[a:b], t_idx[a:b]
+            t_rows = (TeacherTopK(target.ids[bi, ti], target.logprobs[bi, ti], target.token_logprob[bi, ti])
+                      if isinstance(target, TeacherTopK) else target[bi, ti, :v])  # fmt: skip
+            on_chunk(s_det[bi, ti, :v], t_rows, bi, ti)
+
+    def _rows(self, mb: Rollout, width: int, s_rows: torch.Tensor, t_rows: Any, b_idx: torch.Tensor,
+              t_idx: torch.Tensor) -> None:  # fmt: skip
+        n = int(b_idx.numel())
+        if n == 0:
+            return
+        s, mask = spread_rows(s_rows, t_idx, width)
+        if isinstance(t_rows, TeacherTopK):
+            target: Any = TeacherTopK(spread_rows(t_rows.ids, t_idx, width)[0],
+                                      spread_rows(t_rows.logprobs, t_idx, width)[0],
+                                      spread_rows(t_rows.token_logprob, t_idx, width)[0])  # fmt: skip
+        else:
+            target = spread_rows(t_rows, t_idx, width)[0]
+        y = mb.response_ids[b_idx, t_idx]
+        tr = self.trainer
+        self.sums = merge_sums(self.sums, tr._diagnostic_sums(s, target, mask))
+        if mb.engine_logprobs is not None:
+            ones = torch.ones((1, n), dtype=torch.bool, device=s_rows.device)
+            self.engine_delta = _merge_engine_delta(self.engine_delta, s_rows.unsqueeze(0), y.unsqueeze(0), ones,
+                                                    mb.engine_logprobs[b_idx, t_idx].unsqueeze(0))  # fmt: skip
+        st = tr._signal_stats(s, target, spread_rows(y, t_idx, width)[0], mask)
+        self.reward_sum += st["reward_mean"] * n
+        if st["adv_max_abs"] > self.best_adv[0]:
+            self.best_adv = torch.tensor([st["adv_max_abs"], st["p_minus_q_at_max_adv"]], dtype=torch.float64)
+
+
+class NonFiniteLossError(OpdError):
+    """Raised when a step produced NaN/inf; the optimizer step is not taken.
+
+    `metrics` holds the offending loss and gradient norm (for the collapse monitor's ``nan`` alarm).
+    """
+
+    def __init__(self, message: str, metrics: dict[str, float] | None = None, weights_damaged: bool = False):
+        super().__init__(message)
+        self.metrics = metrics or {}
+        # optim.in_backward: some parameters were already stepped when the bad gradient appeared, so the
+        # in-memory weights are no longer those of any step and training must stop (stop_on_nan or not).
+        self.weights_damaged = weights_damaged
+
+
+def lr_lambda(schedule: str, total_steps: int, warmup: int, min_ratio: float):
+    """Multiplier of the base lr at optimizer step s (0-based), for LambdaLR."""
+
+    def fn(s: int) -> float:
+        if warmup > 0 and s < warmup and schedule in ("warmup", "cosine"):
+            return (s + 1) / warmup
+        if schedule == "cosine":
+            span = max(1, total_steps - warmup)
+            progress = min(1.0, (s - warmup) / span)
+            return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        return 1.0
+
+    return fn
+
+
+@dataclass
+class _StepInBackward:
+    """optim.in_backward bookkeeping for one backward pass: what the hooks did, for the step's metrics."""
+
+    armed: bool = False  # hooks act only between arm() and the end of the trainer's own backward
+    norm_sq: float = 0.0  # sum over parameters of |grad|^2, for the grad_norm metric
+    bad: str | None = None  # the first parameter with a non-finite gradient; no step after it
+    stepped: int = 0  # parameter tensors already stepped
+
+    def arm(self) -> None:
+        self.armed, self.norm_sq, self.bad, self.stepped = True, 0.0, None, 0
+
+
+@dataclass
+class _Accumulated:
+    """What phase 3 (loss/backward) of a step hands to phase 4: this process's loss sum and metric
+    accumulators on the compute device, the step's global token count, and the HF teacher's time."""
+
+    loss_sum: torch.Tensor
+    stats: _StepMetrics
+    global_tokens: int
+    t_teacher: float = 0.0
+
+
+@dataclass
+class StepResult:
+    step: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    samples: list[dict[str, Any]] = field(default_factory=list)
+
+
+class OPDTrainer:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        *,
+        resume: bool = False,
+        accelerator: Accelerator | None = None,
+        log: Any = None,
+    ):
+        cfg.require_paths()
+        self.cfg = cfg
+        self.resume = resume
+        # Without a GPU, accelerate only joins a torchrun process group when told it runs on CPU (gloo).
+        self.acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+        self.log = log or (lambda msg: self.acc.print(msg))
+        self.run_dir = Path(cfg.run_dir)
+        self.start_step = 0
+        self.last_checkpoint: Path | None = None
+        # Collapse alarms (opd.train.alarms). A checkpoint saved after step s holds the weights that step s+1's
+        # rollouts and metrics measure, so it only counts as good once step s+1 came out clean.
+        self.monitor = CollapseMonitor(cfg.alarms)
+        self.last_good_checkpoint: Path | None = None
+        self._unjudged_checkpoint: Path | None = None
+        self._checkpoint_deferred = False
+        self._cursor_before_step: dict[str, Any] | None = None  # rewound when the teacher went down mid-step
+
+    # ------------------------------------------------------------------------------------------------
+    # set-up
+
+    def _check_launch(self) -> None:
+        """Catch launches that silently do something else than asked (measured with accelerate 1.x): N
+        processes that did not join one group each train alone on the whole batch; accelerate's own
+        FSDP/DeepSpeed plugins wrap the student in ways opd's checkpoints cannot save (on a GPU the first
+        checkpoint of an accelerate-FSDP run failed; on a CPU the config silently runs data parallel)."""
+        import os
+
+        acc = self.acc
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched > 1 and acc.num_processes == 1:
+            raise ConfigError(
+                f"{launched} processes were launched but they did not join one process group (accelerate "
+                f"chose {acc.distributed_type.value}), so each would train alone; on a machine without GPUs "
+                "launch with torchrun or `accelerate launch --multi_gpu` (see README, multi-process runs)"
+            )
+        plugins = [
+            n for n in ("FSDP", "DEEPSPEED") if os.environ.get(f"ACCELERATE_USE_{n}", "").lower() == "true"
+        ]
+        if plugins:
+            raise ConfigError(
+                f"the accelerate launch config asks for its {plugins[0]} plugin, which opd does not support "
+                "(its wrapped student cannot be checkpointed by opd); shard the student with opd's own FSDP2 "
+                "instead: `--sharding fsdp`, launched with torchrun or `accelerate launch --config_file "
+                "configs/accelerate/ddp.yaml` (see README, multi-process runs)"
+            )
+
+    def _check_precision(self) -> None:
+        """Refuse (or warn about) a chosen dtype this device runs far slower than float32, before any
+        model loads: bf16 autocast on a CPU without bf16 instructions turned one step into 15 minutes."""
+        from opd.precision import check_dtypes
+
+        cfg = self.cfg
+        choices = {"student.autocast": cfg.student.autocast, "student.dtype": cfg.student.dtype}
+        if cfg.teacher.backend == "hf":
+            choices["teacher.dtype"] = cfg.teacher.dtype
+        if cfg.teacher.backend == "vllm":
+            choices["teacher.vllm_dtype"] = cfg.teacher.vllm_dtype
+        if cfg.rollout.backend == "vllm":
+            choices["rollout.vllm_dtype"] = cfg.rollout.vllm_dtype
+        check_dtypes(
+            self.acc.device, choices, policy=cfg.precision_check,
+            log=lambda msg: self.log(f"[yellow]warning:[/] {msg}"),
+        )  # fmt: skip
+
+    def _resumable_checkpoint(self) -> Path:
+        """The newest whole checkpoint, after logging each newer damaged one skipped (left on disk).
+
+        A run killed while a disk filled, or a checkpoint cut short by a copy, must not end a resume with
+        a safetensors/torch traceback when the checkpoint before it is complete (opd.train.checkpoint)."""
+        path, skipped = ckpt.resumable_checkpoint(self.run_dir)
+        for bad, why in skipped:
+            self.log(f"[yellow]warning:[/] skipped damaged checkpoint {bad}: {why}; left on disk, not used")
+        return path
+
+    def _adjusted_settings(self) -> list[dict[str, Any]]:
+        """Settings this run uses with another value than the config asks, each with why.
+
+        The objectives clamp a top-k to the vocabulary so tiny vocabularies work; done silently, a run
+        asked for `--loss.k 500` on a 103-token vocabulary would report results of a setting nobody chose.
+        Each one is logged as a warning and written to run_dir/adjustments.json by `setup`."""
+        cfg, vocab = self.cfg, self.vocab_size
+        asked = {"diagnostics.k": cfg.diagnostics.k}
+        if cfg.loss.signal == "topk":  # the only signal whose loss takes a top-k
+            asked = {"loss.k": cfg.loss.k, **asked}
+        return [
+            {"setting": name, "asked": value, "used": vocab,
+             "why": f"larger than the shared vocabulary of student and teacher ({vocab} tokens)"}
+            for name, value in asked.items()
+            if value > vocab
+        ]  # fmt: skip
+
+    def setup(self) -> None:
+        """Build the run's parts in dependency order, each once: checks -> student/teacher pair ->
+        prompts -> the student's update (memory levers, sharding, optimizer, schedule) -> teacher ->
+        generator -> resume state -> run files and metrics."""
+        self._check_run()
+        pair = self._load_pair()
+        self._load_prompts()
+        self._build_update(pair.student)
+        self.teacher = self._build_teacher(pair.teacher)
+        if self.cfg.loss.from_hidden_states:  # refuse a head head_loss cannot take, before any step
+            self._check_heads(self.teacher.model if isinstance(self.teacher, HFTeacher) else None)
+        self._build_generator()
+        resume_step = self._restore() if self.resume else None
+        self._open_run_files(resume_step)
+
+    def _check_run(self) -> None:
+        """What must hold before anything is loaded: the launch, dtypes, process count, an empty run_dir."""
+        cfg, world = self.cfg, self.acc.num_processes
+        self._check_launch()
+        self._check_precision()
+        if cfg.prompts_per_step % world:
+            raise ConfigError(
+                f"prompts_per_step={cfg.prompts_per_step} must be divisible by the number of processes ({world})"
+            )
+        if not self.resume and ckpt.list_checkpoints(self.run_dir):
+            raise ConfigError(
+                f"{self.run_dir} already holds checkpoints: resume it with `opd train --resume {self.run_dir}` "
+                "or choose another run_dir (nothing was overwritten)"
+            )
+        set_seed(cfg.seed)
+
+    def _load_pair(self) -> Pair:
+        """Tokenizers and models (no teacher weights for a vLLM/HTTP teacher), the shared vocabulary, and
+        the warnings about settings the run will not use as given."""
+        cfg, tc = self.cfg, self.cfg.teacher
+        self.sparse_teacher = tc.backend != "hf"  # vllm/http: top-K log-probs, not [B, T, V] logits
+        pair = load_pair(
+            cfg.student.path, tc.path or None, student_dtype=cfg.student.dtype, teacher_dtype=tc.dtype,
+            student_trust_remote_code=cfg.student.trust_remote_code,
+            teacher_trust_remote_code=tc.trust_remote_code, teacher_model=not self.sparse_teacher,
+        )  # fmt: skip
+        self.tokenizer, self.teacher_tokenizer = pair.tokenizers.student, pair.tokenizers.teacher
+        self.tokenizer_notes, self.tokenizer_report = pair.tokenizers.notes, pair.tokenizers.report
+        self.vocab_size = pair.vocab_size
+        self.chunk_rows = chunk_rows(self.vocab_size, cfg.loss.chunk_size, cfg.loss.chunk_max_elements)
+        self.adjustments = self._adjusted_settings()
+        for adj in self.adjustments:
+            self.log(
+                f"[yellow]warning:[/] {adj['setting']}={adj['asked']} is {adj['why']}: using "
+                f"{adj['setting']}={adj['used']} (recorded in {self.run_dir / 'adjustments.json'})"
+            )
+        if cfg.student.dtype in ("bfloat16", "float16"):
+            self.log(
+                f"[yellow]warning:[/] student.dtype={cfg.student.dtype}: low-precision master weights can "
+                f"swallow lr={cfg.optim.lr:g} updates entirely; the paper trains fp32 master weights"
+            )
+        ro = cfg.rollout
+        if ro.top_p < 1.0 or ro.top_k > 0 or ro.temperature != 1.0:
+            self.log(
+                f"[yellow]warning:[/] rollouts sample with temperature={ro.temperature}, top_p={ro.top_p}, "
+                f"top_k={ro.top_k}, but the loss scores them under the untempered student policy: the samples "
+                "are off-policy and the sampled-token estimator is biased (set all three to 1.0 / 1.0 / 0 "
+                "for the unbiased on-policy objective)"
+            )
+        if cfg.student.lora.enabled:
+            pair.student = self._wrap_lora(pair.student)
+        return pair
+
+    def _load_prompts(self) -> None:
+        """Render and encode every prompt up front, so a bad record fails before any compute."""
+        cfg, data = self.cfg, self.cfg.data
+        self.records = records = load_prompts(
+            data.prompts, prompt_field=data.prompt_field, messages_field=data.messages_field,
+            answer_field=data.answer_field,
+        )  # fmt: skip
+        self.prompt_texts = [
+            render_prompt(r, self.tokenizer, template=data.template, chat_template_kwargs=data.chat_template_kwargs,
+                          system_prompt=data.system_prompt)
+            for r in records
+        ]  # fmt: skip
+        self.prompt_ids = encode_prompts(
+            self.prompt_texts, self.tokenizer, max_prompt_tokens=data.max_prompt_tokens,
+            sources=[r.source for r in records], add_special_tokens=not uses_chat(data.template),
+        )  # fmt: skip
+        self.cursor = PromptCursor(len(records), seed=cfg.seed, shuffle=data.shuffle)
+        self.total_steps = cfg.steps or math.ceil(len(records) / cfg.prompts_per_step)
+
+    def _build_update(self, student: torch.nn.Module) -> None:
+        """The student as it trains: activation checkpointing, FSDP2 or DDP, AdamW, the lr schedule, and
+        the optional optimizer-in-backward hooks."""
+        cfg, acc, optim = self.cfg, self.acc, self.cfg.optim
+        self.sharded = cfg.sharding == "fsdp"
+        self._architecture = type(student).__name__
+        if cfg.student.gradient_checkpointing:  # before sharding renames the layer classes
+            from opd.train.memory import enable_activation_checkpointing
+
+            enable_activation_checkpointing(student)
+        if self.sharded:
+            from opd.train.sharding import shard_model
+
+            student = shard_model(student, acc.device, acc.num_processes)
+        params = [p for p in student.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            params, lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay
+        )
+        warmup = optim.warmup_steps or round(optim.warmup_ratio * self.total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(optim.schedule, self.total_steps, warmup, optim.min_lr_ratio)
+        )
+        # The scheduler is deliberately not passed to prepare(): accelerate would step it once per process.
+        if self.sharded:  # already distributed by FSDP2: accelerate would wrap it in DDP on top
+            self.student = student
+        else:
+            self.student, self.optimizer = acc.prepare(student, self.optimizer)
+        self.student.eval()  # dropout off: the loss is taken under the policy that sampled
+        self._in_backward = self._install_step_in_backward() if optim.in_backward else None
+
+    def _build_generator(self) -> None:
+        """Rollouts from the model being trained: HF generate on it, or a colocated vLLM engine."""
+        cfg = self.cfg
+        self.stop_ids = stop_ids_for(self.tokenizer, self._unwrapped(), cfg.rollout.stop_token_ids)
+        if cfg.rollout.backend == "vllm":
+            self.generator = self._vllm_generator(self.stop_ids)
+        else:
+            self.generator = HFGenerator(
+                self._unwrapped(),
+                pad_id=self.tokenizer.pad_token_id,
+                stop_ids=self.stop_ids,
+                synced=self.sharded,
+            )
+        ro = cfg.rollout
+        self.sampling = SamplingParams(
+            temperature=ro.temperature, top_p=ro.top_p, top_k=ro.top_k, max_new_tokens=ro.max_new_tokens
+        )
+
+    def _restore(self) -> int:
+        """Weights, optimizer, schedule, data cursor and alarm baselines from the newest whole checkpoint;
+        returns its step."""
+        latest = self._resumable_checkpoint()
+        state = ckpt.load_checkpoint(
+            latest, model=self._unwrapped(), optimizer=self.optimizer, scheduler=self.scheduler,
+            sharded=self.sharded,
+        )  # fmt: skip
+        self.start_step = int(state["step"])
+        self.cursor.load_state_dict(state["cursor"])
+        self.last_checkpoint = latest
+        if "alarms" in state:  # older checkpoints have none: the baselines are learnt again
+            self.monitor.load_state_dict(state["alarms"])
+        good = state.get("last_good_checkpoint")
+        self.last_good_checkpoint = ckpt.checkpoint_dir(self.run_dir) / good if good else None
+        self._unjudged_checkpoint = latest
+        self.log(f"resumed from {latest} at step {self.start_step}")
+        if self.cfg.rollout.backend == "vllm":  # the engine loaded the base weights; give it the checkpoint's
+            self.generator.sync(self._unwrapped())
+        return self.start_step
+
+    def _open_run_files(self, resume_step: int | None) -> None:
+        """config.yaml, adjustments.json, samples.jsonl cut back to the resumed step, and the metrics sink."""
+        cfg, main, adjusted = self.cfg, self.acc.is_main_process, self.adjustments
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.run_dir / "config.yaml", dump_config(cfg))
+            if adjusted:
+                atomic_write_text(
+                    self.run_dir / "adjustments.json", json.dumps({"adjustments": adjusted}, indent=1) + "\n"
+                )
+            samples = self.run_dir / "samples.jsonl"
+            if samples.exists():
+                keep = [
+                    ln
+                    for ln in samples.read_text().splitlines()
+                    if resume_step is not None and _step_of(ln) <= resume_step
+                ]
+                atomic_write_text(samples, "".join(k + "\n" for k in keep))
+        self.metrics = MetricsLogger(
+            self.run_dir, enabled=main, tensorboard=cfg.tracking.tensorboard, wandb=cfg.tracking.wandb,
+            wandb_project=cfg.tracking.wandb_project, run_name=cfg.tracking.run_name,
+            config={**cfg.model_dump(mode="json"), **({"adjustments": adjusted} if adjusted else {})},
+            resume_step=resume_step,
+        )  # fmt: skip
+
+    def _max_model_len(self, setting: int | None, what: str, scoring: bool = False) -> int:
+        """The engine context a run needs; a scoring engine also generates its 1 required token."""
+        longest = max(len(p) for p in self.prompt_ids)
+        need = longest + self.cfg.rollout.max_new_tokens + int(scoring)
+        if setting is not None and need > setting:
+            raise ConfigError(
+                f"{what} {setting} < longest prompt ({longest}) + rollout.max_new_tokens "
+                f"({self.cfg.rollout.max_new_tokens}){' + 1' if scoring else ''}; raise it or leave it unset"
+            )
+        return setting or need
+
+    def _build_teacher(self, model: torch.nn.Module | None) -> Any:
+        """The teacher the config asks for: an HF model here (on the device or CPU-offloaded), an
+        in-process vLLM engine, or remote vLLM servers. The last two return top-K log-probs only."""
+        tc, acc = self.cfg.teacher, self.acc
+        if tc.backend == "hf":
+            assert model is not None
+            model = freeze_teacher(model)
+            if tc.placement == "cpu_offload":
+                from accelerate import cpu_offload
+
+                # Weights stay in CPU RAM and are streamed to the execution device layer by layer.
+                return HFTeacher(cpu_offload(model, execution_device=acc.device))
+            return HFTeacher(model.to(acc.device))
+        if tc.backend == "vllm":
+            from opd.generation.vllm import VLLMTeacher
+            from opd.models.loading import model_directory
+
+            path = model_directory(tc.path, "teacher.backend vllm")
+            return VLLMTeacher(
+                str(path), k=tc.top_k, dtype=tc.vllm_dtype, kv_cache_gb=tc.vllm_kv_cache_gb, seed=self.cfg.seed,
+                gpu_memory_utilization=tc.vllm_gpu_memory,
+                max_model_len=self._max_model_len(tc.vllm_max_model_len, "teacher.vllm_max_model_len", scoring=True),
+            )  # fmt: skip
+        from opd.teachers.http import HTTPTeacher
+
+        teacher = HTTPTeacher(
+            tc.urls, k=tc.top_k, model=tc.model_name, timeout_s=tc.timeout_s, retries=tc.retries,
+            backoff_s=tc.backoff_s, sequences_per_request=tc.sequences_per_request,
+        )  # fmt: skip
+        served = teacher.max_model_len()
+        if served is not None:
+            self._max_model_len(served, f"the teacher server's max_model_len ({teacher.model})", scoring=True)
+        teacher.check_tokenizer(self.tokenizer, [self.prompt_texts[0], " 12 + 30 = 42\n"])
+        self.log(f"teacher: {teacher.model} at {', '.join(teacher.urls)} (top-{tc.top_k} log-probs)")
+        return teacher
+
+    @torch.no_grad()
+    def teacher_fidelity(self, n_prompts: int = 2, max_new_tokens: int = 32) -> dict[str, float] | None:
+        """Engine teacher vs the HF model at teacher.path on a few student rollouts (scored on the main
+        process; every process samples, since a sharded student needs them all).
+
+        Scores twice with the engine (determinism) and once with transformers in teacher.dtype, and writes
+        ``teacher_fidelity.json`` to the run directory; warns above `FIDELITY_WARN_MEAN`. Returns None
+        for an HF teacher, with the check off, or without a local teacher.path.
+        """
+        from opd.evaluation.checks import self_test_rollout
+        from opd.objectives.topk import FIDELITY_WARN_MEAN, topk_fidelity
+        from opd.teachers.hf import score_frozen
+
+        tc = self.cfg.teacher
+        if not self.sparse_teacher or not tc.fidelity_check:
+            return None
+        result = None
+        if not tc.path:
+            self.log("teacher fidelity check skipped: set teacher.path to a local copy of the served model")
+        else:  # every process samples the same rollouts: a sharded student needs them all for a forward
+            roll = self_test_rollout(
+                self._unwrapped(), self.prompt_ids[:n_prompts], pad_id=self.tokenizer.pad_token_id,
+                stop_ids=self.stop_ids, max_new_tokens=min(max_new_tokens, self.cfg.rollout.max_new_tokens),
+                seed=self.cfg.seed,
+            )  # fmt: skip
+        if self.acc.is_main_process and tc.path:
+            device = self.acc.device
+            roll = place(roll, device)
+            first, again = (
+                place(self.teacher.score_topk(roll).restrict(self.vocab_size), device) for _ in range(2)
+            )
+            # teacher.dtype (fp32 by default) is the reference precision; bfloat16 halves this one-off load.
+            ref = load_model(tc.path, dtype=tc.dtype, trust_remote_code=tc.trust_remote_code).to(device)
+            logits = score_frozen(freeze_teacher(ref), roll)[..., : self.vocab_size]
+            del ref
+            result = topk_fidelity(first, logits, roll.response_mask, again=again)
+            atomic_write_text(self.run_dir / "teacher_fidelity.json", json.dumps(result, indent=1))
+            line = ", ".join(f"{k} {v:.4g}" for k, v in result.items() if k != "ok")
+            if result["ok"]:
+                self.log(f"[green]ok[/] teacher fidelity ({tc.backend} vs HF {tc.dtype}): {line}")
+            else:
+                self.log(
+                    f"[yellow]warning:[/] teacher fidelity ({tc.backend} vs HF {tc.dtype}): {line}; a mean "
+                    f"|Δ log-prob| above {FIDELITY_WARN_MEAN} or non-deterministic scores mean the engine "
+                    "is not grading with the teacher you think (dtype, quantisation, model revision)"
+                )
+        self.acc.wait_for_everyone()
+        return result
+
+    def _vllm_generator(self, stop_ids: list[int]) -> Any:
+        """A vLLM engine on the student's directory (refusing what it cannot load or keep in sync)."""
+        from opd.generation.vllm import VLLMGenerator
+        from opd.models.loading import model_directory
+
+        cfg = self.cfg
+        path = model_directory(cfg.student.path, "rollout.backend vllm (use rollout.backend hf otherwise)")
+        if cfg.student.lora.enabled:
+            raise ConfigError(
+                "rollout.backend vllm with student.lora.enabled is not supported yet (the engine would need "
+                "merged weights after every step); use rollout.backend hf for LoRA runs"
+            )
+        max_len = self._max_model_len(cfg.rollout.vllm_max_model_len, "rollout.vllm_max_model_len")
+        return VLLMGenerator(
+            str(path), pad_id=self.tokenizer.pad_token_id, stop_ids=stop_ids, dtype=cfg.rollout.vllm_dtype,
+            max_model_len=max_len, seed=cfg.seed, kv_cache_gb=cfg.rollout.vllm_kv_cache_gb,
+            gpu_memory_utilization=cfg.rollout.vllm_gpu_memory,
+        )  # fmt: skip
+
+    def _wrap_lora(self, model: torch.nn.Module) -> torch.nn.Module:
+        try:
+            from peft import LoraConfig as PeftLora
+            from peft import get_peft_model
+        except ImportError as exc:  # pragma: no cover - peft is a dependency
+            raise ConfigError("student.lora.enabled needs peft: pip install peft") from exc
+        lc = self.cfg.student.lora
+        peft_cfg = PeftLora(
+            r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=lc.target_modules
+        )
+        return get_peft_model(model, peft_cfg)
+
+    def _autocast(self, rollouts: bool = False) -> Any:
+        """Mixed precision for the student (`student.autocast`): the same compute dtype for its HF rollouts
+        and its training forward, so the policy that samples is the policy that is scored. A vLLM engine
+        samples in its own dtype (rollout.vllm_dtype; the engine_logprob_delta metrics show the gap)."""
+        dtype = self.cfg.student.autocast
+        if dtype == "none" or (rollouts and self.cfg.rollout.backend != "hf"):
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.acc.device.type, dtype=getattr(torch, dtype))
+
+    def _unwrapped(self) -> torch.nn.Module:
+        return self.acc.unwrap_model(self.student)
+
+    # ------------------------------------------------------------------------------------------------
+    # one step
+
+    def _rollouts(self, step: int, indices: list[int]) -> list[Rollout]:
+        """This process's share of the step's prompts, generated in seeded chunks."""
+        acc, cfg = self.acc, self.cfg
+        per = len(indices) // acc.num_processes
+        offset = acc.process_index * per
+        mine = indices[offset : offset + per]
+        out = []
+        bs = cfg.rollout.batch_size
+        for c in range(0, len(mine), bs):
+            chunk = mine[c : c + bs]
+            seed = chunk_seed(cfg.seed, step, offset + c)
+            with self._autocast(rollouts=True):
+                roll = self.generator.generate(
+                    [self.prompt_ids[i] for i in chunk],
+                    self.sampling,
+                    cfg.rollout.rollouts_per_prompt,
+                    seed,
+                    chunk,
+                )
+            out.append(place(roll, acc.device))  # the device contract: rollouts live on the compute device
+        return out
+
+    def _score_sparse(self, rollouts: list[Rollout]) -> list[TeacherTopK]:
+        """Top-K teacher scores for every rollout chunk; a server failure on any process fails all of
+        them at the same point (no rank left waiting in a collective)."""
+        error: TeacherUnavailableError | None = None
+        tops: list[TeacherTopK] = []
+        try:
+            tops = [
+                place(self.teacher.score_topk(r).restrict(self.vocab_size), self.acc.device) for r in rollouts
+            ]
+        except TeacherUnavailableError as exc:
+            error = exc
+        failed = self._reduce(torch.tensor(float(error is not None), dtype=torch.float64))
+        if float(failed) > 0:
+            raise error or TeacherUnavailableError("the teacher server failed on another process")
+        return tops
+
+    # The teacher's scores reach the objective either as dense logits (HF teacher) or as a `TeacherTopK`
+    # (engine/HTTP teacher); these three pick the matching pure function.
+
+    def _per_token_loss(self, s_logits: torch.Tensor, target: Any, tokens: torch.Tensor,
+                        mask: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        lc = self.cfg.loss
+        kw = dict(signal=lc.signal, divergence=lc.divergence, k=lc.k, support=lc.support, renorm=lc.renorm,
+                  beta=lc.beta, vocab_size=self.vocab_size)  # fmt: skip
+        if isinstance(target, TeacherTopK):
+            return sparse_per_token_loss(s_logits, target, tokens, mask, **kw)
+        return per_token_loss(s_logits, target, tokens, mask, chunk_size=self.chunk_rows, **kw)
+
+    def _diagnostic_sums(
+        self, s_det: torch.Tensor, target: Any, mask: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
+        kw = dict(k=cfg.diagnostics.k, vocab_size=self.vocab_size, chunk_size=self.chunk_rows)
+        if isinstance(target, TeacherTopK):
+            return sparse_diagnostic_sums(s_det, target, mask, **kw)
+        return diagnostic_sums(s_det, target, mask, position_bins=cfg.diagnostics.position_bins,
+                               bin_len=cfg.rollout.max_new_tokens, **kw)  # fmt: skip
+
+    def _signal_stats(self, s_det: torch.Tensor, target: Any, tokens: torch.Tensor,
+                      mask: torch.Tensor) -> dict[str, float]:  # fmt: skip
+        lc = self.cfg.loss
+        if isinstance(target, TeacherTopK):
+            return sparse_signal_stats(s_det, target, tokens, mask, signal=lc.signal, k=lc.k,
+                                       vocab_size=self.vocab_size, chunk_size=self.chunk_rows)  # fmt: skip
+        return signal_stats(s_det, target, tokens, mask, signal=lc.signal, k=lc.k, support=lc.support,
+                            vocab_size=self.vocab_size, chunk_size=self.chunk_rows)  # fmt: skip
+
+    def _student_head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The student's LM head as one ``[V, H]`` weight (and bias) in the graph of the trained parameters
+        (tied, LoRA'd or FSDP-sharded heads included: `opd.generation.scoring.head_weights`)."""
+        try:
+            return head_weights(self._unwrapped())
+        except ValueError as exc:
+            raise ConfigError(
+                f"loss.from_hidden_states: {exc}; or set loss.from_hidden_states false"
+            ) from None
+
+    def _check_heads(self, teacher: torch.nn.Module | None) -> None:
+        """`loss.from_hidden_states` projects with the heads' weights itself: the student's and an HF
+        teacher's logits must be exactly that projection (no soft-capping or scaling after the head)."""
+        models = [("student", self._unwrapped(), self._student_head)]
+        if teacher is not None:
+            models.append(("teacher", teacher, lambda: frozen_head(teacher)))
+        for role, model, head in models:
+            try:
+                check_head_projection(model, *head())
+            except ValueError as exc:
+                raise ConfigError(
+                    f"loss.from_hidden_states ({role}): {exc}; set loss.from_hidden_states false"
+                ) from None
+
+    def _head_loss_sum(self, h: torch.Tensor, target: TeacherTopK | TeacherHidden, tokens: torch.Tensor,
+                       mask: torch.Tensor, on_chunk: ChunkCallback) -> torch.Tensor:  # fmt: skip
+        """`loss.from_hidden_states`: the micro-batch's summed per-token loss from hidden states, one chunk
+        of masked rows projected at a time (opd.objectives.hidden); equal to ``_per_token_loss(...).sum()``. Under
+        `student.autocast` the projection runs in the autocast dtype, as the model's own head would."""
+        lc = self.cfg.loss
+        w, b = self._student_head()
+        ac = self.cfg.student.autocast
+        kw: dict[str, Any] = dict(signal=lc.signal, divergence=lc.divergence, k=lc.k, support=lc.support,
+                                  renorm=lc.renorm, beta=lc.beta, vocab_size=self.vocab_size,
+                                  chunk_size=lc.chunk_size, max_chunk_elements=lc.chunk_max_elements,
+                                  on_chunk=on_chunk, project_dtype=None if ac == "none" else getattr(torch, ac))  # fmt: skip
+        if isinstance(target, TeacherTopK):
+            return head_loss_sum(h, w, b, target, tokens, mask, **kw)
+        return head_loss_sum(h, w, b, target.hidden, tokens, mask, w_teacher=target.weight,
+                             b_teacher=target.bias, **kw)  # fmt: skip
+
+    def _micro_batch_loss(self, mb: Rollout, target: Any, stats: _StepMetrics) -> torch.Tensor:
+        """The micro-batch's summed per-token loss (0-dim, with gradient); its metrics go into `stats`.
+
+        `loss.from_hidden_states` (default): the student's hidden states and head, projected one chunk of
+        response rows at a time inside the loss, metrics from the same chunks. Otherwise the plain path:
+        `[B, T, V]` logits, `opd.objectives.token` on them, metrics walked over the detached logits."""
+        mask, tokens = mb.response_mask, mb.response_ids
+        if self.cfg.loss.from_hidden_states:
+            with self._autocast():
+                h = response_hidden_states(self.student, mb)
+            return self._head_loss_sum(h, target, tokens, mask, stats.start(mb, target))
+        with self._autocast():
+            s_logits = response_logits(self.student, mb)
+        loss = self._per_token_loss(s_logits, target, tokens, mask).sum()
+        with torch.no_grad():
+            stats.add_logits(mb, s_logits.detach(), target)
+        return loss
+
+    def _micro_batches(self, rollouts: list[Rollout], tops: list[TeacherTopK] | None
+                       ) -> list[tuple[Rollout, TeacherTopK | None]]:  # fmt: skip
+        """The step's micro-batches: at most `micro_batch_size` sequences and, with `micro_batch_tokens`, at
+        most that many padded tokens each (similar lengths grouped). Every process runs the same number of
+        micro-batches (FSDP reduce-scatters on every backward), so the count is agreed across processes."""
+        cfg = self.cfg
+        kw = dict(max_sequences=cfg.micro_batch_size, max_tokens=cfg.micro_batch_tokens)
+        plans = plan_step_micro_batches(rollouts, **kw)
+        if self.acc.num_processes > 1 and cfg.micro_batch_tokens is not None:
+            most = int(
+                self._gather_max_row(torch.tensor([float(sum(map(len, plans)))], dtype=torch.float64))[0]
+            )
+            plans = plan_step_micro_batches(rollouts, **kw, min_groups=most)
+        return [
+            (r.select(g), tops[j].select(g) if tops is not None else None)
+            for j, (r, groups) in enumerate(zip(rollouts, plans, strict=True))
+            for g in groups
+        ]
+
+    def _reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        return reduce_sum(self.acc, t, op)
+
+    def _gather_max_row(self, row: torch.Tensor) -> torch.Tensor:
+        """The host row (of every process's) with the largest first entry."""
+        row = host(row)
+        if self.acc.num_processes == 1:
+            return row
+        gathered = host(self.acc.gather(row.to(self.acc.device).unsqueeze(0)))
+        return gathered[int(gathered[:, 0].argmax())]
+
+    def _install_step_in_backward(self) -> _StepInBackward:
+        """optim.in_backward: the AdamW step of each parameter runs in its post-accumulate-grad hook.
+
+        The gradient is freed right after, so the step never holds a full set of gradients (2.5 GB of a
+        0.5B fp32 student). The update is the optimizer's own `step()`: with every other `.grad` None it
+        touches only this parameter, and AdamW's update is per-parameter, so the result equals the plain
+        step's (tested bit for bit) and checkpoints keep the same optimizer state. Hooks act only while
+        the trainer arms them, so any other backward pass is left alone.
+        """
+        if self.acc.num_processes > 1:
+            raise ConfigError(
+                f"optim.in_backward needs one process ({self.acc.num_processes} were launched): data-parallel "
+                "gradients are averaged across processes after backward; use optim.in_backward false"
+            )
+        state = _StepInBackward()
+        names = {p: n for n, p in self._unwrapped().named_parameters()}
+        optimizer = self.optimizer
+
+        def hook(p: torch.Tensor) -> None:
+            if not state.armed or p.grad is None:
+                return
+            # The norm in the gradient's own dtype, like clip_grad_norm_: a float64 copy of a 152k x 896
+            # embedding gradient would cost 1 GB, the very memory this path exists to save.
+            sq = float(torch.linalg.vector_norm(p.grad.detach())) ** 2
+            state.norm_sq += sq
+            if state.bad is None and not math.isfinite(sq):
+                state.bad = names.get(p, "?")
+            if state.bad is None:
+                optimizer.step()
+                state.stepped += 1
+            p.grad = None
+
+        for p in self._unwrapped().parameters():
+            if p.requires_grad:
+                p.register_post_accumulate_grad_hook(hook)
+        return state
+
+    def train_step(self, step: int) -> StepResult:
+        """Step `step` (1-based) as its phases: collect rollouts -> score -> loss/backward -> update ->
+        metrics.
+
+        Device contract (opd.device): rollouts and teacher scores arrive on the compute device, losses and
+        diagnostic sums stay there, step statistics come back to the host through `_reduce`/`host`, and
+        every phase boundary is a synchronized `clock`.
+        """
+        device = self.acc.device
+        t0 = clock(device)
+        # 1. collect: the student's own rollouts on this step's prompts
+        self._cursor_before_step = self.cursor.state_dict()
+        rollouts = self._rollouts(step, self.cursor.next_indices(self.cfg.prompts_per_step))
+        t_rollout = clock(device) - t0
+        # 2. score: a top-K teacher scores the whole step up front (engines and servers batch far better
+        # than micro-batches), before any gradient exists, so a failure loses nothing. An HF teacher
+        # scores each micro-batch inside phase 3 instead.
+        tops = self._score_sparse(rollouts) if self.sparse_teacher else None
+        t_teacher_sparse = clock(device) - t0 - t_rollout
+        # 3. loss and backward, micro-batch by micro-batch, normalised by the step's global token count
+        t_update0 = clock(device)
+        acc = self._loss_and_backward(step, rollouts, tops)
+        # 4. update: gradient norm, exact cross-process sums, refuse a non-finite step, optimizer step
+        grad_norm = self._grad_norm(step, acc.loss_sum)
+        totals = self._reduce_step(rollouts, acc)
+        self._update(step, totals["loss"], grad_norm)
+        t_sync = self.generator.sync(self._unwrapped()) if hasattr(self.generator, "sync") else None
+        t_end = clock(device)
+        # 5. metrics (every process holds the same values) and one decoded sample
+        times = {
+            "step_time_s": t_end - t0,
+            "time_rollout_s": t_rollout,
+            "time_teacher_s": acc.t_teacher + t_teacher_sparse,
+            "time_update_s": t_end - t_update0 - acc.t_teacher - (t_sync or 0.0),
+        }
+        metrics = self._step_metrics(totals, grad_norm, times, acc, t_sync)
+        return StepResult(step, metrics, self._samples(step, rollouts))
+
+    def _loss_and_backward(self, step: int, rollouts: list[Rollout], tops: list[TeacherTopK] | None
+                           ) -> _Accumulated:  # fmt: skip
+        """Phase 3. Gradients are synchronised across processes on the last micro-batch only; with
+        `optim.in_backward` the weights step inside backward, so a non-finite loss is refused before it."""
+        cfg, acc, device = self.cfg, self.acc, self.acc.device
+        local_tokens = sum(int(r.response_mask.sum()) for r in rollouts)
+        global_tokens = int(self._reduce(torch.tensor(float(local_tokens), dtype=torch.float64)).item())
+        micro = self._micro_batches(rollouts, tops)
+        if self._in_backward is not None and len(micro) > 1:  # the config check should make this unreachable
+            raise ConfigError(f"optim.in_backward needs one micro-batch per step; this step has {len(micro)}")
+        # Accumulators of the step: on the compute device (no host round trip per micro-batch), float64.
+        out = _Accumulated(torch.zeros((), dtype=torch.float64, device=device), _StepMetrics(self, device),
+                           global_tokens)  # fmt: skip
+        scale = acc.num_processes / max(global_tokens, 1)
+        for i, (mb, top) in enumerate(micro):
+            if top is None:  # an HF teacher scores each micro-batch: hidden states (or [B, T, V] logits)
+                ts = clock(device)
+                target = self.teacher.hidden(mb) if cfg.loss.from_hidden_states else self.teacher.score(mb)
+                out.t_teacher += clock(device) - ts
+            else:
+                target = top
+            sync = contextlib.nullcontext() if i == len(micro) - 1 else acc.no_sync(self.student)
+            with sync:
+                loss_mb = self._micro_batch_loss(mb, target, out.stats)
+                objective = loss_mb * scale
+                ib = self._in_backward
+                if ib is not None:  # backward will step the weights: refuse a bad loss before it starts
+                    if not math.isfinite(float(objective.detach())):
+                        raise NonFiniteLossError(
+                            f"non-finite loss at step {step}; no parameter was stepped",
+                            {"loss": math.nan, "grad_norm": math.nan},
+                        )
+                    ib.arm()
+                try:
+                    acc.backward(objective)
+                finally:
+                    if ib is not None:
+                        ib.armed = False
+            out.loss_sum += loss_mb.detach().double()
+            del target, loss_mb, objective
+        return out
+
+    def _grad_norm(self, step: int, loss_sum: torch.Tensor) -> float:
+        """The pre-clip global gradient norm (clipping on the way when `optim.max_grad_norm` is set).
+
+        Four cases because the gradients live in four shapes: already consumed by `optim.in_backward`
+        (its norm was summed in the hooks), FSDP DTensor shards (torch reduces across shards), plain
+        tensors under accelerate (clip and norm in one call), or no clipping at all."""
+        max_norm = self.cfg.optim.max_grad_norm
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        ib = self._in_backward
+        if ib is not None:  # already stepped inside backward; the norm was summed there
+            if ib.bad is not None:
+                self.optimizer.zero_grad(set_to_none=True)
+                raise NonFiniteLossError(
+                    f"non-finite gradient in {ib.bad} at step {step} with optim.in_backward: "
+                    f"{ib.stepped} parameter tensors had already been stepped, so the weights in memory "
+                    "are damaged and training stops",
+                    {"loss": float(loss_sum), "grad_norm": math.nan},
+                    weights_damaged=True,
+                )
+            return math.sqrt(ib.norm_sq)
+        if self.sharded:  # DTensor gradients: torch computes the global norm across the shards
+            from opd.train.sharding import grad_norm_value
+
+            norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else math.inf)
+            return grad_norm_value(norm)
+        if max_norm is not None:
+            return float(self.acc.clip_grad_norm_(params, max_norm))
+        grads = [p.grad.detach().norm() for p in params if p.grad is not None]
+        return float(torch.stack(grads).norm() if grads else torch.zeros(()))
+
+    def _reduce_step(self, rollouts: list[Rollout], acc: _Accumulated) -> dict[str, Any]:
+        """Cross-process reductions: exact sums, then means on every rank (host float64 from here on)."""
+        n_tok = max(acc.global_tokens, 1)
+        stats = acc.stats
+        sums = stats.sums
+        keys = sorted(sums)
+        if keys:
+            vec = self._reduce(torch.stack([sums[k].double() for k in keys]))
+            sums = {k: vec[j] for j, k in enumerate(keys)}
+        lengths, trunc = rollout_length_stats(rollouts)
+        len_stats = self._reduce(torch.stack([lengths.sum(), trunc.sum(), torch.tensor(float(len(lengths)))]))
+        return {
+            "loss": float(self._reduce(acc.loss_sum)) / n_tok,
+            "reward_mean": float(self._reduce(torch.tensor(stats.reward_sum, dtype=torch.float64))) / n_tok,
+            "sums": sums,
+            "best_adv": self._gather_max_row(stats.best_adv),
+            "len_stats": len_stats,
+            "len_max": float(self._gather_max_row(lengths.max().reshape(1))[0]),
+        }
+
+    def _update(self, step: int, loss: float, grad_norm: float) -> None:
+        """Phase 4's step: refused (gradients dropped, weights untouched) when the loss or norm is not finite."""
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLossError(
+                f"non-finite loss ({loss}) or grad norm ({grad_norm}) at step {step}",
+                {"loss": loss, "grad_norm": grad_norm},
+            )
+        if self._in_backward is None:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _step_metrics(self, totals: dict[str, Any], grad_norm: float, times: dict[str, float],
+                      acc: _Accumulated, t_sync: float | None) -> dict[str, float]:  # fmt: skip
+        len_stats, best_adv = totals["len_stats"], totals["best_adv"]
+        n_seq = max(float(len_stats[2]), 1)
+        metrics: dict[str, float] = {
+            "loss": totals["loss"],
+            "grad_norm": grad_norm,
+            "lr": float(self.scheduler.get_last_lr()[0]),
+            "reward_mean": totals["reward_mean"],
+            "kl_sampled": -totals["reward_mean"],
+            "adv_max_abs": float(best_adv[0]),
+            "p_minus_q_at_max_adv": float(best_adv[1]),
+            "response_len_mean": float(len_stats[0]) / n_seq,
+            "response_len_max": totals["len_max"],
+            "truncation_rate": float(len_stats[1]) / n_seq,
+            "response_tokens": float(acc.global_tokens),
+            "tokens_per_s": acc.global_tokens / times["step_time_s"],
+            **times,
+            "epoch": float(self.cursor.state_dict()["epoch"]),
+        }
+        if t_sync is not None:
+            metrics["time_weight_sync_s"] = t_sync
+            ed = self._reduce(acc.stats.engine_delta[:2])
+            if float(ed[1]) > 0:
+                metrics["engine_logprob_delta_mean"] = float(ed[0] / ed[1])
+                metrics["engine_logprob_delta_max"] = float(
+                    self._gather_max_row(host(acc.stats.engine_delta[2:]))[0]
+                )
+        metrics.update(finalize(totals["sums"]))
+        return metrics
+
+    def _samples(self, step: int, rollouts: list[Rollout]) -> list[dict[str, Any]]:
+        """The main process's first rollout of the step, decoded, for RUN_DIR/samples.jsonl."""
+        if not (self.acc.is_main_process and rollouts):
+            return []
+        r = rollouts[0]
+        return [{
+            "step": step,
+            "prompt": self.prompt_texts[r.prompt_index[0]],
+            "response": self.tokenizer.decode(r.response_ids[0][r.response_mask[0]]),
+            "truncated": bool(r.truncated[0]),
+        }]  # fmt: skip
+
+    # ------------------------------------------------------------------------------------------------
+    # the run
+
+    def _raise_if_write_failed(self, error: StorageError | None) -> None:
+        ckpt.raise_if_write_failed(self.acc, error)
+
+    def save(self, step: int) -> Path | None:
+        """Checkpoint `step` (opd.train.checkpoint); a refused write (disk full, ...) raises StorageError on every
+        process, naming the path, the free space, the size needed and the checkpoint to resume from."""
+        path = None
+        model_state = optimizer_state = None
+        if self.sharded:  # gathering the shards is collective: every process takes part
+            from opd.train.sharding import full_model_state, full_optimizer_state
+
+            model_state = full_model_state(self.student)
+            optimizer_state = full_optimizer_state(self.student, self.optimizer)
+        error = None
+        if self.acc.is_main_process:
+            try:
+                path = ckpt.save_checkpoint(
+                    self.run_dir, step, model=self._unwrapped(), optimizer=self.optimizer, scheduler=self.scheduler,
+                    state={"cursor": self.cursor.state_dict(), "seed": self.cfg.seed, "total_steps": self.total_steps,
+                           "alarms": self.monitor.state_dict(), "sharding": self.cfg.sharding,
+                           "last_good_checkpoint": self.last_good_checkpoint.name if self.last_good_checkpoint else None},
+                    keep=self.cfg.keep_checkpoints, model_state=model_state, optimizer_state=optimizer_state,
+                )  # fmt: skip
+            except StorageError as exc:
+                hint = f"opd train --resume {self.run_dir}"
+                error = StorageError(f"{exc}; free space, then resume with `{hint}`")
+        self._raise_if_write_failed(error)
+        path = path or ckpt.checkpoint_path(self.run_dir, step)
+        self.last_checkpoint = path
+        self._unjudged_checkpoint = path
+        self.acc.wait_for_everyone()
+        return path
+
+    def save_final(self) -> Path | None:
+        """The trained student as a Hugging Face model in RUN_DIR/final, swapped in only when complete; a
+        refused write raises StorageError (the weights stay in the last checkpoint, a resume rewrites it)."""
+        out = self.run_dir / "final"
+        full = None
+        if self.sharded:
+            from opd.train.sharding import full_model_state
+
+            full = full_model_state(self.student)
+        error = None
+        if self.acc.is_main_process:
+            model = self._unwrapped()
+            if self.cfg.student.lora.enabled and self.cfg.student.lora.merge_on_save:
+                import copy
+
+                model = copy.deepcopy(model).merge_and_unload()
+
+            def write(tmp: Path) -> None:
+                if full is not None:
+                    from opd.train.sharding import restore_architecture
+
+                    model.save_pretrained(tmp, safe_serialization=True, state_dict=full)
+                    restore_architecture(tmp, self._architecture)
+                else:
+                    model.save_pretrained(tmp, safe_serialization=True)
+                self.tokenizer.save_pretrained(tmp)
+
+            last = self.last_checkpoint or ckpt.latest_checkpoint(self.run_dir)
+            try:
+                ckpt.save_model_dir(
+                    out, write, need=ckpt.state_nbytes(full if full is not None else model.state_dict()),
+                    last_good=str(last) if last is not None else "none",
+                )  # fmt: skip
+            except StorageError as exc:
+                hint = f"`opd train --resume {self.run_dir}` writes it again" if last is not None else "rerun"
+                error = StorageError(f"{exc}; free space, then {hint}")
+        self._raise_if_write_failed(error)
+        self.acc.wait_for_everyone()
+        return out
+
+    def _evaluator(self):
+        """In-loop evaluation on held-out problems (the paper evaluates during training), or None."""
+        ec = self.cfg.eval
+        if not ec.prompts or ec.every <= 0:
+            return None
+        from opd.evaluation.eval import InLoopEvaluator
+
+        return InLoopEvaluator(ec, self.cfg.data, self.tokenizer)
+
+    def evaluate(self, evaluator: Any, step: int) -> dict[str, float]:
+        """Run on the main process only (the others wait); logged at `step` with the training metrics."""
+        metrics: dict[str, float] = {}
+        if self.acc.is_main_process:
+            metrics = evaluator.run(self._unwrapped())
+            self.metrics.log(step, {"kind": "eval", **metrics})
+            self.log("eval @ step {}: {}".format(step, ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())))
+        self.acc.wait_for_everyone()
+        return metrics
+
+    def _teacher_down(self, step: int, exc: TeacherUnavailableError) -> TeacherUnavailableError:
+        """The teacher failed during step `step`, before any update: make sure a resume redoes it.
+
+        The weights are still those after step - 1 and only the prompt cursor moved, so rewind the cursor
+        and checkpoint step - 1 (unless that checkpoint exists): `--resume` then replays step `step` with
+        the same prompts and seeds, as if the failure never happened.
+        """
+        self.optimizer.zero_grad(set_to_none=True)
+        self.cursor.load_state_dict(self._cursor_before_step)
+        done = step - 1
+        if done == 0:
+            where = "no step was completed; rerun the same command once the teacher answers"
+        else:
+            saved = ckpt.checkpoint_path(self.run_dir, done)
+            path = saved if self.last_checkpoint == saved else self.save(done)
+            where = (
+                f"checkpoint {path} holds step {done}; `opd train --resume {self.run_dir}` redoes step {step} "
+                "once the teacher answers"
+            )
+        return TeacherUnavailableError(f"{exc}; step {step} was not taken, nothing was lost: {where}")
+
+    # ------------------------------------------------------------------------------------------------
+    # collapse alarms
+
+    def _watch(self, step: int, metrics: dict[str, float]) -> tuple[bool, bool]:
+        """Feed the collapse monitor one step; log its alarms; judge the checkpoint written before it.
+
+        Returns (this step alarmed, a collapse was declared at this step). Every process runs the
+        monitor on the same reduced metrics; the decisions are still taken from the main process
+        (broadcast) so no rank can take another branch on a rounding difference.
+        """
+        alarms = self.monitor.update(step, metrics)
+        alarming, declared = self.monitor.alarming, self.monitor.declared
+        if self.acc.num_processes > 1:
+            from accelerate.utils import broadcast
+
+            flags = torch.tensor([float(alarming), float(declared)], device=self.acc.device)
+            flags = broadcast(flags, from_process=0).cpu()
+            alarming, declared = bool(flags[0]), bool(flags[1])
+        for a in alarms:
+            self._log_alarm(a)
+        if self._unjudged_checkpoint is not None:
+            # Its weights produced this step's rollouts: clean metrics vouch for it, alarms condemn it.
+            if not alarming:
+                self.last_good_checkpoint = self._unjudged_checkpoint
+            self._unjudged_checkpoint = None
+        return alarming, declared
+
+    def _log_alarm(self, alarm: Alarm) -> None:
+        row = alarm.to_dict()
+        del row["step"]
+        self.metrics.log(alarm.step, {"kind": "alarm", **row, "collapsed": self.monitor.collapsed})
+        self.log(f"[yellow]alarm:[/] step {alarm.step} {alarm.signal}: {alarm.message}")
+
+    def _good_checkpoint_text(self) -> str:
+        good = self.last_good_checkpoint
+        if good is not None and good.is_dir():
+            return str(good)
+        if good is not None:
+            return (
+                f"none left ({good.name} was rotated away by keep_checkpoints={self.cfg.keep_checkpoints}; "
+                "keep at least 2 to always hold one from before the alarms)"
+            )
+        if self.last_checkpoint is not None:
+            return (
+                f"none verified ({self.last_checkpoint} holds the weights whose rollouts raised the alarms; "
+                "restart from the base model or use it with care)"
+            )
+        return "none (no checkpoint was written before the alarms)"
+
+    def _collapse(self, step: int) -> None:
+        """A collapse was declared at `step`: stop (CollapseError) or, without stop_on_collapse, say so."""
+        reason = self.monitor.reason or f"collapse at step {step}"
+        where = self._good_checkpoint_text()
+        if self.cfg.stop_on_collapse:
+            good = self.last_good_checkpoint
+            raise CollapseError(
+                f"training stopped on a {reason}; the collapsed weights were not saved; "
+                f"last good checkpoint: {where}",
+                step=step,
+                signal=self.monitor.collapse_signal or NAN,
+                checkpoint=str(good) if good is not None and good.is_dir() else None,
+            )
+        self.log(
+            f"[red]collapse:[/] {reason}; continuing because stop_on_collapse is false; "
+            f"last good checkpoint: {where}"
+        )
+
+    # ------------------------------------------------------------------------------------------------
+
+    def train(self, on_step: Any = None) -> list[dict[str, float]]:
+        """Run from start_step to total_steps; returns the metrics of the steps run.
+
+        Raises NonFiniteLossError on a non-finite step (``stop_on_nan``) and CollapseError when the
+        collapse alarms declare a collapse (``stop_on_collapse``); neither writes a checkpoint of the
+        damaged weights. Periodic checkpoints due on an alarming step are deferred to the next clean
+        step, so rotation (``keep_checkpoints``) never evicts the last good one for a suspect one.
+
+        SIGINT/SIGTERM let the current step finish; then every process stops after the same step (the
+        request is all-reduced at step boundaries, so no rank is left waiting in a collective), that step
+        is checkpointed unless it already is, and `InterruptedRun` (exit 130) says how to resume. A second
+        signal exits at once (the atomic checkpoints already on disk stay usable).
+        """
+        from opd.progress import StopRequests
+
+        history = []
+        samples_path = self.run_dir / "samples.jsonl"
+        evaluator = self._evaluator()
+        _apply_dist_timeout(self.acc)
+        hint = f"opd train --resume {self.run_dir}"
+        saved = self.start_step  # the last step whose checkpoint is on disk (0: none)
+        stop = StopRequests(self.log, lambda: f"resume from the last checkpoint with: {hint}")
+        try:
+            with stop:
+                if evaluator is not None and self.start_step == 0:
+                    self.evaluate(evaluator, 0)
+                for step in range(self.start_step + 1, self.total_steps + 1):
+                    if _stop_agreed(self.acc, stop):
+                        self._interrupted(step - 1, saved, hint)
+                    try:
+                        result = self.train_step(step)
+                    except TeacherUnavailableError as exc:
+                        raise self._teacher_down(step, exc) from None
+                    except NonFiniteLossError as exc:
+                        _, declared = self._watch(step, exc.metrics or {"loss": math.nan})
+                        if self.cfg.stop_on_nan or exc.weights_damaged:
+                            where = self.last_checkpoint or "none (no checkpoint was written yet)"
+                            raise NonFiniteLossError(
+                                f"{exc}; stopped, last good checkpoint: {where}",
+                                exc.metrics,
+                                exc.weights_damaged,
+                            ) from None
+                        self.log(f"[yellow]warning:[/] {exc}; step skipped (stop_on_nan is false)")
+                        if declared:
+                            self._collapse(step)
+                        continue
+                    self.metrics.log(step, result.metrics)
+                    alarming, declared = self._watch(step, result.metrics)
+                    if self.acc.is_main_process and result.samples:
+                        with open(samples_path, "a") as fh:
+                            for s in result.samples:
+                                fh.write(json.dumps(s) + "\n")
+                    history.append(result.metrics)
+                    if on_step is not None:
+                        on_step(step, result.metrics)
+                    if declared:
+                        self._collapse(step)
+                    if evaluator is not None and (
+                        step % self.cfg.eval.every == 0 or step == self.total_steps
+                    ):
+                        self.evaluate(evaluator, step)
+                    due = step % self.cfg.checkpoint_every == 0 or self._checkpoint_deferred
+                    if step == self.total_steps or (due and not alarming):
+                        self.save(step)
+                        saved = step
+                        self._checkpoint_deferred = False
+                    elif due:
+                        if not self._checkpoint_deferred:
+                            self.log(
+                                f"[yellow]note:[/] checkpoint of step {step} deferred until a step without alarms"
+                            )
+                        self._checkpoint_deferred = True
+                # A request during the last step: the run is complete, so the final model is still written.
+                if self.cfg.save_final:
+                    self.save_final()
+        finally:
+            self.metrics.close()
+        return history
+
+    def _interrupted(self, done: int, saved: int, hint: str) -> None:
+        """Every process agreed to stop after step `done`: checkpoint it unless it is on disk, then raise
+        `InterruptedRun` naming the command that continues the run."""
+        from opd.errors import InterruptedRun
+
+        if done == 0:
+            raise InterruptedRun(
+                "interrupted before the first step finished; nothing to resume: rerun the same command"
+            )
+        if saved != done:
+            self.save(done)
+        raise InterruptedRun(f"interrupted after step {done}; resume with: {hint}")
+
+    def _teardown(self, *, ok: bool) -> None:
+        """End a multi-process run in an order that cannot hang: drop the DDP wrapper (its Reducer) and
+        accelerate's references while the process group still works, barrier, then destroy the group.
+
+        Left to interpreter exit, the Reducer and the gloo group were freed in arbitrary order and one rank
+        hung forever in ``ProcessGroupGloo::~ProcessGroupGloo``. ``ok`` is false after an error that
+        only this process may have met: then there is no barrier (the others may never reach it).
+        """
+        _release_distributed(self.acc, self, "student", ok=ok)
+
+
+# ----------------------------------------------------------------------------------------------------
+# multi-process runs: fail fast, agree on a stop, end in order (shared with opd.train.sft)
+
+DIST_TIMEOUT_ENV = "OPD_DIST_TIMEOUT"
+CPU_DIST_TIMEOUT_S = 600.0
+
+
+def _dist_timeout_s(acc: Any) -> float | None:
+    """Seconds a collective may wait for the other processes before this one fails.
+
+    ``OPD_DIST_TIMEOUT`` sets it; without it, gloo (CPU) runs get 10 minutes instead of torch's 30, so a
+    rank that died leaves the others failing within minutes, not half an hour (long enough for the
+    main process's in-loop evaluation and final save while the others wait at a barrier). GPU runs keep
+    torch's NCCL default unless the variable is set.
+    """
+    import os
+
+    raw = os.environ.get(DIST_TIMEOUT_ENV)
+    if raw:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError(f"{DIST_TIMEOUT_ENV}={raw!r} is not a number of seconds") from None
+        return value if value > 0 else None
+    return CPU_DIST_TIMEOUT_S if acc.device.type == "cpu" else None
+
+
+def _apply_dist_timeout(acc: Any) -> None:
+    """Put `_dist_timeout_s` on the default process group (no-op for one process)."""
+    import torch.distributed as dist
+
+    seconds = _dist_timeout_s(acc)
+    if seconds is None or acc.num_processes <= 1 or not (dist.is_available() and dist.is_initialized()):
+        return
+    from datetime import timedelta
+
+    try:
+        from torch.distributed.distributed_c10d import _set_pg_timeout
+
+        _set_pg_timeout(timedelta(seconds=seconds))
+    except (ImportError, AttributeError, RuntimeError, ValueError):  # a torch without it: keep its default
+        pass
+
+
+def _stop_agreed(acc: Any, stop: Any) -> bool:
+    """Whether any process got a stop request (one all-reduce per step on several processes): all of
+    them then stop after the same step, so none waits in a collective the others never join."""
+    requested = stop.requested is not None
+    if acc.num_processes <= 1:
+        return requested
+    flag = torch.tensor(float(requested), dtype=torch.float64, device=acc.device)
+    return float(reduce_sum(acc, flag)) > 0
+
+
+def _release_distributed(acc: Any, owner: Any, attr: str, *, ok: bool, destroy: bool = True) -> None:
+    """Replace ``owner.<attr>`` (a DDP-wrapped model) by the bare model, drop accelerate's references,
+    collect the freed Reducer, barrier (only when ``ok``: after an error on one process the others may
+    never arrive), then destroy the default process group (unless ``destroy`` is false)."""
+    import gc
+
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    model = getattr(owner, attr, None)
+    if model is not None:
+        setattr(owner, attr, acc.unwrap_model(model))
+    for name in ("_models", "_optimizers", "_schedulers", "_dataloaders"):
+        held = getattr(acc, name, None)
+        if isinstance(held, list):
+            held.clear()
+    del model
+    gc.collect()
+    if ok:
+        dist.barrier()
+    if destroy:
+        dist.destroy_process_group()
