@@ -22,7 +22,6 @@ crash. Values the logger wrote as strings ("nan", "inf": JSON has no NaN) are re
 
 from __future__ import annotations
 
-import html
 import json
 import math
 import os
@@ -36,6 +35,19 @@ from typing import Any
 import numpy as np
 
 from opd.errors import OpdError
+from opd.report.bins import bin_labels, bin_ranges
+from opd.report.render import (
+    Block,
+    Bullets,
+    Figure,
+    Figures,
+    Heading,
+    Paragraph,
+    Table,
+    code,
+    esc,
+    write_document,
+)
 
 __all__ = [
     "ALIGNMENT_METRICS",
@@ -348,22 +360,6 @@ def position_matrix(run: RunData, metric: str) -> tuple[list[int], np.ndarray]:
     return steps, np.stack([cols[s] for s in steps], axis=1)
 
 
-def bin_ranges(n_bins: int, max_new_tokens: int) -> list[tuple[int, int]]:
-    """Inclusive response-token ranges of the position bins, as the trainer assigns them.
-
-    ``opd.diagnostics`` puts token t in bin ``t * n_bins // max_new_tokens`` (clamped to the last), so
-    bin i holds t in [ceil(i*L/B), ceil((i+1)*L/B) - 1].
-    """
-    if n_bins < 1 or max_new_tokens < 1:
-        return []
-    out = []
-    for i in range(n_bins):
-        lo = -(-i * max_new_tokens // n_bins)
-        hi = -(-(i + 1) * max_new_tokens // n_bins) - 1
-        out.append((lo, max(lo, hi)))
-    return out
-
-
 # ----------------------------------------------------------------------------------------------------
 # Success signals
 
@@ -673,12 +669,9 @@ def plot_position_heatmaps(
         )
         fig.colorbar(mesh, ax=ax, label=metric)
         ax.set_yticks(np.arange(n_bins) + 0.5)
-        if isinstance(budget, int) and budget > 0:
-            ax.set_yticklabels([f"{lo}-{hi}" for lo, hi in bin_ranges(n_bins, budget)], fontsize=8)
-            ax.set_ylabel("response tokens")
-        else:
-            ax.set_yticklabels([f"bin {i}" for i in range(n_bins)], fontsize=8)
-            ax.set_ylabel("response-position bin")
+        ax.set_yticklabels(bin_labels(n_bins, budget), fontsize=8)
+        known = isinstance(budget, int) and budget > 0
+        ax.set_ylabel("response tokens" if known else "response-position bin")
         ax.set_xlabel("step")
         ax.set_title(f"{run.name}: {metric} by response position", fontsize=10)
         fig.tight_layout()
@@ -723,21 +716,6 @@ def _signal_table(
         rows.append([m, *cells])
     rows.append(["verdict", *[s["verdict"] for s in signals]])
     return header, rows
-
-
-def _md_table(header: list[str], rows: list[list[str]]) -> str:
-    def cell(x: str) -> str:
-        return str(x).replace("|", "\\|").replace("\n", " ")
-
-    lines = ["| " + " | ".join(cell(h) for h in header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def _html_table(header: list[str], rows: list[list[str]]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
 def write_analysis(runs: Sequence[RunData], out_dir: str | Path) -> dict[str, Path]:
@@ -800,75 +778,63 @@ def write_analysis(runs: Sequence[RunData], out_dir: str | Path) -> dict[str, Pa
     json_path = out / "analysis.json"
     atomic_write_text(json_path, json.dumps(json_safe(data), indent=2, allow_nan=False, default=str) + "\n")
 
+    doc = _analysis_document(runs, signals, notes, written, heatmaps, out)
+    md_path, html_path = out / "analysis.md", out / "analysis.html"
+    write_document(doc, md_path, html_path, title=_title(runs))
+    return {"markdown": md_path, "html": html_path, "json": json_path, **written}
+
+
+def _title(runs: Sequence[RunData]) -> str:
+    return "opd analyze: " + ", ".join(r.name for r in runs)
+
+
+def _analysis_document(
+    runs: Sequence[RunData],
+    signals: Sequence[dict[str, Any]],
+    notes: Sequence[str],
+    written: dict[str, Path],
+    heatmaps: dict[str, dict[str, Path]],
+    out: Path,
+) -> list[Block]:
+    """analysis.md and analysis.html as one document, so the two always say the same thing."""
     header, rows = _signal_table(runs, signals)
     eval_keys = [k for k in metric_keys(runs) if k.startswith("eval/")]
     eval_rows = [
         [k, *[_g(series(r, k)[1][-1]) if series(r, k)[1] else "n/a" for r in runs]] for k in eval_keys
     ]
-    title = "opd analyze: " + ", ".join(r.name for r in runs)
-    md: list[str] = [f"# {title}", ""]
-    md += ["Runs: " + "; ".join(f"`{r.name}` = {r.path}" for r in runs), ""]
-    md += [
-        "## Success signals",
-        "",
-        "initial -> final (mean of the first / last 10% of steps), least-squares slope per step.",
-        "",
+    names = [esc(r.name) for r in runs]
+    doc: list[Block] = [
+        Heading(esc(_title(runs)), 1),
+        Paragraph("Runs: " + "; ".join(f"{code(r.name)} = {esc(str(r.path))}" for r in runs)),
+        Heading("Success signals"),
+        Paragraph("initial -> final (mean of the first / last 10% of steps), least-squares slope per step."),
+        Table([esc(h) for h in header], [[esc(c) for c in row] for row in rows]),
+        Heading("Reading"),
+        Bullets(
+            [
+                f"**{esc(r.name)}** ({esc(s['verdict'])}): {esc(s['reading'])}"
+                for r, s in zip(runs, signals, strict=True)
+            ]
+            + [esc(n) for n in notes]
+        ),
     ]
-    md += [_md_table(header, rows), ""]
-    md += ["## Reading", ""] + [
-        f"- **{r.name}** ({s['verdict']}): {s['reading']}" for r, s in zip(runs, signals, strict=True)
-    ]
-    md += [f"- {n}" for n in notes] + [""]
     if eval_rows:
-        md += ["## Final evaluation", "", _md_table(["metric", *[r.name for r in runs]], eval_rows), ""]
-    events = [(r.name, ev) for r in runs for ev in r.events]
-    md += ["## Events", ""] + ([f"- {n}: {_event_text(ev)}" for n, ev in events] or ["none"]) + [""]
-    warn = [(r.name, w) for r in runs for w in r.warnings]
-    if warn:
-        md += ["## Read warnings", ""] + [f"- {n}: {w}" for n, w in warn] + [""]
-    figures: list[tuple[str, Path]] = []
-    if "key_metrics" in written:
-        figures.append(("key metrics", written["key_metrics"]))
-    for name, maps in heatmaps.items():
-        figures += [(f"{name}: {m} by response position", p) for m, p in maps.items()]
-    curves = [(k.split(":", 1)[1], p) for k, p in written.items() if k.startswith("curve:")]
-    md += ["## Figures", ""] + [f"![{t}]({_rel(p, out)})" for t, p in figures] + [""]
-    md += ["## All metrics", ""] + [f"![{t}]({_rel(p, out)})" for t, p in curves] + [""]
-    md_path = out / "analysis.md"
-    atomic_write_text(md_path, "\n".join(md))
-
-    body = [
-        f"<h1>{html.escape(title)}</h1>",
-        "<h2>Success signals</h2>",
-        _html_table(header, rows),
-        "<h2>Reading</h2><ul>",
-    ]
-    body += [f"<li><b>{html.escape(r.name)}</b> ({html.escape(s['verdict'])}): {html.escape(s['reading'])}</li>"
-             for r, s in zip(runs, signals, strict=True)]  # fmt: skip
-    body += [f"<li>{html.escape(n)}</li>" for n in notes] + ["</ul>"]
-    if eval_rows:
-        body += ["<h2>Final evaluation</h2>", _html_table(["metric", *[r.name for r in runs]], eval_rows)]
-    body += ["<h2>Events</h2><ul>"] + [
-        f"<li>{html.escape(n)}: {html.escape(_event_text(ev))}</li>" for n, ev in events
-    ]
-    body += ["</ul>" if events else "<li>none</li></ul>"]
-    if warn:
-        body += (
-            ["<h2>Read warnings</h2><ul>"]
-            + [f"<li>{html.escape(n)}: {html.escape(w)}</li>" for n, w in warn]
-            + ["</ul>"]
-        )
-    for heading, figs in (("Figures", figures), ("All metrics", curves)):
-        body.append(f"<h2>{heading}</h2>")
-        body += [
-            f'<p><img src="{html.escape(_rel(p, out))}" alt="{html.escape(t)}" style="max-width:100%"></p>'
-            for t, p in figs
+        doc += [
+            Heading("Final evaluation"),
+            Table(["metric", *names], [[esc(c) for c in row] for row in eval_rows], numeric=True),
         ]
-    css = ("body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;line-height:1.4}"
-           "table{border-collapse:collapse;margin:1em 0;font-size:0.9em}td,th{border:1px solid #d0d7de;"
-           "padding:4px 8px;vertical-align:top}th{background:#f6f8fa}")  # fmt: skip
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{css}</style></head><body>{''.join(body)}</body></html>\n")  # fmt: skip
-    html_path = out / "analysis.html"
-    atomic_write_text(html_path, page)
-    return {"markdown": md_path, "html": html_path, "json": json_path, **written}
+    events = [f"{esc(r.name)}: {esc(_event_text(ev))}" for r in runs for ev in r.events]
+    doc += [Heading("Events"), Bullets(events) if events else Paragraph("none")]
+    warn = [f"{esc(r.name)}: {esc(w)}" for r in runs for w in r.warnings]
+    if warn:
+        doc += [Heading("Read warnings"), Bullets(warn)]
+    key = (
+        [Figure(_rel(written["key_metrics"], out), "key metrics", wide=True)]
+        if "key_metrics" in written
+        else []
+    )
+    maps = [Figure(_rel(p, out), f"{name}: {m} by response position") for name, ms in heatmaps.items()
+            for m, p in ms.items()]  # fmt: skip
+    curves = [Figure(_rel(p, out), k.split(":", 1)[1]) for k, p in written.items() if k.startswith("curve:")]
+    doc += [Heading("Figures"), Figures(key + maps), Heading("All metrics"), Figures(curves)]
+    return doc

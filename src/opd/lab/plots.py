@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from opd.lab.experiments import ExperimentSpec
+from opd.report.bins import bin_labels
 
 __all__ = ["PANELS", "SMOOTH", "plot_experiment", "series"]
 
@@ -163,7 +164,9 @@ def _position_heatmap(
     for ax, (arm, bins, steps, grid) in zip(axes[0], panels, strict=True):
         im = ax.imshow(grid, aspect="auto", origin="lower", extent=(steps[0], steps[-1], -0.5, len(bins) - 0.5),
                        cmap="viridis")  # fmt: skip
-        ax.set_yticks(range(len(bins)), [f"bin {b}" for b in bins])
+        labels = bin_labels(max(bins) + 1, _budget(arms[arm]))
+        ax.set_yticks(range(len(bins)), [labels[b] for b in bins])
+        ax.set_ylabel("response tokens" if not labels[0].startswith("bin") else "response-position bin")
         ax.set_xlabel("step")
         ax.set_title(f"student entropy by position: {arm}", fontsize=10)
         fig.colorbar(im, ax=ax)
@@ -172,3 +175,10 @@ def _position_heatmap(
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return path
+
+
+def _budget(runs: Sequence[dict[str, Any]]) -> int | None:
+    """The arm's response budget in tokens, when every seed used the same one (bins are fractions of it)."""
+    found = {((r.get("config") or {}).get("rollout") or {}).get("max_new_tokens") for r in runs}
+    budget = found.pop() if len(found) == 1 else None
+    return budget if isinstance(budget, int) and budget > 0 else None

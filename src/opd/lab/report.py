@@ -5,18 +5,16 @@ The report reads only ``<runs>/<experiment>/<arm>/seed<k>/result.json`` (and an 
 the claims table is typed by hand, and an experiment with no result files is listed as "not run". The
 summaries written next to the results (``summary.json``) come from the same function, `summarize`.
 
-The document is built once as a list of blocks (heading, paragraph, table, image) and rendered to both
-markdown and a self-contained HTML page, so the two never disagree and no markdown library is needed.
+The document is built once as blocks (`opd.report.render`) and rendered to both markdown and a
+self-contained HTML page, so the two never disagree and no markdown library is needed.
 """
 
 from __future__ import annotations
 
-import html
 import json
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +27,7 @@ from opd.lab.experiments import (
     Verdict,
     aggregate,
 )
+from opd.report.render import Block, Figure, Figures, Heading, Paragraph, Table, esc, write_document
 
 __all__ = [
     "build_report",
@@ -257,75 +256,12 @@ def _per_level_table(summary: dict[str, Any]) -> tuple[list[str], list[list[str]
     return header, rows
 
 
-# ----------------------------------------------------------------------------------------------------
-# Document model and rendering
-
-
-@dataclass
-class Block:
-    kind: str  # h1 | h2 | h3 | p | table | img
-    text: str = ""
-    header: list[str] | None = None
-    rows: list[list[str]] | None = None
-
-
-def _md_cell(s: str) -> str:
-    return str(s).replace("|", "\\|").replace("\n", " ")
-
-
-def render_markdown(blocks: Sequence[Block]) -> str:
-    out: list[str] = []
-    for b in blocks:
-        if b.kind in ("h1", "h2", "h3"):
-            out.append("#" * int(b.kind[1]) + " " + b.text)
-        elif b.kind == "p":
-            out.append(b.text)
-        elif b.kind == "table":
-            assert b.header is not None and b.rows is not None
-            out.append("| " + " | ".join(_md_cell(h) for h in b.header) + " |")
-            out.append("| " + " | ".join("---" for _ in b.header) + " |")
-            out += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in b.rows]
-        elif b.kind == "img":
-            out.append(f"![{b.header[0] if b.header else ''}]({b.text})")
-        out.append("")
-    return "\n".join(out)
-
-
 _STATUS_COLOURS = {
     "reproduced": "#1a7f37",
     "partly": "#9a6700",
     "not reproduced": "#cf222e",
     "not run": "#6e7781",
 }
-
-
-def render_html(blocks: Sequence[Block], title: str) -> str:
-    body: list[str] = []
-    for b in blocks:
-        if b.kind in ("h1", "h2", "h3"):
-            body.append(f"<{b.kind}>{html.escape(b.text)}</{b.kind}>")
-        elif b.kind == "p":
-            body.append(f"<p>{html.escape(b.text)}</p>")
-        elif b.kind == "table":
-            assert b.header is not None and b.rows is not None
-            head = "".join(f"<th>{html.escape(h)}</th>" for h in b.header)
-            rows = []
-            for row in b.rows:
-                cells = []
-                for c in row:
-                    colour = _STATUS_COLOURS.get(c)
-                    style = f' style="color:{colour};font-weight:bold"' if colour else ""
-                    cells.append(f"<td{style}>{html.escape(str(c))}</td>")
-                rows.append("<tr>" + "".join(cells) + "</tr>")
-            body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>")
-        elif b.kind == "img":
-            alt = html.escape(b.header[0] if b.header else "")
-            body.append(f'<p><img src="{html.escape(b.text)}" alt="{alt}" style="max-width:100%"></p>')
-    css = ("body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;line-height:1.4}"
-           "table{border-collapse:collapse;margin:1em 0;font-size:0.9em}td,th{border:1px solid #d0d7de;"
-           "padding:4px 8px;vertical-align:top}th{background:#f6f8fa}")  # fmt: skip
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{css}</style></head><body>{''.join(body)}</body></html>\n")  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -370,67 +306,64 @@ def build_report(
             figures[spec.name] = plot_experiment(spec, results, runs / spec.name / "figures")
 
     blocks: list[Block] = [
-        Block("h1", "opd lab report"),
-        Block(
-            "p",
-            f"Generated {time.strftime('%Y-%m-%d %H:%M')} from the result files under {runs}. Every "
+        Heading("opd lab report", 1),
+        Paragraph(
+            f"Generated {time.strftime('%Y-%m-%d %H:%M')} from the result files under {esc(str(runs))}. Every "
             "status below is computed by the experiment's verdict function from those files "
             "(opd.lab.experiments); accuracies are greedy on the zoo's 200 held-out problems per "
             "level, overlap metrics use top-4 sets of the ~23-symbol vocabulary, numbers are mean ± "
             "standard deviation over seeds.",
         ),  # fmt: skip
-        Block("h2", "Paper claims vs the lab"),
+        Heading("Paper claims vs the lab"),
     ]
     header, rows = claims_table(summaries)
-    blocks.append(Block("table", header=header, rows=rows))
+    blocks.append(Table(header, rows, colours=_STATUS_COLOURS))
     not_run = [s["title"] for s in summaries if s["status"] == "not run"]
     partial = [
         f"{s['title']} ({s['runs']} runs, seeds {s['seeds']})" for s in summaries if s["status"] == "partial"
     ]
     if not_run:
-        blocks.append(Block("p", "Not run: " + "; ".join(not_run) + ". Run them with `opd lab run NAME`."))
+        blocks.append(Paragraph("Not run: " + "; ".join(not_run) + ". Run them with `opd lab run NAME`."))
     if partial:
-        blocks.append(Block("p", "Run with fewer seeds or arms than specified: " + "; ".join(partial) + "."))
+        blocks.append(Paragraph("Run with fewer seeds or arms than specified: " + "; ".join(partial) + "."))
 
     for s in summaries:
-        blocks.append(Block("h2", s["title"]))
-        blocks.append(Block("p", s["description"]))
+        blocks.append(Heading(s["title"]))
+        blocks.append(Paragraph(s["description"]))
         if s["status"] == "not run":
-            blocks.append(Block("p", "Not run."))
+            blocks.append(Paragraph("Not run."))
             continue
         blocks.append(
-            Block(
-                "p",
+            Paragraph(
                 f"{s['runs']} run(s), seeds {s['seeds']}, steps {s['steps']}, training+eval "
                 f"time {s['wall_time_s']:.0f} s (runs reused from other experiments not counted).",
             )
         )
         header, rows = comparison_rows(s)
-        blocks.append(Block("table", header=header, rows=rows))
+        blocks.append(Table(header, rows))
         header, rows = _per_level_table(s)
         if rows:
-            blocks.append(Block("table", header=header, rows=rows))
+            blocks.append(Table(header, rows))
         if s.get("probe") and "teachers" in s["probe"]:  # an `opd doctor` result
             header, rows = _doctor_rows(s["probe"])
-            blocks.append(Block("p", "opd doctor before training (full report: "
-                                f"{s['experiment']}/doctor/report.md):"))  # fmt: skip
-            blocks.append(Block("table", header=header, rows=rows))
+            doctor = _relpath(runs / s["experiment"] / "doctor" / "report.md", out.parent)
+            blocks.append(Paragraph(f"opd doctor before training (full report: [{esc(doctor)}]({doctor})):"))
+            blocks.append(Table(header, rows))
         elif s.get("probe"):
             p = s["probe"]
-            blocks.append(Block("p", "Probe: " + ", ".join(
-                f"{k} = {v:.4g}" if isinstance(v, float) else f"{k} = {v}" for k, v in p.items())))  # fmt: skip
+            blocks.append(Paragraph("Probe: " + ", ".join(
+                esc(f"{k} = {v:.4g}" if isinstance(v, float) else f"{k} = {v}") for k, v in p.items())))  # fmt: skip
         vh = ["claim", "status", "lab result"]
         vr = [[f"{v['claim_id']}: {v['claim']}", v["status"], v["result"]] for v in s["verdicts"]]
-        blocks.append(Block("table", header=vh, rows=vr))
-        for fig in figures.get(s["experiment"], []):
-            blocks.append(Block("img", _relpath(fig, out.parent), header=[fig.stem]))
+        blocks.append(Table(vh, vr, colours=_STATUS_COLOURS))
+        figs = [Figure(_relpath(fig, out.parent), fig.stem, wide=fig.stem == s["experiment"])  # the panel grid
+                for fig in figures.get(s["experiment"], [])]  # fmt: skip
+        if figs:
+            blocks.append(Figures(figs))
     for heading, text in extra:
-        blocks += [Block("h2", heading), Block("p", text)]
+        blocks += [Heading(heading), Paragraph(text)]
 
-    out.write_text(render_markdown(blocks), encoding="utf-8")
-    html_path = None
-    if html_out:
-        html_path = out.with_suffix(".html")
-        html_path.write_text(render_html(blocks, "opd lab report"), encoding="utf-8")
+    html_path = out.with_suffix(".html") if html_out else None
+    write_document(blocks, out, html_path, title="opd lab report")
     return {"markdown": out, "html": html_path, "summaries": summaries,
             "figures": [f for fs in figures.values() for f in fs]}  # fmt: skip
