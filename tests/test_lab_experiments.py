@@ -54,6 +54,19 @@ def test_registry_is_well_formed() -> None:
     assert stat([1.0]).fmt() == "1.000" and stat([0.5, 0.7]).fmt(pct=True) == "60.0 ± 14.1"
 
 
+def test_experiments_module_reexports_the_split_modules() -> None:
+    """`opd.lab.experiments` is kept for importers after the split: every name it exports is the very
+    object of the module that now holds it, and the registry's verdicts come from `opd.lab.verdicts`."""
+    from opd.lab import experiments, registry, specs, stats, verdicts
+
+    homes = (registry, specs, stats, verdicts)
+    for name in experiments.__all__:
+        owners = [m for m in homes if name in getattr(m, "__all__", ())]
+        assert len(owners) == 1, f"{name} should live in exactly one lab module, found {owners}"
+        assert getattr(experiments, name) is getattr(owners[0], name)
+    assert all(spec.verdict.__module__ == "opd.lab.verdicts" for spec in registry.EXPERIMENTS.values())
+
+
 def test_training_prompts_exclude_heldout() -> None:
     held = {p.prompt for lv in LEVELS for p in eval_problems(lv)}
     probs = draw_problems({2: 0.5, 4: 0.5}, 300, seed=3, exclude=held)

@@ -345,7 +345,7 @@ def test_fsdp_refuses_what_it_cannot_do(pair, tmp_path):
 
 
 def test_lr_schedules():
-    from opd.train.trainer import lr_lambda
+    from opd.train.loop import lr_lambda
 
     const = lr_lambda("constant", 10, 0, 0.0)
     assert [const(s) for s in range(3)] == [1.0, 1.0, 1.0]

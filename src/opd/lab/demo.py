@@ -125,7 +125,7 @@ def run_demo(
     `device`: where the runner's own model loads run (`LabRunner.device`; ``auto`` = GPU when available).
     """
     from opd.device import resolve_device
-    from opd.lab.experiments import EXPERIMENTS
+    from opd.lab.registry import EXPERIMENTS
     from opd.lab.report import build_report
     from opd.lab.runner import LabRunner, RichReporter, rich_progress
 
@@ -201,117 +201,135 @@ def _new_runs(spec: Any, runs: Path, seeds: list[int]) -> int:
     return n
 
 
+def _lab_list() -> None:
+    """List the lab experiments, their arms and the paper claims they test."""
+    from opd.lab.registry import EXPERIMENTS
+
+    console = Console()
+    for e in EXPERIMENTS.values():
+        console.print(f"[bold]{e.name}[/]  {e.title}  ({e.steps} steps x {len(e.seeds)} seeds)")
+        for a in e.arms:
+            console.print(f"    arm {a.name}: {a.student} -> {a.teacher}")
+        for c in e.claims:
+            console.print(f"    claim {c.id} ({c.finding}): {c.text}")
+
+
+def _run_named(
+    names: list[str],
+    console: Console,
+    *,
+    seeds: int | None,
+    steps: int | None,
+    arm: list[str] | None,
+    runs: Path,
+    zoo_root: Path | None,
+    force: bool,
+    device: str,
+) -> dict[str, Any]:
+    """Run the named experiments one after another and rebuild the report; kept out of the command so the
+    command holds only its options and the error handling that turns library errors into exit code 2."""
+    from opd.device import resolve_device
+    from opd.lab.registry import EXPERIMENTS
+    from opd.lab.report import build_report
+    from opd.lab.runner import LabRunner, RichReporter, rich_progress
+
+    resolve_device(device)  # before the zoo is checked: `cuda` without CUDA fails here
+    zoo = _load_zoo(zoo_root, console, build_if_missing=False)
+    for n in names:
+        spec = EXPERIMENTS[n]
+        chosen = list(range(seeds)) if seeds is not None else list(spec.seeds)
+        n_arms = len(arm) if arm else len(spec.arms)
+        console.rule(spec.title)
+        with rich_progress(console) as progress:
+            reporter = RichReporter(progress, console, total_runs=len(chosen) * n_arms)
+            runner = LabRunner(zoo=zoo, out_root=runs, reporter=reporter, force=force, device=device)
+            summary = runner.run_experiment(spec, seeds=chosen, steps=steps, arms=arm or None)
+        print_summary(Console(), summary)
+    return build_report(runs, runs / "report.md")
+
+
+def _lab_run(
+    name: str = typer.Argument(..., help="experiment name (`opd lab list`), or `all`"),
+    seeds: int | None = typer.Option(None, "--seeds", help="number of seeds (default: the experiment's, 3)"),
+    steps: int | None = typer.Option(None, "--steps", help="OPD steps per run (default: the experiment's)"),
+    arm: list[str] | None = typer.Option(None, "--arm", help="run only this arm (repeatable)"),
+    runs: Path = typer.Option(Path("runs/lab"), "--runs", help="results directory"),
+    zoo_root: Path | None = typer.Option(None, "--zoo", help="zoo directory (default: the shipped zoo)"),
+    force: bool = typer.Option(False, "--force", help="re-run even when results exist"),
+    device: str = typer.Option(
+        "auto",
+        "--device",
+        help="where evaluations and probes run: auto (GPU when available) | cpu | cuda[:N]",
+    ),
+) -> None:
+    """Run a lab experiment (OPD runs x seeds + per-level evaluation); print its table, write plots."""
+    from opd.errors import OpdError
+    from opd.lab.registry import EXPERIMENTS
+
+    console = Console(stderr=True)
+    names = list(EXPERIMENTS) if name == "all" else [name]
+    unknown = [n for n in names if n not in EXPERIMENTS]
+    if unknown:
+        console.print(
+            f"[bold red]error:[/] unknown experiment {unknown[0]!r}; known: {', '.join(EXPERIMENTS)}"
+        )
+        raise typer.Exit(2)
+    try:
+        rep = _run_named(names, console, seeds=seeds, steps=steps, arm=arm, runs=runs, zoo_root=zoo_root,
+                         force=force, device=device)  # fmt: skip
+    except (OpdError, KeyError, ValueError) as exc:
+        console.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(2) from None
+    console.print(f"results under {runs}; report: {rep['markdown']}")
+
+
+def _lab_report(
+    runs: Path = typer.Option(Path("runs/lab"), "--runs", help="results directory"),
+    out: Path | None = typer.Option(
+        None, "--out", help="markdown path (default RUNS/report.md; HTML beside it)"
+    ),
+    plots: bool = typer.Option(True, "--plots/--no-plots", help="draw the figures"),
+) -> None:
+    """Gather all lab results into one report (paper claim - lab result - status), from result files only."""
+    from opd.lab.report import build_report
+
+    rep = build_report(runs, out or runs / "report.md", plots=plots)
+    counts: dict[str, int] = {}
+    for s in rep["summaries"]:
+        for v in s["verdicts"]:
+            counts[v["status"]] = counts.get(v["status"], 0) + 1
+    Console().print(f"report: {rep['markdown']} (HTML: {rep['html']}); claims: "
+                    + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))  # fmt: skip
+
+
+def _demo(
+    budget_minutes: float = typer.Option(
+        10.0, "--budget-minutes", help="wall-time budget for the experiments"
+    ),
+    runs: Path = typer.Option(Path("runs/lab"), "--runs", help="results directory"),
+    zoo_root: Path | None = typer.Option(None, "--zoo", help="zoo directory (default: the shipped zoo)"),
+    seeds: int | None = typer.Option(None, "--seeds", help="number of seeds (default 3)"),
+    steps: int | None = typer.Option(None, "--steps", help="OPD steps per run (default: the experiment's)"),
+    device: str = typer.Option(
+        "auto",
+        "--device",
+        help="where evaluations and probes run: auto (GPU when available) | cpu | cuda[:N]",
+    ),
+) -> None:
+    """The lab in minutes on a CPU: OPD works with a compatible teacher and fails with an incompatible one."""
+    from opd.errors import OpdError
+
+    try:
+        run_demo(budget_minutes=budget_minutes, runs=runs, zoo_root=zoo_root, seeds=seeds, steps=steps,
+                 device=device)  # fmt: skip
+    except OpdError as exc:
+        Console(stderr=True).print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(2) from None
+
+
 def register_experiments(lab_app: typer.Typer, app: typer.Typer) -> None:
     """Add `lab run NAME`, `lab report`, `lab list` to the lab sub-app and `demo` to the top-level app."""
-
-    @lab_app.command("list")
-    def lab_list() -> None:
-        """List the lab experiments, their arms and the paper claims they test."""
-        from opd.lab.experiments import EXPERIMENTS
-
-        console = Console()
-        for e in EXPERIMENTS.values():
-            console.print(f"[bold]{e.name}[/]  {e.title}  ({e.steps} steps x {len(e.seeds)} seeds)")
-            for a in e.arms:
-                console.print(f"    arm {a.name}: {a.student} -> {a.teacher}")
-            for c in e.claims:
-                console.print(f"    claim {c.id} ({c.finding}): {c.text}")
-
-    @lab_app.command("run")
-    def lab_run(
-        name: str = typer.Argument(..., help="experiment name (`opd lab list`), or `all`"),
-        seeds: int | None = typer.Option(
-            None, "--seeds", help="number of seeds (default: the experiment's, 3)"
-        ),
-        steps: int | None = typer.Option(
-            None, "--steps", help="OPD steps per run (default: the experiment's)"
-        ),
-        arm: list[str] | None = typer.Option(None, "--arm", help="run only this arm (repeatable)"),
-        runs: Path = typer.Option(Path("runs/lab"), "--runs", help="results directory"),
-        zoo_root: Path | None = typer.Option(None, "--zoo", help="zoo directory (default: the shipped zoo)"),
-        force: bool = typer.Option(False, "--force", help="re-run even when results exist"),
-        device: str = typer.Option(
-            "auto",
-            "--device",
-            help="where evaluations and probes run: auto (GPU when available) | cpu | cuda[:N]",
-        ),
-    ) -> None:
-        """Run a lab experiment (OPD runs x seeds + per-level evaluation); print its table, write plots."""
-        from opd.device import resolve_device
-        from opd.errors import OpdError
-        from opd.lab.experiments import EXPERIMENTS
-        from opd.lab.report import build_report
-        from opd.lab.runner import LabRunner, RichReporter, rich_progress
-
-        console = Console(stderr=True)
-        names = list(EXPERIMENTS) if name == "all" else [name]
-        unknown = [n for n in names if n not in EXPERIMENTS]
-        if unknown:
-            console.print(
-                f"[bold red]error:[/] unknown experiment {unknown[0]!r}; known: {', '.join(EXPERIMENTS)}"
-            )
-            raise typer.Exit(2)
-        try:
-            resolve_device(device)  # before the zoo is checked: `cuda` without CUDA fails here
-            zoo = _load_zoo(zoo_root, console, build_if_missing=False)
-            for n in names:
-                spec = EXPERIMENTS[n]
-                chosen = list(range(seeds)) if seeds is not None else list(spec.seeds)
-                n_arms = len(arm) if arm else len(spec.arms)
-                console.rule(spec.title)
-                with rich_progress(console) as progress:
-                    reporter = RichReporter(progress, console, total_runs=len(chosen) * n_arms)
-                    runner = LabRunner(zoo=zoo, out_root=runs, reporter=reporter, force=force, device=device)
-                    summary = runner.run_experiment(spec, seeds=chosen, steps=steps, arms=arm or None)
-                print_summary(Console(), summary)
-            rep = build_report(runs, runs / "report.md")
-        except (OpdError, KeyError, ValueError) as exc:
-            console.print(f"[bold red]error:[/] {exc}")
-            raise typer.Exit(2) from None
-        console.print(f"results under {runs}; report: {rep['markdown']}")
-
-    @lab_app.command("report")
-    def lab_report(
-        runs: Path = typer.Option(Path("runs/lab"), "--runs", help="results directory"),
-        out: Path | None = typer.Option(
-            None, "--out", help="markdown path (default RUNS/report.md; HTML beside it)"
-        ),
-        plots: bool = typer.Option(True, "--plots/--no-plots", help="draw the figures"),
-    ) -> None:
-        """Gather all lab results into one report (paper claim - lab result - status), from result files only."""
-        from opd.lab.report import build_report
-
-        rep = build_report(runs, out or runs / "report.md", plots=plots)
-        counts: dict[str, int] = {}
-        for s in rep["summaries"]:
-            for v in s["verdicts"]:
-                counts[v["status"]] = counts.get(v["status"], 0) + 1
-        Console().print(f"report: {rep['markdown']} (HTML: {rep['html']}); claims: "
-                        + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))  # fmt: skip
-
-    @app.command("demo")
-    def demo(
-        budget_minutes: float = typer.Option(
-            10.0, "--budget-minutes", help="wall-time budget for the experiments"
-        ),
-        runs: Path = typer.Option(Path("runs/lab"), "--runs", help="results directory"),
-        zoo_root: Path | None = typer.Option(None, "--zoo", help="zoo directory (default: the shipped zoo)"),
-        seeds: int | None = typer.Option(None, "--seeds", help="number of seeds (default 3)"),
-        steps: int | None = typer.Option(
-            None, "--steps", help="OPD steps per run (default: the experiment's)"
-        ),
-        device: str = typer.Option(
-            "auto",
-            "--device",
-            help="where evaluations and probes run: auto (GPU when available) | cpu | cuda[:N]",
-        ),
-    ) -> None:
-        """The lab in minutes on a CPU: OPD works with a compatible teacher and fails with an incompatible one."""
-        from opd.errors import OpdError
-
-        try:
-            run_demo(budget_minutes=budget_minutes, runs=runs, zoo_root=zoo_root, seeds=seeds, steps=steps,
-                     device=device)  # fmt: skip
-        except OpdError as exc:
-            Console(stderr=True).print(f"[bold red]error:[/] {exc}")
-            raise typer.Exit(2) from None
+    lab_app.command("list")(_lab_list)
+    lab_app.command("run")(_lab_run)
+    lab_app.command("report")(_lab_report)
+    app.command("demo")(_demo)

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from opd.lab.experiments import ExperimentSpec
+from opd.lab.specs import ExperimentSpec
 from opd.report.bins import bin_labels
 
 __all__ = ["PANELS", "SMOOTH", "plot_experiment", "series"]

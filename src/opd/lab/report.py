@@ -1,7 +1,7 @@
 """`opd lab report`: every lab result in one markdown (and HTML) report, verdicts computed from files.
 
 The report reads only ``<runs>/<experiment>/<arm>/seed<k>/result.json`` (and an experiment's
-``probe.json``) and hands them to each experiment's verdict function (`opd.lab.experiments`): nothing in
+``probe.json``) and hands them to each experiment's verdict function (`opd.lab.verdicts`): nothing in
 the claims table is typed by hand, and an experiment with no result files is listed as "not run". The
 summaries written next to the results (``summary.json``) come from the same function, `summarize`.
 
@@ -19,14 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from opd.files import json_safe
-from opd.lab.experiments import (
-    EXPERIMENTS,
-    ExperimentData,
-    ExperimentSpec,
-    Stat,
-    Verdict,
-    aggregate,
-)
+from opd.lab.registry import EXPERIMENTS
+from opd.lab.specs import ExperimentData, ExperimentSpec, Verdict
+from opd.lab.stats import Stat, aggregate
 from opd.report.render import Block, Figure, Figures, Heading, Paragraph, Table, esc, write_document
 
 __all__ = [

@@ -46,7 +46,7 @@ from typing import Any
 import torch
 
 from opd.config import deep_merge
-from opd.lab.experiments import ArmSpec, ExperimentSpec, PromptsSpec
+from opd.lab.specs import ArmSpec, ExperimentSpec, PromptsSpec
 
 __all__ = [
     "LAB_DEFAULTS",

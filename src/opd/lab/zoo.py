@@ -469,54 +469,24 @@ def _save(model: LlamaForCausalLM, tok: PreTrainedTokenizerFast, path: Path) -> 
     tok.save_pretrained(path)
 
 
-def build_zoo(
-    out: str | Path | None = None,
-    *,
-    force: bool = False,
-    specs: dict[str, ModelSpec] | None = None,
-    eval_n: int | None = None,
-    diag_n: int = DIAG_ROLLOUTS,
-    max_new_tokens: int = MAX_NEW_TOKENS,
-    threads: int | None = None,
-    console: Any = None,
-) -> dict[str, Any]:
-    """Train every zoo model in order, evaluate them, and write files + MANIFEST.json into `out`.
-
-    Refuses to overwrite an existing zoo unless `force`. Models are trained one after another (parallel
-    runs on 2 cores only halve each other's speed). `threads` sets torch's intra-op threads (default:
-    torch's choice). `eval_n`, `diag_n` and `max_new_tokens` exist to make tests fast; a real build keeps
-    the defaults (all held-out problems, 64 diagnostic rollouts, the lab's response budget). Returns the
-    manifest.
-    """
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
-
-    from opd.progress import Progress  # plain progress lines when stderr is not a terminal
-
-    if threads:  # 1 is faster than 2 when other jobs share the cores (OpenMP threads spin and collide)
-        previous = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            return build_zoo(out, force=force, specs=specs, eval_n=eval_n, diag_n=diag_n,
-                             max_new_tokens=max_new_tokens, console=console)  # fmt: skip
-        finally:
-            torch.set_num_threads(previous)
-    console = console or Console(stderr=True)
-    root = Path(out or ZOO_DIR)
-    specs = specs or SPECS
-    if (root / MANIFEST).exists() and not force:
-        raise ModelError(f"a lab zoo already exists at {root}; pass --force to rebuild it")
+def _clear_zoo(root: Path) -> None:
+    """Remove a previous zoo's models, eval files and manifest, so no stale file survives into the new hashes."""
     root.mkdir(parents=True, exist_ok=True)
     for stale in [*(root / n for n in ZOO_NAMES), root / "eval", root / MANIFEST]:
         if stale.is_dir():
             shutil.rmtree(stale)
         elif stale.exists():
             stale.unlink()
-    t0 = time.perf_counter()
-    tok = build_lab_tokenizer()
-    exclude = heldout_prompts()
-    for level in LEVELS:
-        write_prompt_file(eval_prompt_path(level, root), eval_problems(level))
+
+
+def _train_all(
+    specs: dict[str, ModelSpec], tok: PreTrainedTokenizerFast, root: Path, exclude: set[str], console: Any
+) -> tuple[dict[str, LlamaForCausalLM], dict[str, Any]]:
+    """Train and save every zoo model in `ZOO_NAMES` order: a model may start from an earlier one
+    (`ModelSpec.init_from`), so the order is part of the build, not a detail of the loop."""
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+
+    from opd.progress import Progress  # plain progress lines when stderr is not a terminal
 
     models: dict[str, LlamaForCausalLM] = {}
     train_logs: dict[str, Any] = {}
@@ -536,7 +506,17 @@ def build_zoo(
                 spec, tok, init=init, exclude=exclude, on_step=on_step
             )
             _save(models[name], tok, root / name)
-    train_seconds = time.perf_counter() - t0
+    return models, train_logs
+
+
+def _evaluate_all(
+    models: dict[str, LlamaForCausalLM], tok: PreTrainedTokenizerFast, eval_n: int | None, max_new_tokens: int,
+    console: Any,
+) -> dict[str, Any]:  # fmt: skip
+    """Per-level accuracy of every trained model, measured the way later experiments measure theirs."""
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+
+    from opd.progress import Progress
 
     accuracy: dict[str, Any] = {}
     with Progress(
@@ -547,10 +527,24 @@ def build_zoo(
             task = bar.add_task("eval", total=1, name=name)
             accuracy[name] = evaluate_levels(models[name], tok, n=eval_n, max_new_tokens=max_new_tokens)
             bar.update(task, completed=1)
-    teachers = {n: models[n] for n in ZOO_NAMES if n != "student"}
-    diagnostics = gap_diagnostics(models["student"], teachers, tok, n=diag_n, max_new_tokens=max_new_tokens)
+    return accuracy
 
-    manifest: dict[str, Any] = {
+
+def _manifest(
+    *,
+    specs: dict[str, ModelSpec],
+    tok: PreTrainedTokenizerFast,
+    train_logs: dict[str, Any],
+    accuracy: dict[str, Any],
+    diagnostics: dict[str, Any],
+    eval_n: int | None,
+    diag_n: int,
+    max_new_tokens: int,
+    train_seconds: float,
+    t0: float,
+) -> dict[str, Any]:
+    """The manifest minus file hashes: everything a reader needs to trust the zoo without rebuilding it."""
+    return {
         "format": 1,
         "world": {
             "levels": list(LEVELS),
@@ -579,6 +573,56 @@ def build_zoo(
             "threads": torch.get_num_threads(),
         },
     }
+
+
+def build_zoo(
+    out: str | Path | None = None,
+    *,
+    force: bool = False,
+    specs: dict[str, ModelSpec] | None = None,
+    eval_n: int | None = None,
+    diag_n: int = DIAG_ROLLOUTS,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    threads: int | None = None,
+    console: Any = None,
+) -> dict[str, Any]:
+    """Train every zoo model in order, evaluate them, and write files + MANIFEST.json into `out`.
+
+    Refuses to overwrite an existing zoo unless `force`. Models are trained one after another (parallel
+    runs on 2 cores only halve each other's speed). `threads` sets torch's intra-op threads (default:
+    torch's choice). `eval_n`, `diag_n` and `max_new_tokens` exist to make tests fast; a real build keeps
+    the defaults (all held-out problems, 64 diagnostic rollouts, the lab's response budget). Returns the
+    manifest.
+    """
+    from rich.console import Console
+
+    if threads:  # 1 is faster than 2 when other jobs share the cores (OpenMP threads spin and collide)
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return build_zoo(out, force=force, specs=specs, eval_n=eval_n, diag_n=diag_n,
+                             max_new_tokens=max_new_tokens, console=console)  # fmt: skip
+        finally:
+            torch.set_num_threads(previous)
+    console = console or Console(stderr=True)
+    root = Path(out or ZOO_DIR)
+    specs = specs or SPECS
+    if (root / MANIFEST).exists() and not force:
+        raise ModelError(f"a lab zoo already exists at {root}; pass --force to rebuild it")
+    _clear_zoo(root)
+    t0 = time.perf_counter()
+    tok = build_lab_tokenizer()
+    exclude = heldout_prompts()
+    for level in LEVELS:
+        write_prompt_file(eval_prompt_path(level, root), eval_problems(level))
+    models, train_logs = _train_all(specs, tok, root, exclude, console)
+    train_seconds = time.perf_counter() - t0
+    accuracy = _evaluate_all(models, tok, eval_n, max_new_tokens, console)
+    teachers = {n: models[n] for n in ZOO_NAMES if n != "student"}
+    diagnostics = gap_diagnostics(models["student"], teachers, tok, n=diag_n, max_new_tokens=max_new_tokens)
+    manifest = _manifest(specs=specs, tok=tok, train_logs=train_logs, accuracy=accuracy, diagnostics=diagnostics,
+                         eval_n=eval_n, diag_n=diag_n, max_new_tokens=max_new_tokens, train_seconds=train_seconds,
+                         t0=t0)  # fmt: skip
     manifest["files"] = _file_hashes(root)
     manifest["total_bytes"] = sum((root / rel).stat().st_size for rel in manifest["files"])
     (root / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")

@@ -16,7 +16,8 @@ from opd.errors import InterruptedRun, OpdError, StorageError
 from opd.progress import bar
 from opd.teachers.http import TeacherUnavailableError
 from opd.train.alarms import CollapseError
-from opd.train.trainer import NonFiniteLossError, OPDTrainer, _apply_dist_timeout
+from opd.train.loop import apply_dist_timeout
+from opd.train.trainer import NonFiniteLossError, OPDTrainer
 
 
 def _is_main() -> bool:
@@ -31,7 +32,7 @@ def run_training(cfg: TrainConfig, *, resume: bool, console: Console | None = No
     console = console or Console(stderr=True, soft_wrap=True)
 
     trainer = OPDTrainer(cfg, resume=resume, log=lambda m: console.print(m) if _is_main() else None)
-    _apply_dist_timeout(trainer.acc)  # before set-up's first collective: a dead rank fails the others fast
+    apply_dist_timeout(trainer.acc)  # before set-up's first collective: a dead rank fails the others fast
     ok = False
     try:
         trainer.setup()

@@ -23,7 +23,7 @@ response would teach the student to stop mid-thought, and failing the whole run 
 teacher responses is worse than dropping them. The count and the first sources are printed and written
 to ``RUN_DIR/data_report.json``; a data set with nothing left is an error.
 
-Optimisation mirrors `opd train`: AdamW, grad-norm clip, `opd.train.trainer.lr_lambda` schedules (paper
+Optimisation mirrors `opd train`: AdamW, grad-norm clip, `opd.train.loop.lr_lambda` schedules (paper
 defaults for SFT here: lr 1e-5, cosine, 5% warmup, weight decay 0.01), atomic checkpoints, ``--resume``.
 Each step takes `batch_size` examples (global, across processes) from a `PromptCursor` (epochs are fresh
 seeded permutations) and splits them into micro-batches; the loss is the sum of token cross-entropies
@@ -51,6 +51,16 @@ from opd.errors import ConfigError, DataError, StorageError, read_utf8
 from opd.files import atomic_write_text
 from opd.progress import bar
 from opd.train import checkpoint as ckpt
+from opd.train.loop import (
+    apply_dist_timeout,
+    build_optimizer,
+    open_metrics,
+    refuse_to_overwrite,
+    release_distributed,
+    resumable_checkpoint,
+    stop_after,
+    stop_agreed,
+)
 
 IGNORE = -100
 
@@ -348,8 +358,6 @@ class SFTTrainer:
 
         from opd.data import PromptCursor
         from opd.models.loading import load_model, load_tokenizer
-        from opd.train.tracking import MetricsLogger
-        from opd.train.trainer import lr_lambda
 
         cfg, acc = self.cfg, self.acc
         world = acc.num_processes
@@ -357,11 +365,8 @@ class SFTTrainer:
             raise ConfigError(
                 f"batch_size={cfg.batch_size} must be divisible by the number of processes ({world})"
             )
-        if not self.resume and ckpt.list_checkpoints(self.run_dir):
-            raise ConfigError(
-                f"{self.run_dir} already holds checkpoints: resume it with `opd sft --resume {self.run_dir}` "
-                "or choose another run_dir (nothing was overwritten)"
-            )
+        if not self.resume:
+            refuse_to_overwrite(self.run_dir, "opd sft")
         set_seed(cfg.seed)
         self.tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
         pad = self.tokenizer.pad_token_id
@@ -378,26 +383,13 @@ class SFTTrainer:
         self.cursor = PromptCursor(len(self.examples), seed=cfg.seed, shuffle=cfg.shuffle)
         self.total_steps = cfg.steps or max(1, math.ceil(cfg.epochs * len(self.examples) / cfg.batch_size))
         params = [p for p in model.parameters() if p.requires_grad]
-        o = cfg.optim
-        self.optimizer = torch.optim.AdamW(
-            params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay
-        )
-        warmup = o.warmup_steps or round(o.warmup_ratio * self.total_steps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_lambda(o.schedule, self.total_steps, warmup, o.min_lr_ratio)
-        )
-        # The scheduler stays out of prepare(): accelerate would step it once per process.
+        self.optimizer, self.scheduler = build_optimizer(params, cfg.optim, self.total_steps)
         self.model, self.optimizer = acc.prepare(model, self.optimizer)
         self.model.train()
 
         resume_step = None
         if self.resume:
-            # The newest whole checkpoint: damaged newer ones are skipped, named, and left on disk.
-            latest, skipped = ckpt.resumable_checkpoint(self.run_dir)
-            for bad, why in skipped:
-                self.log(
-                    f"[yellow]warning:[/] skipped damaged checkpoint {bad}: {why}; left on disk, not used"
-                )
+            latest = resumable_checkpoint(self.run_dir, self.log)
             state = json.loads((latest / ckpt.COMPLETE).read_text())
             if state.get("data_sha256") not in (None, self.data_sha256):
                 raise ConfigError(
@@ -418,13 +410,10 @@ class SFTTrainer:
             atomic_write_text(
                 self.run_dir / "data_report.json", json.dumps(self.data_report, indent=1) + "\n"
             )
-        self.metrics = MetricsLogger(
+        self.metrics = open_metrics(
             self.run_dir,
-            enabled=acc.is_main_process,
-            tensorboard=cfg.tracking.tensorboard,
-            wandb=cfg.tracking.wandb,
-            wandb_project=cfg.tracking.wandb_project,
-            run_name=cfg.tracking.run_name,
+            cfg.tracking,
+            main=acc.is_main_process,
             config=cfg.model_dump(mode="json"),
             resume_step=resume_step,
         )
@@ -544,13 +533,12 @@ class SFTTrainer:
         """
         from opd.errors import InterruptedRun, StorageError
         from opd.progress import StopRequests
-        from opd.train.trainer import _apply_dist_timeout, _release_distributed, _stop_agreed
 
         if getattr(self, "_released", False):
             raise RuntimeError(
                 "this SFTTrainer's run has ended (its DDP wrapper was released); make a new one"
             )
-        _apply_dist_timeout(self.acc)
+        apply_dist_timeout(self.acc)
         hint = f"opd sft --resume {self.run_dir}"
         saved = self.start_step  # the last step whose checkpoint is on disk (0: none)
         history = []
@@ -558,16 +546,8 @@ class SFTTrainer:
         try:
             with StopRequests(self.log, lambda: f"resume from the last checkpoint with: {hint}") as stop:
                 for step in range(self.start_step + 1, self.total_steps + 1):
-                    if _stop_agreed(self.acc, stop):
-                        done = step - 1
-                        if done == 0:
-                            raise InterruptedRun(
-                                "interrupted before the first step finished; nothing to resume: rerun the "
-                                "same command"
-                            )
-                        if saved != done:
-                            self.save(done)
-                        raise InterruptedRun(f"interrupted after step {done}; resume with: {hint}")
+                    if stop_agreed(self.acc, stop):
+                        stop_after(step - 1, saved, hint, self.save)
                     metrics = self.train_step(step)
                     self.metrics.log(step, metrics)
                     history.append(metrics)
@@ -587,7 +567,7 @@ class SFTTrainer:
             if self.acc.num_processes > 1:
                 # After a stop or an error nothing else runs in this process: destroy the group here too.
                 self._released = True
-                _release_distributed(self.acc, self, "model", ok=ok, destroy=not completed)
+                release_distributed(self.acc, self, "model", ok=ok, destroy=not completed)
         return history
 
 

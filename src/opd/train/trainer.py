@@ -54,7 +54,16 @@ from opd.teachers.hf import HFTeacher, TeacherHidden
 from opd.teachers.http import TeacherUnavailableError
 from opd.train import checkpoint as ckpt
 from opd.train.alarms import NAN, Alarm, CollapseError, CollapseMonitor
-from opd.train.tracking import MetricsLogger
+from opd.train.loop import (
+    apply_dist_timeout,
+    build_optimizer,
+    open_metrics,
+    refuse_to_overwrite,
+    release_distributed,
+    resumable_checkpoint,
+    stop_after,
+    stop_agreed,
+)
 
 
 def _step_of(line: str) -> int:
@@ -168,21 +177,6 @@ class NonFiniteLossError(OpdError):
         self.weights_damaged = weights_damaged
 
 
-def lr_lambda(schedule: str, total_steps: int, warmup: int, min_ratio: float):
-    """Multiplier of the base lr at optimizer step s (0-based), for LambdaLR."""
-
-    def fn(s: int) -> float:
-        if warmup > 0 and s < warmup and schedule in ("warmup", "cosine"):
-            return (s + 1) / warmup
-        if schedule == "cosine":
-            span = max(1, total_steps - warmup)
-            progress = min(1.0, (s - warmup) / span)
-            return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-        return 1.0
-
-    return fn
-
-
 @dataclass
 class _StepInBackward:
     """optim.in_backward bookkeeping for one backward pass: what the hooks did, for the step's metrics."""
@@ -287,16 +281,6 @@ class OPDTrainer:
             log=lambda msg: self.log(f"[yellow]warning:[/] {msg}"),
         )  # fmt: skip
 
-    def _resumable_checkpoint(self) -> Path:
-        """The newest whole checkpoint, after logging each newer damaged one skipped (left on disk).
-
-        A run killed while a disk filled, or a checkpoint cut short by a copy, must not end a resume with
-        a safetensors/torch traceback when the checkpoint before it is complete (opd.train.checkpoint)."""
-        path, skipped = ckpt.resumable_checkpoint(self.run_dir)
-        for bad, why in skipped:
-            self.log(f"[yellow]warning:[/] skipped damaged checkpoint {bad}: {why}; left on disk, not used")
-        return path
-
     def _adjusted_settings(self) -> list[dict[str, Any]]:
         """Settings this run uses with another value than the config asks, each with why.
 
@@ -338,11 +322,8 @@ class OPDTrainer:
             raise ConfigError(
                 f"prompts_per_step={cfg.prompts_per_step} must be divisible by the number of processes ({world})"
             )
-        if not self.resume and ckpt.list_checkpoints(self.run_dir):
-            raise ConfigError(
-                f"{self.run_dir} already holds checkpoints: resume it with `opd train --resume {self.run_dir}` "
-                "or choose another run_dir (nothing was overwritten)"
-            )
+        if not self.resume:
+            refuse_to_overwrite(self.run_dir, "opd train")
         set_seed(cfg.seed)
 
     def _load_pair(self) -> Pair:
@@ -416,13 +397,7 @@ class OPDTrainer:
 
             student = shard_model(student, acc.device, acc.num_processes)
         params = [p for p in student.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(
-            params, lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay
-        )
-        warmup = optim.warmup_steps or round(optim.warmup_ratio * self.total_steps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_lambda(optim.schedule, self.total_steps, warmup, optim.min_lr_ratio)
-        )
+        self.optimizer, self.scheduler = build_optimizer(params, optim, self.total_steps)
         # The scheduler is deliberately not passed to prepare(): accelerate would step it once per process.
         if self.sharded:  # already distributed by FSDP2: accelerate would wrap it in DDP on top
             self.student = student
@@ -452,7 +427,7 @@ class OPDTrainer:
     def _restore(self) -> int:
         """Weights, optimizer, schedule, data cursor and alarm baselines from the newest whole checkpoint;
         returns its step."""
-        latest = self._resumable_checkpoint()
+        latest = resumable_checkpoint(self.run_dir, self.log)
         state = ckpt.load_checkpoint(
             latest, model=self._unwrapped(), optimizer=self.optimizer, scheduler=self.scheduler,
             sharded=self.sharded,
@@ -488,12 +463,10 @@ class OPDTrainer:
                     if resume_step is not None and _step_of(ln) <= resume_step
                 ]
                 atomic_write_text(samples, "".join(k + "\n" for k in keep))
-        self.metrics = MetricsLogger(
-            self.run_dir, enabled=main, tensorboard=cfg.tracking.tensorboard, wandb=cfg.tracking.wandb,
-            wandb_project=cfg.tracking.wandb_project, run_name=cfg.tracking.run_name,
-            config={**cfg.model_dump(mode="json"), **({"adjustments": adjusted} if adjusted else {})},
-            resume_step=resume_step,
-        )  # fmt: skip
+        config = {**cfg.model_dump(mode="json"), **({"adjustments": adjusted} if adjusted else {})}
+        self.metrics = open_metrics(
+            self.run_dir, cfg.tracking, main=main, config=config, resume_step=resume_step
+        )
 
     def _max_model_len(self, setting: int | None, what: str, scoring: bool = False) -> int:
         """The engine context a run needs; a scoring engine also generates its 1 required token."""
@@ -1221,7 +1194,7 @@ class OPDTrainer:
         history = []
         samples_path = self.run_dir / "samples.jsonl"
         evaluator = self._evaluator()
-        _apply_dist_timeout(self.acc)
+        apply_dist_timeout(self.acc)
         hint = f"opd train --resume {self.run_dir}"
         saved = self.start_step  # the last step whose checkpoint is on disk (0: none)
         stop = StopRequests(self.log, lambda: f"resume from the last checkpoint with: {hint}")
@@ -1230,8 +1203,8 @@ class OPDTrainer:
                 if evaluator is not None and self.start_step == 0:
                     self.evaluate(evaluator, 0)
                 for step in range(self.start_step + 1, self.total_steps + 1):
-                    if _stop_agreed(self.acc, stop):
-                        self._interrupted(step - 1, saved, hint)
+                    if stop_agreed(self.acc, stop):
+                        stop_after(step - 1, saved, hint, self.save)
                     try:
                         result = self.train_step(step)
                     except TeacherUnavailableError as exc:
@@ -1282,19 +1255,6 @@ class OPDTrainer:
             self.metrics.close()
         return history
 
-    def _interrupted(self, done: int, saved: int, hint: str) -> None:
-        """Every process agreed to stop after step `done`: checkpoint it unless it is on disk, then raise
-        `InterruptedRun` naming the command that continues the run."""
-        from opd.errors import InterruptedRun
-
-        if done == 0:
-            raise InterruptedRun(
-                "interrupted before the first step finished; nothing to resume: rerun the same command"
-            )
-        if saved != done:
-            self.save(done)
-        raise InterruptedRun(f"interrupted after step {done}; resume with: {hint}")
-
     def _teardown(self, *, ok: bool) -> None:
         """End a multi-process run in an order that cannot hang: drop the DDP wrapper (its Reducer) and
         accelerate's references while the process group still works, barrier, then destroy the group.
@@ -1303,83 +1263,4 @@ class OPDTrainer:
         hung forever in ``ProcessGroupGloo::~ProcessGroupGloo``. ``ok`` is false after an error that
         only this process may have met: then there is no barrier (the others may never reach it).
         """
-        _release_distributed(self.acc, self, "student", ok=ok)
-
-
-# ----------------------------------------------------------------------------------------------------
-# multi-process runs: fail fast, agree on a stop, end in order (shared with opd.train.sft)
-
-DIST_TIMEOUT_ENV = "OPD_DIST_TIMEOUT"
-CPU_DIST_TIMEOUT_S = 600.0
-
-
-def _dist_timeout_s(acc: Any) -> float | None:
-    """Seconds a collective may wait for the other processes before this one fails.
-
-    ``OPD_DIST_TIMEOUT`` sets it; without it, gloo (CPU) runs get 10 minutes instead of torch's 30, so a
-    rank that died leaves the others failing within minutes, not half an hour (long enough for the
-    main process's in-loop evaluation and final save while the others wait at a barrier). GPU runs keep
-    torch's NCCL default unless the variable is set.
-    """
-    import os
-
-    raw = os.environ.get(DIST_TIMEOUT_ENV)
-    if raw:
-        try:
-            value = float(raw)
-        except ValueError:
-            raise ConfigError(f"{DIST_TIMEOUT_ENV}={raw!r} is not a number of seconds") from None
-        return value if value > 0 else None
-    return CPU_DIST_TIMEOUT_S if acc.device.type == "cpu" else None
-
-
-def _apply_dist_timeout(acc: Any) -> None:
-    """Put `_dist_timeout_s` on the default process group (no-op for one process)."""
-    import torch.distributed as dist
-
-    seconds = _dist_timeout_s(acc)
-    if seconds is None or acc.num_processes <= 1 or not (dist.is_available() and dist.is_initialized()):
-        return
-    from datetime import timedelta
-
-    try:
-        from torch.distributed.distributed_c10d import _set_pg_timeout
-
-        _set_pg_timeout(timedelta(seconds=seconds))
-    except (ImportError, AttributeError, RuntimeError, ValueError):  # a torch without it: keep its default
-        pass
-
-
-def _stop_agreed(acc: Any, stop: Any) -> bool:
-    """Whether any process got a stop request (one all-reduce per step on several processes): all of
-    them then stop after the same step, so none waits in a collective the others never join."""
-    requested = stop.requested is not None
-    if acc.num_processes <= 1:
-        return requested
-    flag = torch.tensor(float(requested), dtype=torch.float64, device=acc.device)
-    return float(reduce_sum(acc, flag)) > 0
-
-
-def _release_distributed(acc: Any, owner: Any, attr: str, *, ok: bool, destroy: bool = True) -> None:
-    """Replace ``owner.<attr>`` (a DDP-wrapped model) by the bare model, drop accelerate's references,
-    collect the freed Reducer, barrier (only when ``ok``: after an error on one process the others may
-    never arrive), then destroy the default process group (unless ``destroy`` is false)."""
-    import gc
-
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return
-    model = getattr(owner, attr, None)
-    if model is not None:
-        setattr(owner, attr, acc.unwrap_model(model))
-    for name in ("_models", "_optimizers", "_schedulers", "_dataloaders"):
-        held = getattr(acc, name, None)
-        if isinstance(held, list):
-            held.clear()
-    del model
-    gc.collect()
-    if ok:
-        dist.barrier()
-    if destroy:
-        dist.destroy_process_group()
+        release_distributed(self.acc, self, "student", ok=ok)

@@ -1,0 +1,179 @@
+"""The skeleton OPD (`opd.train.trainer`) and SFT (`opd.train.sft`) training share.
+
+Both loops are "N optimizer steps over a resumable data cursor, checkpointed atomically, stoppable by a
+signal, on one process or many"; the parts of that which do not depend on what a step computes live here
+once: the optimizer and lr schedule, the refusal to overwrite a run, resuming from the newest whole
+checkpoint, the metrics sink, the agreed stop after a signal, and the multi-process timeout and teardown.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from opd.config import OptimConfig, TrackingConfig
+from opd.device import reduce_sum
+from opd.errors import ConfigError, InterruptedRun
+from opd.train import checkpoint as ckpt
+from opd.train.tracking import MetricsLogger
+
+# ----------------------------------------------------------------------------------------------------
+# set-up
+
+
+def lr_lambda(schedule: str, total_steps: int, warmup: int, min_ratio: float):
+    """Multiplier of the base lr at optimizer step s (0-based), for LambdaLR."""
+
+    def fn(s: int) -> float:
+        if warmup > 0 and s < warmup and schedule in ("warmup", "cosine"):
+            return (s + 1) / warmup
+        if schedule == "cosine":
+            span = max(1, total_steps - warmup)
+            progress = min(1.0, (s - warmup) / span)
+            return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        return 1.0
+
+    return fn
+
+
+def build_optimizer(
+    params: Iterable[torch.nn.Parameter], optim: OptimConfig, total_steps: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW and its lr schedule. The scheduler is never given to accelerate's prepare(), which would
+    step it once per process."""
+    optimizer = torch.optim.AdamW(
+        list(params), lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay
+    )
+    warmup = optim.warmup_steps or round(optim.warmup_ratio * total_steps)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(optim.schedule, total_steps, warmup, optim.min_lr_ratio)
+    )
+    return optimizer, schedule
+
+
+def refuse_to_overwrite(run_dir: Path, command: str) -> None:
+    """A new run into a directory that holds checkpoints would mix two runs' files: refuse, nothing written."""
+    if ckpt.list_checkpoints(run_dir):
+        raise ConfigError(
+            f"{run_dir} already holds checkpoints: resume it with `{command} --resume {run_dir}` "
+            "or choose another run_dir (nothing was overwritten)"
+        )
+
+
+def resumable_checkpoint(run_dir: Path, log: Callable[[str], Any]) -> Path:
+    """The newest whole checkpoint, after logging each newer damaged one skipped (left on disk).
+
+    A run killed while a disk filled, or a checkpoint cut short by a copy, must not end a resume with
+    a safetensors/torch traceback when the checkpoint before it is complete (opd.train.checkpoint)."""
+    path, skipped = ckpt.resumable_checkpoint(run_dir)
+    for bad, why in skipped:
+        log(f"[yellow]warning:[/] skipped damaged checkpoint {bad}: {why}; left on disk, not used")
+    return path
+
+
+def open_metrics(run_dir: Path, tracking: TrackingConfig, *, main: bool, config: dict[str, Any],
+                 resume_step: int | None) -> MetricsLogger:  # fmt: skip
+    """The run's metrics sink (metrics.jsonl cut back to `resume_step`, TensorBoard, W&B): main process only."""
+    return MetricsLogger(
+        run_dir, enabled=main, tensorboard=tracking.tensorboard, wandb=tracking.wandb,
+        wandb_project=tracking.wandb_project, run_name=tracking.run_name, config=config, resume_step=resume_step,
+    )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------
+# stopping on a signal
+
+
+def stop_after(done: int, saved: int, hint: str, save: Callable[[int], Any]) -> None:
+    """Every process agreed to stop after step `done`: checkpoint it unless it is on disk, then raise
+    `InterruptedRun` (exit 130) naming the command that continues the run."""
+    if done == 0:
+        raise InterruptedRun(
+            "interrupted before the first step finished; nothing to resume: rerun the same command"
+        )
+    if saved != done:
+        save(done)
+    raise InterruptedRun(f"interrupted after step {done}; resume with: {hint}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# multi-process runs: fail fast, agree on a stop, end in order
+
+DIST_TIMEOUT_ENV = "OPD_DIST_TIMEOUT"
+CPU_DIST_TIMEOUT_S = 600.0
+
+
+def dist_timeout_s(acc: Any) -> float | None:
+    """Seconds a collective may wait for the other processes before this one fails.
+
+    ``OPD_DIST_TIMEOUT`` sets it; without it, gloo (CPU) runs get 10 minutes instead of torch's 30, so a
+    rank that died leaves the others failing within minutes, not half an hour (long enough for the
+    main process's in-loop evaluation and final save while the others wait at a barrier). GPU runs keep
+    torch's NCCL default unless the variable is set.
+    """
+    import os
+
+    raw = os.environ.get(DIST_TIMEOUT_ENV)
+    if raw:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError(f"{DIST_TIMEOUT_ENV}={raw!r} is not a number of seconds") from None
+        return value if value > 0 else None
+    return CPU_DIST_TIMEOUT_S if acc.device.type == "cpu" else None
+
+
+def apply_dist_timeout(acc: Any) -> None:
+    """Put `dist_timeout_s` on the default process group (no-op for one process)."""
+    import torch.distributed as dist
+
+    seconds = dist_timeout_s(acc)
+    if seconds is None or acc.num_processes <= 1 or not (dist.is_available() and dist.is_initialized()):
+        return
+    from datetime import timedelta
+
+    try:
+        from torch.distributed.distributed_c10d import _set_pg_timeout
+
+        _set_pg_timeout(timedelta(seconds=seconds))
+    except (ImportError, AttributeError, RuntimeError, ValueError):  # a torch without it: keep its default
+        pass
+
+
+def stop_agreed(acc: Any, stop: Any) -> bool:
+    """Whether any process got a stop request (one all-reduce per step on several processes): all of
+    them then stop after the same step, so none waits in a collective the others never join."""
+    requested = stop.requested is not None
+    if acc.num_processes <= 1:
+        return requested
+    flag = torch.tensor(float(requested), dtype=torch.float64, device=acc.device)
+    return float(reduce_sum(acc, flag)) > 0
+
+
+def release_distributed(acc: Any, owner: Any, attr: str, *, ok: bool, destroy: bool = True) -> None:
+    """Replace ``owner.<attr>`` (a DDP-wrapped model) by the bare model, drop accelerate's references,
+    collect the freed Reducer, barrier (only when ``ok``: after an error on one process the others may
+    never arrive), then destroy the default process group (unless ``destroy`` is false)."""
+    import gc
+
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    model = getattr(owner, attr, None)
+    if model is not None:
+        setattr(owner, attr, acc.unwrap_model(model))
+    for name in ("_models", "_optimizers", "_schedulers", "_dataloaders"):
+        held = getattr(acc, name, None)
+        if isinstance(held, list):
+            held.clear()
+    del model
+    gc.collect()
+    if ok:
+        dist.barrier()
+    if destroy:
+        dist.destroy_process_group()
