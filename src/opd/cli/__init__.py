@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
@@ -13,6 +14,9 @@ from rich.table import Table
 
 from opd.cli.common import PASSTHROUGH, console, fail, peer_failure, startup_interrupted
 from opd.errors import OpdError
+
+if TYPE_CHECKING:
+    from opd.evaluation.checks import CheckResult
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="On-policy distillation of LLMs.")
 config_app = typer.Typer(no_args_is_help=True, help="Inspect configuration.")
@@ -100,87 +104,37 @@ def check(
 
 
 def _check(
-    student, teacher, prompts, template, s_dtype, t_dtype, max_new, n_prompts, k, trc, device="auto"
-) -> bool:
+    student: str, teacher: str, prompts: Path | None, template: str, s_dtype: str, t_dtype: str, max_new: int,
+    n_prompts: int, k: int, trc: bool, device: str = "auto",
+) -> bool:  # fmt: skip
+    """Run the checks, print the verdict table; True when the pair passed (warnings aside)."""
     import time
 
-    from opd.data import PromptRecord, encode_prompts, load_prompts, render_prompt, uses_chat
-    from opd.device import resolve_device
-    from opd.errors import TokenizerMismatchError
-    from opd.evaluation.checks import (
-        CheckResult,
-        determinism_check,
-        fidelity_self_test,
-        pair_diagnostics,
-        self_test_rollout,
-    )
-    from opd.generation.sampling import stop_ids_for
-    from opd.models.loading import load_pair, load_pair_tokenizers, special_tokens_report
+    from opd.evaluation.checks import checks_passed, run_checks
 
-    results: list[CheckResult] = []
-    target = resolve_device(device)  # before any loading: `--device cuda` without CUDA fails here
     t0 = time.perf_counter()
-    try:
-        toks = load_pair_tokenizers(
-            student, teacher, student_trust_remote_code=trc, teacher_trust_remote_code=trc
-        )
-        s_tok, t_tok, rep = toks.student, toks.teacher, toks.report
-        results.append(
-            CheckResult("tokenizers", True, "identical vocabularies", rep if isinstance(rep, dict) else {})
-        )
-    except TokenizerMismatchError as exc:  # a finding; a missing or damaged file is an error (exit 2)
-        results.append(CheckResult("tokenizers", False, str(exc)))
-        _print_results(results)
-        return False
-    with console.status("loading models..."):
-        pair = load_pair(student, teacher, student_dtype=s_dtype, teacher_dtype=t_dtype, device=target,
-                         student_trust_remote_code=trc, teacher_trust_remote_code=trc, tokenizers=toks)  # fmt: skip
-    s_model, t_model, vocab = pair.student, pair.teacher, pair.vocab_size
-    console.print(f"models loaded on {target} in {time.perf_counter() - t0:.1f}s")
-    results.append(
-        CheckResult("vocabulary", True, f"shared real vocabulary {vocab}; padded rows are sliced away")
-    )
-    s_rep, t_rep = special_tokens_report(s_tok, s_model), special_tokens_report(t_tok, t_model)
-    results.append(CheckResult("special tokens", True, f"student {s_rep} | teacher {t_rep}"))
-    for w in rep.get("warnings", []) if isinstance(rep, dict) else []:
-        results.append(CheckResult("template/EOS", False, w))
-
-    records = load_prompts(prompts)[:n_prompts] if prompts else [
-        PromptRecord(text=t, messages=None, answer=None, source=f"builtin:{i}", raw={})
-        for i, t in enumerate(["What is 12 + 30?", "Name a prime number larger than 10."][:n_prompts])
-    ]  # fmt: skip
-    texts = [render_prompt(r, s_tok, template=template) for r in records]
-    console.print(Panel(texts[0], title=f"rendered prompt (student tokenizer, template {template})"))
-    try:
-        t_text = render_prompt(records[0], t_tok, template=template)
-        if t_text != texts[0]:
-            results.append(CheckResult("rendered prompt", False, "the teacher's tokenizer renders the prompt differently: "
-                                       f"{t_text!r}"))  # fmt: skip
-    except OpdError:
-        pass
-    ids = encode_prompts(texts, s_tok, max_prompt_tokens=100_000, sources=[r.source for r in records],
-                         add_special_tokens=not uses_chat(template))  # fmt: skip
-    stop = stop_ids_for(s_tok, s_model)
-    with console.status("self-test rollouts and scoring..."):
-        roll = self_test_rollout(
-            s_model, ids, pad_id=s_tok.pad_token_id, stop_ids=stop, max_new_tokens=max_new
-        )
-        results.append(fidelity_self_test(s_model, roll, vocab_size=vocab, k=k))
-        results.append(determinism_check(t_model, roll))
-        diag = pair_diagnostics(s_model, t_model, roll, vocab_size=vocab, k=k)
-    results.append(CheckResult("pair metrics (informational)", True,
-                               ", ".join(f"{k_}={v:.4g}" for k_, v in diag.items() if "/" not in k_), diag))  # fmt: skip
+    results = run_checks(
+        student, teacher, prompts=prompts, template=template, student_dtype=s_dtype, teacher_dtype=t_dtype,
+        max_new_tokens=max_new, n_prompts=n_prompts, k=k, trust_remote_code=trc, device=device,
+        log=console.print, status=console.status, show_prompt=_show_prompt,
+    )  # fmt: skip
     _print_results(results)
-    console.print(f"check finished in {time.perf_counter() - t0:.1f}s")
-    return all(r.ok for r in results if r.name not in ("template/EOS", "rendered prompt"))
+    if results[0].ok:  # the tokenizers agreed, so every check ran (a mismatch stops at once)
+        console.print(f"check finished in {time.perf_counter() - t0:.1f}s")
+    return checks_passed(results)
 
 
-def _print_results(results) -> None:
-    soft = ("template/EOS", "rendered prompt")
+def _show_prompt(text: str, template: str) -> None:
+    console.print(Panel(text, title=f"rendered prompt (student tokenizer, template {template})"))
+
+
+def _print_results(results: list[CheckResult]) -> None:
+    from opd.evaluation.checks import SOFT_CHECKS
+
     out = Console(soft_wrap=True)
     out.print("[bold]opd check[/]")
     for r in results:
-        mark = "[green]ok[/]" if r.ok else ("[yellow]warn[/]" if r.name in soft else "[red]FAIL[/]")
+        mark = "[green]ok[/]" if r.ok else ("[yellow]warn[/]" if r.name in SOFT_CHECKS else "[red]FAIL[/]")
         out.print(f"  {mark} {r.name}: {r.detail}")
 
 

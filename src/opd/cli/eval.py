@@ -70,17 +70,9 @@ def run_eval_command(cfg: Any, out: Console) -> dict[str, Any]:
     """Evaluate every model of `cfg` in turn; print per-model and comparison tables; return the comparison."""
     from opd.data import load_prompts, validate_template
     from opd.device import resolve_device
-    from opd.evaluation.eval import (
-        check_answers,
-        evaluate,
-        gap_recovery,
-        model_entries,
-        release_memory,
-        write_results,
-    )
+    from opd.evaluation.eval import check_answers, model_entries
     from opd.evaluation.verify import get_verifier
     from opd.files import atomic_write_text, json_safe
-    from opd.models.loading import load_model, load_tokenizer, prepare_tokenizer
 
     if not cfg.prompts:
         raise ConfigError("missing --prompts: a problem file with an `answer` field")
@@ -96,64 +88,13 @@ def run_eval_command(cfg: Any, out: Console) -> dict[str, Any]:
     check_answers(records)  # before loading any model
     verifier = get_verifier(cfg.verifier)
     k = cfg.samples
-    summaries: dict[str, dict[str, Any]] = {}
-    for name, path in entries:
-        t0 = time.perf_counter()
-        tok = load_tokenizer(path, trust_remote_code=cfg.trust_remote_code)
-        prepare_tokenizer(tok)
-        model = load_model(path, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code, device=device)
-        try:
-            res = evaluate(
-                model, tok, records, samples=k, temperature=cfg.temperature, top_p=cfg.top_p,
-                max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, verifier=verifier,
-                template=cfg.template, chat_template_kwargs=cfg.chat_template_kwargs,
-                system_prompt=cfg.system_prompt, max_prompt_tokens=cfg.max_prompt_tokens, seed=cfg.seed,
-                strict=cfg.strict, keep_texts=cfg.keep_texts, label=f"opd eval {name}",
-            )  # fmt: skip
-        finally:
-            del model
-            release_memory(device)
-        seconds = time.perf_counter() - t0
-        res.summary.update(
-            {
-                "model": path,
-                "name": name,
-                "prompts": cfg.prompts,
-                "seconds": round(seconds, 2),
-                "device": str(device),
-            }
-        )
-        files = write_results(res, cfg.out, name)
-        summaries[name] = res.summary
-        out.print(_summary_table(name, path, res.summary, seconds))
-        if res.summary["verifier_errors"]:
-            out.print(
-                f"[yellow]warning:[/] {res.summary['verifier_errors']} sample(s) could not be graded "
-                "(verifier error, counted wrong); see `reason` in the samples file, or use --strict"
-            )
-        out.print(f"wrote {files['samples']} and {files['summary']}")
-
-    cmp = Table(title=f"opd eval: comparison ({len(records)} problems x {k} samples)", show_header=True)
-    for col in ("model", f"avg@{k}", "pass@1", f"pass@{k}", "mean length", "truncation", "no answer"):
-        cmp.add_column(col, justify="left" if col == "model" else "right")
-    for name, s in summaries.items():
-        role = [r for r, n in roles.items() if n == name]
-        label = name + (f" ({', '.join(role)})" if role else "")
-        cmp.add_row(label, _fmt(s[f"avg@{k}"]), _fmt(s["pass@1"]), _fmt(s[f"pass@{k}"]),
-                    _fmt(s["mean_length"], pct=False), _fmt(s["truncation_rate"]), _fmt(s["no_answer_rate"]))  # fmt: skip
-    out.print(cmp)
+    summaries = {
+        name: _evaluate_one(cfg, name, path, records, verifier, device, out) for name, path in entries
+    }
+    out.print(_comparison_table(summaries, roles, k, len(records)))
     comparison: dict[str, Any] = {"models": summaries, "roles": roles, "metric": f"avg@{k}"}
     if {"before", "after", "teacher"} <= set(roles):
-        acc = {r: summaries[roles[r]][f"avg@{k}"] for r in ("before", "after", "teacher")}
-        with warnings.catch_warnings():  # the n/a case is explained in the printed line itself
-            warnings.simplefilter("ignore", RuntimeWarning)
-            rec = gap_recovery(acc["before"], acc["after"], acc["teacher"])
-        comparison["gap_recovery"] = rec
-        out.print(
-            f"gap recovery (avg@{k}): ({_fmt(acc['after'])} - {_fmt(acc['before'])}) / "
-            f"({_fmt(acc['teacher'])} - {_fmt(acc['before'])}) = "
-            + ("n/a (teacher equals the student before training)" if math.isnan(rec) else f"{100 * rec:.1f}%")
-        )
+        comparison["gap_recovery"] = _gap_recovery(summaries, roles, k, out)
     elif roles:
         missing = sorted({"before", "after", "teacher"} - set(roles))
         out.print(
@@ -162,6 +103,83 @@ def run_eval_command(cfg: Any, out: Console) -> dict[str, Any]:
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     atomic_write_text(Path(cfg.out) / "comparison.json", json.dumps(json_safe(comparison), indent=2) + "\n")
     return comparison
+
+
+def _evaluate_one(
+    cfg: Any, name: str, path: str, records: list[Any], verifier: Any, device: Any, out: Console
+) -> dict[str, Any]:
+    """Load one model, evaluate, release it, write and print its results; return its summary.
+
+    One model at a time, memory released in between, so a teacher and a student that do not fit
+    together still compare on one device.
+    """
+    from opd.evaluation.eval import evaluate, release_memory, write_results
+    from opd.models.loading import load_model, load_tokenizer, prepare_tokenizer
+
+    t0 = time.perf_counter()
+    tok = load_tokenizer(path, trust_remote_code=cfg.trust_remote_code)
+    prepare_tokenizer(tok)
+    model = load_model(path, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code, device=device)
+    try:
+        res = evaluate(
+            model, tok, records, samples=cfg.samples, temperature=cfg.temperature, top_p=cfg.top_p,
+            max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, verifier=verifier,
+            template=cfg.template, chat_template_kwargs=cfg.chat_template_kwargs,
+            system_prompt=cfg.system_prompt, max_prompt_tokens=cfg.max_prompt_tokens, seed=cfg.seed,
+            strict=cfg.strict, keep_texts=cfg.keep_texts, label=f"opd eval {name}",
+        )  # fmt: skip
+    finally:
+        del model
+        release_memory(device)
+    seconds = time.perf_counter() - t0
+    res.summary.update(
+        {
+            "model": path,
+            "name": name,
+            "prompts": cfg.prompts,
+            "seconds": round(seconds, 2),
+            "device": str(device),
+        }
+    )
+    files = write_results(res, cfg.out, name)
+    out.print(_summary_table(name, path, res.summary, seconds))
+    if res.summary["verifier_errors"]:
+        out.print(
+            f"[yellow]warning:[/] {res.summary['verifier_errors']} sample(s) could not be graded "
+            "(verifier error, counted wrong); see `reason` in the samples file, or use --strict"
+        )
+    out.print(f"wrote {files['samples']} and {files['summary']}")
+    return res.summary
+
+
+def _comparison_table(
+    summaries: dict[str, dict[str, Any]], roles: dict[str, str], k: int, n_problems: int
+) -> Table:
+    cmp = Table(title=f"opd eval: comparison ({n_problems} problems x {k} samples)", show_header=True)
+    for col in ("model", f"avg@{k}", "pass@1", f"pass@{k}", "mean length", "truncation", "no answer"):
+        cmp.add_column(col, justify="left" if col == "model" else "right")
+    for name, s in summaries.items():
+        role = [r for r, n in roles.items() if n == name]
+        label = name + (f" ({', '.join(role)})" if role else "")
+        cmp.add_row(label, _fmt(s[f"avg@{k}"]), _fmt(s["pass@1"]), _fmt(s[f"pass@{k}"]),
+                    _fmt(s["mean_length"], pct=False), _fmt(s["truncation_rate"]), _fmt(s["no_answer_rate"]))  # fmt: skip
+    return cmp
+
+
+def _gap_recovery(summaries: dict[str, dict[str, Any]], roles: dict[str, str], k: int, out: Console) -> float:
+    """The before/after/teacher gap recovery of avg@k, printed with its arithmetic; NaN when undefined."""
+    from opd.evaluation.eval import gap_recovery
+
+    acc = {r: summaries[roles[r]][f"avg@{k}"] for r in ("before", "after", "teacher")}
+    with warnings.catch_warnings():  # the n/a case is explained in the printed line itself
+        warnings.simplefilter("ignore", RuntimeWarning)
+        rec = gap_recovery(acc["before"], acc["after"], acc["teacher"])
+    out.print(
+        f"gap recovery (avg@{k}): ({_fmt(acc['after'])} - {_fmt(acc['before'])}) / "
+        f"({_fmt(acc['teacher'])} - {_fmt(acc['before'])}) = "
+        + ("n/a (teacher equals the student before training)" if math.isnan(rec) else f"{100 * rec:.1f}%")
+    )
+    return rec
 
 
 def register(app: typer.Typer) -> None:

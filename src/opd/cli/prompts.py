@@ -9,11 +9,11 @@ the defaults live in one place (the config classes).
 
 from __future__ import annotations
 
-import json
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
@@ -23,6 +23,9 @@ from rich.text import Text
 
 from opd.cli.common import console, fail
 from opd.errors import ConfigError, OpdError
+
+if TYPE_CHECKING:
+    from opd.recipes.prompts import SelectConfig
 
 prompts_app = typer.Typer(
     no_args_is_help=True,
@@ -62,16 +65,6 @@ def _require(cfg: Any, *names: str) -> None:
             f"missing required option(s): {', '.join('--' + m.replace('_', '-') for m in missing)} "
             "(or set them in --config FILE.yaml)"
         )
-
-
-def _write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> int:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    n = 0
-    with path.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
-            n += 1
-    return n
 
 
 def _short(s: str, limit: int = 70) -> str:
@@ -126,7 +119,6 @@ def render(
 def _render(cfg: Any) -> None:
     from opd.data import load_prompts, render_prompt, uses_chat, validate_template
     from opd.models.loading import load_tokenizer
-    from opd.recipes.prompts import diff_segments
 
     for t in (cfg.template, cfg.vs_template):
         validate_template(t)
@@ -145,17 +137,6 @@ def _render(cfg: Any) -> None:
                              system_prompt=cfg.system_prompt)  # fmt: skip
         return text, len(tok(text, add_special_tokens=not uses_chat(tpl))["input_ids"])
 
-    def diff_text(a: str, b: str) -> Text:
-        txt = Text()
-        for op, seg in diff_segments(a, b):
-            if op == "equal":
-                txt.append(seg)
-            elif op == "delete":
-                txt.append(f"[-{seg}-]" if plain else seg, style="bold red strike")
-            else:
-                txt.append(f"{{+{seg}+}}" if plain else seg, style="bold green underline")
-        return txt
-
     counts: dict[tuple[str, str], list[int]] = {}
     for i, rec in enumerate(records):
         out.rule(Text(f"problem {i + 1}/{len(records)}  ({rec.source})"))
@@ -166,7 +147,7 @@ def _render(cfg: Any) -> None:
             counts.setdefault(("model", tpl), []).append(n_tok)
             out.print(Panel(Text(text), title=Text(f"{tpl}  ·  {n_tok} tokens"), title_align="left"))
         legend = "[-removed-] {+added+}" if plain else "red = only in the first, green = only in the second"
-        out.print(Panel(diff_text(base[cfg.template], base[cfg.vs_template]),
+        out.print(Panel(_diff_text(base[cfg.template], base[cfg.vs_template], plain),
                         title=Text(f"diff {cfg.template} → {cfg.vs_template}  ({legend})"), title_align="left"))  # fmt: skip
         if "teacher" in toks:
             for tpl in templates:
@@ -175,16 +156,35 @@ def _render(cfg: Any) -> None:
                 if text == base[tpl]:
                     out.print(f"teacher tokenizer renders {tpl} identically ({n_tok} tokens)")
                 else:
-                    out.print(Panel(diff_text(base[tpl], text), title_align="left",
+                    out.print(Panel(_diff_text(base[tpl], text, plain), title_align="left",
                                     title=Text(f"teacher's rendering of {tpl} differs from the model's "
                                                f"({n_tok} tokens; {legend})")))  # fmt: skip
+    out.print(_counts_table(counts))
+
+
+def _diff_text(a: str, b: str, plain: bool) -> Text:
+    """The diff as styled text; without colours (`plain`) marked git-style so it is still readable."""
+    from opd.recipes.prompts import diff_segments
+
+    txt = Text()
+    for op, seg in diff_segments(a, b):
+        if op == "equal":
+            txt.append(seg)
+        elif op == "delete":
+            txt.append(f"[-{seg}-]" if plain else seg, style="bold red strike")
+        else:
+            txt.append(f"{{+{seg}+}}" if plain else seg, style="bold green underline")
+    return txt
+
+
+def _counts_table(counts: dict[tuple[str, str], list[int]]) -> Table:
     table = Table(title="token counts (mean over the shown problems)")
     table.add_column("tokenizer")
     table.add_column("template")
     table.add_column("mean tokens", justify="right")
     for (who, tpl), vals in counts.items():
         table.add_row(who, tpl, f"{sum(vals) / len(vals):.1f}")
-    out.print(table)
+    return table
 
 
 # --------------------------------------------------------------------------------------------------
@@ -250,160 +250,24 @@ def select(
         fail(exc)
 
 
-def _select(cfg: Any) -> None:
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+def _select(cfg: SelectConfig) -> None:
+    """`run_selection` with a spinner and a progress bar, then the entropy-cost table and the files.
 
-    from opd.data import load_prompts, validate_template
-    from opd.device import resolve_device
-    from opd.generation.sampling import stop_ids_for
-    from opd.models.loading import load_pair
-    from opd.progress import Progress  # plain progress lines when stderr is not a terminal
-    from opd.recipes.prompts import (
-        SCORE_KEYS,
-        dedup_records,
-        prompt_text,
-        score_records,
-        select_prompts,
-        summarize,
-    )
+    Apart from `select` so that a config object alone runs it (the device tests do).
+    """
+    from opd.recipes.prompts import REPORT_KEYS, run_selection
 
     t0 = time.perf_counter()
-    validate_template(cfg.template)
-    device = resolve_device(cfg.device)  # before any loading: `--device cuda` without CUDA fails here
-    fields = {
-        "prompt_field": cfg.prompt_field,
-        "messages_field": cfg.messages_field,
-        "answer_field": cfg.answer_field,
-    }
-    tp = load_prompts(cfg.teacher_prompts, **fields) if cfg.teacher_prompts else []
-    pool = load_prompts(cfg.candidates, **fields) if cfg.candidates else []
-    if tp and pool:
-        # A candidate that IS a teacher prompt would be counted twice (once aligned, maybe once mixed in).
-        pool, dropped = dedup_records(pool, tp, use_embeddings=False)
-        if dropped:
-            err.print(
-                f"{len(dropped)} candidate(s) repeat a teacher prompt exactly and were dropped from the pool"
-            )
-    # Fail on impossible sizes now, before minutes of scoring, with the same rule as the real selection.
-    select_prompts([{} for _ in pool], n=cfg.n, mix=cfg.mix, key=cfg.score, seed=cfg.seed,
-                   teacher_prompts=[{} for _ in tp])  # fmt: skip
-    out_path = Path(cfg.out)
-    scores_path = (
-        Path(cfg.scores_out) if cfg.scores_out else out_path.with_name(_stem(out_path) + ".scores.jsonl")
-    )
-    summary_path = out_path.with_name(_stem(out_path) + ".summary.json")
-
-    with err.status(f"loading models on {device}..."):  # tokenizers first: a mismatched pair fails fast
-        pair = load_pair(
-            cfg.student, cfg.teacher, student_dtype=cfg.student_dtype, teacher_dtype=cfg.teacher_dtype,
-            student_trust_remote_code=cfg.trust_remote_code, teacher_trust_remote_code=cfg.trust_remote_code,
-            device=device,
-        )  # fmt: skip
-    s_tok, s_model, t_model, vocab = pair.tokenizers.student, pair.student, pair.teacher, pair.vocab_size
-    s_model.requires_grad_(False)
-    stops = stop_ids_for(s_tok, s_model)
-    score_tp = bool(tp) and cfg.score_teacher_prompts
-    total = len(pool) + (len(tp) if score_tp else 0)
-    err.print(
-        f"scoring {total} prompt(s) x {cfg.rollouts} rollout(s) of <= {cfg.max_new_tokens} tokens "
-        f"(template {cfg.template}, k={cfg.k})"
-    )
-    common = dict(
-        vocab_size=vocab, template=cfg.template, chat_template_kwargs=cfg.chat_template_kwargs,
-        system_prompt=cfg.system_prompt, rollouts=cfg.rollouts, max_new_tokens=cfg.max_new_tokens,
-        temperature=cfg.temperature, top_p=cfg.top_p, k=cfg.k, batch_size=cfg.batch_size,
-        max_prompt_tokens=cfg.max_prompt_tokens, seed=cfg.seed, stop_ids=stops,
-    )  # fmt: skip
-    with Progress(
-        TextColumn("[bold]scoring"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TextColumn("eta"), TimeRemainingColumn(), console=err,
-    ) as progress:  # fmt: skip
-        task = progress.add_task("", total=total)
-
-        def tick(k_: int) -> None:
-            progress.advance(task, k_)
-
-        # Separate seed streams, so a candidate's rollouts do not depend on whether teacher prompts exist.
-        tp_scores = (
-            score_records(s_model, t_model, s_tok, tp, stream=1, on_prompt=tick, **common)
-            if score_tp
-            else [{} for _ in tp]
-        )
-        pool_scores = score_records(s_model, t_model, s_tok, pool, stream=0, on_prompt=tick, **common)
-
-    score_fields = [*SCORE_KEYS, "overlap_mass_student", "overlap_mass_teacher", "entropy_student",
-                    "entropy_teacher", "reverse_kl", "response_len", "truncated_frac"]  # fmt: skip
-
-    def rows_for(origin: str, records: list[Any], scores: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        return [
-            {"origin": origin, "index": i, "source": r.source, "text": prompt_text(r), **s}
-            for i, (r, s) in enumerate(zip(records, scores, strict=True))
-        ]
-
-    tp_rows = rows_for("teacher_prompts", tp, tp_scores)
-    pool_rows = rows_for("candidates", pool, pool_scores)
-    skipped = [r for r in tp_rows + pool_rows if "skipped" in r]
-    for r in skipped[:5]:
-        err.print(f"[yellow]skipped[/] {r['source']}: {r['skipped']}")
-    if len(skipped) > 5:
-        err.print(f"[yellow]skipped[/] ... and {len(skipped) - 5} more (see {scores_path})")
-    chosen = select_prompts(
-        [r for r in pool_rows if "skipped" not in r], n=cfg.n, mix=cfg.mix, key=cfg.score, seed=cfg.seed,
-        teacher_prompts=[r for r in tp_rows if "skipped" not in r],
-    )  # fmt: skip
-
-    by_origin = {"teacher_prompts": tp, "candidates": pool}
-    picked = {(c["origin"], c["index"]): c for c in chosen}
-    selected_rows = []
-    for c in chosen:
-        raw = dict(by_origin[c["origin"]][c["index"]].raw)
-        raw.update({f: c[f] for f in score_fields if f in c})
-        raw.update(aligned=c["aligned"], selected_as=c["selected_as"])
-        selected_rows.append(raw)
-    _write_jsonl(out_path, selected_rows)
-    all_rows = []
-    for r in tp_rows + pool_rows:
-        c = picked.get((r["origin"], r["index"]))
-        all_rows.append({**r, "selected": c is not None, "aligned": c["aligned"] if c else None,
-                         "selected_as": c["selected_as"] if c else None})  # fmt: skip
-    _write_jsonl(scores_path, all_rows)
-
-    report_keys = ["entropy_student", "overlap_ratio", "overlap_mass", "teacher_advantage", "reverse_kl"]
-    aligned = [c for c in chosen if c["aligned"]]
-    parts = {  # summary key -> (table label, rows)
-        "aligned": ("aligned", aligned),
-        "aligned_teacher_prompts": (
-            "├ teacher prompts",
-            [c for c in aligned if c["selected_as"] == "teacher_prompt"],
-        ),
-        "aligned_top_candidates": ("└ top candidates", [c for c in aligned if c["selected_as"] == "top"]),
-        "mixed_in": ("mixed in", [c for c in chosen if not c["aligned"]]),
-        "final": ("final set", chosen),
-        "pool": ("pool (scored)", [r for r in pool_rows if "skipped" not in r]),
-    }
-    summary: dict[str, Any] = {
-        name: summarize(rows, report_keys) for name, (_, rows) in parts.items() if rows or name == "final"
-    }
-    summary["settings"] = {"n": cfg.n, "mix": cfg.mix, "score": cfg.score, "seed": cfg.seed,
-                           "rollouts": cfg.rollouts, "max_new_tokens": cfg.max_new_tokens, "k": cfg.k,
-                           "template": cfg.template, "skipped": len(skipped)}  # fmt: skip
-    summary_path.write_text(json.dumps(summary, indent=2) + "\n")
-
-    table = Table(title=f"selected {len(chosen)} prompts (ranked by {cfg.score}, mix {cfg.mix})")
+    sel = run_selection(cfg, log=err.print, status=err.status, scoring=_scoring_bar)
+    table = Table(title=f"selected {len(sel.chosen)} prompts (ranked by {cfg.score}, mix {cfg.mix})")
     table.add_column("part", no_wrap=True)
     table.add_column("n", justify="right", no_wrap=True, min_width=3)
-    for key in report_keys:
+    for key in REPORT_KEYS:
         table.add_column(_SHORT.get(key, key), justify="right", no_wrap=True)
-    for name, (label, _) in parts.items():
-        if name in summary:
-            stats = summary[name]
-            table.add_row(label, str(stats["count"]), *(_fmt(stats[key]) for key in report_keys))
+    for name, label in _PART_LABELS.items():
+        if name in sel.summary:
+            stats = sel.summary[name]
+            table.add_row(label, str(stats["count"]), *(_fmt(stats[key]) for key in REPORT_KEYS))
     out = _out()
     out.print(table)
     out.print(
@@ -412,10 +276,38 @@ def _select(cfg: Any) -> None:
         "Teacher-aligned prompts lower the student's entropy (paper finding 6b); compare H_s of "
         "the aligned and mixed-in parts to see what the mix buys back."
     )
-    out.print(f"wrote {out_path} ({len(chosen)} prompts), {scores_path}, {summary_path} "
+    out.print(f"wrote {sel.out_path} ({len(sel.chosen)} prompts), {sel.scores_path}, {sel.summary_path} "
               f"in {time.perf_counter() - t0:.1f}s")  # fmt: skip
 
 
+@contextmanager
+def _scoring_bar(total: int) -> Iterator[Callable[[int], None]]:
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from opd.progress import Progress  # plain progress lines when stderr is not a terminal
+
+    with Progress(
+        TextColumn("[bold]scoring"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("eta"), TimeRemainingColumn(), console=err,
+    ) as progress:  # fmt: skip
+        task = progress.add_task("", total=total)
+        yield lambda n: progress.advance(task, n)
+
+
+_PART_LABELS = {  # summary part -> table row; the tree marks show the aligned part's two sources
+    "aligned": "aligned",
+    "aligned_teacher_prompts": "├ teacher prompts",
+    "aligned_top_candidates": "└ top candidates",
+    "mixed_in": "mixed in",
+    "final": "final set",
+    "pool": "pool (scored)",
+}
 _SHORT = {  # short headers keep the table inside 80 columns; the footer line spells them out
     "entropy_student": "H_s",
     "overlap_ratio": "overlap",
@@ -423,15 +315,6 @@ _SHORT = {  # short headers keep the table inside 80 columns; the footer line sp
     "teacher_advantage": "r̄",
     "reverse_kl": "rKL",
 }
-
-
-def _stem(path: Path) -> str:
-    """File name without its data suffix: selected.jsonl -> selected."""
-    name = path.name
-    for suffix in (".jsonl", ".json", ".parquet", ".csv"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
 
 
 # --------------------------------------------------------------------------------------------------
@@ -485,13 +368,15 @@ def dedup(
 def _dedup(cfg: Any) -> None:
     from opd.data import load_prompts
     from opd.device import resolve_device
-    from opd.recipes.prompts import dedup_records, get_embedder
+    from opd.recipes.prompts import dedup_records, file_stem, get_embedder, write_jsonl
 
     t0 = time.perf_counter()
     device = resolve_device(cfg.device) if cfg.use_embeddings else None  # a bad device fails first
     src = Path(cfg.input)
-    out_path = Path(cfg.out) if cfg.out else src.with_name(_stem(src) + ".dedup.jsonl")
-    report_path = Path(cfg.report) if cfg.report else out_path.with_name(_stem(out_path) + ".report.jsonl")
+    out_path = Path(cfg.out) if cfg.out else src.with_name(file_stem(src) + ".dedup.jsonl")
+    report_path = (
+        Path(cfg.report) if cfg.report else out_path.with_name(file_stem(out_path) + ".report.jsonl")
+    )
     for p in (out_path, report_path):
         if p.resolve() in {Path(f).resolve() for f in (cfg.input, cfg.against) if f}:
             raise ConfigError(f"refusing to overwrite an input file with the output: {p}")
@@ -507,8 +392,8 @@ def _dedup(cfg: Any) -> None:
         kept, rows = dedup_records(cands, ref, threshold=cfg.threshold, use_embeddings=cfg.use_embeddings,
                                    batch_size=cfg.batch_size, self_dedup=cfg.self_dedup,
                                    embedder=get_embedder(device) if device is not None else None)  # fmt: skip
-    _write_jsonl(out_path, (r.raw for r in kept))
-    _write_jsonl(report_path, rows)
+    write_jsonl(out_path, (r.raw for r in kept))
+    write_jsonl(report_path, rows)
 
     out = _out()
     if rows:

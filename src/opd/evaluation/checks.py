@@ -7,11 +7,15 @@ perfectly finite loss that trains toward the wrong target.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from opd.data import PromptRecord
 from opd.diagnostics import token_diagnostics
 from opd.generation.rollout import HFGenerator, Rollout, SamplingParams
 from opd.generation.scoring import response_logits
@@ -19,6 +23,10 @@ from opd.objectives.token import token_loss
 from opd.teachers.hf import score_frozen
 
 FIDELITY_TOL = 1e-5  # nats/token; teacher := student must give KL ~ 0 up to float noise
+# Findings worth a warning that do not make a pair unfit: a template quirk can be worked around.
+SOFT_CHECKS = ("template/EOS", "rendered prompt")
+# Prompts for the self-test when the user gives no prompt file: any text exercises the scoring paths.
+BUILTIN_PROMPTS = ("What is 12 + 30?", "Name a prime number larger than 10.")
 
 
 @dataclass
@@ -162,3 +170,125 @@ def pair_diagnostics(student: torch.nn.Module, teacher: torch.nn.Module, rollout
     clean = torch.where(finite[..., None], s, 0.0), torch.where(finite[..., None], t, 0.0)
     diag = token_diagnostics(*clean, keep.to(mask.dtype), k=k, vocab_size=vocab_size)
     return {**diag, "nonfinite_positions": float(n_bad)}
+
+
+# --------------------------------------------------------------------------------------------------
+# All checks of a pair, as `opd check` runs them
+
+
+def checks_passed(results: Sequence[CheckResult]) -> bool:
+    """Whether the pair is fit to distil: warnings (`SOFT_CHECKS`) are reported but never fail it."""
+    return all(r.ok for r in results if r.name not in SOFT_CHECKS)
+
+
+def _quiet(message: str) -> None:
+    pass
+
+
+def _no_status(message: str) -> AbstractContextManager[Any]:
+    return nullcontext()
+
+
+def _no_prompt_shown(text: str, template: str) -> None:
+    pass
+
+
+def run_checks(
+    student: str, teacher: str, *, prompts: str | Path | None = None, template: str = "chat",
+    student_dtype: str = "float32", teacher_dtype: str = "float32", max_new_tokens: int = 16,
+    n_prompts: int = 2, k: int = 16, trust_remote_code: bool = False, device: str = "auto",
+    log: Callable[[str], None] = _quiet, status: Callable[[str], AbstractContextManager[Any]] = _no_status,
+    show_prompt: Callable[[str, str], None] = _no_prompt_shown,
+) -> list[CheckResult]:  # fmt: skip
+    """Every start-up check of the pair, in the order `opd check` reports them; `checks_passed` judges.
+
+    Tokenizers are compared before any weights are read: a mismatch is returned at once as the single
+    failed "tokenizers" result, since nothing else means anything across two vocabularies and loading
+    both models to learn that takes minutes. A missing or damaged file raises instead (an error, not a
+    finding). Nothing is printed here, so the CLI and a notebook can present it each their own way:
+    `log` gets progress lines, `status` wraps each slow stage (a spinner), and `show_prompt` gets the
+    first prompt as the student's tokenizer renders it under `template`, for a human to eyeball.
+    """
+    import time
+
+    from opd.data import encode_prompts, render_prompt, uses_chat
+    from opd.device import resolve_device
+    from opd.errors import TokenizerMismatchError
+    from opd.generation.sampling import stop_ids_for
+    from opd.models.loading import load_pair, load_pair_tokenizers, special_tokens_report
+
+    target = resolve_device(device)  # before any loading: `--device cuda` without CUDA fails here
+    t0 = time.perf_counter()
+    try:
+        toks = load_pair_tokenizers(
+            student, teacher, student_trust_remote_code=trust_remote_code,
+            teacher_trust_remote_code=trust_remote_code,
+        )  # fmt: skip
+    except TokenizerMismatchError as exc:  # a finding; a missing or damaged file is an error
+        return [CheckResult("tokenizers", False, str(exc))]
+    s_tok, t_tok, rep = toks.student, toks.teacher, toks.report
+    rep = rep if isinstance(rep, dict) else {}
+    results = [CheckResult("tokenizers", True, "identical vocabularies", rep)]
+    with status("loading models..."):
+        pair = load_pair(student, teacher, student_dtype=student_dtype, teacher_dtype=teacher_dtype,
+                         device=target, student_trust_remote_code=trust_remote_code,
+                         teacher_trust_remote_code=trust_remote_code, tokenizers=toks)  # fmt: skip
+    s_model, t_model, vocab = pair.student, pair.teacher, pair.vocab_size
+    log(f"models loaded on {target} in {time.perf_counter() - t0:.1f}s")
+    results.append(
+        CheckResult("vocabulary", True, f"shared real vocabulary {vocab}; padded rows are sliced away")
+    )
+    s_rep, t_rep = special_tokens_report(s_tok, s_model), special_tokens_report(t_tok, t_model)
+    results.append(CheckResult("special tokens", True, f"student {s_rep} | teacher {t_rep}"))
+    results += [CheckResult("template/EOS", False, w) for w in rep.get("warnings", [])]
+
+    records = _check_prompts(prompts, n_prompts)
+    texts = [render_prompt(r, s_tok, template=template) for r in records]
+    show_prompt(texts[0], template)
+    if (differs := _teacher_rendering(records[0], t_tok, template, texts[0])) is not None:
+        results.append(differs)
+    ids = encode_prompts(texts, s_tok, max_prompt_tokens=100_000, sources=[r.source for r in records],
+                         add_special_tokens=not uses_chat(template))  # fmt: skip
+    with status("self-test rollouts and scoring..."):
+        roll = self_test_rollout(s_model, ids, pad_id=s_tok.pad_token_id, stop_ids=stop_ids_for(s_tok, s_model),
+                                 max_new_tokens=max_new_tokens)  # fmt: skip
+        results.append(fidelity_self_test(s_model, roll, vocab_size=vocab, k=k))
+        results.append(determinism_check(t_model, roll))
+        diag = pair_diagnostics(s_model, t_model, roll, vocab_size=vocab, k=k)
+    results.append(CheckResult("pair metrics (informational)", True,
+                               ", ".join(f"{k_}={v:.4g}" for k_, v in diag.items() if "/" not in k_), diag))  # fmt: skip
+    return results
+
+
+def _check_prompts(prompts: str | Path | None, n: int) -> list[PromptRecord]:
+    """The first `n` prompts of the file, else built-in ones: the self-test needs some text either way."""
+    from opd.data import load_prompts
+
+    if prompts:
+        return load_prompts(prompts)[:n]
+    return [
+        PromptRecord(text=t, messages=None, answer=None, source=f"builtin:{i}", raw={})
+        for i, t in enumerate(BUILTIN_PROMPTS[:n])
+    ]
+
+
+def _teacher_rendering(
+    record: PromptRecord, tokenizer: Any, template: str, student_text: str
+) -> CheckResult | None:
+    """A warning when the teacher's tokenizer renders the prompt unlike the student's, else None.
+
+    The teacher scores the student's ids, so a different rendering is only a hint that the teacher was
+    trained on other-looking prompts; a template the teacher cannot render at all is no finding either.
+    """
+    from opd.data import render_prompt
+    from opd.errors import OpdError
+
+    try:
+        t_text = render_prompt(record, tokenizer, template=template)
+    except OpdError:
+        return None
+    if t_text == student_text:
+        return None
+    return CheckResult(
+        "rendered prompt", False, f"the teacher's tokenizer renders the prompt differently: {t_text!r}"
+    )

