@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
 
-from opd.cli.common import PASSTHROUGH, console, fail, peer_failure, startup_interrupted
+from opd.cli.common import PASSTHROUGH, console, fail, training_errors
 from opd.errors import OpdError
 
 if TYPE_CHECKING:
@@ -50,7 +50,8 @@ def train(
     from opd.train.run import run_training
 
     overrides = list(ctx.args)
-    try:
+    rerun = f"`opd train --resume {resume}`" if resume is not None else "the same command"
+    with training_errors(rerun):
         if resume is not None:
             if not (resume / "config.yaml").is_file() and config is None:
                 raise OpdError(f"--resume {resume}: no config.yaml there; is it a run directory?")
@@ -58,23 +59,6 @@ def train(
         else:
             cfg = load_config(config, overrides)
         run_training(cfg, resume=resume is not None, console=console)
-    except KeyboardInterrupt:  # a Ctrl-C before the training loop took over the signal (loading, set-up)
-        again = f"`opd train --resume {resume}`" if resume is not None else "the same command"
-        fail(startup_interrupted(again))
-    except RuntimeError as exc:
-        lost = peer_failure(exc)
-        if lost is None:
-            raise
-        fail(lost)
-    except OpdError as exc:
-        from opd.teachers.http import TeacherUnavailableError
-        from opd.train.alarms import CollapseError
-        from opd.train.trainer import NonFiniteLossError
-
-        # 3: a non-finite step (stop_on_nan); 4: a declared collapse (stop_on_collapse); 5: the teacher
-        # servers stayed down (resume redoes the step); 2: the rest.
-        codes = ((NonFiniteLossError, 3), (CollapseError, 4), (TeacherUnavailableError, 5))
-        fail(exc, next((c for t, c in codes if isinstance(exc, t)), 2))
 
 
 @app.command()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import traceback
+from collections.abc import Iterator
 from typing import Any
 
 import typer
@@ -86,3 +88,33 @@ def startup_interrupted(again: str) -> InterruptedRun:
     """A Ctrl-C while models load (before a command's own SIGINT handling takes over): exit 130 with
     what to rerun, instead of click's bare "Aborted!"."""
     return InterruptedRun(f"interrupted during start-up, before any work was saved; rerun {again}")
+
+
+def exit_code(exc: OpdError) -> int:
+    """3: a non-finite step (stop_on_nan); 4: a declared collapse (stop_on_collapse); 5: the teacher
+    servers stayed down (a resume redoes the step); 2: every other expected failure."""
+    from opd.teachers.http import TeacherUnavailableError
+    from opd.train.alarms import CollapseError
+    from opd.train.trainer import NonFiniteLossError
+
+    codes = ((NonFiniteLossError, 3), (CollapseError, 4), (TeacherUnavailableError, 5))
+    return next((c for t, c in codes if isinstance(exc, t)), 2)
+
+
+@contextlib.contextmanager
+def training_errors(rerun: str) -> Iterator[None]:
+    """How `opd train`, `sft` and `cold-start` end on a failure, in one place: a Ctrl-C while models
+    load exits 130 saying what to rerun (`rerun`); a process whose peer died prints one line
+    (`peer_failure`); an expected failure is one line with its `exit_code`; anything else is a bug and
+    keeps its traceback."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        fail(startup_interrupted(rerun))
+    except RuntimeError as exc:
+        lost = peer_failure(exc)
+        if lost is None:
+            raise
+        fail(lost)
+    except OpdError as exc:
+        fail(exc, exit_code(exc))

@@ -12,7 +12,14 @@ from pathlib import Path
 
 import typer
 
-from opd.cli.common import PASSTHROUGH, console, fail, is_main, peer_failure, startup_interrupted
+from opd.cli.common import (
+    PASSTHROUGH,
+    console,
+    fail,
+    is_main,
+    startup_interrupted,
+    training_errors,
+)
 from opd.errors import OpdError
 
 
@@ -54,7 +61,7 @@ def sft(
     from opd.train.sft import SFT_ALIASES, SFTConfig
 
     overrides = list(ctx.args)
-    try:
+    with training_errors(f"`opd sft --resume {resume}`" if resume else "the same command"):
         if resume is not None:
             if not (resume / "config.yaml").is_file() and config is None:
                 raise OpdError(f"--resume {resume}: no config.yaml there; is it an sft run directory?")
@@ -69,17 +76,6 @@ def sft(
         log = lambda m: console.print(m) if is_main() else None  # noqa: E731
         trainer = sft_with_progress(cfg, resume=resume is not None, log=log)
         trainer.acc.end_training()
-    except KeyboardInterrupt:  # while models load; the training loop stops on its own
-        fail(startup_interrupted(f"`opd sft --resume {resume}`" if resume else "the same command"))
-    except RuntimeError as exc:
-        lost = peer_failure(exc)
-        if lost is None:
-            raise
-        fail(lost)
-    except OpdError as exc:
-        from opd.train.trainer import NonFiniteLossError
-
-        fail(exc, 3 if isinstance(exc, NonFiniteLossError) else 2)
 
 
 def cold_start(
@@ -97,22 +93,11 @@ def cold_start(
     from opd.config import load_config
     from opd.recipes.cold_start import ColdStartConfig, run_cold_start
 
-    try:
+    with training_errors("the same command (finished stages are skipped)"):
         cfg = load_config(config, list(ctx.args), model=ColdStartConfig, aliases={})
         out = run_cold_start(cfg, log=lambda m: console.print(m) if is_main() else None)
         if is_main():
             console.print(f"[green]cold start done[/]: {json.dumps({k: str(v) for k, v in out.items()})}")
-    except KeyboardInterrupt:
-        fail(startup_interrupted("the same command (finished stages are skipped)"))
-    except RuntimeError as exc:
-        lost = peer_failure(exc)
-        if lost is None:
-            raise
-        fail(lost)
-    except OpdError as exc:
-        from opd.train.trainer import NonFiniteLossError
-
-        fail(exc, 3 if isinstance(exc, NonFiniteLossError) else 2)
 
 
 def register(app: typer.Typer) -> None:
