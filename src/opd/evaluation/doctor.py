@@ -25,12 +25,21 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from opd.errors import ConfigError, OpdError
+from opd.errors import ConfigError, TokenizerMismatchError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+    from opd.data import PromptRecord
+    from opd.evaluation.verify import Verifier
+    from opd.generation.rollout import HFGenerator, Rollout, SamplingParams
+    from opd.generation.row_scoring import ScoringHead
+    from opd.models.loading import PairTokenizers
 
 __all__ = [
     "DoctorConfig",
@@ -268,18 +277,115 @@ def verdict(m: dict[str, float], th: DoctorThresholds) -> DoctorVerdict:
 
 
 # ----------------------------------------------------------------------------------------------------
-# The run
+# The run: `run_doctor` calls the phases below in order; each takes the shared `_Run` state.
 
 
 @dataclass
 class TeacherReport:
+    """One teacher's metrics per template and its verdict, filled in phase by phase."""
+
     name: str
     path: str
     by_template: dict[str, dict[str, float]] = field(default_factory=dict)
     verdict: DoctorVerdict | None = None
 
 
+@dataclass
+class _Inputs:
+    """The prompts and how to grade them, together because accuracy, novelty, continuation and AUROC
+    are all measured only when every prompt has an answer (then `verifier` is set)."""
+
+    records: list[PromptRecord]
+    has_answers: bool
+    verifier: Verifier | None
+
+
+@dataclass
+class _Models:
+    """The student and teachers with what is derived from them once (heads probed, shared vocabulary,
+    stop ids), so the sampling and scoring phases never reload or re-check a model."""
+
+    tok: Any
+    student: PreTrainedModel
+    teachers: dict[str, PreTrainedModel]  # by display name, in the order of `cfg.teachers`
+    paths: dict[str, str]  # display name -> the spec it was loaded from
+    heads: list[ScoringHead]  # heads[0] is the student, heads[1 + i] the i-th teacher
+    vocab: int
+    stops: list[int]
+    params: SamplingParams
+
+
+class _Progress:
+    """Work units done over the total, so the bar's fraction tracks time roughly: a generated row counts
+    1, a scored row 0.3 per model scoring it."""
+
+    def __init__(self, tick: Callable[[str, float], None], total: float) -> None:
+        self.tick = tick
+        self.total = total
+        self.done = 0.0
+
+    def advance(self, units: float, label: str) -> None:
+        self.done += units
+        self.tick(label, min(1.0, self.done / max(self.total, 1.0)))
+
+
+@dataclass
+class _Run:
+    """What every phase reads, passed as one value so the phases keep short signatures."""
+
+    cfg: DoctorConfig
+    inputs: _Inputs
+    models: _Models
+    bar: _Progress
+
+
+@dataclass
+class _StudentRollouts:
+    """The student's rollouts at one template with their grades; the first template's are kept for the
+    continuation phase, which asks about the student's own states."""
+
+    rolls: list[Rollout]
+    correct: list[bool]  # one per rollout row, in row order
+    by_problem: list[list[bool]]  # per prompt, the grades of its samples
+    lengths: list[int]
+
+
+@dataclass
+class _Scores:
+    """One template's merged diagnostic sums and per-row rewards, finalized per teacher and per pair."""
+
+    sums: dict[str, dict[str, torch.Tensor]]
+    pair_sums: dict[tuple[str, str], dict[str, torch.Tensor]]
+    rewards: dict[str, list[float]]
+
+
+@dataclass
+class _TemplateResult:
+    """Everything one template measured, for `run_doctor` to file under that template."""
+
+    student: _StudentRollouts
+    stats: dict[str, Any]  # result["templates"][template]
+    teachers: dict[str, dict[str, float]]  # each teacher's metrics at this template
+    pairs: dict[str, dict[str, float]]  # "a|b" -> teacher-vs-teacher metrics
+
+
+@dataclass
+class _Prefix:
+    """A student rollout cut at a depth: what the teacher continues, and what grading needs back."""
+
+    prompt: list[int]  # prompt ids then the prefix
+    prefix: list[int]
+    prompt_index: int
+    budget: int  # new tokens left after the prefix
+    row: int  # index into the first template's rollout rows
+
+
+_PAIR_KEYS = ("overlap_ratio", "reverse_kl", "forward_kl", "overlap_mass_student", "overlap_mass_teacher",
+              "entropy_gap")  # fmt: skip
+
+
 def _name_of(path: str, taken: set[str]) -> str:
+    """A short display name per teacher (report columns, pair keys), unique even for equal basenames."""
     p = Path(path)
     base = path.split(":", 1)[1] if path.startswith("lab:") else (p.stem if p.suffix == ".gguf" else p.name)
     base = base or path.replace("/", "_")
@@ -291,9 +397,9 @@ def _name_of(path: str, taken: set[str]) -> str:
 
 
 def _rollouts(
-    model, tok, prompt_ids, *, n, params, batch_size, seed, stop_ids, step: int = 0,
-    on_batch: Callable[[int], None] | None = None,
-) -> list[Any]:  # fmt: skip
+    model: PreTrainedModel, tok: Any, prompt_ids: Sequence[Sequence[int]], *, n: int, params: SamplingParams,
+    batch_size: int, seed: int, stop_ids: list[int], step: int = 0, on_batch: Callable[[int], None] | None = None,
+) -> list[Rollout]:  # fmt: skip
     """n samples per prompt in batches, seeded by `chunk_seed(seed, step, first prompt)` like training;
     `on_batch(prompts_done)` after each batch, for the progress bar."""
     from opd.generation.rollout import HFGenerator, chunk_seed
@@ -310,7 +416,8 @@ def _rollouts(
     return out
 
 
-def _texts(roll, tok, stop_ids) -> list[str]:
+def _texts(roll: Rollout, tok: Any, stop_ids: list[int]) -> list[str]:
+    """Each row's response as the verifier must see it: padding and stop tokens removed."""
     out = []
     for row in range(len(roll)):
         ids = [t for t in roll.response_ids[row][roll.response_mask[row]].tolist() if t not in stop_ids]
@@ -329,25 +436,55 @@ def run_doctor(
     `progress(label, fraction_done)` is called as work completes (the CLI turns it into a bar with a
     time estimate); `log` gets one-line notes. Nothing is written here; `write_doctor_report` does that.
     """
-    from opd.data import load_prompts, validate_template
-    from opd.device import host, resolve_device
-    from opd.diagnostics import finalize, merge_sums
-    from opd.evaluation.eval import auroc, prepare_prompts
-    from opd.evaluation.verify import get_verifier, safe_verify
-    from opd.generation.rollout import HFGenerator, SamplingParams
-    from opd.generation.row_scoring import Comparison, score_rollout, scoring_head
-    from opd.generation.sampling import stop_ids_for
-    from opd.models.loading import (
-        check_tokenizers,
-        freeze_teacher,
-        load_model,
-        load_tokenizer,
-        prepare_tokenizer,
-        shared_vocab_size,
-    )
+    from opd.device import resolve_device
 
     say = log or (lambda s: None)
     tick = progress or (lambda label, frac: None)
+    _check_config(cfg)
+    device = resolve_device(cfg.device)  # before any loading: `cuda` on a CPU machine fails here
+    t0 = time.perf_counter()
+    inputs = _load_inputs(cfg, say)
+    models = _load_models(cfg, device)
+    say(f"models loaded on {device} in {time.perf_counter() - t0:.1f}s (shared vocabulary {models.vocab})")
+    total = _work_units(cfg, len(inputs.records), len(models.teachers), inputs.has_answers)
+    run = _Run(cfg, inputs, models, _Progress(tick, total))
+
+    result: dict[str, Any] = {"templates": {}, "teachers": {}, "pairs": {}}
+    reports = {name: TeacherReport(name, path) for name, path in models.paths.items()}
+    first: _StudentRollouts | None = None
+    for ti, template in enumerate(cfg.templates):
+        measured = _measure_template(run, ti, template)
+        for name, metrics in measured.teachers.items():
+            reports[name].by_template[template] = metrics
+        if measured.pairs:
+            result["pairs"][template] = measured.pairs
+        result["templates"][template] = measured.stats
+        if ti == 0:
+            first = measured.student
+    best = _recommend_template(cfg, reports)
+    result["recommended_template"] = best
+    if inputs.has_answers and cfg.continuation_rollouts > 0 and first is not None:
+        _continuation_advantage(run, first, reports, best)
+
+    result["teachers"].update(_verdicts(cfg, reports, best))
+    result["flags"] = _flags(run, reports, result, best)
+    _mark_reliability(result, best)
+    result["config"] = cfg.model_dump()
+    result["device"] = str(device)
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    result["k"] = cfg.k
+    result["n_prompts"] = len(inputs.records)
+    tick("done", 1.0)
+    return result
+
+
+# Loading
+
+
+def _check_config(cfg: DoctorConfig) -> None:
+    """Missing inputs and unknown templates fail before anything is loaded, each naming its option."""
+    from opd.data import validate_template
+
     if not cfg.student:
         raise ConfigError("doctor: no student; pass --student PATH")
     if not cfg.teachers:
@@ -356,8 +493,14 @@ def run_doctor(
         raise ConfigError("doctor: no prompts; pass --prompts FILE (JSONL/Parquet/CSV)")
     for t in cfg.templates:
         validate_template(t)
-    device = resolve_device(cfg.device)  # before any loading: `cuda` on a CPU machine fails here
-    t0 = time.perf_counter()
+
+
+def _load_inputs(cfg: DoctorConfig, say: Callable[[str], None]) -> _Inputs:
+    """The first `n_prompts` problems. One prompt without an answer turns every accuracy-based number
+    off (with a note), since accuracies over a subset would not compare across teachers and templates."""
+    from opd.data import load_prompts
+    from opd.evaluation.verify import get_verifier
+
     records = load_prompts(
         cfg.prompts,
         prompt_field=cfg.prompt_field,
@@ -367,220 +510,331 @@ def run_doctor(
     has_answers = all(r.answer is not None and str(r.answer).strip() for r in records)
     if not has_answers:
         say("some prompts have no answer: accuracy, novelty, continuation and AUROC are skipped")
-    verifier = get_verifier(cfg.verifier) if has_answers else None
+    return _Inputs(records, has_answers, get_verifier(cfg.verifier) if has_answers else None)
 
-    tok = load_tokenizer(cfg.student, trust_remote_code=cfg.trust_remote_code)
-    prepare_tokenizer(tok)
-    taken: set[str] = set()
-    names = [_name_of(p, taken) for p in cfg.teachers]
+
+def _load_tokenizers(cfg: DoctorConfig) -> PairTokenizers:
+    """Every teacher's tokenizer checked against the student's before any weights are read, so a
+    mismatch fails in seconds; the student's is loaded once. With several teachers a bare mismatch
+    would not say which one, so the error names both."""
+    from opd.models.loading import check_tokenizers, load_pair_tokenizers, load_tokenizer, prepare_tokenizer
+
+    first: PairTokenizers | None = None
     for path in cfg.teachers:
-        t_tok = load_tokenizer(path, trust_remote_code=cfg.trust_remote_code)
-        prepare_tokenizer(t_tok)
         try:
-            check_tokenizers(tok, t_tok)
-        except OpdError as exc:
+            if first is None:
+                first = load_pair_tokenizers(cfg.student, path, student_trust_remote_code=cfg.trust_remote_code,
+                                             teacher_trust_remote_code=cfg.trust_remote_code)  # fmt: skip
+            else:  # the other teachers against the same student tokenizer
+                t_tok = load_tokenizer(path, trust_remote_code=cfg.trust_remote_code)
+                prepare_tokenizer(t_tok)
+                check_tokenizers(first.student, t_tok)
+        except TokenizerMismatchError as exc:
             raise type(exc)(f"teacher {path} vs student {cfg.student}: {exc}") from None
-    student = load_model(
-        cfg.student, dtype=cfg.student_dtype, trust_remote_code=cfg.trust_remote_code, device=device
-    )
-    teachers = {
-        name: freeze_teacher(
-            load_model(path, dtype=cfg.teacher_dtype, trust_remote_code=cfg.trust_remote_code, device=device)
-        )
-        for name, path in zip(names, cfg.teachers, strict=True)
-    }
+    assert first is not None  # `_check_config` refused an empty teacher list
+    return first
+
+
+def _load_models(cfg: DoctorConfig, device: torch.device) -> _Models:
+    """Tokenizers first (seconds), then the student once however many teachers there are, then every
+    head probed before any sampling, so a model the scorer cannot project fails before minutes of
+    generation rather than after."""
+    from opd.generation.rollout import SamplingParams
+    from opd.generation.row_scoring import scoring_head
+    from opd.generation.sampling import stop_ids_for
+    from opd.models.loading import freeze_teacher, load_model, load_pair, shared_vocab_size
+
+    taken: set[str] = set()
+    paths = {_name_of(p, taken): p for p in cfg.teachers}
+    toks = _load_tokenizers(cfg)
+    pair = load_pair(
+        cfg.student, cfg.teachers[0], student_dtype=cfg.student_dtype, teacher_dtype=cfg.teacher_dtype,
+        student_trust_remote_code=cfg.trust_remote_code, teacher_trust_remote_code=cfg.trust_remote_code,
+        device=device, tokenizers=toks,
+    )  # fmt: skip
+    assert pair.teacher is not None  # load_pair loads the teacher's weights unless told not to
+    rest = [
+        freeze_teacher(load_model(p, dtype=cfg.teacher_dtype, trust_remote_code=cfg.trust_remote_code, device=device))
+        for p in cfg.teachers[1:]
+    ]  # fmt: skip
+    teachers = dict(zip(paths, [pair.teacher, *rest], strict=True))
     # Checked before any sampling, so a model whose head cannot be projected by hand fails in seconds.
-    heads = [scoring_head(student, f"student {cfg.student}")] + [
-        scoring_head(teachers[name], f"teacher {path}")
-        for name, path in zip(names, cfg.teachers, strict=True)
+    heads = [scoring_head(pair.student, f"student {cfg.student}")] + [
+        scoring_head(teachers[name], f"teacher {path}") for name, path in paths.items()
     ]
+    tok = toks.student
+    vocab = min([pair.vocab_size] + [shared_vocab_size(pair.student, t, tok) for t in rest])
+    params = SamplingParams(
+        temperature=cfg.temperature, top_p=cfg.top_p, top_k=0, max_new_tokens=cfg.max_new_tokens
+    )
+    return _Models(tok, pair.student, teachers, paths, heads, vocab, stop_ids_for(tok, pair.student), params)
+
+
+def _work_units(cfg: DoctorConfig, n_records: int, n_teachers: int, has_answers: bool) -> float:
+    """The total the progress fraction divides by, counted in the units `_Progress` documents."""
+    n_rows = n_records * cfg.samples
+    cont_rows = min(cfg.continuation_rollouts, n_rows) * len(cfg.depths) * n_teachers if has_answers else 0
+    teacher_rows = n_records * cfg.teacher_samples * n_teachers if has_answers else 0
+    per_template = n_rows * (1 + 0.3 * (1 + n_teachers)) + teacher_rows
+    return per_template * len(cfg.templates) + cont_rows
+
+
+# One template: sample, score, measure
+
+
+def _measure_template(run: _Run, ti: int, template: str) -> _TemplateResult:
+    """Everything that depends on how the prompt is rendered, so templates compare on equal terms:
+    the student's rollouts, their scores by every model, and each teacher's metrics and accuracy."""
+    from opd.evaluation.eval import prepare_prompts
+
+    _, prompt_ids = prepare_prompts(
+        run.inputs.records, run.models.tok, template=template, system_prompt=run.cfg.system_prompt
+    )
+    student = _sample_student(run, prompt_ids, ti, template)
+    scores = _score(run, student.rolls, template)
+    stats = _template_stats(run.inputs, student)
+    teachers = {
+        name: _teacher_metrics(run, name, scores, student, stats, prompt_ids, ti, template)
+        for name in run.models.teachers
+    }
+    return _TemplateResult(student, stats, teachers, _pair_metrics(scores))
+
+
+def _grade(run: _Run, roll: Rollout) -> list[tuple[int, bool]]:
+    """(prompt index, correct) per row; without a verifier every row counts as wrong, so the student's
+    row count stays right when answers are missing."""
+    from opd.evaluation.verify import safe_verify
+
+    records, verifier = run.inputs.records, run.inputs.verifier
+    out: list[tuple[int, bool]] = []
+    for row, text in enumerate(_texts(roll, run.models.tok, run.models.stops)):
+        pi = roll.prompt_index[row]
+        ok = bool(safe_verify(verifier, text, str(records[pi].answer)).correct) if verifier else False
+        out.append((pi, ok))
+    return out
+
+
+def _sample_student(run: _Run, prompt_ids: list[list[int]], ti: int, template: str) -> _StudentRollouts:
+    """The student's own rollouts are the states OPD trains on, so every number is measured on them;
+    seeded by template index like training steps, so a rerun samples the same rollouts."""
+    cfg = run.cfg
+    rolls = _rollouts(
+        run.models.student, run.models.tok, prompt_ids, n=cfg.samples, params=run.models.params,
+        batch_size=cfg.batch_size, seed=cfg.seed, stop_ids=run.models.stops, step=ti,
+        on_batch=lambda done: run.bar.advance(done * cfg.samples, f"{template}: student rollouts"),
+    )  # fmt: skip
+    out = _StudentRollouts(rolls, [], [[] for _ in run.inputs.records], [])
+    for roll in rolls:
+        for pi, ok in _grade(run, roll):
+            out.correct.append(ok)
+            out.by_problem[pi].append(ok)
+        out.lengths += roll.lengths.tolist()  # one host copy per batch, not one sync per row
+    return out
+
+
+def _score(run: _Run, rolls: list[Rollout], template: str) -> _Scores:
+    """The student against every teacher (with position bins and the reward AUROC needs), then every
+    teacher pair (two teachers the student cannot tell apart give the same signal), a bounded batch of
+    rows per forward so memory stays flat."""
+    from opd.device import host
+    from opd.diagnostics import merge_sums
+    from opd.generation.row_scoring import Comparison, score_rollout
+
+    cfg, names = run.cfg, list(run.models.teachers)
     pair_idx = [(i, j) for i in range(len(names)) for j in range(i + 1, len(names))]
     pair_names = [(names[i], names[j]) for i, j in pair_idx]
     comparisons = [  # heads[0] is the student, heads[1 + i] teacher names[i]
         Comparison(0, 1 + i, position_bins=cfg.position_bins, reward=True) for i in range(len(names))
     ] + [Comparison(1 + i, 1 + j) for i, j in pair_idx]
-    vocab = min(shared_vocab_size(student, t, tok) for t in teachers.values())
-    stops = stop_ids_for(tok, student)
-    params = SamplingParams(
-        temperature=cfg.temperature, top_p=cfg.top_p, top_k=0, max_new_tokens=cfg.max_new_tokens
-    )
-    say(f"models loaded on {device} in {time.perf_counter() - t0:.1f}s (shared vocabulary {vocab})")
+    scores = _Scores({n: {} for n in names}, {p: {} for p in pair_names}, {n: [] for n in names})
+    for roll in rolls:
+        for s in range(0, len(roll), cfg.score_batch):
+            mb = roll.select(slice(s, s + cfg.score_batch))
+            found = score_rollout(
+                run.models.heads, mb, comparisons, k=cfg.k, vocab_size=run.models.vocab, bin_len=cfg.max_new_tokens
+            )  # fmt: skip
+            for name, sc in zip(names, found[: len(names)], strict=True):
+                scores.sums[name] = merge_sums(scores.sums[name], sc.sums)
+                assert sc.reward is not None
+                scores.rewards[name] += host(sc.reward).tolist()
+            for pair, sc in zip(pair_names, found[len(names) :], strict=True):
+                scores.pair_sums[pair] = merge_sums(scores.pair_sums[pair], sc.sums)
+            run.bar.advance(len(mb) * 0.3 * (1 + len(names)), f"{template}: scoring")
+    return scores
 
-    # Work units, for a progress fraction that tracks time roughly: generated rows and scored rows.
-    n_rows = len(records) * cfg.samples
-    n_t = len(teachers)
-    cont_rows = min(cfg.continuation_rollouts, n_rows) * len(cfg.depths) * n_t if has_answers else 0
-    teacher_rows = len(records) * cfg.teacher_samples * n_t if has_answers else 0
-    per_template = n_rows * (1 + 0.3 * (1 + n_t)) + teacher_rows
-    total_units = per_template * len(cfg.templates) + cont_rows
-    done = 0.0
 
-    def advance(units: float, label: str) -> None:
-        nonlocal done
-        done += units
-        tick(label, min(1.0, done / max(total_units, 1.0)))
+def _template_stats(inputs: _Inputs, student: _StudentRollouts) -> dict[str, Any]:
+    """How the student behaves under this template (length, truncation, accuracy): the report's
+    template table, and the truncation rate decides whether accuracies there can be trusted."""
+    n = max(len(student.correct), 1)
+    stats: dict[str, Any] = {
+        "student_rollouts": len(student.correct),
+        "mean_length": sum(student.lengths) / max(len(student.lengths), 1),
+        "truncation_rate": sum(float(r.truncated.float().sum()) for r in student.rolls) / n,
+    }
+    if inputs.has_answers:
+        stats["student_acc"] = sum(student.correct) / n
+    return stats
 
-    result: dict[str, Any] = {"templates": {}, "teachers": {}, "pairs": {}}
-    reports = {name: TeacherReport(name, path) for name, path in zip(names, cfg.teachers, strict=True)}
-    first_rolls: list[Any] = []
-    first_correct: list[bool] = []
-    for ti, template in enumerate(cfg.templates):
-        _, prompt_ids = prepare_prompts(records, tok, template=template, system_prompt=cfg.system_prompt)
-        rolls = _rollouts(
-            student, tok, prompt_ids, n=cfg.samples, params=params, batch_size=cfg.batch_size, seed=cfg.seed,
-            stop_ids=stops, step=ti,
-            on_batch=lambda done, t=template: advance(done * cfg.samples, f"{t}: student rollouts"),
-        )  # fmt: skip
-        # grade
-        correct: list[bool] = []
-        by_problem_s: list[list[bool]] = [[] for _ in records]
-        lengths: list[int] = []
-        for roll in rolls:
-            for row, text in enumerate(_texts(roll, tok, stops)):
-                pi = roll.prompt_index[row]
-                ok = bool(safe_verify(verifier, text, str(records[pi].answer)).correct) if verifier else False
-                correct.append(ok)
-                by_problem_s[pi].append(ok)
-            lengths += roll.lengths.tolist()  # one host copy per batch, not one sync per row
-        # score: the student vs every teacher, with position bins and rewards, then every teacher pair
-        sums: dict[str, dict[str, torch.Tensor]] = {n: {} for n in teachers}
-        pair_sums: dict[tuple[str, str], dict[str, torch.Tensor]] = {p: {} for p in pair_names}
-        rewards: dict[str, list[float]] = {n: [] for n in teachers}
-        for roll in rolls:
-            for s in range(0, len(roll), cfg.score_batch):
-                mb = roll.select(slice(s, s + cfg.score_batch))
-                scores = score_rollout(
-                    heads, mb, comparisons, k=cfg.k, vocab_size=vocab, bin_len=cfg.max_new_tokens
-                )
-                for name, sc in zip(names, scores[: len(names)], strict=True):
-                    sums[name] = merge_sums(sums[name], sc.sums)
-                    assert sc.reward is not None
-                    rewards[name] += host(sc.reward).tolist()
-                for pair, sc in zip(pair_names, scores[len(names) :], strict=True):
-                    pair_sums[pair] = merge_sums(pair_sums[pair], sc.sums)
-                advance(len(mb) * 0.3 * (1 + n_t), f"{template}: scoring")
-        tmpl: dict[str, Any] = {
-            "student_rollouts": len(correct),
-            "mean_length": sum(lengths) / max(len(lengths), 1),
-            "truncation_rate": sum(float(r.truncated.float().sum()) for r in rolls) / max(len(correct), 1),
-        }
-        if has_answers:
-            tmpl["student_acc"] = sum(correct) / max(len(correct), 1)
-        for name, teacher in teachers.items():
-            m = finalize(sums[name])
-            m["reward_auroc"] = auroc(rewards[name], correct) if has_answers else math.nan
-            if has_answers and cfg.teacher_samples > 0:
-                t_rolls = _rollouts(teacher, tok, prompt_ids, n=cfg.teacher_samples, params=params,
-                                    batch_size=cfg.batch_size, seed=cfg.seed + 1000 + ti, stop_ids=stops)  # fmt: skip
-                by_problem_t: list[list[bool]] = [[] for _ in records]
-                for roll in t_rolls:
-                    for row, text in enumerate(_texts(roll, tok, stops)):
-                        pi = roll.prompt_index[row]
-                        by_problem_t[pi].append(
-                            bool(safe_verify(verifier, text, str(records[pi].answer)).correct)
-                        )
-                advance(len(records) * cfg.teacher_samples, f"{template}: teacher {name} samples")
-                m.update(novelty_stats(by_problem_s, by_problem_t))
-                n_t = sum(len(r) for r in t_rolls)
-                m["teacher_truncation_rate"] = sum(float(r.truncated.float().sum()) for r in t_rolls) / max(
-                    n_t, 1
-                )
-            elif has_answers:
-                m["student_acc"] = tmpl["student_acc"]
-            reports[name].by_template[template] = m
-        for (a, b), ps in pair_sums.items():
-            d = finalize(ps)
-            result["pairs"].setdefault(template, {})[f"{a}|{b}"] = {
-                key: d[key]
-                for key in (
-                    "overlap_ratio",
-                    "reverse_kl",
-                    "forward_kl",
-                    "overlap_mass_student",
-                    "overlap_mass_teacher",
-                    "entropy_gap",
-                )
-                if key in d  # fmt: skip
-            }
-        result["templates"][template] = tmpl
-        if ti == 0:
-            first_rolls, first_correct = rolls, correct
 
-    # Which template: the one with the highest mean overlap ratio over teachers (the paper's recipe B:
-    # the teacher-aligned template raises overlap); ties keep the listed order.
+def _teacher_metrics(
+    run: _Run, name: str, scores: _Scores, student: _StudentRollouts, stats: dict[str, Any],
+    prompt_ids: list[list[int]], ti: int, template: str,
+) -> dict[str, float]:  # fmt: skip
+    """One teacher at one template: compatibility from the scores, reward informativeness (AUROC of its
+    reward for correct vs incorrect student rollouts), and novelty when answers can be checked."""
+    from opd.diagnostics import finalize
+    from opd.evaluation.eval import auroc
+
+    m = finalize(scores.sums[name])
+    m["reward_auroc"] = auroc(scores.rewards[name], student.correct) if run.inputs.has_answers else math.nan
+    if run.inputs.has_answers and run.cfg.teacher_samples > 0:
+        m.update(_teacher_accuracy(run, name, student, prompt_ids, ti, template))
+    elif run.inputs.has_answers:
+        m["student_acc"] = stats["student_acc"]
+    return m
+
+
+def _teacher_accuracy(
+    run: _Run, name: str, student: _StudentRollouts, prompt_ids: list[list[int]], ti: int, template: str
+) -> dict[str, float]:
+    """Novelty needs the teacher's own accuracy on the same prompts (what it solves that the student
+    does not is what OPD can transfer); its truncation rate says whether those accuracies hold."""
+    cfg = run.cfg
+    rolls = _rollouts(run.models.teachers[name], run.models.tok, prompt_ids, n=cfg.teacher_samples,
+                      params=run.models.params, batch_size=cfg.batch_size, seed=cfg.seed + 1000 + ti,
+                      stop_ids=run.models.stops)  # fmt: skip
+    by_problem: list[list[bool]] = [[] for _ in run.inputs.records]
+    for roll in rolls:
+        for pi, ok in _grade(run, roll):
+            by_problem[pi].append(ok)
+    run.bar.advance(len(run.inputs.records) * cfg.teacher_samples, f"{template}: teacher {name} samples")
+    out = novelty_stats(student.by_problem, by_problem)
+    n_rows = sum(len(r) for r in rolls)
+    out["teacher_truncation_rate"] = sum(float(r.truncated.float().sum()) for r in rolls) / max(n_rows, 1)
+    return out
+
+
+def _pair_metrics(scores: _Scores) -> dict[str, dict[str, float]]:
+    """Teacher-vs-teacher numbers, keyed "a|b"; only the distribution-level ones, since the advantage
+    and reward are about the student."""
+    from opd.diagnostics import finalize
+
+    out: dict[str, dict[str, float]] = {}
+    for (a, b), sums in scores.pair_sums.items():
+        d = finalize(sums)
+        out[f"{a}|{b}"] = {key: d[key] for key in _PAIR_KEYS if key in d}
+    return out
+
+
+# Across templates: the recommendation, continuation advantage, verdicts
+
+
+def _recommend_template(cfg: DoctorConfig, reports: dict[str, TeacherReport]) -> str:
+    """The template with the highest mean overlap ratio over teachers (the paper's recipe B: the
+    teacher-aligned template raises overlap); ties keep the listed order."""
+
     def mean_overlap(t: str) -> float:
-        return sum(reports[n].by_template[t].get("overlap_ratio", 0.0) for n in names) / len(names)
+        return sum(r.by_template[t].get("overlap_ratio", 0.0) for r in reports.values()) / len(reports)
 
-    best = max(cfg.templates, key=mean_overlap)
-    result["recommended_template"] = best
+    return max(cfg.templates, key=mean_overlap)
 
-    # Continuation advantage (on the first template's rollouts: depth is about the student's own states).
-    if has_answers and cfg.continuation_rollouts > 0:
-        rows = [(roll, r) for roll in first_rolls for r in range(len(roll))]
-        row_len = [n for roll in first_rolls for n in roll.lengths.tolist()]  # on the host, once
-        flat_correct = first_correct
-        order = sorted(range(len(rows)), key=lambda i: -row_len[i])  # longest first
-        chosen = sorted(order[: cfg.continuation_rollouts])
-        for name, teacher in teachers.items():
-            gen = HFGenerator(teacher, pad_id=tok.pad_token_id, stop_ids=stops)
-            for depth in cfg.depths:
-                prompts, base, idx = [], [], []
-                for i in chosen:
-                    roll, r = rows[i]
-                    n_tok = row_len[i]
-                    (cut,) = continuation_prefixes([n_tok], depth)
-                    if cut is None:
-                        continue
-                    p_ids = roll.prompt_ids[r][roll.prompt_mask[r]].tolist()
-                    prefix = roll.response_ids[r][:cut].tolist()
-                    prompts.append(p_ids + prefix)
-                    base.append((prefix, roll.prompt_index[r], max(1, cfg.max_new_tokens - cut)))
-                    idx.append(i)
-                ok_t: list[bool] = []
-                for start in range(0, len(prompts), cfg.batch_size):
-                    chunk = list(range(start, min(start + cfg.batch_size, len(prompts))))
-                    budget = max(base[j][2] for j in chunk)
-                    roll = gen.generate([prompts[j] for j in chunk],
-                                        SamplingParams(cfg.temperature, cfg.top_p, 0, budget), 1,
-                                        cfg.seed + 7 + start, chunk)  # fmt: skip
-                    for row, j in enumerate(chunk):
-                        prefix, pi, own_budget = base[j]
-                        cont = roll.response_ids[row][roll.response_mask[row]].tolist()[:own_budget]
-                        text = tok.decode(
-                            [t for t in prefix + cont if t not in stops], skip_special_tokens=True
-                        )
-                        ok_t.append(bool(safe_verify(verifier, text, str(records[pi].answer)).correct))
-                acc_s = sum(flat_correct[i] for i in idx) / len(idx) if idx else math.nan
-                acc_t = sum(ok_t) / len(ok_t) if ok_t else math.nan
-                key = f"{depth:g}"
-                for tmpl_name in cfg.templates[:1]:
-                    m = reports[name].by_template[tmpl_name]
-                    m[f"continuation_teacher_acc@{key}"] = acc_t
-                    m[f"continuation_student_acc@{key}"] = acc_s
-                    m[f"continuation_advantage@{key}"] = acc_t - acc_s if idx else math.nan
-                    m[f"continuation_n@{key}"] = float(len(idx))
-                advance(len(chosen), f"continuation @ {key}: {name}")
-        if cfg.templates[0] != best:
-            # the continuation numbers belong to the first template; show them with the best one too
-            for name in names:
-                src = reports[name].by_template[cfg.templates[0]]
-                reports[name].by_template[best].update(
-                    {k: v for k, v in src.items() if k.startswith("continuation_")}
-                )
 
-    th = cfg.thresholds
-    for name in names:
-        reports[name].verdict = verdict(reports[name].by_template[best], th)
-        result["teachers"][name] = {
-            "path": reports[name].path,
-            "by_template": reports[name].by_template,
-            "verdict": reports[name].verdict.to_json(),
+def _continuation_advantage(
+    run: _Run, first: _StudentRollouts, reports: dict[str, TeacherReport], best: str
+) -> None:
+    """Truncate the longest student rollouts at each depth and let each teacher continue: accuracy of
+    that minus the student's own says whether the teacher can take over from the student's states.
+    Measured on the first template's rollouts, and shown with the recommended template too."""
+    from opd.generation.rollout import HFGenerator
+
+    cfg, models = run.cfg, run.models
+    rows = [(roll, r) for roll in first.rolls for r in range(len(roll))]
+    row_len = [n for roll in first.rolls for n in roll.lengths.tolist()]  # on the host, once
+    order = sorted(range(len(rows)), key=lambda i: -row_len[i])  # longest first
+    chosen = sorted(order[: cfg.continuation_rollouts])
+    for name, teacher in models.teachers.items():
+        gen = HFGenerator(teacher, pad_id=models.tok.pad_token_id, stop_ids=models.stops)
+        m = reports[name].by_template[cfg.templates[0]]
+        for depth in cfg.depths:
+            prefixes = _prefixes(cfg, rows, row_len, chosen, depth)
+            ok_t = _continue(run, gen, prefixes)
+            acc_s = sum(first.correct[p.row] for p in prefixes) / len(prefixes) if prefixes else math.nan
+            acc_t = sum(ok_t) / len(ok_t) if ok_t else math.nan
+            key = f"{depth:g}"
+            m[f"continuation_teacher_acc@{key}"] = acc_t
+            m[f"continuation_student_acc@{key}"] = acc_s
+            m[f"continuation_advantage@{key}"] = acc_t - acc_s if prefixes else math.nan
+            m[f"continuation_n@{key}"] = float(len(prefixes))
+            run.bar.advance(len(chosen), f"continuation @ {key}: {name}")
+    if cfg.templates[0] != best:
+        # the continuation numbers belong to the first template; show them with the best one too
+        for report in reports.values():
+            src = report.by_template[cfg.templates[0]]
+            report.by_template[best].update({k: v for k, v in src.items() if k.startswith("continuation_")})
+
+
+def _prefixes(
+    cfg: DoctorConfig, rows: list[tuple[Rollout, int]], row_len: list[int], chosen: list[int], depth: float
+) -> list[_Prefix]:
+    """The chosen rows cut at `depth`, skipping those with nothing left to continue; each keeps the
+    token budget the student had left, so the teacher gets no more room than the student did."""
+    out: list[_Prefix] = []
+    for i in chosen:
+        roll, r = rows[i]
+        (cut,) = continuation_prefixes([row_len[i]], depth)
+        if cut is None:
+            continue
+        prefix = roll.response_ids[r][:cut].tolist()
+        prompt = roll.prompt_ids[r][roll.prompt_mask[r]].tolist() + prefix
+        out.append(_Prefix(prompt, prefix, roll.prompt_index[r], max(1, cfg.max_new_tokens - cut), i))
+    return out
+
+
+def _continue(run: _Run, gen: HFGenerator, prefixes: list[_Prefix]) -> list[bool]:
+    """The teacher's continuation of each prefix, graded on prefix + continuation (the whole answer the
+    student started); each batch generates up to its largest budget, each row is cut to its own."""
+    from opd.evaluation.verify import safe_verify
+    from opd.generation.rollout import SamplingParams
+
+    cfg, tok, stops = run.cfg, run.models.tok, run.models.stops
+    ok: list[bool] = []
+    for start in range(0, len(prefixes), cfg.batch_size):
+        chunk = list(range(start, min(start + cfg.batch_size, len(prefixes))))
+        budget = max(prefixes[j].budget for j in chunk)
+        roll = gen.generate([prefixes[j].prompt for j in chunk], SamplingParams(cfg.temperature, cfg.top_p, 0, budget),
+                            1, cfg.seed + 7 + start, chunk)  # fmt: skip
+        for row, j in enumerate(chunk):
+            p = prefixes[j]
+            cont = roll.response_ids[row][roll.response_mask[row]].tolist()[: p.budget]
+            text = tok.decode([t for t in p.prefix + cont if t not in stops], skip_special_tokens=True)
+            answer = str(run.inputs.records[p.prompt_index].answer)
+            ok.append(bool(safe_verify(run.inputs.verifier, text, answer).correct))
+    return ok
+
+
+def _verdicts(cfg: DoctorConfig, reports: dict[str, TeacherReport], best: str) -> dict[str, dict[str, Any]]:
+    """Each teacher's verdict, decided at the recommended template: that is the one to train with."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, report in reports.items():
+        report.verdict = verdict(report.by_template[best], cfg.thresholds)
+        out[name] = {
+            "path": report.path,
+            "by_template": report.by_template,
+            "verdict": report.verdict.to_json(),
         }
+    return out
+
+
+def _flags(run: _Run, reports: dict[str, TeacherReport], result: dict[str, Any], best: str) -> list[str]:
+    """Warnings the verdict rules do not cover: templates whose rollouts hit the token budget too often
+    for accuracies to mean much, and teacher pairs that give the student nearly the same signal."""
+    cfg, th = run.cfg, run.cfg.thresholds
     flags = []
     for template, info in result["templates"].items():
-        worst = max([info["truncation_rate"]] + [reports[n].by_template[template].get("teacher_truncation_rate", 0.0)
-                                                  for n in names])  # fmt: skip
-        if has_answers and worst > th.max_truncation:
+        worst = max([info["truncation_rate"]] + [r.by_template[template].get("teacher_truncation_rate", 0.0)
+                                                  for r in reports.values()])  # fmt: skip
+        if run.inputs.has_answers and worst > th.max_truncation:
             flags.append(f"template {template}: {worst:.0%} of the rollouts hit the {cfg.max_new_tokens}-token budget "
                          "(no stop token), so accuracies, novelty and continuation advantage there are unreliable; "
                          "raise --max-new-tokens or ask for shorter answers")  # fmt: skip
@@ -590,16 +844,13 @@ def run_doctor(
         if d.get("overlap_ratio", 0.0) >= th.indistinguishable_overlap and kl <= th.indistinguishable_kl:
             flags.append(f"{a} and {b} are indistinguishable at the student's states (overlap ratio "
                          f"{d['overlap_ratio']:.3f}, KL {kl:.4f}): they give the student nearly the same signal")  # fmt: skip
-    result["flags"] = flags
-    for name in names:
-        notes = [f for f in flags if f.startswith(f"template {best}:")]
-        result["teachers"][name]["verdict"]["reliable"] = not notes
+    return flags
+
+
+def _mark_reliability(result: dict[str, Any], best: str) -> None:
+    """A verdict at a template flagged for truncation rests on unreliable accuracies: say so in it."""
+    notes = [f for f in result["flags"] if f.startswith(f"template {best}:")]
+    for teacher in result["teachers"].values():
+        teacher["verdict"]["reliable"] = not notes
         if notes:
-            result["teachers"][name]["verdict"]["reasons"].append("caution: " + notes[0])
-    result["config"] = cfg.model_dump()
-    result["device"] = str(device)
-    result["seconds"] = round(time.perf_counter() - t0, 1)
-    result["k"] = cfg.k
-    result["n_prompts"] = len(records)
-    tick("done", 1.0)
-    return result
+            teacher["verdict"]["reasons"].append("caution: " + notes[0])

@@ -43,13 +43,18 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from opd.config import Dtype
 from opd.errors import ConfigError, DataError
 from opd.progress import bar
+
+if TYPE_CHECKING:
+    from opd.data import PromptRecord
+    from opd.generation.rollout import SamplingParams
+    from opd.generation.sampling import Sample
 
 FILTERS = ("truncated", "no_answer", "repetition", "incorrect")
 DEFAULT_FILTERS = ["truncated", "no_answer", "repetition"]
@@ -423,6 +428,35 @@ def _prompt_messages(record: Any, cfg: GenerateConfig, tokenizer: Any) -> list[d
     return messages
 
 
+_AGAIN = "continue with the same `opd generate` command (it skips what is written)"
+
+
+@dataclass
+class _Plan:
+    """What is left to do, found from the files before any model is loaded, so a finished job loads
+    nothing. `done` grows as batches are written: the interruption message counts from it."""
+
+    paths: OutputPaths
+    settings: dict[str, Any]
+    records: list[PromptRecord]
+    done: set[tuple[int, int]]  # (prompt_index, sample_index) pairs in either file
+    todo: list[list[int]]  # the fixed prompt batches that still miss a pair
+    total: int  # samples of the whole job
+    already: int  # pairs found in the files at start
+
+
+@dataclass
+class _Job:
+    """The loaded model and what every batch needs, prepared once for the whole prompt list."""
+
+    model: Any
+    tokenizer: Any
+    prompt_ids: list[list[int]]
+    messages: list[list[dict[str, Any]]]  # each prompt as the teacher was shown it
+    verifier: Any  # None unless the `incorrect` filter is on
+    params: SamplingParams
+
+
 def run_generate(
     cfg: GenerateConfig,
     *,
@@ -436,16 +470,33 @@ def run_generate(
     `on_batch(done, total)` reports progress in samples; `model`/`tokenizer` may be passed in to reuse
     loaded ones (tests), already placed where they should run; a model loaded here goes to `cfg.device`.
     """
-    from opd.data import encode_prompts, load_prompts, render_prompt, uses_chat
     from opd.device import resolve_device
-    from opd.files import atomic_write_text
-    from opd.generation.rollout import SamplingParams
-    from opd.generation.sampling import sample_responses
-    from opd.models.loading import load_model, load_tokenizer, prepare_tokenizer
-    from opd.progress import StopRequests
 
     cfg.require_paths()
     device = resolve_device(cfg.device)  # before anything is read or written: `cuda` without CUDA fails here
+    plan = _plan(cfg, log)
+    t0 = time.perf_counter()
+    generated = written = 0
+    interrupted = False
+    if plan.todo:
+        job = _load_job(cfg, plan.records, device, model, tokenizer)
+        generated, written, interrupted = _sample_batches(cfg, plan, job, log, on_batch)
+    else:
+        log(f"nothing to generate: all {plan.total} samples of {plan.paths.out} are written")
+    run = {
+        "already_done": plan.already,
+        "generated": generated,
+        "written": written,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    return _finish(plan, run, interrupted)
+
+
+def _load_records(cfg: GenerateConfig) -> list[PromptRecord]:
+    """The prompts of the job; the `incorrect` filter needs every answer, so a missing one fails here,
+    before anything is written, rather than as a rejection of every response to that prompt."""
+    from opd.data import load_prompts
+
     records = load_prompts(
         cfg.prompts,
         prompt_field=cfg.prompt_field,
@@ -461,6 +512,13 @@ def run_generate(
                 f"the incorrect filter needs an `answer` on every prompt; {len(missing)} have none "
                 f"(first: {missing[0]}). Set answer_field, or drop `incorrect` from --filters."
             )
+    return records
+
+
+def _plan(cfg: GenerateConfig, log: Callable[[str], None]) -> _Plan:
+    """Check the settings against an earlier run's (refusing a mismatch), then find which of the fixed
+    prompt batches still miss a sample: a resume regenerates only those."""
+    records = _load_records(cfg)
     paths = OutputPaths.for_out(cfg.out)
     settings = settings_of(cfg)
     resumed = _check_or_write_meta(paths, settings)
@@ -481,103 +539,127 @@ def run_generate(
             f"resuming {paths.out}: {already}/{total} samples already written; "
             f"{sum(len(b) for b in todo) * n} to generate in {len(todo)} batch(es)"
         )
+    return _Plan(paths, settings, records, done, todo, total, already)
 
-    t0 = time.perf_counter()
-    generated = written = 0
-    interrupted = False
-    again = "continue with the same `opd generate` command (it skips what is written)"
-    if todo:
-        if tokenizer is None:
-            tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
-            prepare_tokenizer(tokenizer)
-        if model is None:
-            model = load_model(
-                cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code, device=device
-            )
-        texts = [
-            render_prompt(
-                r, tokenizer, template=cfg.template, chat_template_kwargs=cfg.chat_template_kwargs,
-                system_prompt=cfg.system_prompt,
-            )
-            for r in records
-        ]  # fmt: skip
-        prompt_ids = encode_prompts(
-            texts, tokenizer, max_prompt_tokens=cfg.max_prompt_tokens, sources=[r.source for r in records],
-            add_special_tokens=not uses_chat(cfg.template),
-        )  # fmt: skip
-        messages = [_prompt_messages(r, cfg, tokenizer) for r in records]
-        verifier = None
-        if "incorrect" in cfg.filters:
-            from opd.evaluation.verify import get_verifier
 
-            verifier = get_verifier(cfg.verifier)
-        params = SamplingParams(
-            temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, max_new_tokens=cfg.max_new_tokens
+def _load_job(
+    cfg: GenerateConfig, records: list[PromptRecord], device: Any, model: Any, tokenizer: Any
+) -> _Job:
+    """Load the model (unless passed in) and render every prompt once; only reached when something is
+    left to generate, so rerunning a finished job costs no model load."""
+    from opd.data import encode_prompts, render_prompt, uses_chat
+    from opd.generation.rollout import SamplingParams
+    from opd.models.loading import load_model, load_tokenizer, prepare_tokenizer
+
+    if tokenizer is None:
+        tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+        prepare_tokenizer(tokenizer)
+    if model is None:
+        model = load_model(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code, device=device)
+    texts = [
+        render_prompt(
+            r, tokenizer, template=cfg.template, chat_template_kwargs=cfg.chat_template_kwargs,
+            system_prompt=cfg.system_prompt,
         )
-        progress = already
-        # Ctrl-C/SIGTERM: finish and write the current batch, then stop; the files stay resumable.
-        stop = StopRequests(log, lambda: f"finished batches are in {paths.out}; {again}", "the current batch")
-        with stop:
-            for batch in todo:
-                if stop.requested is not None:
-                    interrupted = True
-                    break
-                samples = sample_responses(
-                    model, tokenizer, [prompt_ids[i] for i in batch], n=n, params=params,
-                    batch_size=len(batch), seed=cfg.seed, indices=batch,
-                )  # fmt: skip
-                generated += len(samples)
-                kept_rows, rejected_rows = [], []
-                for s in samples:
-                    key = (s.prompt_index, s.sample_index)
-                    if key in done:
-                        continue  # written before the interruption: the regenerated copy is identical
-                    rec = records[s.prompt_index]
-                    row = {
-                        "messages": [*messages[s.prompt_index], {"role": "assistant", "content": s.text}],
-                        "prompt": rec.text,
-                        "response": s.text,
-                        "answer": rec.answer,
-                        "source": rec.source,
-                        "prompt_index": s.prompt_index,
-                        "sample_index": s.sample_index,
-                        "n_tokens": s.n_tokens,
-                        "truncated": s.truncated,
-                        "template": cfg.template,
-                    }
-                    reasons = filter_reasons(
-                        s.text, truncated=s.truncated, answer=rec.answer, filters=cfg.filters,
-                        max_new_tokens=cfg.max_new_tokens, verifier=verifier,
-                    )  # fmt: skip
-                    if reasons:
-                        rejected_rows.append({**row, "reasons": reasons})
-                    else:
-                        kept_rows.append(row)
-                    done.add(key)
-                _append_lines(paths.out, kept_rows)
-                _append_lines(paths.rejected, rejected_rows)
-                written += len(kept_rows) + len(rejected_rows)
-                progress += len(kept_rows) + len(rejected_rows)
-                if on_batch is not None:
-                    on_batch(progress, total)
-    else:
-        log(f"nothing to generate: all {total} samples of {paths.out} are written")
-    run = {
-        "already_done": already,
-        "generated": generated,
-        "written": written,
-        "seconds": round(time.perf_counter() - t0, 3),
-    }
-    summary = summarize(paths, settings, run)
-    atomic_write_text(paths.summary, json.dumps(summary, indent=1) + "\n")
+        for r in records
+    ]  # fmt: skip
+    prompt_ids = encode_prompts(
+        texts, tokenizer, max_prompt_tokens=cfg.max_prompt_tokens, sources=[r.source for r in records],
+        add_special_tokens=not uses_chat(cfg.template),
+    )  # fmt: skip
+    messages = [_prompt_messages(r, cfg, tokenizer) for r in records]
+    verifier = None
+    if "incorrect" in cfg.filters:
+        from opd.evaluation.verify import get_verifier
+
+        verifier = get_verifier(cfg.verifier)
+    params = SamplingParams(
+        temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, max_new_tokens=cfg.max_new_tokens
+    )
+    return _Job(model, tokenizer, prompt_ids, messages, verifier, params)
+
+
+def _sample_batches(
+    cfg: GenerateConfig, plan: _Plan, job: _Job, log: Callable[[str], None],
+    on_batch: Callable[[int, int], None] | None,
+) -> tuple[int, int, bool]:  # fmt: skip
+    """(generated, written, interrupted). Each batch is written before the next is sampled, and
+    Ctrl-C/SIGTERM lets the current batch finish and be written, so the files always stay resumable."""
+    from opd.generation.sampling import sample_responses
+    from opd.progress import StopRequests
+
+    generated = written = 0
+    progress = plan.already
+    stop = StopRequests(
+        log, lambda: f"finished batches are in {plan.paths.out}; {_AGAIN}", "the current batch"
+    )
+    with stop:
+        for batch in plan.todo:
+            if stop.requested is not None:
+                return generated, written, True
+            samples = sample_responses(
+                job.model, job.tokenizer, [job.prompt_ids[i] for i in batch], n=cfg.samples, params=job.params,
+                batch_size=len(batch), seed=cfg.seed, indices=batch,
+            )  # fmt: skip
+            generated += len(samples)
+            appended = _write_batch(cfg, plan, job, samples)
+            written += appended
+            progress += appended
+            if on_batch is not None:
+                on_batch(progress, plan.total)
+    return generated, written, False
+
+
+def _write_batch(cfg: GenerateConfig, plan: _Plan, job: _Job, samples: list[Sample]) -> int:
+    """Filter one batch into kept and rejected lines and append both; returns the lines appended.
+    Pairs already in the files are skipped: a resumed batch regenerates them identically."""
+    kept_rows, rejected_rows = [], []
+    for s in samples:
+        key = (s.prompt_index, s.sample_index)
+        if key in plan.done:
+            continue  # written before the interruption: the regenerated copy is identical
+        rec = plan.records[s.prompt_index]
+        row = {
+            "messages": [*job.messages[s.prompt_index], {"role": "assistant", "content": s.text}],
+            "prompt": rec.text,
+            "response": s.text,
+            "answer": rec.answer,
+            "source": rec.source,
+            "prompt_index": s.prompt_index,
+            "sample_index": s.sample_index,
+            "n_tokens": s.n_tokens,
+            "truncated": s.truncated,
+            "template": cfg.template,
+        }
+        reasons = filter_reasons(
+            s.text, truncated=s.truncated, answer=rec.answer, filters=cfg.filters,
+            max_new_tokens=cfg.max_new_tokens, verifier=job.verifier,
+        )  # fmt: skip
+        if reasons:
+            rejected_rows.append({**row, "reasons": reasons})
+        else:
+            kept_rows.append(row)
+        plan.done.add(key)
+    _append_lines(plan.paths.out, kept_rows)
+    _append_lines(plan.paths.rejected, rejected_rows)
+    return len(kept_rows) + len(rejected_rows)
+
+
+def _finish(plan: _Plan, run: dict[str, Any], interrupted: bool) -> GenerateResult:
+    """Write the summary over the whole files (also after an interruption, so it shows what is there),
+    then report the interruption as an error that says how to continue."""
+    from opd.files import atomic_write_text
+
+    summary = summarize(plan.paths, plan.settings, run)
+    atomic_write_text(plan.paths.summary, json.dumps(summary, indent=1) + "\n")
     if interrupted:
         from opd.errors import InterruptedRun
 
         raise InterruptedRun(
-            f"interrupted after {len(done)}/{total} samples, all written to {paths.out} (summary so far in "
-            f"{paths.summary}); {again}"
+            f"interrupted after {len(plan.done)}/{plan.total} samples, all written to {plan.paths.out} "
+            f"(summary so far in {plan.paths.summary}); {_AGAIN}"
         )
-    return GenerateResult(paths, summary, generated, written, already)
+    return GenerateResult(plan.paths, summary, run["generated"], run["written"], plan.already)
 
 
 def generate_with_progress(cfg: Any, log: Callable[[str], Any] | None = None) -> Any:
