@@ -380,17 +380,17 @@ def test_doctor_on_the_simulated_gpu(tiny_pair, tmp_path, loads):
 def test_check_on_the_simulated_gpu(tiny_pair, monkeypatch, loads):
     """`opd check --device cuda` (cli._check): self-test rollouts, the fidelity self-test, the teacher
     determinism check and the pair diagnostics on the GPU; every check passes with the CPU's numbers."""
-    import opd.cli
+    import opd.cli.check
 
     seen: list[Any] = []
-    monkeypatch.setattr(opd.cli, "_print_results", lambda results: seen.append(results))
+    monkeypatch.setattr(opd.cli.check, "_print_results", lambda results: seen.append(results))
     # student, teacher, prompts, template, dtypes, max_new_tokens, n_prompts, k, trust_remote_code
     args = (str(tiny_pair["student"]), str(tiny_pair["teacher"]), tiny_pair["prompts"], "raw", "float32",
             "float32", 4, 2, 4, False)  # fmt: skip
     with gpu_machine():
-        assert opd.cli._check(*args, "cuda")
+        assert opd.cli.check._check(*args, "cuda")
     assert loads == ["cuda", "cuda"]
-    assert opd.cli._check(*args, "cpu")
+    assert opd.cli.check._check(*args, "cpu")
     got, want = seen
     assert [(r.name, r.ok) for r in got] == [(r.name, r.ok) for r in want]
     for g, w in zip(got, want, strict=True):
