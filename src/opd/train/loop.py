@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -82,6 +82,62 @@ def open_metrics(run_dir: Path, tracking: TrackingConfig, *, main: bool, config:
         run_dir, enabled=main, tensorboard=tracking.tensorboard, wandb=tracking.wandb,
         wandb_project=tracking.wandb_project, run_name=tracking.run_name, config=config, resume_step=resume_step,
     )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------
+# the loop
+
+
+class Steps(Protocol):
+    """What `run_steps` drives: OPD's and SFT's trainers each say what one step is and when to save."""
+
+    acc: Any
+    start_step: int
+    total_steps: int
+    log: Callable[[str], Any]
+
+    def run_step(self, step: int) -> dict[str, float] | None:
+        """Train step `step` and log its metrics; None when the step was skipped (no metrics)."""
+
+    def checkpoint_due(self, step: int, metrics: dict[str, float]) -> bool:
+        """After the step's own bookkeeping (evaluation, alarms): checkpoint it now?"""
+
+    def save(self, step: int) -> Any: ...
+
+    def save_final(self) -> Any: ...
+
+
+def run_steps(loop: Steps, *, hint: str, save_final: bool,
+              on_step: Callable[[int, dict[str, float]], Any] | None = None) -> list[dict[str, float]]:  # fmt: skip
+    """Steps start_step+1 .. total_steps, then the final model; returns the metrics of the steps run.
+
+    SIGINT/SIGTERM let the current step finish; then every process stops after the same step (the
+    request is all-reduced at step boundaries, so no rank is left waiting in a collective), that step is
+    checkpointed unless it already is, and `InterruptedRun` (exit 130) names `hint`, the command that
+    continues. A second signal exits at once (the atomic checkpoints already on disk stay usable). A
+    request during the last step still writes the final model: the run is complete.
+    """
+    from opd.progress import StopRequests
+
+    apply_dist_timeout(loop.acc)
+    history: list[dict[str, float]] = []
+    saved = loop.start_step  # the last step whose checkpoint is on disk (0: none)
+    with StopRequests(loop.log, lambda: f"resume from the last checkpoint with: {hint}") as stop:
+        for step in range(loop.start_step + 1, loop.total_steps + 1):
+            if stop_agreed(loop.acc, stop):
+                stop_after(step - 1, saved, hint, loop.save)
+            metrics = loop.run_step(step)
+            if metrics is None:
+                continue
+            history.append(metrics)
+            if on_step is not None:
+                on_step(step, metrics)
+            if loop.checkpoint_due(step, metrics):
+                loop.save(step)
+                saved = step
+        if save_final:
+            loop.save_final()
+    return history
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -52,14 +52,12 @@ from opd.files import atomic_write_text
 from opd.progress import bar
 from opd.train import checkpoint as ckpt
 from opd.train.loop import (
-    apply_dist_timeout,
     build_optimizer,
     open_metrics,
     refuse_to_overwrite,
     release_distributed,
     resumable_checkpoint,
-    stop_after,
-    stop_agreed,
+    run_steps,
 )
 
 IGNORE = -100
@@ -522,42 +520,24 @@ class SFTTrainer:
         return out
 
     def train(self, on_step: Callable[[int, dict[str, float]], Any] | None = None) -> list[dict[str, float]]:
-        """Run from start_step to total_steps; returns the metrics of the steps run.
+        """Run from start_step to total_steps (`opd.train.loop.run_steps`: signals, checkpoints, final
+        model); returns the metrics of the steps run.
 
-        SIGINT/SIGTERM let the current step finish, then all processes stop after the same step, which
-        is checkpointed unless it already is, and `InterruptedRun` (exit 130) names the resume command; a
-        second signal exits at once. On several processes the run ends by dropping the DDP wrapper (its
-        Reducer) while the process group still works, so no rank hangs in the gloo destructor at exit;
-        after a complete run the group itself is left to ``acc.end_training()`` (a cold start trains OPD
-        in the same processes next), after a stop or an error it is destroyed here.
+        On several processes the run ends by dropping the DDP wrapper (its Reducer) while the process
+        group still works, so no rank hangs in the gloo destructor at exit; after a complete run the group
+        itself is left to ``acc.end_training()`` (a cold start trains OPD in the same processes next),
+        after a stop or an error it is destroyed here.
         """
         from opd.errors import InterruptedRun, StorageError
-        from opd.progress import StopRequests
 
         if getattr(self, "_released", False):
             raise RuntimeError(
                 "this SFTTrainer's run has ended (its DDP wrapper was released); make a new one"
             )
-        apply_dist_timeout(self.acc)
-        hint = f"opd sft --resume {self.run_dir}"
-        saved = self.start_step  # the last step whose checkpoint is on disk (0: none)
-        history = []
         ok = completed = False
         try:
-            with StopRequests(self.log, lambda: f"resume from the last checkpoint with: {hint}") as stop:
-                for step in range(self.start_step + 1, self.total_steps + 1):
-                    if stop_agreed(self.acc, stop):
-                        stop_after(step - 1, saved, hint, self.save)
-                    metrics = self.train_step(step)
-                    self.metrics.log(step, metrics)
-                    history.append(metrics)
-                    if on_step is not None:
-                        on_step(step, metrics)
-                    if step % self.cfg.checkpoint_every == 0 or step == self.total_steps:
-                        self.save(step)
-                        saved = step
-                if self.cfg.save_final:
-                    self.save_final()
+            hint = f"opd sft --resume {self.run_dir}"
+            history = run_steps(self, hint=hint, save_final=self.cfg.save_final, on_step=on_step)
             ok = completed = True
         except (InterruptedRun, StorageError):
             ok = True  # raised on every process at the same point: the barrier is safe
@@ -569,6 +549,14 @@ class SFTTrainer:
                 self._released = True
                 release_distributed(self.acc, self, "model", ok=ok, destroy=not completed)
         return history
+
+    def run_step(self, step: int) -> dict[str, float]:
+        metrics = self.train_step(step)
+        self.metrics.log(step, metrics)
+        return metrics
+
+    def checkpoint_due(self, step: int, metrics: dict[str, float]) -> bool:
+        return step % self.cfg.checkpoint_every == 0 or step == self.total_steps
 
 
 def sft_with_progress(cfg: Any, *, resume: bool, log: Callable[[str], Any] | None = None) -> Any:

@@ -61,8 +61,7 @@ from opd.train.loop import (
     refuse_to_overwrite,
     release_distributed,
     resumable_checkpoint,
-    stop_after,
-    stop_agreed,
+    run_steps,
 )
 
 
@@ -233,6 +232,8 @@ class OPDTrainer:
         self._unjudged_checkpoint: Path | None = None
         self._checkpoint_deferred = False
         self._cursor_before_step: dict[str, Any] | None = None  # rewound when the teacher went down mid-step
+        self._eval: Any = None  # the in-loop evaluator (eval.every), made by `train`
+        self._alarming = self._declared = False  # the last step's alarm state, read by `checkpoint_due`
 
     # ------------------------------------------------------------------------------------------------
     # set-up
@@ -1177,83 +1178,66 @@ class OPDTrainer:
     # ------------------------------------------------------------------------------------------------
 
     def train(self, on_step: Any = None) -> list[dict[str, float]]:
-        """Run from start_step to total_steps; returns the metrics of the steps run.
+        """Run from start_step to total_steps (`opd.train.loop.run_steps`: signals, checkpoints, final
+        model); returns the metrics of the steps run.
 
         Raises NonFiniteLossError on a non-finite step (``stop_on_nan``) and CollapseError when the
         collapse alarms declare a collapse (``stop_on_collapse``); neither writes a checkpoint of the
         damaged weights. Periodic checkpoints due on an alarming step are deferred to the next clean
         step, so rotation (``keep_checkpoints``) never evicts the last good one for a suspect one.
-
-        SIGINT/SIGTERM let the current step finish; then every process stops after the same step (the
-        request is all-reduced at step boundaries, so no rank is left waiting in a collective), that step
-        is checkpointed unless it already is, and `InterruptedRun` (exit 130) says how to resume. A second
-        signal exits at once (the atomic checkpoints already on disk stay usable).
         """
-        from opd.progress import StopRequests
-
-        history = []
-        samples_path = self.run_dir / "samples.jsonl"
-        evaluator = self._evaluator()
         apply_dist_timeout(self.acc)
-        hint = f"opd train --resume {self.run_dir}"
-        saved = self.start_step  # the last step whose checkpoint is on disk (0: none)
-        stop = StopRequests(self.log, lambda: f"resume from the last checkpoint with: {hint}")
+        self._eval = self._evaluator()
         try:
-            with stop:
-                if evaluator is not None and self.start_step == 0:
-                    self.evaluate(evaluator, 0)
-                for step in range(self.start_step + 1, self.total_steps + 1):
-                    if stop_agreed(self.acc, stop):
-                        stop_after(step - 1, saved, hint, self.save)
-                    try:
-                        result = self.train_step(step)
-                    except TeacherUnavailableError as exc:
-                        raise self._teacher_down(step, exc) from None
-                    except NonFiniteLossError as exc:
-                        _, declared = self._watch(step, exc.metrics or {"loss": math.nan})
-                        if self.cfg.stop_on_nan or exc.weights_damaged:
-                            where = self.last_checkpoint or "none (no checkpoint was written yet)"
-                            raise NonFiniteLossError(
-                                f"{exc}; stopped, last good checkpoint: {where}",
-                                exc.metrics,
-                                exc.weights_damaged,
-                            ) from None
-                        self.log(f"[yellow]warning:[/] {exc}; step skipped (stop_on_nan is false)")
-                        if declared:
-                            self._collapse(step)
-                        continue
-                    self.metrics.log(step, result.metrics)
-                    alarming, declared = self._watch(step, result.metrics)
-                    if self.acc.is_main_process and result.samples:
-                        with open(samples_path, "a") as fh:
-                            for s in result.samples:
-                                fh.write(json.dumps(s) + "\n")
-                    history.append(result.metrics)
-                    if on_step is not None:
-                        on_step(step, result.metrics)
-                    if declared:
-                        self._collapse(step)
-                    if evaluator is not None and (
-                        step % self.cfg.eval.every == 0 or step == self.total_steps
-                    ):
-                        self.evaluate(evaluator, step)
-                    due = step % self.cfg.checkpoint_every == 0 or self._checkpoint_deferred
-                    if step == self.total_steps or (due and not alarming):
-                        self.save(step)
-                        saved = step
-                        self._checkpoint_deferred = False
-                    elif due:
-                        if not self._checkpoint_deferred:
-                            self.log(
-                                f"[yellow]note:[/] checkpoint of step {step} deferred until a step without alarms"
-                            )
-                        self._checkpoint_deferred = True
-                # A request during the last step: the run is complete, so the final model is still written.
-                if self.cfg.save_final:
-                    self.save_final()
+            if self._eval is not None and self.start_step == 0:
+                self.evaluate(self._eval, 0)
+            hint = f"opd train --resume {self.run_dir}"
+            return run_steps(self, hint=hint, save_final=self.cfg.save_final, on_step=on_step)
         finally:
             self.metrics.close()
-        return history
+
+    def run_step(self, step: int) -> dict[str, float] | None:
+        """One step and its bookkeeping (metrics, alarms, a decoded sample); None when a non-finite step
+        was skipped (``stop_on_nan: false``). A teacher outage or a stopping NaN raises."""
+        try:
+            result = self.train_step(step)
+        except TeacherUnavailableError as exc:
+            raise self._teacher_down(step, exc) from None
+        except NonFiniteLossError as exc:
+            _, declared = self._watch(step, exc.metrics or {"loss": math.nan})
+            if self.cfg.stop_on_nan or exc.weights_damaged:
+                where = self.last_checkpoint or "none (no checkpoint was written yet)"
+                raise NonFiniteLossError(
+                    f"{exc}; stopped, last good checkpoint: {where}", exc.metrics, exc.weights_damaged
+                ) from None
+            self.log(f"[yellow]warning:[/] {exc}; step skipped (stop_on_nan is false)")
+            if declared:
+                self._collapse(step)
+            return None
+        self.metrics.log(step, result.metrics)
+        self._alarming, self._declared = self._watch(step, result.metrics)
+        if self.acc.is_main_process and result.samples:
+            with open(self.run_dir / "samples.jsonl", "a") as fh:
+                for sample in result.samples:
+                    fh.write(json.dumps(sample) + "\n")
+        return result.metrics
+
+    def checkpoint_due(self, step: int, metrics: dict[str, float]) -> bool:
+        """After a step: stop on a declared collapse, evaluate when due, then checkpoint unless the step
+        alarmed (a due checkpoint is deferred to the next clean step; the last step always saves)."""
+        if self._declared:
+            self._collapse(step)
+        if self._eval is not None and (step % self.cfg.eval.every == 0 or step == self.total_steps):
+            self.evaluate(self._eval, step)
+        due = step % self.cfg.checkpoint_every == 0 or self._checkpoint_deferred
+        if step == self.total_steps or (due and not self._alarming):
+            self._checkpoint_deferred = False
+            return True
+        if due:
+            if not self._checkpoint_deferred:
+                self.log(f"[yellow]note:[/] checkpoint of step {step} deferred until a step without alarms")
+            self._checkpoint_deferred = True
+        return False
 
     def _teardown(self, *, ok: bool) -> None:
         """End a multi-process run in an order that cannot hang: drop the DDP wrapper (its Reducer) and
