@@ -227,7 +227,9 @@ def test_debug_flag_sets_opd_debug(monkeypatch):
 
     from opd.cli import app
 
-    monkeypatch.delenv("OPD_DEBUG", raising=False)
+    # setenv first so the teardown restores the variable: the command sets os.environ itself, and a
+    # leaked OPD_DEBUG=1 made every later test's subprocess print tracebacks (and fail on them)
+    monkeypatch.setenv("OPD_DEBUG", "0")
     res = CliRunner().invoke(app, ["--debug", "config", "fields"])
     assert res.exit_code == 0, res.output
     assert os.environ.get("OPD_DEBUG") == "1"
