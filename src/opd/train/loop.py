@@ -17,7 +17,7 @@ import torch
 
 from opd.config import OptimConfig, TrackingConfig
 from opd.device import reduce_sum
-from opd.errors import ConfigError, InterruptedRun
+from opd.errors import ConfigError, InterruptedRun, StorageError
 from opd.train import checkpoint as ckpt
 from opd.train.tracking import MetricsLogger
 
@@ -82,6 +82,25 @@ def open_metrics(run_dir: Path, tracking: TrackingConfig, *, main: bool, config:
         run_dir, enabled=main, tensorboard=tracking.tensorboard, wandb=tracking.wandb,
         wandb_project=tracking.wandb_project, run_name=tracking.run_name, config=config, resume_step=resume_step,
     )  # fmt: skip
+
+
+def write_final_model(acc: Any, run_dir: Path, write: Callable[[Path], None], need: int,
+                      last_checkpoint: Path | None, command: str) -> Path:  # fmt: skip
+    """RUN_DIR/final from `write` (called on the main process only, into a temporary directory swapped
+    into place when complete); a refused write (disk full, ...) raises StorageError on every process,
+    naming the free space needed and how `command --resume` writes it again. `need`: bytes, roughly."""
+    out = run_dir / "final"
+    error = None
+    if acc.is_main_process:
+        last = last_checkpoint or ckpt.latest_checkpoint(run_dir)
+        try:
+            ckpt.save_model_dir(out, write, need=need, last_good=str(last) if last is not None else "none")
+        except StorageError as exc:
+            hint = f"`{command} --resume {run_dir}` writes it again" if last is not None else "rerun"
+            error = StorageError(f"{exc}; free space, then {hint}")
+    ckpt.raise_if_write_failed(acc, error)
+    acc.wait_for_everyone()
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------

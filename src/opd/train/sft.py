@@ -58,6 +58,7 @@ from opd.train.loop import (
     release_distributed,
     resumable_checkpoint,
     run_steps,
+    write_final_model,
 )
 
 IGNORE = -100
@@ -497,27 +498,14 @@ class SFTTrainer:
     def save_final(self) -> Path:
         """`save_pretrained` model + tokenizer into RUN_DIR/final, swapped into place when complete; a
         refused write raises StorageError (the weights stay in the last checkpoint)."""
-        out = self.run_dir / "final"
-        error = None
-        if self.acc.is_main_process:
-            model = self._unwrapped()
+        model = self._unwrapped()
 
-            def write(tmp: Path) -> None:
-                model.save_pretrained(tmp, safe_serialization=True)
-                self.tokenizer.save_pretrained(tmp)
+        def write(tmp: Path) -> None:
+            model.save_pretrained(tmp, safe_serialization=True)
+            self.tokenizer.save_pretrained(tmp)
 
-            last = self.last_checkpoint or ckpt.latest_checkpoint(self.run_dir)
-            try:
-                ckpt.save_model_dir(
-                    out, write, need=ckpt.state_nbytes(model.state_dict()),
-                    last_good=str(last) if last is not None else "none",
-                )  # fmt: skip
-            except StorageError as exc:
-                hint = f"`opd sft --resume {self.run_dir}` writes it again" if last is not None else "rerun"
-                error = StorageError(f"{exc}; free space, then {hint}")
-        self._raise_if_write_failed(error)
-        self.acc.wait_for_everyone()
-        return out
+        need = ckpt.state_nbytes(model.state_dict()) if self.acc.is_main_process else 0
+        return write_final_model(self.acc, self.run_dir, write, need, self.last_checkpoint, "opd sft")
 
     def train(self, on_step: Callable[[int, dict[str, float]], Any] | None = None) -> list[dict[str, float]]:
         """Run from start_step to total_steps (`opd.train.loop.run_steps`: signals, checkpoints, final

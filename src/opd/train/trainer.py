@@ -62,6 +62,7 @@ from opd.train.loop import (
     release_distributed,
     resumable_checkpoint,
     run_steps,
+    write_final_model,
 )
 
 
@@ -1031,42 +1032,33 @@ class OPDTrainer:
     def save_final(self) -> Path | None:
         """The trained student as a Hugging Face model in RUN_DIR/final, swapped in only when complete; a
         refused write raises StorageError (the weights stay in the last checkpoint, a resume rewrites it)."""
-        out = self.run_dir / "final"
         full = None
-        if self.sharded:
+        if self.sharded:  # gathering the shards is collective: every process takes part
             from opd.train.sharding import full_model_state
 
             full = full_model_state(self.student)
-        error = None
-        if self.acc.is_main_process:
-            model = self._unwrapped()
-            if self.cfg.student.lora.enabled and self.cfg.student.lora.merge_on_save:
-                import copy
+        model = self._unwrapped()
+        if self.acc.is_main_process and self.cfg.student.lora.enabled and self.cfg.student.lora.merge_on_save:
+            import copy
 
-                model = copy.deepcopy(model).merge_and_unload()
+            model = copy.deepcopy(model).merge_and_unload()
 
-            def write(tmp: Path) -> None:
-                if full is not None:
-                    from opd.train.sharding import restore_architecture
+        def write(tmp: Path) -> None:
+            if full is not None:
+                from opd.train.sharding import restore_architecture
 
-                    model.save_pretrained(tmp, safe_serialization=True, state_dict=full)
-                    restore_architecture(tmp, self._architecture)
-                else:
-                    model.save_pretrained(tmp, safe_serialization=True)
-                self.tokenizer.save_pretrained(tmp)
+                model.save_pretrained(tmp, safe_serialization=True, state_dict=full)
+                restore_architecture(tmp, self._architecture)
+            else:
+                model.save_pretrained(tmp, safe_serialization=True)
+            self.tokenizer.save_pretrained(tmp)
 
-            last = self.last_checkpoint or ckpt.latest_checkpoint(self.run_dir)
-            try:
-                ckpt.save_model_dir(
-                    out, write, need=ckpt.state_nbytes(full if full is not None else model.state_dict()),
-                    last_good=str(last) if last is not None else "none",
-                )  # fmt: skip
-            except StorageError as exc:
-                hint = f"`opd train --resume {self.run_dir}` writes it again" if last is not None else "rerun"
-                error = StorageError(f"{exc}; free space, then {hint}")
-        self._raise_if_write_failed(error)
-        self.acc.wait_for_everyone()
-        return out
+        need = (
+            ckpt.state_nbytes(full if full is not None else model.state_dict())
+            if self.acc.is_main_process
+            else 0
+        )
+        return write_final_model(self.acc, self.run_dir, write, need, self.last_checkpoint, "opd train")
 
     def _evaluator(self):
         """In-loop evaluation on held-out problems (the paper evaluates during training), or None."""
