@@ -19,6 +19,14 @@ from opd.errors import ConfigError, read_utf8
 
 Dtype = Literal["float32", "bfloat16", "float16", "auto"]
 
+# The answer checkers `opd.evaluation.verify.get_verifier` knows, for every `verifier` field's description
+# (`tests/test_help.py` checks this text against the names get_verifier accepts).
+VERIFIER_HELP = (
+    "answer checker: math (math-verify on the last \\boxed{} or `Answer:` line; no such line = wrong) | "
+    "math-flexible (as math, else the response's last number; for models that ignore the answer format) | "
+    "exact (normalised string equality) | package.module:callable (your own grader: (response, answer) -> bool or Verdict)"
+)
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -27,17 +35,25 @@ class _Section(BaseModel):
 class LoraConfig(_Section):
     """LoRA through peft; off by default (the paper trains all weights)."""
 
-    enabled: bool = False
-    r: int = Field(16, ge=1)
-    alpha: int = Field(32, ge=1)
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    target_modules: str | list[str] = "all-linear"
+    enabled: bool = Field(
+        False, description="train LoRA adapters (peft) instead of every weight of the student"
+    )
+    r: int = Field(16, ge=1, description="LoRA rank: rows of each low-rank update")
+    alpha: int = Field(32, ge=1, description="LoRA scaling numerator: updates are scaled by alpha / r")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the LoRA inputs, 0 <= p < 1")
+    target_modules: str | list[str] = Field(
+        "all-linear", description="modules that get adapters: all-linear, or a list of module names, e.g. "
+        "[q_proj, v_proj]",
+    )  # fmt: skip
     merge_on_save: bool = Field(True, description="save the final model merged, usable without peft")
 
 
 class StudentConfig(_Section):
     path: str = Field("", description="local dir, .gguf file, or hub id (hub only when online)")
-    dtype: Dtype = Field("float32", description="fp32 master weights: bf16 swallows 1e-6 updates")
+    dtype: Dtype = Field(
+        "float32", description="float32 | bfloat16 | float16 | auto; keep float32 master weights: bfloat16 "
+        "rounds away updates as small as lr 1e-6",
+    )  # fmt: skip
     autocast: Literal["none", "bfloat16", "float16"] = Field(
         "none", description="mixed precision: the student's forward/backward (and HF rollouts) compute in this "
         "dtype under torch.autocast while weights, gradients and optimizer state stay in student.dtype",
@@ -46,7 +62,9 @@ class StudentConfig(_Section):
         False, description="recompute each decoder layer's activations in backward instead of keeping them "
         "(much less memory for ~1/3 more update compute); TRL's default",
     )  # fmt: skip
-    trust_remote_code: bool = False
+    trust_remote_code: bool = Field(
+        False, description="run the model repository's own Python code (only for a source you trust)"
+    )
     lora: LoraConfig = LoraConfig()
 
 
@@ -59,8 +77,11 @@ class TeacherConfig(_Section):
         "", description="local dir, .gguf file, or hub id; must share the student's tokenizer "
         "(backend http: optional, used for the tokenizer report and the fidelity check)",
     )  # fmt: skip
-    dtype: Dtype = Field("float32", description="bfloat16 halves teacher memory and time")
-    trust_remote_code: bool = False
+    dtype: Dtype = Field("float32", description="float32 | bfloat16 | float16 | auto; bfloat16 halves teacher "
+                         "memory and time")  # fmt: skip
+    trust_remote_code: bool = Field(
+        False, description="run the model repository's own Python code (only for a source you trust)"
+    )
     backend: Literal["hf", "vllm", "http"] = Field(
         "hf", description="hf = transformers forward in the trainer; vllm = in-process vLLM engine; "
         "http = OpenAI-compatible vLLM servers at teacher.urls",
@@ -72,7 +93,7 @@ class TeacherConfig(_Section):
     top_k: int = Field(20, ge=1, description="backend vllm/http: log-probs per position (vLLM's cap is 20 "
                        "unless the server has a larger --max-logprobs)")  # fmt: skip
     urls: list[str] = Field(default_factory=list, description="backend http: server base URLs, e.g. "
-                            "[http://10.0.0.5:8000]; requests are spread over them")  # fmt: skip
+                            "[http://10.0.0.5:8000, http://10.0.0.6:8000]; requests are spread over them")  # fmt: skip
     model_name: str | None = Field(None, description="backend http: served model name; default: the first "
                                    "the server lists")  # fmt: skip
     timeout_s: float = Field(600.0, gt=0, description="backend http: seconds per request")
@@ -106,15 +127,23 @@ class DataConfig(_Section):
     chat_template_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="e.g. {enable_thinking: false}"
     )
-    system_prompt: str | None = None
-    max_prompt_tokens: int = Field(1024, ge=1)
-    shuffle: bool = True
+    system_prompt: str | None = Field(
+        None, description="system message put before every prompt (chat templates)"
+    )
+    max_prompt_tokens: int = Field(
+        1024,
+        ge=1,
+        description="longest rendered prompt in tokens; a longer one is an error naming its record",
+    )
+    shuffle: bool = Field(
+        True, description="draw the prompts in a new seeded order each epoch; false: file order"
+    )
 
 
 class RolloutConfig(_Section):
-    rollouts_per_prompt: int = Field(4, ge=1)
+    rollouts_per_prompt: int = Field(4, ge=1, description="student responses sampled per prompt each step")
     temperature: float = Field(1.0, ge=0.0, description="sampling temperature; 0 = greedy")
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling, 0 < p <= 1; 1 = off")
     top_k: int = Field(0, ge=0, description="0 = off; truncated sampling biases the sampled-token estimator")
     max_new_tokens: int = Field(256, ge=1, description="response budget (paper: 7168)")
     batch_size: int = Field(8, ge=1, description="prompts per generate call (each with all its rollouts)")
@@ -135,10 +164,20 @@ class RolloutConfig(_Section):
 
 
 class LossConfig(_Section):
-    signal: Literal["sampled", "topk", "full"] = "topk"
-    divergence: Literal["reverse_kl", "forward_kl", "jsd", "tvd"] = "reverse_kl"
-    k: int = Field(16, ge=1)
-    support: Literal["student", "teacher", "overlap", "non_overlap", "union"] = "student"
+    signal: Literal["sampled", "topk", "full"] = Field(
+        "topk", description="which tokens the loss sees at each position: sampled = the sampled token only "
+        "(one-sample estimate, needs divergence reverse_kl); topk = the top-k tokens of loss.support; full = "
+        "the whole vocabulary",
+    )  # fmt: skip
+    divergence: Literal["reverse_kl", "forward_kl", "jsd", "tvd"] = Field(
+        "reverse_kl", description="reverse_kl (KL(student || teacher), the paper's) | forward_kl | jsd "
+        "(generalized, see loss.beta) | tvd (total variation)",
+    )  # fmt: skip
+    k: int = Field(16, ge=1, description="tokens per position for signal topk (the paper's 16)")
+    support: Literal["student", "teacher", "overlap", "non_overlap", "union"] = Field(
+        "student", description="signal topk: whose top-k set the tokens come from: student | teacher | "
+        "overlap (in both) | non_overlap (in exactly one) | union (in either)",
+    )  # fmt: skip
     renorm: Literal["both", "weights"] = Field(
         "both", description="both = paper Eq. 5; weights = released code"
     )
@@ -169,18 +208,27 @@ class LossConfig(_Section):
 
 
 class OptimConfig(_Section):
-    lr: float = Field(1e-6, gt=0.0)
-    weight_decay: float = Field(0.01, ge=0.0)
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = Field(1e-8, gt=0.0)
+    lr: float = Field(
+        1e-6, gt=0.0, description="AdamW learning rate (peak, with a schedule); the paper uses 1e-6"
+    )
+    weight_decay: float = Field(0.01, ge=0.0, description="AdamW decoupled weight decay")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW moment decays, e.g. [0.9, 0.999]")
+    eps: float = Field(1e-8, gt=0.0, description="AdamW denominator epsilon")
     max_grad_norm: float | None = Field(1.0, description="grad-norm clip; null disables")
     in_backward: bool = Field(
         False, description="step each parameter inside backward as soon as its gradient is ready and free the "
         "gradient at once (the same AdamW update, without a full set of gradients in memory); needs "
         "max_grad_norm null, one micro-batch per step and one process",
     )  # fmt: skip
-    schedule: Literal["constant", "warmup", "cosine"] = "constant"
-    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["constant", "warmup", "cosine"] = Field(
+        "constant", description="learning-rate schedule: constant | warmup (linear ramp to lr over the warm-up "
+        "steps, then constant) | cosine (the same ramp, then cosine decay to min_lr_ratio x lr at the last step)",
+    )  # fmt: skip
+    warmup_steps: int = Field(
+        0,
+        ge=0,
+        description="warm-up length in optimizer steps (schedules warmup and cosine); 0: warmup_ratio decides",
+    )
     warmup_ratio: float = Field(0.0, ge=0.0, le=1.0, description="used when warmup_steps is 0")
     min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0, description="cosine floor as a fraction of lr")
 
@@ -191,10 +239,12 @@ class DiagnosticsConfig(_Section):
 
 
 class TrackingConfig(_Section):
-    tensorboard: bool = True
-    wandb: bool = False
-    wandb_project: str = "opd"
-    run_name: str | None = None
+    tensorboard: bool = Field(True, description="write TensorBoard events to RUN_DIR/tb")
+    wandb: bool = Field(False, description="log to Weights & Biases too (pip install wandb; needs a login)")
+    wandb_project: str = Field("opd", description="the Weights & Biases project")
+    run_name: str | None = Field(
+        None, description="the run's name in Weights & Biases; default: one wandb picks"
+    )
 
 
 class EvalConfig(_Section):
@@ -204,16 +254,18 @@ class EvalConfig(_Section):
         "", description="held-out problems with an `answer` field; empty disables in-loop eval"
     )
     samples: int = Field(16, ge=1, description="k samples per problem (avg@k, pass@k)")
-    temperature: float = Field(0.7, ge=0.0)
-    top_p: float = Field(0.95, gt=0.0, le=1.0)
-    max_new_tokens: int = Field(1024, ge=1)
+    temperature: float = Field(
+        0.7, ge=0.0, description="sampling temperature of the eval samples; 0 = greedy"
+    )
+    top_p: float = Field(0.95, gt=0.0, le=1.0, description="nucleus sampling of the eval samples; 1 = off")
+    max_new_tokens: int = Field(1024, ge=1, description="response budget of the eval samples, in tokens")
     batch_size: int = Field(8, ge=1, description="problems per generate call")
-    verifier: str = Field("math", description="math | exact | module.path:callable")
+    verifier: str = Field("math", description=VERIFIER_HELP)
     every: int = Field(
         0, ge=0, description="in-loop eval every N steps (0 = off); also at step 0 and the end"
     )
     max_problems: int | None = Field(None, ge=1, description="evaluate only the first N problems")
-    seed: int = 0
+    seed: int = Field(0, description="sampling seed of the eval samples (the same problems, the same draws)")
 
 
 class AlarmConfig(_Section):
@@ -273,7 +325,10 @@ class TrainConfig(_Section):
     eval: EvalConfig = EvalConfig()
     alarms: AlarmConfig = AlarmConfig()
 
-    run_dir: str = "runs/opd"
+    run_dir: str = Field(
+        "runs/opd",
+        description="where the run writes config.yaml, metrics.jsonl, checkpoints/, final/ and tb/",
+    )
     steps: int | None = Field(None, ge=1, description="optimizer steps; default: one epoch of prompts")
     prompts_per_step: int = Field(64, ge=1, description="global, across all processes")
     micro_batch_size: int = Field(8, ge=1, description="sequences per forward/backward (grad accumulation)")
@@ -283,16 +338,20 @@ class TrainConfig(_Section):
         "rows are sorted by length and packed under both caps (a single longer sequence runs alone); the loss "
         "stays a mean over the whole step. null: micro_batch_size alone, rows in rollout order",
     )  # fmt: skip
-    seed: int = 0
-    checkpoint_every: int = Field(50, ge=1)
-    keep_checkpoints: int = Field(2, ge=1)
-    stop_on_nan: bool = True
+    seed: int = Field(0, description="seed of the prompt order and of rollout sampling")
+    checkpoint_every: int = Field(50, ge=1, description="save a resumable checkpoint every N optimizer steps")
+    keep_checkpoints: int = Field(
+        2, ge=1, description="checkpoints kept in RUN_DIR/checkpoints; older ones are deleted"
+    )
+    stop_on_nan: bool = Field(
+        True, description="stop (exit code 3) on a non-finite loss or gradient instead of skipping the step"
+    )
     stop_on_collapse: bool = Field(
         False,
         description="stop when alarms declare a collapse (exit code 4), naming the last good checkpoint; "
         "a bare --stop-on-collapse means true",
     )
-    save_final: bool = True
+    save_final: bool = Field(True, description="save the trained model to RUN_DIR/final at the end")
     startup_checks: bool = Field(True, description="tokenizer/EOS checks and the teacher-fidelity self-test")
     precision_check: Literal["refuse", "warn", "off"] = Field(
         "refuse", description="at start-up, time a matmul in each chosen low-precision dtype on this device "
@@ -401,6 +460,15 @@ ALIASES: dict[str, str] = {
 }
 
 
+def options_listing(command: str | None = None) -> str:
+    """The command that lists every option of `command` (an `opd` command's name, e.g. "train", "doctor"),
+    for the "unknown option" and "unknown key" errors: a user who misspelt one must be sent to the list of
+    that command's own options, not another's. None: a config whose command is not named."""
+    if command == "train":
+        return "`opd config fields`"
+    return f"`opd config fields --command {command or 'NAME'}`"
+
+
 def field_paths(model: type[BaseModel] = TrainConfig, prefix: str = "") -> dict[str, str]:
     """Every settable dotted path with its description, for help text and override checking."""
     out: dict[str, str] = {}
@@ -492,16 +560,21 @@ def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 def parse_overrides(
-    args: list[str], model: type[BaseModel] | None = None, aliases: dict[str, str] | None = None
+    args: list[str],
+    model: type[BaseModel] | None = None,
+    aliases: dict[str, str] | None = None,
+    command: str | None = None,
 ) -> dict[str, Any]:
     """Turn ``--a.b value`` / ``--a.b=value`` / ``--a-b value`` into a nested dict.
 
     Values are parsed as YAML scalars so ``--loss.k 8`` is an int and ``--tracking.wandb true`` a bool.
     A bool field given as a bare flag (``--stop-on-collapse`` with no value, i.e. last or followed by
     another ``--option``) is true. Unknown paths fail here, with the closest known names, rather than
-    deep inside pydantic.
+    deep inside pydantic, pointing to the list of `command`'s options (`options_listing`; default: the
+    TrainConfig list, `opd config fields`, when no model is given).
     """
-    model = model or TrainConfig
+    if model is None:
+        model, command = TrainConfig, command or "train"
     aliases = ALIASES if aliases is None else aliases
     known = field_paths(model)
     string_fields = _string_fields(model)
@@ -521,7 +594,7 @@ def parse_overrides(
         if key not in known and not key.startswith("data.chat_template_kwargs."):
             close = _close_keys(key, list(known) + list(aliases))
             hint = f" did you mean {', '.join('--' + c for c in close)}?" if close else ""
-            raise ConfigError(f"unknown option --{key}.{hint} `opd config fields` lists every option")
+            raise ConfigError(f"unknown option --{key}.{hint} {options_listing(command)} lists every option")
         if raw is not None:
             i += 1
         elif key in bool_fields and (i + 1 >= len(args) or args[i + 1].startswith("--")):
@@ -562,6 +635,7 @@ def _format_validation(
     source: str,
     model: type[BaseModel] | None = None,
     key_lines: dict[tuple[str, ...], int] | None = None,
+    command: str | None = None,
 ) -> str:
     """One line for all of a config's errors; an unknown key gets its YAML line (`key_lines`, from
     `_yaml_key_lines`) and the closest known keys, as an unknown command-line option does."""
@@ -574,7 +648,7 @@ def _format_validation(
             known = {q for f in field_paths(model) for q in _prefixes(f)} if model is not None else set()
             close = _close_keys(loc, sorted(known))
             hint = f"did you mean {', '.join(close)}? " if close else "check the spelling; "
-            msg = f"unknown key ({hint}`opd config fields` lists every key)"
+            msg = f"unknown key ({hint}{options_listing(command)} lists every key)"
             line = (key_lines or {}).get(tuple(str(p) for p in err["loc"]))
             if line is not None:
                 loc = f"{loc} (line {line})"
@@ -614,12 +688,16 @@ def build_config(
     source: str = "config",
     model: type[BaseModel] | None = None,
     key_lines: dict[tuple[str, ...], int] | None = None,
+    command: str | None = None,
 ) -> Any:
-    """Validate `data` against `model` (default TrainConfig); every error in one ConfigError line."""
+    """Validate `data` against `model` (default TrainConfig, `opd train`'s); every error in one ConfigError
+    line, an unknown key pointing to the list of `command`'s options."""
+    if model is None:
+        model, command = TrainConfig, command or "train"
     try:
-        return (model or TrainConfig).model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_validation(exc, source, model or TrainConfig, key_lines)) from None
+        raise ConfigError(_format_validation(exc, source, model, key_lines, command)) from None
 
 
 def load_config(
@@ -627,24 +705,32 @@ def load_config(
     overrides: list[str] | None = None,
     model: type[BaseModel] | None = None,
     aliases: dict[str, str] | None = None,
+    command: str | None = None,
 ) -> Any:
     """YAML file (optional) with CLI overrides on top, validated against `model` (default TrainConfig).
 
-    Other commands (sft, generate, ...) pass their own config class and short aliases.
+    Other commands (sft, generate, ...) pass their own config class, short aliases and name (`command`,
+    so that a misspelt option or key points to `opd config fields --command NAME`).
     """
-    return config_from(path, parse_overrides(overrides or [], model, aliases), model)
+    return config_from(path, parse_overrides(overrides or [], model, aliases, command), model, command)
 
 
-def config_from(path: str | Path | None, values: dict[str, Any], model: type[BaseModel] | None = None) -> Any:
+def config_from(
+    path: str | Path | None,
+    values: dict[str, Any],
+    model: type[BaseModel] | None = None,
+    command: str | None = None,
+) -> Any:
     """YAML file (optional) with already-parsed command-line `values` on top, validated against `model`;
-    an unknown key in the file is reported with its line (command-line values were checked when parsed)."""
+    an unknown key in the file is reported with its line and the list of `command`'s options
+    (command-line values were checked when parsed)."""
     data: dict[str, Any] = {}
     key_lines: dict[tuple[str, ...], int] = {}
     if path:
         data, text = _read_yaml_text(path)
         key_lines = _yaml_key_lines(text)
     source = f"{path} + command line" if path and values else str(path or "command line")
-    return build_config(deep_merge(data, values), source, model, key_lines)
+    return build_config(deep_merge(data, values), source, model, key_lines, command)
 
 
 def dump_config(cfg: BaseModel) -> str:

@@ -118,3 +118,164 @@ def training_errors(rerun: str) -> Iterator[None]:
         fail(lost)
     except OpdError as exc:
         fail(exc, exit_code(exc))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Help: every command's config fields, the main ones in its --help
+
+# Each command that reads a pydantic config: (module, config class, aliases attribute or None, whether
+# every field is also a `--field` command-line option). `opd config fields --command NAME` lists NAME's;
+# its "unknown option/key" errors point there (`opd.config.options_listing`).
+COMMAND_CONFIGS: dict[str, tuple[str, str, str | None, bool]] = {
+    "train": ("opd.config", "TrainConfig", "ALIASES", True),
+    "sft": ("opd.train.sft", "SFTConfig", "SFT_ALIASES", True),
+    "generate": ("opd.recipes.generate", "GenerateConfig", "GENERATE_ALIASES", True),
+    "cold-start": ("opd.recipes.cold_start", "ColdStartConfig", None, True),
+    "doctor": ("opd.evaluation.doctor", "DoctorConfig", None, True),
+    "eval": ("opd.evaluation.eval", "EvalCommandConfig", None, False),
+    "serve-teacher": ("opd.teachers.server", "ServeTeacherConfig", None, False),
+    "prompts render": ("opd.recipes.prompts", "RenderConfig", None, False),
+    "prompts select": ("opd.recipes.prompts", "SelectConfig", None, False),
+    "prompts dedup": ("opd.recipes.prompts", "DedupConfig", None, False),
+}
+
+
+def command_config(command: str) -> tuple[Any, dict[str, str], bool]:
+    """(config class, {alias: dotted path}, fields-are-options) of `command` (a `COMMAND_CONFIGS` key)."""
+    import importlib
+
+    from opd.errors import ConfigError
+
+    if command not in COMMAND_CONFIGS:
+        raise ConfigError(f"--command {command!r}: choose one of {', '.join(COMMAND_CONFIGS)}")
+    module_name, cls, aliases, options = COMMAND_CONFIGS[command]
+    module = importlib.import_module(module_name)
+    return getattr(module, cls), dict(getattr(module, aliases)) if aliases else {}, options
+
+
+def value_kind(annotation: Any) -> str:
+    """What a field takes, for help tables: the choices of a Literal, else INT / FLOAT / BOOL / TEXT /
+    LIST / MAPPING (`|null` where null is allowed)."""
+    import types
+    import typing
+
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    nullable = len(args) < len(typing.get_args(annotation))
+    origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
+        kind = "|".join(str(a) for a in typing.get_args(annotation))
+    elif origin in (typing.Union, types.UnionType):
+        kinds = [value_kind(a) for a in args]
+        kind = "|".join(dict.fromkeys(kinds))
+    elif origin in (list, tuple) or annotation in (list, tuple):
+        kind = "LIST"
+    elif origin is dict or annotation is dict:
+        kind = "MAPPING"
+    else:
+        kind = {bool: "BOOL", int: "INT", float: "FLOAT", str: "TEXT"}.get(annotation, "VALUE")
+    return f"{kind}|null" if nullable else kind
+
+
+def config_field_rows(model: Any, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(dotted path, value kind, default as YAML, description) of every settable field of `model`."""
+    import json
+
+    from pydantic import BaseModel
+    from pydantic_core import PydanticUndefined
+
+    rows: list[tuple[str, str, str, str]] = []
+    for name, info in model.model_fields.items():
+        ann = info.annotation
+        path = f"{prefix}{name}"
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            rows += config_field_rows(ann, path + ".")
+            continue
+        default = info.default_factory() if info.default_factory is not None else info.default  # type: ignore[call-arg]
+        if default is PydanticUndefined:
+            shown = "(required)"
+        elif isinstance(default, str):
+            shown = default if default else '""'
+        else:
+            shown = json.dumps(list(default) if isinstance(default, tuple) else default)
+        rows.append((path, value_kind(ann), shown, " ".join((info.description or "").split())))
+    return rows
+
+
+def _option_names(path: str, aliases: dict[str, str]) -> str:
+    return ", ".join([f"--{a}" for a, p in aliases.items() if p == path] + [f"--{path}"])
+
+
+def _main_option_rows(command: str, main: tuple[tuple[str, str], ...]) -> list[tuple[str, str, str]]:
+    """(option names, what it takes, one-line help with the default) of each main option of `command`."""
+    model, aliases, _ = command_config(command)
+    rows = {r[0]: r for r in config_field_rows(model)}
+    return [(_option_names(p, aliases), rows[p][1], f"{short} [default: {rows[p][2]}]") for p, short in main]
+
+
+def _main_options_table(command: str, main: tuple[tuple[str, str], ...]) -> Any:
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table.grid(padding=(0, 1), expand=False)
+    table.add_column(no_wrap=True)
+    table.add_column()
+    for names, kind, short in _main_option_rows(command, main):
+        # Text, never markup: help holds brackets ([default: ...], [a, b] examples) that rich would eat.
+        table.add_row(Text(names, style="bold cyan"), Text.assemble((f"<{kind}>", "yellow"), " ", short))
+    return table
+
+
+def _main_options_footer(command: str) -> str:
+    listing = "opd config fields" + ("" if command == "train" else f" --command {command}")
+    return (
+        f"Every config field is a --section.field VALUE option (also --section.field=VALUE; - and _ alike), "
+        f"on top of --config FILE.yaml: `{listing}` lists them all, `{listing} SECTION` one section "
+        "(e.g. loss)."
+    )
+
+
+class ConfigCommand:
+    """Mixed into a typer command class by `config_command`: --help also shows the command's main config
+    fields (their short forms, what they take, descriptions and defaults), read from its config class."""
+
+    opd_command = "train"
+    main_options: tuple[tuple[str, str], ...] = ()  # (dotted path, one-line help)
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        import typer.core
+
+        super().format_help(ctx, formatter)  # type: ignore[misc]
+        title = "Main options (config fields)"
+        if not typer.core.HAS_RICH or getattr(self, "rich_markup_mode", None) is None:
+            with formatter.section(title):
+                formatter.write_dl(
+                    [(f"{n} <{k}>", h) for n, k, h in _main_option_rows(self.opd_command, self.main_options)]
+                )
+            formatter.write_paragraph()
+            formatter.write_text(_main_options_footer(self.opd_command))
+            return
+        from rich.panel import Panel
+        from rich.text import Text
+        from typer import rich_utils
+
+        out = rich_utils._get_rich_console() if hasattr(rich_utils, "_get_rich_console") else Console()
+        out.print(
+            Panel(
+                _main_options_table(self.opd_command, self.main_options),
+                border_style=getattr(rich_utils, "STYLE_OPTIONS_PANEL_BORDER", "dim"),
+                title=title,
+                title_align=getattr(rich_utils, "ALIGN_OPTIONS_PANEL", "left"),
+            )
+        )
+        out.print(Text(_main_options_footer(self.opd_command)), style="dim")
+
+
+def config_command(command: str, main: tuple[tuple[str, str], ...]) -> type:
+    """The typer command class (`app.command(cls=...)`) whose --help lists `main`, the most used config
+    fields of `command` (a `COMMAND_CONFIGS` key) as (dotted path, one-line help), with their short forms,
+    what they take and their defaults, and says how to reach the rest. The config class is
+    imported only when help is shown, so `opd --help` stays fast."""
+    from typer.core import TyperCommand
+
+    name = "".join(p.capitalize() for p in command.replace("-", " ").split()) + "Command"
+    return type(name, (ConfigCommand, TyperCommand), {"opd_command": command, "main_options": main})

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import sys
+import textwrap
 from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.text import Text
 
-from opd.cli.common import PASSTHROUGH, console, fail
+from opd.cli.common import COMMAND_CONFIGS, PASSTHROUGH, command_config, config_field_rows, console, fail
 from opd.errors import OpdError
 
 
@@ -39,16 +40,65 @@ def config_show(
         fail(exc)
 
 
-def config_fields() -> None:
-    """List every config field (each is also a --section.field CLI option)."""
-    from opd.config import field_paths
-
-    table = Table(show_header=True)
-    table.add_column("option")
-    table.add_column("description")
-    for path, desc in field_paths().items():
-        table.add_row(f"--{path}", desc)
-    Console().print(table)
+def config_fields(
+    section: str | None = typer.Argument(
+        None, help="only this section or field (a dotted prefix), e.g. loss, teacher, rollout.max_new_tokens"
+    ),
+    command: str = typer.Option(
+        "train", "--command", "-C", help=f"whose config: {' | '.join(COMMAND_CONFIGS)}"
+    ),
+) -> None:
+    """List every config field of a command (train by default) with what it takes, its default and what it
+    does. For train, sft, generate, cold-start and doctor each is also a --section.field VALUE option; every
+    command takes them as keys of its --config YAML file."""
+    try:
+        model, aliases, options = command_config(command)
+        rows = config_field_rows(model)
+        if section:
+            picked = [r for r in rows if r[0] == section or r[0].startswith(section.rstrip(".") + ".")]
+            if not picked:
+                sections = sorted({r[0].split(".")[0] for r in rows if "." in r[0]})
+                raise OpdError(
+                    f"no field or section {section!r} in {command}'s config; its sections: {', '.join(sections)} "
+                    f"(`opd config fields{'' if command == 'train' else ' --command ' + command}` lists all fields)"
+                )
+            rows = picked
+    except OpdError as exc:
+        fail(exc)
+    # One block per field (names, what it takes, default; the description indented below), read at any
+    # width and by grep. Text, never markup: descriptions hold examples in square brackets ([http://a:8000])
+    # that rich would swallow.
+    out = Console()
+    what = (
+        "also a --section.field VALUE option" if options else f"a key of `opd {command} --config FILE.yaml`"
+    )
+    out.print(Text(f"opd {command}: {len(rows)} config field(s), each {what}", style="bold"))
+    last = None
+    for path, kind, default, desc in rows:
+        head = path.rsplit(".", 1)[0] if "." in path else ""
+        if head != last:
+            out.print(Text(f"\n{head or '(top level)'}", style="bold underline"))
+            last = head
+        names = (
+            ", ".join([f"--{a}" for a, p in aliases.items() if p == path] + [f"--{path}"])
+            if options
+            else path
+        )
+        head_line = Text.assemble(
+            "  ", (names, "bold cyan"), " ", (f"<{kind}>", "yellow"), f"  [default: {default}]"
+        )
+        out.print(head_line, soft_wrap=True)
+        indent = " " * 6
+        body = textwrap.fill(desc or "(no description)", max(40, out.width - 1), initial_indent=indent,
+                             subsequent_indent=indent)  # fmt: skip
+        out.print(Text(body), soft_wrap=True)
+    if not options:
+        console.print(
+            f"These are the keys of `opd {command} --config FILE.yaml`; `opd {command} --help` lists its "
+            "command-line options.",
+            markup=False,
+            highlight=False,
+        )
 
 
 def register(app: typer.Typer) -> None:

@@ -63,7 +63,8 @@ def register(app: typer.Typer) -> None:
         """Start a vLLM server that scores token ids with prompt log-probs, on 127.0.0.1 by default.
 
         Arguments after `--` go to vLLM unchanged. Train against it with
-        `--teacher.backend http --teacher.urls URL --loss.support teacher` (or --loss.signal sampled).
+        `--teacher.backend http --teacher.urls URL --loss.support teacher` (or --loss.signal sampled);
+        several servers: --teacher.urls [http://a:8000, http://b:8000].
         Set OPD_TEACHER_API_KEY (on both sides) before binding to a non-loopback address.
         """
         from opd.config import config_from
@@ -77,7 +78,7 @@ def register(app: typer.Typer) -> None:
         server = None
         _stop_on_signals()
         try:
-            cfg = config_from(config, cli, ServeTeacherConfig)
+            cfg = config_from(config, cli, ServeTeacherConfig, command="serve-teacher")
             if cfg.host not in ("127.0.0.1", "localhost", "::1"):
                 console.print(
                     f"[yellow]warning:[/] binding to {cfg.host}: anyone who can reach this port can use the "
