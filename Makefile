@@ -11,7 +11,7 @@ OPD := $(VENV)/bin/opd
 PY := $(VENV)/bin/python
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo test test-real test-latest lock gpu-check-cpu clean-venv
+.PHONY: help setup demo test test-real test-latest test-oldest lock gpu-check-cpu clean-venv
 
 help:  ## this list
 	@echo "opd: on-policy distillation of LLMs. Targets (each sets up $(VENV) first when needed):"
@@ -35,11 +35,14 @@ test-real: $(SETUP)  ## the real-model suite (downloads ~1.7 GB of GGUF models f
 test-latest:  ## the default suite against the newest versions pyproject.toml allows (fresh .venv-latest)
 	@scripts/newest.sh test $(ARGS)
 
+test-oldest:  ## the default suite with transformers at the lowest version pyproject.toml allows (.venv-oldest)
+	@scripts/newest.sh oldest $(ARGS)
+
 lock:  ## refresh requirements-lock.txt to the newest allowed versions (then run make test)
 	@scripts/newest.sh lock
 
 gpu-check-cpu: $(SETUP)  ## the GPU check's steps on the CPU at tiny sizes (~3-5 min)
 	$(PY) scripts/gpu_check.py --cpu .ci-gpu-check
 
-clean-venv:  ## remove .venv and .venv-latest
-	rm -rf $(VENV) .venv-latest
+clean-venv:  ## remove .venv, .venv-latest and .venv-oldest
+	rm -rf $(VENV) .venv-latest .venv-oldest

@@ -201,3 +201,80 @@ def test_doctor_verdicts_match_the_lab_outcomes(tmp_path: Path) -> None:
     novel = res["teachers"]["teacher_novel"]["by_template"]["raw"]
     assert inc["overlap_mass_teacher"] < 0.7 < 0.95 < novel["overlap_mass_teacher"]
     assert novel["accuracy_gap"] > 0.3 and novel["continuation_advantage@0.25"] > 0.3
+
+
+def _lab_or_skip() -> str:
+    from opd.errors import ModelError
+    from opd.lab.zoo import GAP_LEVEL, eval_prompt_path, zoo_path
+
+    try:
+        zoo_path("student")
+    except ModelError as exc:
+        pytest.skip(f"lab zoo not built: {exc}")
+    return str(eval_prompt_path(GAP_LEVEL))
+
+
+_SMALL = ["--n-prompts", "8", "--samples", "2", "--teacher-samples", "2", "--max-new-tokens", "96", "--k", "4",
+          "--continuation-rollouts", "0"]  # fmt: skip
+
+
+def test_doctor_withholds_its_verdict_when_the_verifier_cannot_read_the_answers(tmp_path: Path) -> None:
+    """The lab's answers are bare numbers: `--verifier math` reads none of them, so every accuracy is 0%.
+    The doctor must not call the teacher that solves everything `weak_teacher`: it warns as `opd eval`
+    does, withholds the novelty verdict naming the lab's verifier, and says so in doctor.json and the
+    report; compatibility verdicts (which need no answers) still stand."""
+    from typer.testing import CliRunner
+
+    from opd.cli import app
+
+    prompts = _lab_or_skip()
+    res = CliRunner().invoke(app, [
+        "doctor", "--student", "lab:student", "--teacher", "lab:teacher_novel", "--teacher", "lab:teacher_incompatible",
+        "--prompts", prompts, "--verifier", "math", *_SMALL, "--out", str(tmp_path), "--no-plots",
+    ], env={"COLUMNS": "400"})  # fmt: skip
+    assert res.exit_code == 0, res.output
+    out = " ".join(res.output.split())
+    assert (
+        "16 of 16 responses of the student lab:student have no final answer the math verifier can read" in out
+    )
+    assert "use --verifier opd.lab.world:LabVerifier" in out
+    assert "using verifier" not in out  # the user chose math: no lab default taken for it
+    data = json.loads((tmp_path / "doctor.json").read_text())
+    novel, inc = (
+        data["teachers"]["teacher_novel"]["verdict"],
+        data["teachers"]["teacher_incompatible"]["verdict"],
+    )
+    assert novel["code"] == "unreadable_answers" and novel["withheld"] is True
+    assert "weak_teacher" not in out and "--verifier opd.lab.world:LabVerifier" in novel["recipe"]
+    assert inc["code"] == "incompatible" and inc["withheld"] is False
+    answers = data["answers"]
+    assert answers["verifier"] == "math" and answers["withheld"] == ["teacher_novel"]
+    assert answers["student"] == {"unparsed": 16, "total": 16}
+    assert answers["teachers"]["teacher_novel"] == {"unparsed": 16, "total": 16}
+    assert answers["references"] == {"unparsed": 0, "total": 8}
+    assert answers["use_verifier"] == "opd.lab.world:LabVerifier"
+    md = (tmp_path / "report.md").read_text()
+    assert (
+        "no verdict on new capability for teacher_novel: the math verifier could not read most answers" in md
+    )
+    assert "Rerun with --verifier opd.lab.world:LabVerifier" in md
+
+
+def test_doctor_on_lab_models_takes_the_lab_verifier_and_template_by_default(tmp_path: Path) -> None:
+    """No --verifier, no --template: `lab:` models bring the lab's (one line says so), and the verdicts
+    are the lab's truth (go for the compatible teacher with new capability)."""
+    prompts = _lab_or_skip()
+    notes: list[str] = []
+    cfg = DoctorConfig(student="lab:student", teachers=["lab:teacher_novel"],
+                       prompts=prompts, n_prompts=8, samples=2, teacher_samples=2, max_new_tokens=96, k=4,
+                       continuation_rollouts=0, out=str(tmp_path))  # fmt: skip
+    res = run_doctor(cfg, log=notes.append)
+    assert notes[0] == (
+        "lab:student (and 1 more): using verifier opd.lab.world:LabVerifier and template raw (the defaults of lab: "
+        "models; set --verifier / --template to override)"
+    )
+    assert res["config"]["verifier"] == "opd.lab.world:LabVerifier" and res["config"]["templates"] == ["raw"]
+    assert res["teachers"]["teacher_novel"]["verdict"]["code"] == "go"
+    assert res["answers"]["withheld"] == [] and res["answers"]["student"]["unparsed"] == 0
+    assert not any("warning" in n for n in notes)
+    assert cfg.verifier == "math"  # the caller's config is not changed

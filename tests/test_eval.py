@@ -342,3 +342,78 @@ def test_cli_strict_verifier_error_leaves_no_summary(tiny_pair, tmp_path, monkey
         assert json.loads((out / "student.summary.json").read_text())["verifier_errors"] == 4
     finally:
         sys.modules.pop("grader_boom", None)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Portable output names
+
+
+def test_portable_names_are_valid_everywhere_readable_and_unique():
+    from opd.evaluation.eval import portable_name, portable_names
+
+    assert portable_name("lab:student") == "lab_student"
+    assert portable_name('a<b>c"d/e\\f|g?h*i\x01j') == "a_b_c_d_e_f_g_h_i_j"
+    assert (
+        portable_name("run. ") == "run"
+        and portable_name("NUL") == "_NUL"
+        and portable_name("com1.x") == "_com1.x"
+    )
+    assert portable_name("Qwen3-1.7B") == "Qwen3-1.7B"  # nothing else changes
+    stems = portable_names(["a:b", "a_b", "A_B", "x"])
+    assert stems == {
+        "a:b": "a_b",
+        "a_b": "a_b-2",
+        "A_B": "A_B-3",
+        "x": "x",
+    }  # unique, also case-insensitively
+
+
+def test_cli_output_names_have_no_colon_and_lab_models_get_the_lab_verifier(tmp_path):
+    """`opd eval --model lab:student --name-as before:x=lab:student`: files lab_student.* and before_x.*
+    (no `:`), the display names kept inside; no --verifier/--template given, so the lab's are used and
+    said so, and the lab's answers are read (no unreadable-answers warning, avg@k above 0)."""
+    from opd.errors import ModelError
+    from opd.lab.zoo import eval_prompt_path, zoo_path
+
+    try:
+        zoo_path("student")
+    except ModelError as exc:
+        pytest.skip(f"lab zoo not built: {exc}")
+    out = tmp_path / "ev"
+    res = CliRunner().invoke(app, [
+        "eval", "--model", "lab:student", "--name-as", "before:x=lab:student", "--prompts", str(eval_prompt_path(2)),
+        "--max-problems", "4", "--samples", "2", "--max-new-tokens", "64", "--out", str(out),
+    ], env={"COLUMNS": "400"})  # fmt: skip
+    text = _out(res)
+    assert res.exit_code == 0, text
+    assert "lab:student: using verifier opd.lab.world:LabVerifier and template raw" in text
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["before_x.samples.jsonl", "before_x.summary.json", "comparison.json",
+                     "lab_student.samples.jsonl", "lab_student.summary.json"]  # fmt: skip
+    assert not any(c in n for n in names for c in '<>:"\\|?*')
+    summary = json.loads((out / "lab_student.summary.json").read_text())
+    assert summary["name"] == "lab:student" and summary["verifier"] == "opd.lab.world:LabVerifier"
+    assert summary["unparsed_predictions"] == 0 and summary["avg@2"] > 0
+    assert set(json.loads((out / "comparison.json").read_text())["models"]) == {"lab:student", "before:x"}
+
+
+def test_eval_warning_on_unreadable_answers_names_the_models_own_verifier(tmp_path, caplog):
+    """An explicit `--verifier math` on a lab model is kept, and the warning (the wording doctor shares)
+    names the lab's verifier instead of math-flexible."""
+    from opd.errors import ModelError
+    from opd.lab.zoo import eval_prompt_path, zoo_path
+
+    try:
+        zoo_path("student")
+    except ModelError as exc:
+        pytest.skip(f"lab zoo not built: {exc}")
+    with caplog.at_level("WARNING", logger="opd.evaluation.eval"):
+        res = CliRunner().invoke(app, [
+            "eval", "--model", "lab:student", "--prompts", str(eval_prompt_path(2)), "--max-problems", "2",
+            "--samples", "1", "--max-new-tokens", "64", "--verifier", "math", "--out", str(tmp_path),
+        ], env={"COLUMNS": "400"})  # fmt: skip
+    assert res.exit_code == 0, _out(res)
+    assert "using verifier" not in _out(res) and "using template raw" in _out(res)
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert "2 of 2 responses have no final answer the math verifier can read" in warned
+    assert "use --verifier opd.lab.world:LabVerifier." in warned

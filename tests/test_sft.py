@@ -189,3 +189,27 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tiny_pair, tmp_path):
         assert torch.equal(a[k], b[k]), k
     la = [json.loads(x)["loss"] for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     assert la == [json.loads(x)["loss"] for x in metrics.read_text().splitlines()]
+
+
+def test_resume_of_a_finished_sft_run_says_so_and_changes_nothing(tiny_pair, tmp_path):
+    """`opd sft --resume RUN` after the last step and final/: one line, exit 0, nothing rewritten."""
+    from typer.testing import CliRunner
+
+    from opd.cli import app
+
+    data, run = _write_data(tmp_path / "d.jsonl"), tmp_path / "run"
+    args = ["--model", str(tiny_pair["student"]), "--data", str(data), "--run_dir", str(run), "--batch_size", "4",
+            "--micro_batch_size", "4", "--steps", "2", "--tracking.tensorboard", "false"]  # fmt: skip
+    res = CliRunner().invoke(app, ["sft", *args], env={"COLUMNS": "400"})
+    assert res.exit_code == 0, res.output
+    files = [*sorted((run / "final").rglob("*")), run / "metrics.jsonl", run / "config.yaml"]
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in files if p.is_file()}
+    assert run / "final" / "model.safetensors" in before
+    time.sleep(0.05)
+    res = CliRunner().invoke(app, ["sft", "--resume", str(run)], env={"COLUMNS": "400"})
+    assert res.exit_code == 0, res.output
+    assert (
+        f"{run} already finished at step 2/2; nothing to do" in res.output
+        and "opd sft --resume" in res.output
+    )
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in before} == before

@@ -450,3 +450,56 @@ def test_a_failing_rank_makes_the_others_fail_fast(pair, tmp_path, rank):
         if str(tmp_path / "run") in " ".join(p.info["cmdline"] or [])
     ]
     assert not leftovers, leftovers
+
+
+def _snapshot(run: Path) -> dict[str, tuple[int, bytes]]:
+    """(mtime_ns, bytes) of final/'s files, metrics.jsonl, samples.jsonl and config.yaml."""
+    files = [
+        *sorted((run / "final").rglob("*")),
+        run / "metrics.jsonl",
+        run / "samples.jsonl",
+        run / "config.yaml",
+    ]
+    return {str(p.relative_to(run)): (p.stat().st_mtime_ns, p.read_bytes()) for p in files if p.is_file()}
+
+
+def test_resume_of_a_finished_run_says_so_and_changes_nothing(pair, tmp_path):
+    """`opd train --resume RUN` on a run with every step done and final/ written: one line, exit 0, no
+    file touched (not even final/ rewritten); raising --steps is the way on, and it trains on."""
+    from typer.testing import CliRunner
+
+    from opd.cli import app
+
+    run = tmp_path / "run"
+    res = CliRunner().invoke(app, ["train", *_args(pair, run)], env={"COLUMNS": "400"})
+    assert res.exit_code == 0, res.output
+    assert (run / "final" / "model.safetensors").is_file()
+    before = _snapshot(run)
+    time.sleep(0.05)  # a rewrite would show in the mtimes
+    res = CliRunner().invoke(app, ["train", "--resume", str(run)], env={"COLUMNS": "400"})
+    assert res.exit_code == 0, res.output
+    assert f"{run} already finished at step 2/2; nothing to do (final model: {run / 'final'})" in res.output
+    assert "--steps" in res.output and "training" not in res.output
+    assert _snapshot(run) == before
+    # the knob the line names works: one more step, then the final model again
+    res = CliRunner().invoke(app, ["train", "--resume", str(run), "--steps", "3"], env={"COLUMNS": "400"})
+    assert res.exit_code == 0, res.output
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+
+
+def test_a_run_whose_final_model_is_missing_is_not_finished(pair, tmp_path):
+    """All steps done but final/ absent (a disk filled while writing it): the resume must write it."""
+    import shutil
+
+    from opd.train.loop import finished_run
+
+    run = tmp_path / "run"
+    t = _trainer(pair, run)
+    t.train()
+    assert finished_run(run, steps=None, save_final=True, command="opd train") is not None
+    assert finished_run(run, steps=3, save_final=True, command="opd train") is None
+    shutil.rmtree(run / "final")
+    assert finished_run(run, steps=None, save_final=True, command="opd train") is None
+    line = finished_run(run, steps=None, save_final=False, command="opd train")
+    assert line is not None and "save_final is off" in line

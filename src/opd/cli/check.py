@@ -20,7 +20,9 @@ def check(
     student: str = typer.Option(..., "--student", help="student model: dir, .gguf or hub id"),
     teacher: str = typer.Option(..., "--teacher", help="teacher model: dir, .gguf or hub id"),
     prompts: Path | None = typer.Option(None, "--prompts", help="prompt file for the rendered-prompt check"),
-    template: str = typer.Option("chat", "--template"),
+    template: str | None = typer.Option(
+        None, "--template", help="prompt template (default chat; lab: models default to the lab's, raw)"
+    ),
     student_dtype: str = typer.Option("float32", "--student-dtype"),
     teacher_dtype: str = typer.Option("float32", "--teacher-dtype"),
     max_new_tokens: int = typer.Option(16, "--max-new-tokens", help="length of the self-test rollouts"),
@@ -33,12 +35,25 @@ def check(
 ) -> None:
     """Tokenizer/vocabulary compatibility, EOS/pad handling, and the teacher-fidelity self-test."""
     try:
+        template = template or _default_template(student, teacher)
         ok = _check(student, teacher, prompts, template, student_dtype, teacher_dtype, max_new_tokens, n_prompts, k,
                     trust_remote_code, device)  # fmt: skip
     except OpdError as exc:
         fail(exc)
     if not ok:
         raise typer.Exit(1)
+
+
+def _default_template(student: str, teacher: str) -> str:
+    """``chat``, or the template both models bring (`opd.models.loading.model_defaults`: ``lab:`` models
+    bring the lab's), announced in one line."""
+    from opd.models.loading import model_defaults_note, shared_model_defaults
+
+    defaults, specs = shared_model_defaults([student, teacher])
+    if "template" not in defaults:
+        return "chat"
+    console.print(model_defaults_note(specs, {"template": defaults["template"]}, {"template": "--template"}))
+    return defaults["template"]
 
 
 def _check(

@@ -8,6 +8,7 @@ from typing import Any
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from opd.cli.common import PASSTHROUGH, console, fail, given_options
 from opd.errors import OpdError
@@ -18,7 +19,9 @@ def build_doctor_config(config: Path | None, cli: dict[str, Any], extra: list[st
     from opd.config import config_from, deep_merge, parse_overrides
     from opd.evaluation.doctor import DoctorConfig
 
-    return config_from(config, deep_merge(cli, parse_overrides(extra, DoctorConfig, {})), DoctorConfig)
+    return config_from(
+        config, deep_merge(cli, parse_overrides(extra, DoctorConfig, {}, "doctor")), DoctorConfig, "doctor"
+    )
 
 
 def _verdict_table(res: dict[str, Any]) -> Table:
@@ -70,7 +73,9 @@ def register(app: typer.Typer) -> None:
             None, "--continuation-rollouts", help="[16]; 0 skips"
         ),
         verifier: str | None = typer.Option(
-            None, "--verifier", help="answer checker as in `opd eval` [math]"
+            None,
+            "--verifier",
+            help="answer checker as in `opd eval` [math]; lab: models default to the lab's own",
         ),
         student_dtype: str | None = typer.Option(None, "--student-dtype"),
         teacher_dtype: str | None = typer.Option(
@@ -119,6 +124,9 @@ def register(app: typer.Typer) -> None:
         Console().print(_verdict_table(res))
         for name, info in res["teachers"].items():
             console.print(f"[bold]{name}[/]: {info['verdict']['headline']} -> {info['verdict']['recipe']}")
-        for f in res.get("flags", []):
-            console.print(f"[yellow]note:[/] {f}")
+        from opd.report.doctor import readability_note
+
+        for f in [readability_note(res), *res.get("flags", [])]:
+            if f:
+                console.print(Text.assemble(("note: ", "yellow"), f))
         console.print(f"report: {paths['html']} (also {paths['markdown'].name}, {paths['json'].name})")

@@ -45,7 +45,7 @@ def build_eval_config(config: Path | None, cli: dict[str, Any]) -> Any:
     from opd.config import config_from
     from opd.evaluation.eval import EvalCommandConfig
 
-    return config_from(config, cli, EvalCommandConfig)
+    return config_from(config, cli, EvalCommandConfig, command="eval")
 
 
 def _summary_table(name: str, path: str, summary: dict[str, Any], seconds: float) -> Table:
@@ -70,14 +70,17 @@ def run_eval_command(cfg: Any, out: Console) -> dict[str, Any]:
     """Evaluate every model of `cfg` in turn; print per-model and comparison tables; return the comparison."""
     from opd.data import load_prompts, validate_template
     from opd.device import resolve_device
-    from opd.evaluation.eval import check_answers, model_entries
+    from opd.evaluation.eval import check_answers, model_entries, portable_names
     from opd.evaluation.verify import get_verifier
     from opd.files import atomic_write_text, json_safe
+    from opd.models.loading import apply_model_defaults
 
     if not cfg.prompts:
         raise ConfigError("missing --prompts: a problem file with an `answer` field")
     device = resolve_device(cfg.device)  # before any loading: `--device cuda` without CUDA fails here
     entries, roles = model_entries(cfg)
+    cfg = apply_model_defaults(cfg, [p for _, p in entries], {"verifier": "verifier", "template": "template"},
+                               out.print)  # fmt: skip
     validate_template(cfg.template)
     records = load_prompts(
         cfg.prompts, prompt_field=cfg.prompt_field, messages_field=cfg.messages_field,
@@ -88,8 +91,10 @@ def run_eval_command(cfg: Any, out: Console) -> dict[str, Any]:
     check_answers(records)  # before loading any model
     verifier = get_verifier(cfg.verifier)
     k = cfg.samples
+    stems = portable_names([name for name, _ in entries])  # file names: `lab:student` -> lab_student
     summaries = {
-        name: _evaluate_one(cfg, name, path, records, verifier, device, out) for name, path in entries
+        name: _evaluate_one(cfg, name, path, records, verifier, device, out, stems[name])
+        for name, path in entries
     }
     out.print(_comparison_table(summaries, roles, k, len(records)))
     comparison: dict[str, Any] = {"models": summaries, "roles": roles, "metric": f"avg@{k}"}
@@ -106,16 +111,17 @@ def run_eval_command(cfg: Any, out: Console) -> dict[str, Any]:
 
 
 def _evaluate_one(
-    cfg: Any, name: str, path: str, records: list[Any], verifier: Any, device: Any, out: Console
+    cfg: Any, name: str, path: str, records: list[Any], verifier: Any, device: Any, out: Console, stem: str
 ) -> dict[str, Any]:
-    """Load one model, evaluate, release it, write and print its results; return its summary.
+    """Load one model, evaluate, release it, write and print its results (as OUT/STEM.*); return its summary.
 
     One model at a time, memory released in between, so a teacher and a student that do not fit
     together still compare on one device.
     """
     from opd.evaluation.eval import evaluate, release_memory, write_results
-    from opd.models.loading import load_model, load_tokenizer, prepare_tokenizer
+    from opd.models.loading import load_model, load_tokenizer, model_defaults, prepare_tokenizer
 
+    own = model_defaults(path).get("verifier")  # named by the unreadable-answers warning
     t0 = time.perf_counter()
     tok = load_tokenizer(path, trust_remote_code=cfg.trust_remote_code)
     prepare_tokenizer(tok)
@@ -127,6 +133,7 @@ def _evaluate_one(
             template=cfg.template, chat_template_kwargs=cfg.chat_template_kwargs,
             system_prompt=cfg.system_prompt, max_prompt_tokens=cfg.max_prompt_tokens, seed=cfg.seed,
             strict=cfg.strict, keep_texts=cfg.keep_texts, label=f"opd eval {name}",
+            suggest_verifier=own if own != getattr(verifier, "name", None) else None,
         )  # fmt: skip
     finally:
         del model
@@ -141,7 +148,7 @@ def _evaluate_one(
             "device": str(device),
         }
     )
-    files = write_results(res, cfg.out, name)
+    files = write_results(res, cfg.out, stem)
     out.print(_summary_table(name, path, res.summary, seconds))
     if res.summary["verifier_errors"]:
         out.print(

@@ -14,6 +14,7 @@ import typer
 
 from opd.cli.common import (
     PASSTHROUGH,
+    config_command,
     console,
     fail,
     is_main,
@@ -37,7 +38,9 @@ def generate(
     from opd.recipes.generate import GENERATE_ALIASES, GenerateConfig
 
     try:
-        cfg = load_config(config, list(ctx.args), model=GenerateConfig, aliases=GENERATE_ALIASES)
+        cfg = load_config(
+            config, list(ctx.args), model=GenerateConfig, aliases=GENERATE_ALIASES, command="generate"
+        )
         from opd.recipes.generate import generate_with_progress
 
         generate_with_progress(cfg, log=console.print)
@@ -67,15 +70,16 @@ def sft(
                 raise OpdError(f"--resume {resume}: no config.yaml there; is it an sft run directory?")
             cfg = load_config(
                 config or resume / "config.yaml", [*overrides, "--run_dir", str(resume)],
-                model=SFTConfig, aliases=SFT_ALIASES,
+                model=SFTConfig, aliases=SFT_ALIASES, command="sft",
             )  # fmt: skip
         else:
-            cfg = load_config(config, overrides, model=SFTConfig, aliases=SFT_ALIASES)
+            cfg = load_config(config, overrides, model=SFTConfig, aliases=SFT_ALIASES, command="sft")
         from opd.train.sft import sft_with_progress
 
         log = lambda m: console.print(m) if is_main() else None  # noqa: E731
         trainer = sft_with_progress(cfg, resume=resume is not None, log=log)
-        trainer.acc.end_training()
+        if trainer is not None:  # None: the resumed run was already finished
+            trainer.acc.end_training()
 
 
 def cold_start(
@@ -94,14 +98,56 @@ def cold_start(
     from opd.recipes.cold_start import ColdStartConfig, run_cold_start
 
     with training_errors("the same command (finished stages are skipped)"):
-        cfg = load_config(config, list(ctx.args), model=ColdStartConfig, aliases={})
+        cfg = load_config(config, list(ctx.args), model=ColdStartConfig, aliases={}, command="cold-start")
         out = run_cold_start(cfg, log=lambda m: console.print(m) if is_main() else None)
         if is_main():
             console.print(f"[green]cold start done[/]: {json.dumps({k: str(v) for k, v in out.items()})}")
 
 
+# The fields each command's --help shows, with a one-line help each (`opd config fields --command NAME`
+# lists all of them with their full descriptions).
+GENERATE_MAIN = (
+    ("model", "the teacher that answers: local dir, .gguf file, hub id or lab:NAME"),
+    ("prompts", "prompts: JSONL, Parquet or CSV with `prompt` or `messages`"),
+    ("out", "output JSONL of chat-format SFT examples (rerun to finish an interrupted file)"),
+    ("samples", "responses per prompt"),
+    ("max_new_tokens", "response budget in tokens (the paper: 7168)"),
+    ("template", "how a prompt is rendered: chat | raw | dapo | boxed | chat:NAME | '... {prompt} ...'"),
+    ("filters", "drop truncated, no_answer, repetition, incorrect responses (comma list; none: keep all)"),
+    ("device", "where the teacher runs: auto | cpu | cuda | cuda:N"),
+)
+SFT_MAIN = (
+    ("model", "the student to fine-tune: local dir, .gguf file, hub id or lab:NAME"),
+    ("data", "training examples: JSONL with `messages` or prompt/response (e.g. `opd generate` output)"),
+    ("run_dir", "output directory: config.yaml, metrics.jsonl, checkpoints/, final/"),
+    ("epochs", "passes over the data (ignored when steps is set)"),
+    ("steps", "optimizer steps; null: epochs x examples / batch_size"),
+    ("batch_size", "examples per optimizer step, across all processes"),
+    ("micro_batch_size", "examples per forward/backward"),
+    ("optim.lr", "AdamW learning rate (the paper's SFT: 1e-5)"),
+    ("max_seq_len", "longest prompt + response in tokens; longer examples are skipped and counted"),
+)
+COLD_START_MAIN = (
+    ("work_dir", "where every stage writes (teacher.jsonl, sft/, opd/)"),
+    ("generate.model", "the teacher that writes the SFT data (default: opd.teacher.path)"),
+    ("sft.model", "the student to fine-tune (default: opd.student.path)"),
+    ("sft_prompts", "prompts the teacher answers for SFT (default: generate.prompts)"),
+    (
+        "opd_prompts",
+        "held-out prompts for OPD, de-duplicated against sft_prompts (default: opd.data.prompts)",
+    ),
+    ("opd.student.path", "the student (before SFT)"),
+    ("opd.teacher.path", "the teacher of the OPD stage"),
+    ("opd.steps", "OPD optimizer steps"),
+)
+
+
 def register(app: typer.Typer) -> None:
     """Add the recipe commands to the `opd` app."""
-    app.command("generate", context_settings=PASSTHROUGH)(generate)
-    app.command("sft", context_settings=PASSTHROUGH)(sft)
-    app.command("cold-start", context_settings=PASSTHROUGH)(cold_start)
+    app.command("generate", cls=config_command("generate", GENERATE_MAIN), context_settings=PASSTHROUGH)(
+        generate
+    )
+    app.command("sft", cls=config_command("sft", SFT_MAIN), context_settings=PASSTHROUGH)(sft)
+    app.command(
+        "cold-start", cls=config_command("cold-start", COLD_START_MAIN), context_settings=PASSTHROUGH
+    )(cold_start)

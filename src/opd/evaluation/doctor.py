@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from opd.config import VERIFIER_HELP
 from opd.errors import ConfigError, TokenizerMismatchError
 
 if TYPE_CHECKING:
@@ -46,6 +47,8 @@ __all__ = [
     "DoctorThresholds",
     "TeacherReport",
     "DoctorVerdict",
+    "UNREADABLE",
+    "answer_readability",
     "continuation_prefixes",
     "novelty_stats",
     "run_doctor",
@@ -102,19 +105,27 @@ class DoctorConfig(BaseModel):
     student: str = Field("", description="student model: dir, .gguf, hub id or lab:NAME")
     teachers: list[str] = Field(default_factory=list, description="one or more teachers (same forms)")
     prompts: str = Field("", description="problems (JSONL/Parquet/CSV); an `answer` field enables accuracy")
-    prompt_field: str | None = "prompt"
-    messages_field: str | None = "messages"
-    answer_field: str | None = "answer"
+    prompt_field: str | None = Field(
+        "prompt", description="column of a plain-text prompt; null to ignore this column"
+    )
+    messages_field: str | None = Field(
+        "messages", description="column of a chat `messages` list; null to ignore this column",
+    )  # fmt: skip
+    answer_field: str | None = Field(
+        "answer", description="column of the reference answer; null to ignore this column"
+    )
     n_prompts: int = Field(16, ge=1, description="how many prompts (the first N of the file)")
     samples: int = Field(4, ge=1, description="student rollouts per prompt")
     teacher_samples: int = Field(2, ge=0, description="teacher samples per prompt for its accuracy (0: skip)")
     templates: list[str] = Field(
         default_factory=lambda: ["chat"], description="prompt templates to compare; the first is the default"
     )
-    system_prompt: str | None = None
+    system_prompt: str | None = Field(
+        None, description="system message put before every prompt (chat templates); null: none",
+    )  # fmt: skip
     temperature: float = Field(1.0, gt=0.0, description="sampling temperature of all rollouts")
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    max_new_tokens: int = Field(256, ge=1)
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling, 0 < p <= 1; 1 = off")
+    max_new_tokens: int = Field(256, ge=1, description="response budget of every rollout, in tokens")
     k: int = Field(16, ge=1, description="top-k of the overlap metrics (the paper's 16; lab worlds: 4)")
     position_bins: int = Field(4, ge=0, description="response-position bins of the metrics")
     depths: list[float] = Field(
@@ -122,20 +133,26 @@ class DoctorConfig(BaseModel):
         description="continuation depths, as fractions of each student rollout's length",
     )
     continuation_rollouts: int = Field(16, ge=0, description="student rollouts continued per depth (0: skip)")
-    verifier: str = Field("math", description="answer checker, as in `opd eval`")
+    verifier: str = Field("math", description=VERIFIER_HELP)
     batch_size: int = Field(8, ge=1, description="prompts per generate call")
     score_batch: int = Field(
         4, ge=1, description="rollouts per scoring forward (bounds its activations and B x T x H hidden "
         "states; logits are projected a bounded chunk of rows at a time)",
     )  # fmt: skip
-    student_dtype: str = "float32"
-    teacher_dtype: str = "float32"
+    student_dtype: str = Field(
+        "float32", description="the student's dtype: float32 | bfloat16 | float16 | auto"
+    )
+    teacher_dtype: str = Field(
+        "float32", description="the teachers' dtype: float32 | bfloat16 | float16 | auto; bfloat16 halves a big teacher's memory",
+    )  # fmt: skip
     device: str = Field(
         "auto", description="where the student and teachers run: auto (this process's GPU when CUDA is "
         "available, else cpu) | cpu | cuda | cuda:N",
     )  # fmt: skip
-    trust_remote_code: bool = False
-    seed: int = 0
+    trust_remote_code: bool = Field(
+        False, description="run the model repository's own Python code (only for a source you trust)",
+    )  # fmt: skip
+    seed: int = Field(0, description="sampling seed of the rollouts")
     out: str = Field("doctor", description="output directory (doctor.json, report.md/.html, plots)")
     thresholds: DoctorThresholds = Field(default_factory=DoctorThresholds)
 
@@ -204,16 +221,27 @@ def continuation_prefixes(lengths: Sequence[int], depth: float, *, min_left: int
 class DoctorVerdict:
     """A plain-words call on one teacher, with the numbers that decided it and what to do."""
 
-    code: str  # identical | incompatible | no_gain | weak_teacher | go | compatible_unknown_novelty
+    code: str  # identical | incompatible | no_gain | weak_teacher | go | compatible_unknown_novelty | unreadable_answers
     headline: str
     reasons: list[str]
     recipe: str
+    withheld: bool = False  # the novelty/accuracy verdict was withheld: most answers could not be read
 
     def to_json(self) -> dict[str, Any]:
-        return {"code": self.code, "headline": self.headline, "reasons": self.reasons, "recipe": self.recipe}
+        return {"code": self.code, "headline": self.headline, "reasons": self.reasons, "recipe": self.recipe,
+                "withheld": self.withheld}  # fmt: skip
 
 
-def verdict(m: dict[str, float], th: DoctorThresholds) -> DoctorVerdict:
+UNREADABLE = "unreadable_answers"
+
+
+def verdict(
+    m: dict[str, float],
+    th: DoctorThresholds,
+    *,
+    unreadable: str | None = None,
+    use_verifier: str = "math-flexible",
+) -> DoctorVerdict:
     """Ordered rules on one teacher's metrics (at the chosen template).
 
     1. identical: reverse KL ~ 0, OPD's signal is empty.
@@ -221,6 +249,9 @@ def verdict(m: dict[str, float], th: DoctorThresholds) -> DoctorVerdict:
        the overlap-token advantage is very negative (the paper's failing pairs; the lab's pattern-B
        teacher). Cold start (recipe A) first, or another teacher.
     3. without answers, novelty is unknown.
+       With answers the verifier mostly cannot read (`unreadable` says whose; see `answer_readability`),
+       every accuracy is ~0 whatever the models do: the novelty verdict is withheld, and the recipe
+       names the verifier to rerun with (`use_verifier`).
     4. teacher not more accurate than the student on average: weak teacher, whatever the share of
        problems only it solves (those are then balanced by problems only the student solves).
     5. accuracy gap below the threshold and few teacher-only problems: compatible but nothing to learn,
@@ -254,6 +285,10 @@ def verdict(m: dict[str, float], th: DoctorThresholds) -> DoctorVerdict:
         return DoctorVerdict("compatible_unknown_novelty", "compatible; novelty not measured (no answers to check)",
                        reasons, "add an `answer` field to the prompts to measure whether the teacher brings "
                        "new capability, then train if it does")  # fmt: skip
+    if unreadable:
+        return DoctorVerdict(UNREADABLE, "compatible; no novelty verdict: most answers cannot be read by the verifier",
+                             [*reasons, unreadable], f"rerun with --verifier {use_verifier} (or a template whose "
+                             "answers the verifier reads), then follow that verdict", withheld=True)  # fmt: skip
     se = m.get("accuracy_gap_se", math.nan)
     nov = (f"accuracy student {m['student_acc']:.3f} vs teacher {m['teacher_acc']:.3f} (gap {gap:+.3f} ± {se:.3f} "
            "s.e.); "
@@ -298,6 +333,7 @@ class _Inputs:
     records: list[PromptRecord]
     has_answers: bool
     verifier: Verifier | None
+    bad_references: list[PromptRecord] = field(default_factory=list)  # answers the verifier cannot read
 
 
 @dataclass
@@ -348,6 +384,7 @@ class _StudentRollouts:
     correct: list[bool]  # one per rollout row, in row order
     by_problem: list[list[bool]]  # per prompt, the grades of its samples
     lengths: list[int]
+    unparsed: int = 0  # rows with no final answer the verifier can read
 
 
 @dataclass
@@ -437,9 +474,14 @@ def run_doctor(
     time estimate); `log` gets one-line notes. Nothing is written here; `write_doctor_report` does that.
     """
     from opd.device import resolve_device
+    from opd.models.loading import apply_model_defaults
 
     say = log or (lambda s: None)
     tick = progress or (lambda label, frac: None)
+    _check_config(cfg)
+    # lab:NAME models grade with the lab's verifier and render with its template unless told otherwise
+    cfg = apply_model_defaults(cfg, [cfg.student, *cfg.teachers], {"verifier": "verifier", "template": "templates"},
+                               say)  # fmt: skip
     _check_config(cfg)
     device = resolve_device(cfg.device)  # before any loading: `cuda` on a CPU machine fails here
     t0 = time.perf_counter()
@@ -466,7 +508,8 @@ def run_doctor(
     if inputs.has_answers and cfg.continuation_rollouts > 0 and first is not None:
         _continuation_advantage(run, first, reports, best)
 
-    result["teachers"].update(_verdicts(cfg, reports, best))
+    result["answers"] = answer_readability(run, result, reports, best, say)
+    result["teachers"].update(_verdicts(cfg, reports, best, result["answers"]))
     result["flags"] = _flags(run, reports, result, best)
     _mark_reliability(result, best)
     result["config"] = cfg.model_dump()
@@ -499,7 +542,12 @@ def _load_inputs(cfg: DoctorConfig, say: Callable[[str], None]) -> _Inputs:
     """The first `n_prompts` problems. One prompt without an answer turns every accuracy-based number
     off (with a note), since accuracies over a subset would not compare across teachers and templates."""
     from opd.data import load_prompts
-    from opd.evaluation.verify import get_verifier
+    from opd.evaluation.verify import (
+        get_verifier,
+        mostly_unparsed,
+        reference_parses,
+        unparsed_references_message,
+    )
 
     records = load_prompts(
         cfg.prompts,
@@ -510,7 +558,15 @@ def _load_inputs(cfg: DoctorConfig, say: Callable[[str], None]) -> _Inputs:
     has_answers = all(r.answer is not None and str(r.answer).strip() for r in records)
     if not has_answers:
         say("some prompts have no answer: accuracy, novelty, continuation and AUROC are skipped")
-    return _Inputs(records, has_answers, get_verifier(cfg.verifier) if has_answers else None)
+        return _Inputs(records, has_answers, None)
+    verifier = get_verifier(cfg.verifier)
+    bad = [r for r in records if reference_parses(verifier, str(r.answer)) is False]
+    if mostly_unparsed(len(bad), len(records)):  # before any model is loaded
+        say(
+            "warning: "
+            + unparsed_references_message(len(bad), len(records), verifier, bad[0].source, str(bad[0].answer))
+        )
+    return _Inputs(records, has_answers, verifier, bad)
 
 
 def _load_tokenizers(cfg: DoctorConfig) -> PairTokenizers:
@@ -600,17 +656,21 @@ def _measure_template(run: _Run, ti: int, template: str) -> _TemplateResult:
     return _TemplateResult(student, stats, teachers, _pair_metrics(scores))
 
 
-def _grade(run: _Run, roll: Rollout) -> list[tuple[int, bool]]:
-    """(prompt index, correct) per row; without a verifier every row counts as wrong, so the student's
-    row count stays right when answers are missing."""
-    from opd.evaluation.verify import safe_verify
+def _grade(run: _Run, roll: Rollout) -> list[tuple[int, bool, bool]]:
+    """(prompt index, correct, unreadable) per row; without a verifier every row counts as wrong (and
+    readable), so the student's row count stays right when answers are missing. Unreadable: no final
+    answer the verifier can read (`opd.evaluation.verify.prediction_unparsed`)."""
+    from opd.evaluation.verify import prediction_unparsed, safe_verify
 
     records, verifier = run.inputs.records, run.inputs.verifier
-    out: list[tuple[int, bool]] = []
+    out: list[tuple[int, bool, bool]] = []
     for row, text in enumerate(_texts(roll, run.models.tok, run.models.stops)):
         pi = roll.prompt_index[row]
-        ok = bool(safe_verify(verifier, text, str(records[pi].answer)).correct) if verifier else False
-        out.append((pi, ok))
+        if verifier is None:
+            out.append((pi, False, False))
+            continue
+        v = safe_verify(verifier, text, str(records[pi].answer))
+        out.append((pi, bool(v.correct), prediction_unparsed(v.extracted, v.reason)))
     return out
 
 
@@ -625,9 +685,10 @@ def _sample_student(run: _Run, prompt_ids: list[list[int]], ti: int, template: s
     )  # fmt: skip
     out = _StudentRollouts(rolls, [], [[] for _ in run.inputs.records], [])
     for roll in rolls:
-        for pi, ok in _grade(run, roll):
+        for pi, ok, unread in _grade(run, roll):
             out.correct.append(ok)
             out.by_problem[pi].append(ok)
+            out.unparsed += unread
         out.lengths += roll.lengths.tolist()  # one host copy per batch, not one sync per row
     return out
 
@@ -674,6 +735,7 @@ def _template_stats(inputs: _Inputs, student: _StudentRollouts) -> dict[str, Any
     }
     if inputs.has_answers:
         stats["student_acc"] = sum(student.correct) / n
+        stats["student_unparsed"] = student.unparsed
     return stats
 
 
@@ -705,13 +767,17 @@ def _teacher_accuracy(
                       params=run.models.params, batch_size=cfg.batch_size, seed=cfg.seed + 1000 + ti,
                       stop_ids=run.models.stops)  # fmt: skip
     by_problem: list[list[bool]] = [[] for _ in run.inputs.records]
+    unparsed = 0
     for roll in rolls:
-        for pi, ok in _grade(run, roll):
+        for pi, ok, unread in _grade(run, roll):
             by_problem[pi].append(ok)
+            unparsed += unread
     run.bar.advance(len(run.inputs.records) * cfg.teacher_samples, f"{template}: teacher {name} samples")
     out = novelty_stats(student.by_problem, by_problem)
     n_rows = sum(len(r) for r in rolls)
     out["teacher_truncation_rate"] = sum(float(r.truncated.float().sum()) for r in rolls) / max(n_rows, 1)
+    out["teacher_samples_graded"] = float(n_rows)
+    out["teacher_unparsed"] = float(unparsed)
     return out
 
 
@@ -813,16 +879,83 @@ def _continue(run: _Run, gen: HFGenerator, prefixes: list[_Prefix]) -> list[bool
     return ok
 
 
-def _verdicts(cfg: DoctorConfig, reports: dict[str, TeacherReport], best: str) -> dict[str, dict[str, Any]]:
+def answer_readability(
+    run: _Run,
+    result: dict[str, Any],
+    reports: dict[str, TeacherReport],
+    best: str,
+    say: Callable[[str], None],
+) -> dict[str, Any]:
+    """How many answers the verifier could read, at the recommended template (where the verdicts are
+    decided): references, the student's rollouts, each teacher's samples. When half or more of the
+    references, the student's or a teacher's answers are unreadable, its accuracies are ~0 whatever the
+    model does, so that teacher's novelty verdict is withheld (`verdict`'s `unreadable`) and a warning
+    worded as `opd eval`'s names the verifier to use: the models' own default (`lab:` models: the
+    lab's) when they bring one, else ``math-flexible``. doctor.json keeps all of it under ``answers``."""
+    from opd.evaluation.verify import mostly_unparsed, unparsed_responses_message, verifier_name
+    from opd.models.loading import shared_model_defaults
+
+    cfg, inputs = run.cfg, run.inputs
+    if inputs.verifier is None:
+        return {"checked": False, "withheld": []}
+    name = verifier_name(inputs.verifier)
+    own = shared_model_defaults([cfg.student, *cfg.teachers])[0].get("verifier")
+    use = (
+        own
+        if own and own != name
+        else "math-flexible"
+        if name != "math-flexible"
+        else "package.module:callable"
+    )
+    refs = {"unparsed": len(inputs.bad_references), "total": len(inputs.records)}
+    student = {"unparsed": int(result["templates"][best].get("student_unparsed", 0)),
+               "total": int(result["templates"][best]["student_rollouts"])}  # fmt: skip
+    teachers = {
+        t: {"unparsed": int(r.by_template[best].get("teacher_unparsed", 0)),
+            "total": int(r.by_template[best].get("teacher_samples_graded", 0))}
+        for t, r in reports.items()
+    }  # fmt: skip
+    why_all = []
+    if mostly_unparsed(refs["unparsed"], refs["total"]):
+        why_all.append(
+            f"{refs['unparsed']} of {refs['total']} reference answers cannot be read by the {name} verifier"
+        )
+    if mostly_unparsed(student["unparsed"], student["total"]):
+        why_all.append(f"{student['unparsed']} of {student['total']} student answers have no final answer the {name} "
+                       "verifier can read")  # fmt: skip
+        say("warning: " + unparsed_responses_message(student["unparsed"], student["total"], inputs.verifier,
+                                                     whose=f"the student {cfg.student}", suggest=use))  # fmt: skip
+    why: dict[str, str] = {}
+    for t, c in teachers.items():
+        mine = list(why_all)
+        if mostly_unparsed(c["unparsed"], c["total"]):
+            mine.append(f"{c['unparsed']} of {c['total']} teacher answers have no final answer the {name} verifier "
+                        "can read")  # fmt: skip
+            say("warning: " + unparsed_responses_message(c["unparsed"], c["total"], inputs.verifier,
+                                                         whose=f"teacher {reports[t].path}", suggest=use))  # fmt: skip
+        if mine:
+            why[t] = ("verdict withheld: " + "; ".join(mine) + f" (template {best}), so the accuracies say nothing "
+                      f"about the models; use --verifier {use}")  # fmt: skip
+    return {"checked": True, "verifier": name, "template": best, "references": refs, "student": student,
+            "teachers": teachers, "use_verifier": use, "withheld": sorted(why), "why": why}  # fmt: skip
+
+
+def _verdicts(
+    cfg: DoctorConfig, reports: dict[str, TeacherReport], best: str, answers: dict[str, Any]
+) -> dict[str, dict[str, Any]]:
     """Each teacher's verdict, decided at the recommended template: that is the one to train with."""
     out: dict[str, dict[str, Any]] = {}
+    why = answers.get("why", {})
     for name, report in reports.items():
-        report.verdict = verdict(report.by_template[best], cfg.thresholds)
+        report.verdict = verdict(report.by_template[best], cfg.thresholds, unreadable=why.get(name),
+                                 use_verifier=answers.get("use_verifier", "math-flexible"))  # fmt: skip
         out[name] = {
             "path": report.path,
             "by_template": report.by_template,
             "verdict": report.verdict.to_json(),
         }
+    # only the verdicts that got as far as novelty were withheld (identical / incompatible need no answers)
+    answers["withheld"] = [n for n, r in reports.items() if r.verdict is not None and r.verdict.withheld]
     return out
 
 

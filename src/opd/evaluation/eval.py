@@ -22,6 +22,7 @@ import gc
 import json
 import logging
 import math
+import re
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -31,7 +32,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from opd.config import DataConfig, EvalConfig
+from opd.config import VERIFIER_HELP, DataConfig, EvalConfig
 from opd.data import PromptRecord, encode_prompts, load_prompts, render_prompt, uses_chat
 from opd.errors import ConfigError, DataError
 from opd.evaluation.verify import (
@@ -39,9 +40,12 @@ from opd.evaluation.verify import (
     Verdict,
     Verifier,
     get_verifier,
+    mostly_unparsed,
     prediction_unparsed,
     reference_parses,
     safe_verify,
+    unparsed_references_message,
+    unparsed_responses_message,
 )
 from opd.files import atomic_write_text, json_safe
 
@@ -59,6 +63,8 @@ __all__ = [
     "evaluate",
     "gap_recovery",
     "pass_at_k",
+    "portable_name",
+    "portable_names",
     "rollout_reward_auroc",
     "summarize",
     "write_results",
@@ -255,9 +261,6 @@ def summarize(problems: Sequence[ProblemResult], samples: int) -> dict[str, Any]
 # Evaluation
 
 
-UNPARSED_WARN_SHARE = 0.5  # warn when at least this share of references / responses cannot be read
-
-
 def unparsed_references(problems: Sequence[ProblemResult], verifier: Verifier) -> list[ProblemResult]:
     """The problems whose reference answer `verifier` cannot read, warned about when they are many.
 
@@ -265,27 +268,20 @@ def unparsed_references(problems: Sequence[ProblemResult], verifier: Verifier) -
     grammar rejects) every sample is graded wrong, and 0% accuracy would look like a bad model.
     """
     bad = [p for p in problems if reference_parses(verifier, p.answer) is False]
-    if problems and len(bad) >= UNPARSED_WARN_SHARE * len(problems):
-        name = getattr(verifier, "name", type(verifier).__name__)
+    if mostly_unparsed(len(bad), len(problems)):
         log.warning(
-            "%d of %d reference answers cannot be parsed by the %s verifier (e.g. %s: %r); they are compared "
-            "as plain strings, so a low accuracy may mean unreadable references, not a bad model: fix the "
-            "answer field or choose another verifier (--verifier exact or package.module:callable).",
-            len(bad), len(problems), name, bad[0].source, bad[0].answer,
-        )  # fmt: skip
+            unparsed_references_message(len(bad), len(problems), verifier, bad[0].source, bad[0].answer)
+        )
     return bad
 
 
-def _warn_unparsed_predictions(summary: dict[str, Any], verifier: Verifier) -> None:
+def _warn_unparsed_predictions(
+    summary: dict[str, Any], verifier: Verifier, suggest: str | None = None
+) -> None:
     n = summary["n_problems"] * summary["samples"]
     bad = summary["unparsed_predictions"]
-    if n and bad >= UNPARSED_WARN_SHARE * n:
-        log.warning(
-            "%d of %d responses have no final answer the %s verifier can read; the model may not follow the "
-            "answer format (\\boxed{} or an 'Answer:' line): check the template, or use --verifier "
-            "math-flexible.",
-            bad, n, getattr(verifier, "name", type(verifier).__name__),
-        )  # fmt: skip
+    if mostly_unparsed(bad, n):
+        log.warning(unparsed_responses_message(bad, n, verifier, suggest=suggest))
 
 
 def check_answers(records: Sequence[PromptRecord]) -> None:
@@ -365,6 +361,7 @@ def evaluate_prepared(
     keep_texts: bool = True,
     progress: bool = True,
     label: str = "opd eval",
+    suggest_verifier: str | None = None,
 ) -> EvalResult:
     """`evaluate` on already tokenised prompts (the in-loop evaluator tokenises once and reuses them)."""
     from opd.generation.rollout import SamplingParams
@@ -420,7 +417,7 @@ def evaluate_prepared(
             bar.stop()
     summary = summarize(problems, samples)
     summary["unparsed_references"] = len(bad_refs)
-    _warn_unparsed_predictions(summary, verifier)
+    _warn_unparsed_predictions(summary, verifier, suggest_verifier)
     summary.update({"verifier": getattr(verifier, "name", type(verifier).__name__), "temperature": temperature,
                     "top_p": top_p, "max_new_tokens": max_new_tokens, "seed": seed})  # fmt: skip
     return EvalResult(problems=problems, summary=summary)
@@ -446,8 +443,12 @@ def evaluate(
     strict: bool = False,
     keep_texts: bool = True,
     label: str = "opd eval",
+    suggest_verifier: str | None = None,
 ) -> EvalResult:
     """Sample `samples` responses per problem, grade them, and summarise (avg@k, pass@1..k, lengths).
+
+    `suggest_verifier` is the verifier the warning about unreadable responses names (the model's own
+    default, `opd.models.loading.model_defaults`); ``math-flexible`` when None.
 
     `model` must be a plain (unwrapped) HF model, since generation calls `model.generate`. Records
     without an answer are refused before anything is generated. Sampling seeds are keyed by problem index
@@ -469,7 +470,7 @@ def evaluate(
     return evaluate_prepared(
         model, tokenizer, records, ids, samples=samples, temperature=temperature, top_p=top_p,
         max_new_tokens=max_new_tokens, batch_size=batch_size, verifier=verifier, seed=seed, strict=strict,
-        keep_texts=keep_texts, progress=progress, label=label,
+        keep_texts=keep_texts, progress=progress, label=label, suggest_verifier=suggest_verifier,
     )  # fmt: skip
 
 
@@ -477,13 +478,49 @@ def _json_default(x: Any) -> Any:
     return str(x)
 
 
+# Not allowed in file names on Windows (and ':' is the path separator of macOS's Finder), plus controls.
+_UNPORTABLE = re.compile(r'[<>:"/\\|?*\x00-\x1f]')
+_RESERVED = {
+    "CON",
+    "PRN",
+    "AUX",
+    "NUL",
+    *(f"COM{i}" for i in range(1, 10)),
+    *(f"LPT{i}" for i in range(1, 10)),
+}
+
+
+def portable_name(name: str) -> str:
+    """`name` as a file name every OS accepts: ``<>:"/\\|?*`` and control characters become ``_``
+    (``lab:student`` -> ``lab_student``), no trailing dot or space, no reserved Windows device name."""
+    out = _UNPORTABLE.sub("_", name).rstrip(". ") or "_"
+    return f"_{out}" if out.split(".")[0].upper() in _RESERVED else out
+
+
+def portable_names(names: Sequence[str]) -> dict[str, str]:
+    """{name: file name} for `names`, each `portable_name`, kept unique with ``-2``, ``-3`` suffixes
+    (``a:b`` and ``a_b`` would otherwise write the same files; case-insensitive file systems too)."""
+    out: dict[str, str] = {}
+    taken: set[str] = set()
+    for name in names:
+        base = portable_name(name)
+        stem, i = base, 2
+        while stem.lower() in taken:
+            stem, i = f"{base}-{i}", i + 1
+        taken.add(stem.lower())
+        out[name] = stem
+    return out
+
+
 def write_results(result: EvalResult, out_dir: str | Path, name: str) -> dict[str, Path]:
-    """Write ``OUT/NAME.samples.jsonl`` (one line per problem) and ``OUT/NAME.summary.json``, atomically.
+    """Write ``OUT/NAME.samples.jsonl`` (one line per problem) and ``OUT/NAME.summary.json``, atomically,
+    NAME made `portable_name` (pass names from `portable_names` to keep several models' files apart).
 
     The summary is written last, so its presence means the samples file beside it is complete.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    name = portable_name(name)
     samples_path = out / f"{name}.samples.jsonl"
     summary_path = out / f"{name}.summary.json"
     lines = [json.dumps(json_safe(p.to_json()), default=_json_default) + "\n" for p in result.problems]
@@ -569,28 +606,42 @@ class EvalCommandConfig(BaseModel):
     after: str | None = Field(None, description="student after training (name or path)")
     teacher: str | None = Field(None, description="teacher (name or path)")
     prompts: str = Field("", description="problems with an `answer` field (JSONL/Parquet/CSV)")
-    prompt_field: str | None = "prompt"
-    messages_field: str | None = "messages"
-    answer_field: str | None = "answer"
-    max_problems: int | None = Field(None, ge=1)
+    prompt_field: str | None = Field(
+        "prompt", description="column of a plain-text prompt; null to ignore this column"
+    )
+    messages_field: str | None = Field(
+        "messages", description="column of a chat `messages` list; null to ignore this column",
+    )  # fmt: skip
+    answer_field: str | None = Field(
+        "answer", description="column of the reference answer; null to ignore this column"
+    )
+    max_problems: int | None = Field(None, ge=1, description="evaluate only the first N problems; null: all")
     samples: int = Field(16, ge=1, description="k samples per problem")
-    temperature: float = Field(0.7, ge=0.0)
-    top_p: float = Field(0.95, gt=0.0, le=1.0)
-    max_new_tokens: int = Field(1024, ge=1)
+    temperature: float = Field(0.7, ge=0.0, description="sampling temperature; 0 = greedy")
+    top_p: float = Field(0.95, gt=0.0, le=1.0, description="nucleus sampling, 0 < p <= 1; 1 = off")
+    max_new_tokens: int = Field(1024, ge=1, description="response budget in tokens")
     batch_size: int = Field(8, ge=1, description="problems per generate call")
-    template: str = "chat"
-    chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
-    system_prompt: str | None = None
-    max_prompt_tokens: int = Field(4096, ge=1)
-    verifier: str = "math"
+    template: str = Field(
+        "chat", description="raw | chat | dapo | boxed | chat:<named or format string> | a format string with {prompt}",
+    )  # fmt: skip
+    chat_template_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="extra chat-template arguments, e.g. {enable_thinking: false}",
+    )  # fmt: skip
+    system_prompt: str | None = Field(
+        None, description="system message put before every prompt (chat templates); null: none",
+    )  # fmt: skip
+    max_prompt_tokens: int = Field(4096, ge=1, description="the most tokens a rendered prompt may have")
+    verifier: str = Field("math", description=VERIFIER_HELP)
     strict: bool = Field(False, description="stop on a verifier exception instead of grading it wrong")
-    seed: int = 0
+    seed: int = Field(0, description="sampling seed (the same seed, the same samples)")
     dtype: str = Field("float32", description="float32 | bfloat16 | float16 | auto")
     device: str = Field(
         "auto", description="where the models run: auto (this process's GPU when CUDA is available, else "
         "cpu) | cpu | cuda | cuda:N",
     )  # fmt: skip
-    trust_remote_code: bool = False
+    trust_remote_code: bool = Field(
+        False, description="run the model repository's own Python code (only for a source you trust)",
+    )  # fmt: skip
     out: str = Field("eval", description="output directory")
     keep_texts: bool = Field(True, description="write response texts into the samples file")
 

@@ -48,8 +48,13 @@ __all__ = [
     "extract_last_number",
     "get_verifier",
     "normalize_answer",
+    "UNPARSED_WARN_SHARE",
+    "mostly_unparsed",
+    "verifier_name",
     "prediction_unparsed",
     "reference_parses",
+    "unparsed_references_message",
+    "unparsed_responses_message",
     "safe_verify",
     "VERIFIER_ERROR",
     "VerifierError",
@@ -366,6 +371,44 @@ def prediction_unparsed(extracted: str | None, reason: str) -> bool:
     """Whether a graded response had no answer the verifier could read (none found, or math-verify could
     not parse it), from the `Verdict` fields a sample keeps."""
     return extracted is None or UNPARSED_ANSWER in reason or UNPARSED_BOTH in reason
+
+
+UNPARSED_WARN_SHARE = 0.5  # warn (and doctor withholds its verdict) at this share of unreadable answers
+
+
+def mostly_unparsed(bad: int, total: int) -> bool:
+    """Whether `bad` of `total` unreadable answers are enough to make accuracies meaningless: at least
+    `UNPARSED_WARN_SHARE` of them (eval warns then; doctor also withholds its novelty verdict)."""
+    return total > 0 and bad >= UNPARSED_WARN_SHARE * total
+
+
+def verifier_name(verifier: Any) -> str:
+    return getattr(verifier, "name", type(verifier).__name__)
+
+
+def unparsed_references_message(bad: int, total: int, verifier: Any, source: str, answer: str) -> str:
+    """The warning when `bad` of `total` reference answers cannot be read (`opd eval` and `opd doctor`)."""
+    return (
+        f"{bad} of {total} reference answers cannot be parsed by the {verifier_name(verifier)} verifier (e.g. "
+        f"{source}: {answer!r}); they are compared as plain strings, so a low accuracy may mean unreadable "
+        "references, not a bad model: fix the answer field or choose another verifier (--verifier exact or "
+        "package.module:callable)."
+    )
+
+
+def unparsed_responses_message(
+    bad: int, total: int, verifier: Any, *, whose: str | None = None, suggest: str | None = None
+) -> str:
+    """The warning when `bad` of `total` responses (of model `whose`, when given) have no final answer
+    the verifier can read (`opd eval` and `opd doctor`); `suggest` names a better verifier (a model's own
+    default, see `opd.models.loading.model_defaults`), else ``math-flexible``."""
+    of = f" of {whose}" if whose else ""
+    use = suggest or "math-flexible"
+    return (
+        f"{bad} of {total} responses{of} have no final answer the {verifier_name(verifier)} verifier can read; "
+        "the model may not follow the answer format (\\boxed{} or an 'Answer:' line): check the template, or "
+        f"use --verifier {use}."
+    )
 
 
 def safe_verify(verifier: Verifier, response: str, answer: str, *, strict: bool = False) -> Verdict:

@@ -68,8 +68,10 @@ __all__ = [
     "evaluate_levels",
     "gap_diagnostics",
     "load_manifest",
+    "ZOO_MODEL_DEFAULTS",
     "train_model",
     "verify_zoo",
+    "zoo_defaults",
     "zoo_path",
 ]
 
@@ -78,6 +80,10 @@ MANIFEST = "MANIFEST.json"
 ZOO_NAMES: tuple[str, ...] = ("student", "teacher_novel", "teacher_big", "teacher_incompatible")
 GAP_LEVEL = 4
 """The level the student is partial on and `teacher_novel` masters: where OPD has something to recover."""
+ZOO_MODEL_DEFAULTS: dict[str, str] = {"verifier": "opd.lab.world:LabVerifier", "template": "raw"}
+"""How every zoo model is graded and prompted: the lab's answers are bare numbers after a worked sum (no
+\\boxed{}), and its prompts are the plain ``a+b+...=`` text. Commands take these for ``lab:`` models
+through the ``opd.model_defaults`` entry point (`zoo_defaults`) when the user sets no verifier or template."""
 DIAG_ROLLOUTS = 64
 DIAG_KS = (4, 16)
 IGNORE = -100
@@ -175,6 +181,13 @@ def zoo_path(name: str, root: str | Path | None = None) -> Path:
             f"lab model {name!r} is not built at {path}; run `opd lab build` (or reinstall opd, which ships it)"
         )
     return path
+
+
+def zoo_defaults(name: str) -> dict[str, str]:
+    """The ``opd.model_defaults`` entry point of the ``lab`` scheme: `ZOO_MODEL_DEFAULTS` for every zoo model
+    (``lab:NAME``), so `opd doctor --student lab:student ...` grades with `LabVerifier` unasked."""
+    zoo_path(name)  # an unknown name fails here with the list of known ones
+    return dict(ZOO_MODEL_DEFAULTS)
 
 
 def eval_prompt_path(level: int, root: str | Path | None = None) -> Path:
@@ -552,8 +565,8 @@ def _manifest(
             "eval_problems_per_level": len(eval_problems(LEVELS[0])) if eval_n is None else eval_n,
             "max_new_tokens": max_new_tokens,
             "vocab_size": len(tok),
-            "template": "raw",
-            "verifier": "opd.lab.world:LabVerifier",
+            "template": ZOO_MODEL_DEFAULTS["template"],
+            "verifier": ZOO_MODEL_DEFAULTS["verifier"],
         },
         "models": {
             name: {"spec": asdict(specs[name]), "train": train_logs[name], "accuracy": accuracy[name]}

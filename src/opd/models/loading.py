@@ -74,6 +74,98 @@ def model_scheme(scheme: str) -> Callable[[str], Path]:
     return found[scheme].load()
 
 
+MODEL_DEFAULTS = "opd.model_defaults"
+# What a model may bring defaults for: how its answers are graded and how its prompts are rendered.
+DEFAULTABLE = ("verifier", "template")
+
+
+def _scheme_of(spec: str) -> tuple[str, str] | None:
+    """(scheme, name) of a ``SCHEME:NAME`` spec (the rule `_classify` follows), None for other specs."""
+    scheme, sep, name = str(spec).partition(":")
+    if sep and len(scheme) > 1 and scheme.isidentifier() and not Path(spec).exists():
+        return scheme, name.strip()
+    return None
+
+
+def model_defaults(spec: str) -> dict[str, str]:
+    """The settings a model spec brings when the user sets none (``lab:student``: the lab's verifier and
+    ``raw`` template), from the ``opd.model_defaults`` entry point of its scheme; {} for plain paths, hub
+    ids and schemes that register none. An entry point, like `model_scheme`, so the core never imports
+    the lab; the callable takes NAME and returns a mapping with keys from `DEFAULTABLE`."""
+    from importlib.metadata import entry_points
+
+    parsed = _scheme_of(spec)
+    if parsed is None:
+        return {}
+    found = {ep.name: ep for ep in entry_points(group=MODEL_DEFAULTS)}
+    if parsed[0] not in found:
+        return {}
+    out = found[parsed[0]].load()(parsed[1]) or {}
+    bad = sorted(set(out) - set(DEFAULTABLE))
+    if bad:
+        raise ModelError(f"{spec}: the {parsed[0]} scheme's defaults name {bad}; allowed: {DEFAULTABLE}")
+    return {k: str(v) for k, v in out.items()}
+
+
+def shared_model_defaults(specs: Any) -> tuple[dict[str, str], list[str]]:
+    """The defaults every spec in `specs` agrees on, and the specs they came from.
+
+    One command grades and renders for all its models at once (eval's models, doctor's student and
+    teachers), so a default is taken only when every model brings the same value: with a lab model beside
+    a hub model, neither the lab's verifier nor `math` is right for both, and the user must choose."""
+    specs = [s for s in specs if s]
+    found = [model_defaults(s) for s in specs]
+    if not specs or not all(found):
+        return {}, []
+    agreed = {k: v for k, v in found[0].items() if all(d.get(k) == v for d in found[1:])}
+    return {k: agreed[k] for k in DEFAULTABLE if k in agreed}, specs
+
+
+def _user_set(cfg: Any, path: str) -> bool:
+    """Whether the dotted field `path` of pydantic config `cfg` was given (YAML, option or argument),
+    as opposed to left at its default: pydantic's ``model_fields_set``, section by section."""
+    node = cfg
+    for part in path.split("."):
+        if part not in getattr(node, "model_fields_set", set()):
+            return False
+        node = getattr(node, part)
+    return True
+
+
+def model_defaults_note(specs: list[str], taken: dict[str, str], options: dict[str, str]) -> str:
+    """The one line saying which settings were taken from the models, and how to override them."""
+    specs = list(dict.fromkeys(specs))
+    who = specs[0] + (f" (and {len(specs) - 1} more)" if len(specs) > 1 else "")
+    schemes = ", ".join(dict.fromkeys(f"{p[0]}:" for p in map(_scheme_of, specs) if p))
+    what = " and ".join(f"{k} {v}" for k, v in taken.items())
+    how = " / ".join(options[k] for k in taken)
+    return f"{who}: using {what} (the defaults of {schemes} models; set {how} to override)"
+
+
+def apply_model_defaults(
+    cfg: Any, specs: Any, fields: dict[str, str], say: Callable[[str], Any] | None = None
+) -> Any:
+    """`cfg` (a copy) with the defaults the models in `specs` bring applied to the fields the user left
+    unset; `fields` maps a key of `DEFAULTABLE` to its dotted field path in `cfg` (``"template":
+    "data.template"``; a list field such as doctor's ``templates`` gets a one-item list). Explicit
+    settings always win. `say` gets one line naming what was taken (nothing when nothing was)."""
+    defaults, sources = shared_model_defaults(specs)
+    todo = {k: defaults[k] for k in fields if k in defaults and not _user_set(cfg, fields[k])}
+    if not todo:
+        return cfg
+    cfg = cfg.model_copy(deep=True)
+    for key, value in todo.items():
+        *parents, leaf = fields[key].split(".")
+        node = cfg
+        for part in parents:
+            node = getattr(node, part)
+        setattr(node, leaf, [value] if isinstance(getattr(node, leaf), list) else value)
+    if say is not None:
+        options = {k: "--" + (p if "." in p else k) for k, p in fields.items()}
+        say(model_defaults_note(sources, todo, options))
+    return cfg
+
+
 def _classify(spec: str) -> tuple[str, Path | None]:
     """('dir' | 'gguf' | 'hub', path) for a model spec; local-looking specs that do not exist fail here.
 

@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from opd.config import Dtype
+from opd.config import VERIFIER_HELP, Dtype
 from opd.errors import ConfigError, DataError
 from opd.progress import bar
 
@@ -85,20 +85,28 @@ class GenerateConfig(BaseModel):
         "auto", description="where the teacher runs: auto (this process's GPU when CUDA is available, else "
         "cpu) | cpu | cuda | cuda:N; not part of the resume identity",
     )  # fmt: skip
-    trust_remote_code: bool = False
+    trust_remote_code: bool = Field(
+        False, description="run the model repository's own Python code (only for a source you trust)",
+    )  # fmt: skip
     prompts: str = Field(
         "", description="JSONL, Parquet or CSV with `prompt` or `messages`, optional `answer`"
     )
-    prompt_field: str | None = "prompt"
-    messages_field: str | None = "messages"
-    answer_field: str | None = "answer"
+    prompt_field: str | None = Field(
+        "prompt", description="column of a plain-text prompt; null to ignore this column"
+    )
+    messages_field: str | None = Field(
+        "messages", description="column of a chat `messages` list; null to ignore this column",
+    )  # fmt: skip
+    answer_field: str | None = Field(
+        "answer", description="column of the reference answer; null to ignore this column"
+    )
     max_prompts: int | None = Field(None, ge=1, description="use only the first N prompts of the file")
     out: str = Field(
         "", description="output JSONL; sidecars OUT.rejected.jsonl, OUT.summary.json, OUT.meta.json"
     )
     samples: int = Field(1, ge=1, description="responses per prompt (the paper's cold start: 1)")
     temperature: float = Field(1.0, ge=0.0, description="0 = greedy")
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling, 0 < p <= 1; 1 = off")
     top_k: int = Field(0, ge=0, description="0 = off")
     max_new_tokens: int = Field(7168, ge=1, description="response budget (paper: 7168)")
     template: str = Field(
@@ -107,8 +115,10 @@ class GenerateConfig(BaseModel):
     chat_template_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="e.g. {enable_thinking: false}"
     )
-    system_prompt: str | None = None
-    max_prompt_tokens: int = Field(1024, ge=1)
+    system_prompt: str | None = Field(
+        None, description="system message put before every prompt (chat templates); null: none",
+    )  # fmt: skip
+    max_prompt_tokens: int = Field(1024, ge=1, description="the most tokens a rendered prompt may have")
     batch_size: int = Field(
         8, ge=1, description="prompts per generate call (fixed: part of the resume identity)"
     )
@@ -116,10 +126,8 @@ class GenerateConfig(BaseModel):
         default_factory=lambda: list(DEFAULT_FILTERS),
         description="comma list of truncated,no_answer,repetition,incorrect; 'none' keeps everything",
     )
-    verifier: str = Field(
-        "math", description="for the `incorrect` filter: math | exact | module.path:callable"
-    )
-    seed: int = 0
+    verifier: str = Field("math", description="for the `incorrect` filter: " + VERIFIER_HELP)
+    seed: int = Field(0, description="sampling seed (the same seed, the same samples)")
 
     @field_validator("filters", mode="before")
     @classmethod
@@ -471,8 +479,11 @@ def run_generate(
     loaded ones (tests), already placed where they should run; a model loaded here goes to `cfg.device`.
     """
     from opd.device import resolve_device
+    from opd.models.loading import apply_model_defaults
 
     cfg.require_paths()
+    # a lab:NAME teacher renders with the lab's template (and grades with its verifier) unless told otherwise
+    cfg = apply_model_defaults(cfg, [cfg.model], {"verifier": "verifier", "template": "template"}, log)
     device = resolve_device(cfg.device)  # before anything is read or written: `cuda` without CUDA fails here
     plan = _plan(cfg, log)
     t0 = time.perf_counter()

@@ -82,10 +82,18 @@ class RenderConfig(_Cfg):
     chat_template_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="e.g. {enable_thinking: false}"
     )
-    system_prompt: str | None = None
-    prompt_field: str | None = "prompt"
-    messages_field: str | None = "messages"
-    trust_remote_code: bool = False
+    system_prompt: str | None = Field(
+        None, description="system message put before every prompt (chat templates); null: none",
+    )  # fmt: skip
+    prompt_field: str | None = Field(
+        "prompt", description="column of a plain-text prompt; null to ignore this column"
+    )
+    messages_field: str | None = Field(
+        "messages", description="column of a chat `messages` list; null to ignore this column",
+    )  # fmt: skip
+    trust_remote_code: bool = Field(
+        False, description="run the model repository's own Python code (only for a source you trust)",
+    )  # fmt: skip
 
 
 class SelectConfig(_Cfg):
@@ -109,23 +117,39 @@ class SelectConfig(_Cfg):
     max_new_tokens: int = Field(64, ge=1, description="rollout budget for scoring")
     k: int = Field(16, ge=1, description="top-k of the overlap metrics")
     temperature: float = Field(1.0, ge=0.0, description="rollout temperature (1.0 = the student's policy)")
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling, 0 < p <= 1; 1 = off")
     template: str = Field("chat", description="the template the run will train with")
-    chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
-    system_prompt: str | None = None
+    chat_template_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="extra chat-template arguments, e.g. {enable_thinking: false}",
+    )  # fmt: skip
+    system_prompt: str | None = Field(
+        None, description="system message put before every prompt (chat templates); null: none",
+    )  # fmt: skip
     max_prompt_tokens: int = Field(1024, ge=1, description="longer prompts are skipped (and reported)")
     batch_size: int = Field(8, ge=1, description="prompts per generate call")
-    student_dtype: str = "float32"
-    teacher_dtype: str = "float32"
+    student_dtype: str = Field(
+        "float32", description="the student's dtype: float32 | bfloat16 | float16 | auto"
+    )
+    teacher_dtype: str = Field(
+        "float32", description="the teachers' dtype: float32 | bfloat16 | float16 | auto; bfloat16 halves a big teacher's memory",
+    )  # fmt: skip
     device: str = Field(
         "auto", description="where the student and teacher run: auto (this process's GPU when CUDA is "
         "available, else cpu) | cpu | cuda | cuda:N",
     )  # fmt: skip
-    seed: int = 0
-    trust_remote_code: bool = False
-    prompt_field: str | None = "prompt"
-    messages_field: str | None = "messages"
-    answer_field: str | None = "answer"
+    seed: int = Field(0, description="sampling seed (the same seed, the same samples)")
+    trust_remote_code: bool = Field(
+        False, description="run the model repository's own Python code (only for a source you trust)",
+    )  # fmt: skip
+    prompt_field: str | None = Field(
+        "prompt", description="column of a plain-text prompt; null to ignore this column"
+    )
+    messages_field: str | None = Field(
+        "messages", description="column of a chat `messages` list; null to ignore this column",
+    )  # fmt: skip
+    answer_field: str | None = Field(
+        "answer", description="column of the reference answer; null to ignore this column"
+    )
 
 
 class DedupConfig(_Cfg):
@@ -143,9 +167,15 @@ class DedupConfig(_Cfg):
     )  # fmt: skip
     out: str | None = Field(None, description="kept records; default INPUT stem + .dedup.jsonl")
     report: str | None = Field(None, description="removed records and why; default OUT stem + .report.jsonl")
-    prompt_field: str | None = "prompt"
-    messages_field: str | None = "messages"
-    answer_field: str | None = "answer"
+    prompt_field: str | None = Field(
+        "prompt", description="column of a plain-text prompt; null to ignore this column"
+    )
+    messages_field: str | None = Field(
+        "messages", description="column of a chat `messages` list; null to ignore this column",
+    )  # fmt: skip
+    answer_field: str | None = Field(
+        "answer", description="column of the reference answer; null to ignore this column"
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -757,8 +787,9 @@ def run_selection(
     """
     from opd.data import validate_template
     from opd.device import resolve_device
-    from opd.models.loading import load_pair
+    from opd.models.loading import apply_model_defaults, load_pair
 
+    cfg = apply_model_defaults(cfg, [cfg.student, cfg.teacher], {"template": "template"}, log)  # lab: models
     validate_template(cfg.template)
     device = resolve_device(cfg.device)  # before any loading: `--device cuda` without CUDA fails here
     tp, pool = _selection_records(cfg, log)

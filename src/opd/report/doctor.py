@@ -27,7 +27,14 @@ from opd.report.render import (
     write_document,
 )
 
-__all__ = ["METRIC_ROWS", "POSITION_METRICS", "build_document", "render_markdown", "write_doctor_report"]
+__all__ = [
+    "METRIC_ROWS",
+    "POSITION_METRICS",
+    "build_document",
+    "readability_note",
+    "render_markdown",
+    "write_doctor_report",
+]
 
 # (key, label, is_percentage) in the order the report shows them.
 METRIC_ROWS: tuple[tuple[str, str, bool], ...] = (
@@ -83,6 +90,26 @@ def _teacher_rows(res: dict[str, Any], template: str) -> tuple[list[str], list[l
     return names, rows
 
 
+def readability_note(res: dict[str, Any]) -> str | None:
+    """In plain words, why a verdict was withheld (most answers unreadable by the verifier), or None."""
+    a = res.get("answers") or {}
+    if not a.get("withheld"):
+        return None
+    parts = []
+    if a["references"]["total"] and a["references"]["unparsed"] * 2 >= a["references"]["total"]:
+        parts.append(f"{a['references']['unparsed']} of {a['references']['total']} reference answers")
+    parts.append(f"{a['student']['unparsed']} of {a['student']['total']} student answers")
+    parts += [
+        f"{a['teachers'][n]['unparsed']} of {a['teachers'][n]['total']} answers of {n}" for n in a["withheld"]
+    ]
+    who = ", ".join(a["withheld"])
+    return (
+        f"no verdict on new capability for {who}: the {a['verifier']} verifier could not read most answers "
+        f"({'; '.join(parts)} unreadable, template {a['template']}), so the accuracies are about 0 whatever the "
+        f"models can do. Rerun with --verifier {a['use_verifier']}."
+    )
+
+
 def build_document(res: dict[str, Any], figures: dict[str, str] | None = None) -> list[Block]:
     """The report: verdicts first, then the numbers behind them, templates, pairs, thresholds."""
     cfg = res["config"]
@@ -96,6 +123,9 @@ def build_document(res: dict[str, Any], figures: dict[str, str] | None = None) -
         ),
         Heading("Verdicts"),
     ]
+    unreadable = readability_note(res)
+    if unreadable:
+        doc.append(Note(esc(unreadable), label="verdict withheld"))
     for name, t in res["teachers"].items():
         v = t["verdict"]
         doc.append(Paragraph(f"**{esc(name)}** ({code(t['path'])}): **{v['headline']}**"))
@@ -151,6 +181,8 @@ def build_document(res: dict[str, Any], figures: dict[str, str] | None = None) -
             "Ordered rules on the numbers above (`opd.evaluation.doctor.verdict`): identical if reverse KL <= "
             f"{th['identical_kl']:g}; incompatible thinking pattern if the teacher's overlap mass < "
             f"{th['min_overlap_mass']:g} or the overlap-token advantage < {th['min_overlap_advantage']:g}; "
+            "no verdict on new capability when the verifier cannot read half or more of the reference answers, "
+            "the student's answers or the teacher's (every accuracy would be about 0); "
             f"no new capability if teacher - student accuracy < {th['min_accuracy_gap']:g} and the share of "
             f"problems only the teacher solves < {th['min_novel_share']:g}; otherwise go. Two teachers are "
             f"flagged indistinguishable at overlap ratio >= {th['indistinguishable_overlap']:g} and KL <= "

@@ -36,14 +36,16 @@ class ServeTeacherConfig(BaseModel):
 
     model: str = Field("", description="local Hugging Face model directory or lab:NAME")
     host: str = Field("127.0.0.1", description="bind address; 0.0.0.0 exposes it (set OPD_TEACHER_API_KEY)")
-    port: int = Field(8000, ge=1, le=65535)
+    port: int = Field(8000, ge=1, le=65535, description="port the server listens on")
     max_logprobs: int = Field(20, ge=1, description="largest teacher.top_k clients may ask for")
     dtype: str = Field("bfloat16", description="engine dtype")
     max_model_len: int | None = Field(None, ge=1, description="longest prompt + response; default: model's")
     kv_cache_gb: int = Field(4, ge=1, description="CPU KV cache GiB (VLLM_CPU_KVCACHE_SPACE)")
     served_name: str | None = Field(None, description="model name clients send; default: the directory name")
     python: str | None = Field(None, description="interpreter with vllm installed; default: this one")
-    trust_remote_code: bool = False
+    trust_remote_code: bool = Field(
+        False, description="run the model repository's own Python code (only for a source you trust)",
+    )  # fmt: skip
     ready_timeout_s: float = Field(900.0, gt=0, description="how long to wait for the server to answer")
     log_file: str | None = Field(None, description="write the server's output here instead of the terminal")
     vllm_args: list[str] = Field(default_factory=list, description="extra vLLM server arguments")

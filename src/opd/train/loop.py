@@ -64,6 +64,37 @@ def refuse_to_overwrite(run_dir: Path, command: str) -> None:
         )
 
 
+def finished_run(run_dir: Path, *, steps: int | None, save_final: bool, command: str) -> str | None:
+    """The one line a `--resume` of a run with nothing left to do prints instead of training, or None.
+
+    Finished: the newest checkpoint is whole and at the run's total (`steps` when given, else the total
+    its state.json recorded), and RUN_DIR/final is there (unless `save_final` is off). Decided from the
+    files alone, before any model loads, so such a resume changes nothing on disk (no rewritten final/,
+    config.yaml or metrics.jsonl). A run whose final model is missing is not finished: the resume writes it.
+    """
+    import json
+
+    found = ckpt.list_checkpoints(run_dir)
+    if not found:
+        return None
+    step, path = found[-1]
+    if ckpt.checkpoint_problem(path, load=False) is not None:
+        return None  # the resume skips it and says why
+    try:
+        recorded = json.loads((path / ckpt.COMPLETE).read_text(encoding="utf-8")).get("total_steps")
+    except (OSError, ValueError, AttributeError):
+        return None
+    total = steps if steps is not None else recorded
+    if not isinstance(total, int) or step < total:
+        return None
+    final = run_dir / "final"
+    if save_final and not final.is_dir():
+        return None
+    where = f"final model: {final}" if final.is_dir() else f"save_final is off; last checkpoint: {path}"
+    return (f"{run_dir} already finished at step {step}/{total}; nothing to do ({where}). To train further, "
+            f"raise --steps: `{command} --resume {run_dir} --steps {2 * step}`")  # fmt: skip
+
+
 def resumable_checkpoint(run_dir: Path, log: Callable[[str], Any]) -> Path:
     """The newest whole checkpoint, after logging each newer damaged one skipped (left on disk).
 

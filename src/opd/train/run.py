@@ -7,16 +7,20 @@ raised for the caller (the CLI turns them into one line and an exit code), never
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
+from rich.text import Text
 
 from opd.config import TrainConfig
 from opd.errors import InterruptedRun, OpdError, StorageError
 from opd.progress import bar
 from opd.teachers.http import TeacherUnavailableError
 from opd.train.alarms import CollapseError
-from opd.train.loop import apply_dist_timeout
+from opd.train.loop import apply_dist_timeout, finished_run
 from opd.train.trainer import NonFiniteLossError, OPDTrainer
 
 
@@ -29,8 +33,22 @@ def _is_main() -> bool:
 def run_training(cfg: TrainConfig, *, resume: bool, console: Console | None = None) -> None:
     """Set up an `OPDTrainer`, report what it loaded, self-test the scoring path, train with a progress
     bar, and tear the processes down in order whatever happens (errors are raised, not printed)."""
-    console = console or Console(stderr=True, soft_wrap=True)
+    from opd.models.loading import apply_model_defaults
 
+    console = console or Console(stderr=True, soft_wrap=True)
+    if resume:
+        done = finished_run(
+            Path(cfg.run_dir), steps=cfg.steps, save_final=cfg.save_final, command="opd train"
+        )
+        if done is not None:  # nothing to train, and nothing on disk is touched
+            if os.environ.get("RANK", "0") == "0":
+                console.print(Text(done))
+            return
+    # lab:NAME models train with the lab's template and evaluate with its verifier unless told otherwise;
+    # a resumed run's config.yaml names both, so this applies only to a new run
+    cfg = apply_model_defaults(cfg, [cfg.student.path, cfg.teacher.path],
+                               {"template": "data.template", "verifier": "eval.verifier"},
+                               console.print if os.environ.get("RANK", "0") == "0" else None)  # fmt: skip
     trainer = OPDTrainer(cfg, resume=resume, log=lambda m: console.print(m) if _is_main() else None)
     apply_dist_timeout(trainer.acc)  # before set-up's first collective: a dead rank fails the others fast
     ok = False

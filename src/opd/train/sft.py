@@ -37,6 +37,7 @@ import contextlib
 import hashlib
 import json
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +54,7 @@ from opd.progress import bar
 from opd.train import checkpoint as ckpt
 from opd.train.loop import (
     build_optimizer,
+    finished_run,
     open_metrics,
     refuse_to_overwrite,
     release_distributed,
@@ -67,8 +69,13 @@ IGNORE = -100
 class SFTOptimConfig(OptimConfig):
     """`opd train`'s optimizer settings with the paper's SFT defaults."""
 
-    lr: float = Field(1e-5, gt=0.0)
-    schedule: Literal["constant", "warmup", "cosine"] = "cosine"
+    lr: float = Field(
+        1e-5, gt=0.0, description="AdamW learning rate (peak, with a schedule); the paper's SFT uses 1e-5",
+    )  # fmt: skip
+    schedule: Literal["constant", "warmup", "cosine"] = Field(
+        "cosine", description="learning-rate schedule: constant | warmup (linear ramp to lr over the warm-up steps, then "
+        "constant) | cosine (the same ramp, then cosine decay to min_lr_ratio x lr)",
+    )  # fmt: skip
     warmup_ratio: float = Field(0.05, ge=0.0, le=1.0, description="used when warmup_steps is 0")
 
 
@@ -79,32 +86,48 @@ class SFTConfig(BaseModel):
 
     model: str = Field("", description="student to fine-tune: local dir, .gguf file, or hub id")
     dtype: Dtype = Field("float32", description="fp32 master weights (bf16 swallows small updates)")
-    trust_remote_code: bool = False
+    trust_remote_code: bool = Field(
+        False, description="run the model repository's own Python code (only for a source you trust)",
+    )  # fmt: skip
     data: str = Field(
         "", description="JSONL with `messages` (ending in an assistant turn) or prompt/response"
     )
-    messages_field: str = "messages"
-    prompt_field: str = "prompt"
-    response_field: str = "response"
+    messages_field: str = Field(
+        "messages", description="column of the chat `messages` list (ending in an assistant turn)",
+    )  # fmt: skip
+    prompt_field: str = Field(
+        "prompt", description="column of the prompt, for data with prompt/response columns instead of messages",
+    )  # fmt: skip
+    response_field: str = Field(
+        "response", description="column of the response, for data with prompt/response columns"
+    )
     template: str = Field("chat", description="chat | chat:<x> | raw | dapo | boxed | a format string")
     chat_template_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="e.g. {enable_thinking: false}"
     )
     max_seq_len: int = Field(8192, ge=2, description="longer examples are skipped and counted")
-    run_dir: str = "runs/sft"
+    run_dir: str = Field(
+        "runs/sft", description="where the run writes config.yaml, metrics.jsonl, checkpoints/ and final/",
+    )  # fmt: skip
     epochs: float = Field(1.0, gt=0.0, description="passes over the data; ignored when steps is set")
     steps: int | None = Field(
         None, ge=1, description="optimizer steps; default: epochs x examples / batch_size"
     )
     batch_size: int = Field(32, ge=1, description="examples per optimizer step, global across processes")
     micro_batch_size: int = Field(4, ge=1, description="examples per forward/backward (grad accumulation)")
-    shuffle: bool = True
+    shuffle: bool = Field(
+        True, description="draw the examples in a new seeded order each epoch; false: file order"
+    )
     optim: SFTOptimConfig = SFTOptimConfig()
     tracking: TrackingConfig = TrackingConfig()
-    seed: int = 0
-    checkpoint_every: int = Field(100, ge=1)
-    keep_checkpoints: int = Field(2, ge=1)
-    save_final: bool = True
+    seed: int = Field(0, description="seed of the example order")
+    checkpoint_every: int = Field(
+        100, ge=1, description="save a resumable checkpoint every N optimizer steps"
+    )
+    keep_checkpoints: int = Field(
+        2, ge=1, description="checkpoints kept in RUN_DIR/checkpoints; older ones are deleted",
+    )  # fmt: skip
+    save_final: bool = Field(True, description="save the fine-tuned model to RUN_DIR/final at the end")
 
     def require_paths(self) -> None:
         missing = [name for name in ("model", "data") if not getattr(self, name)]
@@ -548,8 +571,19 @@ class SFTTrainer:
 
 
 def sft_with_progress(cfg: Any, *, resume: bool, log: Callable[[str], Any] | None = None) -> Any:
-    """Set up and run an `opd.train.sft.SFTTrainer` with a progress bar; returns the trainer."""
+    """Set up and run an `opd.train.sft.SFTTrainer` with a progress bar; returns the trainer, or None when
+    `resume` finds the run finished (`opd.train.loop.finished_run`: one line, nothing on disk changed)."""
+    from opd.models.loading import apply_model_defaults
+
     log = log or print
+    if resume:
+        done = finished_run(Path(cfg.run_dir), steps=cfg.steps, save_final=cfg.save_final, command="opd sft")
+        if done is not None:  # nothing to train, and nothing on disk is touched
+            if os.environ.get("RANK", "0") == "0":
+                log(done)
+            return None
+    # a lab:NAME student trains with the lab's template unless told otherwise
+    cfg = apply_model_defaults(cfg, [cfg.model], {"template": "template"}, log)
     trainer = SFTTrainer(cfg, resume=resume, log=log)
     trainer.setup()
     main = trainer.acc.is_main_process
