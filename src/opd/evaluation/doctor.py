@@ -58,7 +58,7 @@ __all__ = [
 
 class DoctorThresholds(BaseModel):
     """Where the verdict rules draw their lines (see `verdict`); set on the lab world, documented in
-    the README's doctor section and printed in every report."""
+    docs/guide.md (the doctor section) and printed in every report."""
 
     model_config = ConfigDict(extra="forbid")
 
