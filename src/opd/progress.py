@@ -13,16 +13,23 @@ thread), so a silent log always means a stuck process, never a slow one.
 `StopRequests` turns the first SIGINT/SIGTERM into a request the loop honours at its next safe point
 (after the current step or batch), so the work done so far is kept and the command can say how to resume;
 a second signal exits at once.
+
+`quiet_libraries()` turns off the libraries' own chatter (transformers' "Loading weights" bars, its
+info/warning log lines, huggingface_hub's bars, accelerate's notices) for a command whose output should
+be opd's alone; errors still show.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from types import FrameType, TracebackType
 from typing import Any
 
@@ -226,6 +233,68 @@ def bar(name: str, *, console: Console | None = None, enabled: bool = True, rema
         name=name,
         **kw,
     )
+
+
+# ----------------------------------------------------------------------------------------------------
+# The libraries' own output
+
+QUIET_LOGGERS = ("transformers", "accelerate", "huggingface_hub", "datasets", "torch.distributed")
+"""Loggers held at ERROR inside `quiet_libraries` (their info and warnings are about the libraries'
+internals: load reports, generation-flag notes, deprecations, none of which a user of opd can act on)."""
+QUIET_WARNING_MODULES = r"(transformers|accelerate|huggingface_hub|datasets)(\.|$)"
+"""Modules whose Python `warnings` (FutureWarning, UserWarning ...) are hidden inside `quiet_libraries`."""
+
+
+@contextlib.contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """Within the block, transformers / accelerate / huggingface_hub print only errors: no "Loading weights"
+    or download bars, no info or warning log lines, no Python warnings from those packages.
+
+    Everything is restored on exit (verbosity, bars, logger levels, warning filters), so it nests and can
+    wrap one phase of a command. Errors (log records at ERROR and above, exceptions) still show. A user who
+    set ``TRANSFORMERS_VERBOSITY`` or ``OPD_DEBUG`` asked to see the libraries: then this does nothing.
+    Not thread-safe (logger levels and warning filters are process-wide), like `warnings.catch_warnings`.
+    """
+    if os.environ.get("TRANSFORMERS_VERBOSITY") or os.environ.get("OPD_DEBUG"):
+        yield
+        return
+    restore: list[Callable[[], None]] = []
+    try:
+        try:
+            from transformers.utils import logging as hf_logging
+        except ImportError:  # pragma: no cover - transformers is a dependency
+            hf_logging = None
+        if hf_logging is not None:
+            verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+            hf_logging.set_verbosity_error()
+            hf_logging.disable_progress_bar()
+            restore.append(lambda: hf_logging.set_verbosity(verbosity))
+            restore.append(hf_logging.enable_progress_bar if bars else hf_logging.disable_progress_bar)
+        try:
+            from huggingface_hub.utils import (
+                are_progress_bars_disabled,
+                disable_progress_bars,
+                enable_progress_bars,
+            )
+        except ImportError:  # pragma: no cover
+            pass
+        else:
+            hub_off = are_progress_bars_disabled()
+            disable_progress_bars()
+            if not hub_off:
+                restore.append(enable_progress_bars)
+        for name in QUIET_LOGGERS:
+            lg = logging.getLogger(name)
+            level = lg.level
+            if lg.getEffectiveLevel() < logging.ERROR:
+                lg.setLevel(logging.ERROR)
+                restore.append(lambda lg=lg, level=level: lg.setLevel(level))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", module=QUIET_WARNING_MODULES)
+            yield
+    finally:
+        for undo in reversed(restore):
+            undo()
 
 
 # ----------------------------------------------------------------------------------------------------

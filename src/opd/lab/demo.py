@@ -19,9 +19,17 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-__all__ = ["DEMO_EXPERIMENTS", "print_summary", "register_experiments", "run_demo"]
+__all__ = [
+    "DEMO_EXPERIMENTS",
+    "plan_lines",
+    "print_summary",
+    "register_experiments",
+    "result_line",
+    "run_demo",
+]
 
 DEMO_EXPERIMENTS = ("thinking_patterns", "novelty_vs_scale")
 _STATUS_STYLE = {"reproduced": "green", "partly": "yellow", "not reproduced": "red", "not run": "dim"}
@@ -46,7 +54,21 @@ def _one(summary_arm: dict[str, Any], m: str, pct: bool) -> str:
     return f"{k * s['mean']:.{d}f}" + (f" ± {k * s['std']:.{d}f}" if s["n"] > 1 else "")
 
 
-def print_summary(console: Console, summary: dict[str, Any]) -> None:
+def print_claims(console: Console, summary: dict[str, Any]) -> None:
+    """One line per claim that was run (status: the lab's numbers), and why where it was not reproduced;
+    the claims' wording is in the report and `opd lab list`."""
+    for v in summary.get("verdicts", []):
+        if v["status"] == "not run":
+            continue
+        style = _STATUS_STYLE.get(v["status"], "")
+        console.print(
+            f"  claim {v['claim_id']} [{style}]{v['status']}[/]: {escape(v['result'])}", soft_wrap=True
+        )
+        if v.get("why") and v["status"] != "reproduced":
+            console.print(f"     why: {escape(v['why'])}", soft_wrap=True, highlight=False)
+
+
+def print_summary(console: Console, summary: dict[str, Any], *, claims: bool = True) -> None:
     """A compact comparison table (mean ± std over seeds) and the verdicts; the report has every metric."""
     table = Table(title=summary["title"])
     for h in ("arm", "seeds", "gap-level acc % (before → after)", "gap recovery %", "easy levels Δ pts",
@@ -61,6 +83,8 @@ def print_summary(console: Console, summary: dict[str, Any]) -> None:
             _cell(a, "overlap_mass_student_initial", "overlap_mass_student_final", False),
         )  # fmt: skip
     console.print(table)
+    if not claims:
+        return
     verdicts = Table(show_header=True, title="paper claim vs lab result")
     verdicts.add_column("claim", overflow="fold", ratio=3)
     verdicts.add_column("status")
@@ -109,6 +133,94 @@ def _zoo_table(zoo: Any) -> Table | None:
     return table
 
 
+EST_STEP_S = 0.5
+"""Seconds per OPD step of the lab's settings (16 prompts x 4 rollouts, one torch thread), measured on this
+project's 2-core CPU machine: the demo's 9 runs of 80 steps took 6.5 min. Only for the up-front estimate."""
+EST_RUN_S = 4.0
+"""Seconds per run besides its steps (set-up, the evaluation after training), same machine."""
+
+DEMO_SHOWS: dict[str, str] = {
+    "thinking_patterns": "OPD lifts the student on the level it could not solve when the teacher solves problems "
+    "the way the student does, and breaks the student when the teacher uses another pattern (expected: that arm "
+    "collapses, its answers become unreadable)",
+    "novelty_vs_scale": "a teacher with a capability the student lacks recovers more of the gap than a bigger "
+    "teacher trained on the same data",
+}
+"""What each demo experiment is meant to show, in plain words (the claims it tests; the verdicts judge them)."""
+
+
+def _planned_runs(runs: Path, seeds: list[int]) -> dict[str, int]:
+    """Runs each demo experiment will train (not already on disk; experiment 2's novel arm is copied)."""
+    from opd.lab.registry import EXPERIMENTS
+    from opd.lab.runner import result_path
+
+    out = {}
+    for name in DEMO_EXPERIMENTS:
+        spec = EXPERIMENTS[name]
+        n = 0
+        for seed in seeds or list(spec.seeds):
+            for arm in spec.arms:
+                if result_path(runs, name, arm.name, seed).is_file():
+                    continue
+                if name == "novelty_vs_scale" and arm.name == "novel":
+                    continue  # copied from thinking_patterns/compatible, which the demo runs first
+                n += 1
+        out[name] = n
+    return out
+
+
+def plan_lines(*, seeds: int | None, steps: int | None, budget_minutes: float, runs: Path) -> list[str]:
+    """What the demo will run and show, and how long it should take: printed before anything runs."""
+    from opd.lab.registry import EXPERIMENTS
+
+    first = EXPERIMENTS[DEMO_EXPERIMENTS[0]]
+    chosen = list(range(seeds)) if seeds is not None else list(first.seeds)
+    planned = _planned_runs(runs, chosen)
+    lines = ["opd demo: on-policy distillation (OPD) in a small lab world, on this machine's CPU or GPU.",
+             f"It distils lab:student (a 0.2M-parameter model that solves sums of 2-3 numbers and half of level 4) "
+             f"toward different teachers, {len(chosen)} seed(s) x {steps or first.steps} OPD steps per run:"]  # fmt: skip
+    for i, name in enumerate(DEMO_EXPERIMENTS, 1):
+        spec = EXPERIMENTS[name]
+        arms = ", ".join(f"{a.name} ({a.teacher.removeprefix('lab:')})" for a in spec.arms)
+        reuse = "; its novel arm reuses experiment 1's runs" if name == "novelty_vs_scale" else ""
+        lines.append(
+            f"  {i}. {spec.title.split(': ', 1)[-1]}: arms {arms}; {planned[name]} run(s) to train{reuse}."
+        )
+        lines.append(f"     Shows: {DEMO_SHOWS.get(name, spec.description)}.")
+    total = sum(planned.values())
+    est = total * (EST_RUN_S + EST_STEP_S * (steps or first.steps))
+    lines.append(f"Time: {total} training run(s), about {max(1.0, est / 60):.0f} min on 2 CPU cores (less on a GPU); "
+                 f"budget {budget_minutes:g} min (--budget-minutes): experiment 2 runs only if it still fits.")  # fmt: skip
+    lines.append(f"Results go to {runs}/; the report (what ran, the paper's claims vs these runs, figures) to "
+                 f"{runs}/report.md and report.html.")  # fmt: skip
+    return lines
+
+
+def result_line(summaries: list[dict[str, Any]]) -> str:
+    """The demo's outcome in one line: each teacher's effect on the gap level, and the claims' tally."""
+    from opd.lab.report import status_counts
+
+    seen: dict[str, str] = {}
+    before = ""
+    gap = 4
+    for s in summaries:
+        gap = s.get("gap_level", gap)
+        for a in s.get("arms", {}).values():
+            h = a.get("headline", {})
+            b, f = h.get("gap_before") or {}, h.get("gap_after") or {}
+            if not a.get("seeds") or not b.get("n") or not f.get("n"):
+                continue
+            before = before or f"{100 * b['mean']:.1f}%"
+            seen.setdefault(str(a.get("teacher", "")).removeprefix("lab:"), f"{100 * f['mean']:.1f}%")
+    counts = status_counts(summaries)
+    tally = ", ".join(f"{n} {k}" for k, n in counts.items()) or "none judged"
+    effects = ", ".join(f"{v} toward {k}" for k, v in seen.items())
+    head = (
+        f"the student's level-{gap} accuracy went from {before} to {effects}" if seen else "no run finished"
+    )
+    return f"result: {head}; paper claims tested: {sum(counts.values())} ({tally})."
+
+
 def run_demo(
     *,
     budget_minutes: float = 10.0,
@@ -123,53 +235,74 @@ def run_demo(
     """Run the demo; returns {"summaries", "report", "wall_time_s", "ran"}. `zoo` injects a LabZoo (tests).
 
     `device`: where the runner's own model loads run (`LabRunner.device`; ``auto`` = GPU when available).
+    What it prints: the plan (`plan_lines`), the zoo check, one progress bar over all the runs to train with
+    its ETA (plain lines with the ETA in a log file), a line per run, the tables, where the report is and
+    the one-line result. The libraries' own output is off (`opd.progress.quiet_libraries`), and the
+    evaluator's warnings about unreadable answers become one counted line per run (`count_unreadable_answers`).
     """
     from opd.device import resolve_device
     from opd.lab.registry import EXPERIMENTS
     from opd.lab.report import build_report
     from opd.lab.runner import LabRunner, RichReporter, rich_progress
+    from opd.progress import quiet_libraries
 
     resolve_device(device)  # before the zoo is loaded or built: `cuda` without CUDA fails here
     console = console or Console(stderr=True)
     out = Console()
     t0 = time.monotonic()
     deadline = t0 + 60.0 * budget_minutes
-    if zoo is None:
-        zoo = _load_zoo(zoo_root, console, build_if_missing=True)
-    table = _zoo_table(zoo)
-    if table is not None:
-        out.print(table)
+    runs = Path(runs)
+    for line in plan_lines(seeds=seeds, steps=steps, budget_minutes=budget_minutes, runs=runs):
+        out.print(line, highlight=False, soft_wrap=True)
     summaries: list[dict[str, Any]] = []
     ran: list[str] = []
-    for name in DEMO_EXPERIMENTS:
-        spec = EXPERIMENTS[name]
-        chosen = list(range(seeds)) if seeds is not None else list(spec.seeds)
-        if name != DEMO_EXPERIMENTS[0]:
-            per_run = _seconds_per_run(summaries)
-            todo = _new_runs(spec, runs, chosen)
-            left = deadline - time.monotonic()
-            if per_run is not None and todo * per_run > left:
-                fit = int(left // (per_run * max(1, todo / max(1, len(chosen)))))
-                if fit < 1:
-                    console.print(f"[yellow]skipping {spec.title}[/]: {todo} runs x ~{per_run:.0f}s do not fit in "
-                                  f"the remaining {max(0.0, left):.0f}s of the {budget_minutes:g}-minute budget")  # fmt: skip
-                    continue
-                chosen = chosen[:fit]
-                console.print(f"[yellow]budget[/]: running {spec.title} with {fit} seed(s)")
-        console.rule(spec.title)
-        with rich_progress(console) as progress:
-            reporter = RichReporter(progress, console, total_runs=len(chosen) * len(spec.arms))
+    with quiet_libraries():
+        if zoo is None:
+            zoo = _load_zoo(zoo_root, console, build_if_missing=True)
+        table = _zoo_table(zoo)
+        if table is not None:
+            out.print(table)
+        first = EXPERIMENTS[DEMO_EXPERIMENTS[0]]
+        chosen0 = list(range(seeds)) if seeds is not None else list(first.seeds)
+        planned = _planned_runs(runs, chosen0)
+        with rich_progress(console, name="opd demo") as progress:
+            reporter = RichReporter(progress, console, total_runs=max(1, sum(planned.values())),
+                                    steps_per_run=int(steps or first.steps), label="all runs",
+                                    run_bars=not getattr(progress, "plain", False))  # fmt: skip
             runner = LabRunner(zoo=zoo, out_root=runs, reporter=reporter, device=device)
-            summary = runner.run_experiment(spec, seeds=chosen, steps=steps, deadline=deadline)
-        summaries.append(summary)
-        ran.append(name)
-    wall = time.monotonic() - t0
-    rep = build_report(runs, runs / "report.md", extra=[("Demo", (
-        f"`opd demo` ran {', '.join(ran) or 'nothing'} in {wall / 60:.1f} min of wall time "
-        f"(budget {budget_minutes:g} min); runs whose result files already existed were reused, not re-trained."))])  # fmt: skip
+            for name in DEMO_EXPERIMENTS:
+                spec = EXPERIMENTS[name]
+                chosen = list(range(seeds)) if seeds is not None else list(spec.seeds)
+                if name != DEMO_EXPERIMENTS[0]:
+                    per_run = _seconds_per_run(summaries)
+                    todo = _new_runs(spec, runs, chosen)
+                    left = deadline - time.monotonic()
+                    if per_run is not None and todo * per_run > left:
+                        fit = int(left // (per_run * max(1, todo / max(1, len(chosen)))))
+                        if fit < 1:
+                            console.print(f"[yellow]skipping {spec.title}[/]: {todo} runs x ~{per_run:.0f}s do not fit "
+                                          f"in the remaining {max(0.0, left):.0f}s of the {budget_minutes:g}-minute budget")  # fmt: skip
+                            reporter.set_total_runs(reporter.trained)
+                            continue
+                        chosen = chosen[:fit]
+                        console.print(f"[yellow]budget[/]: running {spec.title} with {fit} seed(s)")
+                        reporter.set_total_runs(reporter.trained + _new_runs(spec, runs, chosen))
+                console.rule(spec.title)
+                summary = runner.run_experiment(spec, seeds=chosen, steps=steps, deadline=deadline)
+                summaries.append(summary)
+                ran.append(name)
+        wall = time.monotonic() - t0
+        lead = (f"`opd demo` ran {len(ran)} experiment(s) in {wall / 60:.1f} min of wall time (budget "
+                f"{budget_minutes:g} min); runs whose result files already existed were reused, not re-trained.")  # fmt: skip
+        rep = build_report(runs, runs / "report.md", lead=lead)
     for s in summaries:
-        print_summary(out, s)
-    out.print(f"demo wall time: {wall / 60:.1f} min; report: {rep['markdown']} (HTML: {rep['html']})")
+        print_summary(out, s, claims=False)
+        print_claims(out, s)
+    out.print(f"report: {rep['markdown']}", highlight=False, soft_wrap=True)
+    if rep.get("html"):
+        out.print(f"        {rep['html']} (open it in a browser)", highlight=False, soft_wrap=True)
+    out.print(f"demo wall time: {wall / 60:.1f} min", highlight=False)
+    out.print(result_line(summaries), highlight=False, soft_wrap=True)
     return {"summaries": summaries, "report": rep, "wall_time_s": wall, "ran": ran}
 
 

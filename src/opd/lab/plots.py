@@ -16,7 +16,7 @@ from typing import Any
 from opd.lab.specs import ExperimentSpec
 from opd.report.bins import bin_labels
 
-__all__ = ["PANELS", "SMOOTH", "plot_experiment", "series"]
+__all__ = ["CAPTIONS", "PANELS", "SMOOTH", "arm_ends", "plot_experiment", "series"]
 
 SMOOTH = 5
 PANELS: tuple[tuple[str, str], ...] = (
@@ -27,6 +27,39 @@ PANELS: tuple[tuple[str, str], ...] = (
     ("overlap_mass_student", "overlap mass (student)"),
     ("overlap_mass_teacher", "overlap mass (teacher)"),
 )
+
+CAPTIONS: dict[str, str] = {
+    "accuracy": "Accuracy on the capability-gap level, measured every few steps during training (greedy, on "
+    "held-out problems). Look at which line rises (OPD teaches the student) and which falls (OPD breaks it).",
+    "overlap_ratio": "The share of the student's 4 most likely next tokens that are also among the teacher's 4, "
+    "at each step of the student's own answers. A rising line means the student is moving toward the teacher's way "
+    "of writing; a low line that stays low means the two never align.",
+    "overlap_token_advantage": "On the tokens both top-4 sets share: the teacher's log-probability minus the "
+    "student's. Moving toward 0 means the student has absorbed what the teacher knows there.",
+    "entropy_gap": "How differently sure the two models are: |student entropy − teacher entropy| per token. A "
+    "shrinking gap means the student's confidence now matches the teacher's.",
+    "overlap_mass_student": "The probability the student puts on the shared top-4 tokens. Near 1 means the tokens "
+    "both models favour are nearly all the student would say, so the teacher's signal lands where the student looks.",
+    "overlap_mass_teacher": "The probability the teacher puts on the shared top-4 tokens. Low means the teacher "
+    "mostly wants tokens the student does not consider: little of its signal can be used.",
+    "position_entropy": "Student entropy by position in the response (rows) over training (columns). Look for the "
+    "late positions staying bright (uncertain) longer than the early ones.",
+}
+"""What each figure shows and what to look at, in plain words: the report's caption under each plot."""
+
+
+def arm_ends(
+    spec: ExperimentSpec, results: Sequence[dict[str, Any]], metric: str
+) -> dict[str, tuple[float, float]]:
+    """{arm title: (first, last)} of the plotted seed-mean line of `metric`: the numbers a caption quotes."""
+    labels = {a.name: a.title for a in spec.arms}
+    out = {}
+    for arm, runs in _by_arm(spec, results).items():
+        _, mean, _ = _band([series(r, metric) for r in runs])
+        vals = [m for m in mean if math.isfinite(m)]
+        if vals:
+            out[labels[arm]] = (vals[0], vals[-1])
+    return out
 
 
 def _smooth(values: list[float], w: int) -> list[float]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from opd.files import json_safe
 from opd.lab.registry import EXPERIMENTS
 from opd.lab.specs import ExperimentData, ExperimentSpec, Verdict
 from opd.lab.stats import Stat, aggregate
-from opd.report.render import Block, Figure, Figures, Heading, Paragraph, Table, esc, write_document
+from opd.report.render import Block, Bullets, Figure, Figures, Heading, Paragraph, Table, esc, write_document
 
 __all__ = [
     "build_report",
@@ -30,6 +29,7 @@ __all__ = [
     "claims_table",
     "load_probe",
     "load_results",
+    "status_counts",
     "summarize",
     "write_summary",
 ]
@@ -272,6 +272,59 @@ def _relpath(path: Path, start: Path) -> str:
         return Path(os.path.relpath(path.resolve(), start.resolve())).as_posix()
 
 
+def _outcomes(summary: dict[str, Any]) -> str:
+    """One plain sentence of what an experiment's runs did: each arm's gap-level accuracy before -> after."""
+    gap = summary.get("gap_level", 4)
+    parts = []
+    for a in summary.get("arms", {}).values():
+        h = a.get("headline", {})
+        b, f = h.get("gap_before"), h.get("gap_after")
+        if not a.get("seeds") or not b or not f or not b.get("n") or not f.get("n"):
+            continue
+        teacher = str(a.get("teacher", "")).removeprefix("lab:")
+        parts.append(f"{_fmt_stat('gap_before', b)}% → {_fmt_stat('gap_after', f)}% toward {teacher}")
+    if not parts:
+        return ""
+    return f"level-{gap} accuracy {', '.join(parts)}"
+
+
+def status_counts(summaries: Sequence[dict[str, Any]]) -> dict[str, int]:
+    """How many claims got each status, over the claims that were run (statuses in a fixed order)."""
+    counts = {k: 0 for k in ("reproduced", "partly", "not reproduced")}
+    for s in summaries:
+        for v in s.get("verdicts", []):
+            if v["status"] != "not run":
+                counts[v["status"]] = counts.get(v["status"], 0) + 1
+    return {k: n for k, n in counts.items() if n}
+
+
+def _why(v: dict[str, Any]) -> str:
+    """Why a claim was not (fully) reproduced, in words with its numbers; the verdict's own `why` when it
+    has one, else the rule's numbers."""
+    if v.get("why"):
+        return str(v["why"])
+    return f"the numbers ({v['result']}) do not meet the verdict's rule for this claim (opd.lab.verdicts)"
+
+
+def _caption(spec: ExperimentSpec, results: Sequence[dict[str, Any]], fig: Path) -> tuple[str, str]:
+    """(title, caption) of a figure: what it shows, what to look at, and its lines' start and end values."""
+    from opd.lab.plots import CAPTIONS, PANELS, arm_ends
+
+    metric = fig.stem
+    title = dict(PANELS).get(metric, metric.replace("_", " "))
+    text = CAPTIONS.get(metric, "")
+    if metric in dict(PANELS):
+        pct = metric == "accuracy"
+        ends = arm_ends(spec, results, metric)
+        here = "; ".join(
+            f"{arm} {100 * a:.1f}% → {100 * b:.1f}%" if pct else f"{arm} {a:.3f} → {b:.3f}"
+            for arm, (a, b) in ends.items()
+        )
+        if here:
+            text += f" Here, first → last step: {here}."
+    return title, text
+
+
 def build_report(
     runs: str | Path = "runs/lab",
     out: str | Path | None = None,
@@ -280,19 +333,26 @@ def build_report(
     plots: bool = True,
     html_out: bool = True,
     extra: Sequence[tuple[str, str]] = (),
+    lead: str | None = None,
 ) -> dict[str, Any]:
     """Write the report; returns {"markdown": path, "html": path|None, "summaries": [...], "figures": [...]}.
 
-    `extra` adds (heading, paragraph) sections at the end (the demo adds its wall time there).
+    The report opens with a summary in plain words (what ran, what it showed, the claims' tally), then the
+    claims that were run (the others are counted, with the commands that run them), the reasons behind each
+    claim not (fully) reproduced, and a section per experiment that was run, each figure once with a caption.
+    `lead` is a first sentence for the summary (the demo says it ran); `extra` adds (heading, paragraph)
+    sections at the end.
     """
     runs = Path(runs)
     out = Path(out) if out is not None else runs / "report.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     experiments = experiments or EXPERIMENTS
     summaries: list[dict[str, Any]] = []
+    results_of: dict[str, list[dict[str, Any]]] = {}
     figures: dict[str, list[Path]] = {}
     for spec in experiments.values():
         results = load_results(runs, spec.name)
+        results_of[spec.name] = results
         summary = summarize(spec, results, load_probe(runs, spec.name))
         summaries.append(summary)
         if plots and results:
@@ -300,38 +360,66 @@ def build_report(
 
             figures[spec.name] = plot_experiment(spec, results, runs / spec.name / "figures")
 
-    blocks: list[Block] = [
-        Heading("opd lab report", 1),
-        Paragraph(
-            f"Generated {time.strftime('%Y-%m-%d %H:%M')} from the result files under {esc(str(runs))}. Every "
-            "status below is computed by the experiment's verdict function from those files "
-            "(opd.lab.experiments); accuracies are greedy on the zoo's 200 held-out problems per "
-            "level, overlap metrics use top-4 sets of the ~23-symbol vocabulary, numbers are mean ± "
-            "standard deviation over seeds.",
-        ),  # fmt: skip
-        Heading("Paper claims vs the lab"),
-    ]
-    header, rows = claims_table(summaries)
-    blocks.append(Table(header, rows, colours=_STATUS_COLOURS))
-    not_run = [s["title"] for s in summaries if s["status"] == "not run"]
-    partial = [
-        f"{s['title']} ({s['runs']} runs, seeds {s['seeds']})" for s in summaries if s["status"] == "partial"
-    ]
-    if not_run:
-        blocks.append(Paragraph("Not run: " + "; ".join(not_run) + ". Run them with `opd lab run NAME`."))
-    if partial:
-        blocks.append(Paragraph("Run with fewer seeds or arms than specified: " + "; ".join(partial) + "."))
+    ran = [s for s in summaries if s["status"] != "not run"]
+    not_run = [s for s in summaries if s["status"] == "not run"]
+    tested = [v for s in ran for v in s["verdicts"] if v["status"] != "not run"]
+    untested = [v for s in summaries for v in s["verdicts"] if v["status"] == "not run"]
+    counts = status_counts(ran)
 
-    for s in summaries:
+    blocks: list[Block] = [Heading("opd lab report", 1), Heading("Summary")]
+    if not ran:
+        blocks.append(Paragraph(
+            f"No lab results under {esc(str(runs))} yet. `opd demo` runs the first two experiments in minutes; "
+            "`opd lab list` shows every experiment and `opd lab run NAME` runs one."))  # fmt: skip
+    else:
+        what = []
+        for s in ran:
+            seeds, steps = len(s["seeds"]), "/".join(str(x) for x in s["steps"])
+            what.append(f"**{esc(s['title'])}** ({seeds} seed{'s' if seeds != 1 else ''}, {steps} OPD steps per "
+                        f"run): {esc(s['description'])} Result: {_outcomes(s) or 'no accuracy recorded'}.")  # fmt: skip
+        tally = ", ".join(f"{n} {k}" for k, n in counts.items())
+        ran_words = (f"{lead} The numbers below are read from the result files under {esc(str(runs))}." if lead else
+                     f"{len(ran)} experiment{'s' if len(ran) != 1 else ''} ran, from the result files under {esc(str(runs))}.")  # fmt: skip
+        blocks.append(Paragraph(
+            f"{ran_words} Of the {len(tested)} paper claim{'s' if len(tested) != 1 else ''} they test: {tally}."))  # fmt: skip
+        blocks.append(Bullets(what))
+    blocks.append(Paragraph(
+        "How to read the numbers: each status is computed from the result files by the experiment's verdict "
+        "function (opd.lab.verdicts), never typed in; accuracies are greedy on the zoo's held-out problems (200 per "
+        "level); the gap level is the level the student could not yet solve; overlap metrics compare the "
+        "student's and the teacher's top-4 next tokens over the ~23-symbol vocabulary; a ± is one standard deviation "
+        "over seeds."))  # fmt: skip
+
+    if tested:
+        blocks.append(Heading("Paper claims tested"))
+        header, rows = claims_table(ran)
+        blocks.append(Table(header, rows, colours=_STATUS_COLOURS))
+    if untested:
+        names = "; ".join(esc(s["title"].split(":")[0]) for s in not_run)
+        blocks.append(Paragraph(
+            f"{len(untested)} more claim{'s' if len(untested) != 1 else ''} of the paper "
+            + (f"(in {len(not_run)} other experiment{'s' if len(not_run) != 1 else ''}: {names}) " if not_run else "")
+            + "were not tested here: `opd lab list` lists them, `opd lab run NAME` runs one experiment and "
+            "`opd lab run all` runs them all, then `opd lab report` rebuilds this report."))  # fmt: skip
+    partial = [f"{esc(s['title'].split(':')[0])} ({s['runs']} runs, seeds {s['seeds']})" for s in ran
+               if s["status"] == "partial"]  # fmt: skip
+    if partial:
+        blocks.append(Paragraph("Run with fewer seeds or arms than the experiment specifies (numbers are less "
+                                "certain; the default is 3 seeds): " + "; ".join(partial) + "."))  # fmt: skip
+    misses = [v for v in tested if v["status"] in ("not reproduced", "partly")]
+    if misses:
+        blocks.append(Heading("Why some claims were not (fully) reproduced"))
+        blocks.append(Bullets([f"**{v['claim_id']} {v['status']}**: {_why(v)}." for v in misses]))
+
+    for s in ran:
+        spec = experiments[s["experiment"]]
         blocks.append(Heading(s["title"]))
         blocks.append(Paragraph(s["description"]))
-        if s["status"] == "not run":
-            blocks.append(Paragraph("Not run."))
-            continue
+        claims = ", ".join(f"{v['claim_id']} {v['status']}" for v in s["verdicts"])
         blocks.append(
             Paragraph(
                 f"{s['runs']} run(s), seeds {s['seeds']}, steps {s['steps']}, training+eval "
-                f"time {s['wall_time_s']:.0f} s (runs reused from other experiments not counted).",
+                f"time {s['wall_time_s']:.0f} s (runs reused from other experiments not counted). Claims: {claims}.",
             )
         )
         header, rows = comparison_rows(s)
@@ -348,13 +436,21 @@ def build_report(
             p = s["probe"]
             blocks.append(Paragraph("Probe: " + ", ".join(
                 esc(f"{k} = {v:.4g}" if isinstance(v, float) else f"{k} = {v}") for k, v in p.items())))  # fmt: skip
-        vh = ["claim", "status", "lab result"]
-        vr = [[f"{v['claim_id']}: {v['claim']}", v["status"], v["result"]] for v in s["verdicts"]]
-        blocks.append(Table(vh, vr, colours=_STATUS_COLOURS))
-        figs = [Figure(_relpath(fig, out.parent), fig.stem, wide=fig.stem == s["experiment"])  # the panel grid
-                for fig in figures.get(s["experiment"], [])]  # fmt: skip
-        if figs:
-            blocks.append(Figures(figs))
+        figs = figures.get(s["experiment"], [])
+        grid = [f for f in figs if f.stem == s["experiment"]]
+        panels = [f for f in figs if f.stem != s["experiment"]]
+        if panels:
+            blocks.append(Paragraph("Figures: the mean over seeds per arm, with a band of ± one standard deviation "
+                                    "when there are several seeds; per-step metrics are smoothed over 5 steps."))  # fmt: skip
+        num = s["title"].split(".")[0] if s["title"][:1].isdigit() else s["experiment"]
+        for i, fig in enumerate(panels, 1):
+            title, caption = _caption(spec, results_of[s["experiment"]], fig)
+            blocks.append(Figures([Figure(_relpath(fig, out.parent), f"Figure {num}.{i}: {title}")]))
+            if caption:
+                blocks.append(Paragraph(esc(caption)))
+        if grid:
+            rel = _relpath(grid[0], out.parent)
+            blocks.append(Paragraph(f"All panels in one image, for sharing: [{esc(rel)}]({rel})."))
     for heading, text in extra:
         blocks += [Heading(heading), Paragraph(text)]
 

@@ -31,14 +31,17 @@ Decisions, and why:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import random
+import re
 import shutil
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,7 +57,9 @@ __all__ = [
     "LabRunner",
     "LabZoo",
     "Reporter",
+    "UnreadableAnswers",
     "build_train_config",
+    "count_unreadable_answers",
     "evaluate_levels",
     "load_result",
     "result_path",
@@ -388,6 +393,74 @@ def _finite(x: Any) -> Any:
 
 
 # ----------------------------------------------------------------------------------------------------
+# Unreadable answers: one counted line per run, not a warning per evaluation
+
+_EVAL_LOGGER = "opd.evaluation.eval"
+_UNREADABLE = re.compile(r"(\d+) of (\d+) responses have no final answer")
+
+
+@dataclass
+class UnreadableAnswers:
+    """What `count_unreadable_answers` caught: the evaluations whose answers were mostly unreadable."""
+
+    evaluations: int = 0
+    unreadable: int = 0
+    answers: int = 0
+
+    def line(self, label: str, result: dict[str, Any] | None = None) -> str:
+        """One line for the run: the count, and whether the run's own numbers explain it (a collapse)."""
+        from opd.lab.stats import run_metrics
+        from opd.lab.verdicts import MIN_GAIN
+
+        text = (f"{label}: {self.unreadable:,} of {self.answers:,} answers in {self.evaluations} evaluation(s) had "
+                "no final answer the lab verifier can read")  # fmt: skip
+        m = run_metrics(result) if result else {}
+        easy, gap = m.get("easy_delta", math.nan), m.get("gap_delta", math.nan)
+        worst = min((d for d in (easy, gap) if math.isfinite(d)), default=math.nan)
+        if math.isfinite(worst) and worst < -MIN_GAIN:
+            where = "easy levels" if worst == easy else f"level {result.get('gap_level', 4)}"  # type: ignore[union-attr]
+            return text + f" (expected: this run collapsed, {where} {100 * worst:+.1f} pts)"
+        return text + " (not explained by a collapse: look at the run's responses)"
+
+
+class _CountUnreadable(logging.Filter):
+    """Drops `opd.evaluation.eval`'s "N of M responses have no final answer" warnings, counting them."""
+
+    def __init__(self, into: UnreadableAnswers) -> None:
+        super().__init__()
+        self.into = into
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR:
+            return True
+        m = _UNREADABLE.match(record.getMessage())
+        if m is None:
+            return True
+        self.into.evaluations += 1
+        self.into.unreadable += int(m.group(1))
+        self.into.answers += int(m.group(2))
+        return False
+
+
+@contextlib.contextmanager
+def count_unreadable_answers() -> Iterator[UnreadableAnswers]:
+    """Within the block, the evaluator's warnings about unreadable answers are counted, not printed.
+
+    In the lab the verifier is always the right one (`LabVerifier`), so unreadable answers mean the model
+    stopped writing ``#answer`` (a collapsing arm does): that is a result, reported once per run with its
+    count (`UnreadableAnswers.line`), not a hint to change the verifier.
+    """
+    found = UnreadableAnswers()
+    filt = _CountUnreadable(found)
+    logger = logging.getLogger(_EVAL_LOGGER)
+    logger.addFilter(filt)
+    try:
+        yield found
+    finally:
+        logger.removeFilter(filt)
+
+
+# ----------------------------------------------------------------------------------------------------
 # Progress reporting
 
 
@@ -404,20 +477,59 @@ class Reporter:
 
 
 class RichReporter(Reporter):
-    """Bars for runs (experiment level) and steps (current run), on a rich Progress the caller owns."""
+    """Bars for runs (experiment level) and steps (current run), on a rich Progress the caller owns.
 
-    def __init__(self, progress: Any, console: Any, total_runs: int | None = None) -> None:
+    With `steps_per_run`, the overall bar counts OPD steps over the runs still to train (`total_runs` of
+    them; reused runs do not move it), so its rate and ETA cover every run, evaluations included. With
+    ``run_bars=False`` no per-run bar is drawn (the overall one says which run is training): in a log
+    file a bar per run is a line per 10% of every run.
+    """
+
+    def __init__(self, progress: Any, console: Any, total_runs: int | None = None, *,
+                 steps_per_run: int | None = None, label: str = "runs", run_bars: bool = True) -> None:  # fmt: skip
         self.progress = progress
         self.console = console
-        self.runs_task = progress.add_task("runs", total=total_runs or 1, info="") if total_runs else None
+        self.steps_per_run = steps_per_run
+        self.total_runs = total_runs or 0
+        self.run_bars = run_bars
+        self.trained = 0
+        self._label = label
+        self._current = ""
+        self._counting = False
+        total = (self.total_runs * steps_per_run if steps_per_run else self.total_runs) or 1
+        self.runs_task = progress.add_task(label, total=total, info="") if total_runs else None
         self.task: Any = None
 
+    def set_total_runs(self, total_runs: int) -> None:
+        """The number of runs to train changed (the budget dropped seeds): the ETA follows."""
+        self.total_runs = total_runs
+        if self.runs_task is not None:
+            per = self.steps_per_run or 1
+            self.progress.update(self.runs_task, total=max(1, total_runs * per))
+
+    def _overall_info(self) -> str:
+        if not self._current:
+            return ""
+        return f"run {min(self.trained + 1, max(self.total_runs, 1))}/{self.total_runs}: {self._current}"
+
     def start_run(self, label: str, total_steps: int) -> None:
+        """A bar for `label`'s steps; an indented label ("  SFT on ...") is a preparation step of the run
+        under way, which the overall bar does not count."""
         if self.task is not None:
             self.progress.remove_task(self.task)
-        self.task = self.progress.add_task(label, total=total_steps, info="")
+            self.task = None
+        self._counting = not label.startswith(" ")
+        if self._counting:
+            self._current = label
+        if self.run_bars or self.runs_task is None:
+            self.task = self.progress.add_task(label, total=total_steps, info="")
+        elif self.steps_per_run:
+            self.progress.update(self.runs_task, info=self._overall_info())
 
     def step(self, step: int, m: dict[str, float]) -> None:
+        if self.runs_task is not None and self.steps_per_run and self._counting:
+            done = self.trained * self.steps_per_run + min(step, self.steps_per_run)
+            self.progress.update(self.runs_task, completed=done, info=self._overall_info())
         if self.task is None:
             return
         info = (
@@ -431,28 +543,43 @@ class RichReporter(Reporter):
             self.progress.remove_task(self.task)
             self.task = None
         if self.runs_task is not None:
-            self.progress.advance(self.runs_task)
+            if not self.steps_per_run:
+                self.progress.advance(self.runs_task)
+            elif not reused:
+                self.trained += 1
+                self.progress.update(self.runs_task, completed=self.trained * self.steps_per_run, info="")
+        self._current = ""
         acc = result.get("accuracy", {})
         gap = str(result.get("gap_level", 4))
         b = (acc.get("before") or {}).get(gap, {}).get("acc")
         a = (acc.get("after") or {}).get(gap, {}).get("acc")
-        how = "reused" if reused else f"{result.get('wall_time_s', 0):.0f}s"
+        how = f"reused from {result['reused_from']}" if reused and result.get("reused_from") else (
+            "reused" if reused else f"{result.get('wall_time_s', 0):.0f}s")  # fmt: skip
         if b is not None and a is not None:
-            self.console.print(f"  {label}: gap-level accuracy {100 * b:.1f}% -> {100 * a:.1f}% ({how})")
+            self.console.print(
+                f"  {label}: level-{gap} accuracy {100 * b:.1f}% -> {100 * a:.1f}% ({how})", soft_wrap=True
+            )
 
     def message(self, text: str) -> None:
-        self.console.print(text)
+        self.console.print(text, soft_wrap=True)
 
 
-def rich_progress(console: Any) -> Any:
-    """The lab's bars; plain periodic lines with counts, rate and ETA when the console is not a terminal."""
-    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+def rich_progress(console: Any, name: str = "opd lab") -> Any:
+    """The lab's bars, with the time remaining; plain periodic lines with counts, rate and ETA when the
+    console is not a terminal."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     from opd.progress import Progress
 
     return Progress(TextColumn("[bold]{task.description:<38}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), TextColumn("{task.fields[info]}"), console=console, transient=False,
-                    name="opd lab")  # fmt: skip
+                    TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+                    console=console, transient=False, name=name)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -555,10 +682,13 @@ class LabRunner:
             _atomic_write_json(path, res)
             self.reporter.end_run(label, res, reused=True)
             return res
-        res = self._train_and_evaluate(spec, arm, seed, steps, path.parent, label)
+        with count_unreadable_answers() as unreadable:
+            res = self._train_and_evaluate(spec, arm, seed, steps, path.parent, label)
         res["fingerprint"] = fp
         _atomic_write_json(path, _finite(res))
         self.reporter.end_run(label, res)
+        if unreadable.evaluations:
+            self.reporter.message("  " + unreadable.line(label, res))
         return res
 
     def _train_and_evaluate(

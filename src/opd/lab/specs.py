@@ -88,15 +88,17 @@ class Claim:
 
 @dataclass
 class Verdict:
-    """The outcome for one claim: the lab's numbers in words and a status from `STATUSES`."""
+    """The outcome for one claim: the lab's numbers in words and a status from `STATUSES`; `why` says, with
+    the numbers, which part of the claim's rule those numbers missed (empty when reproduced or not run)."""
 
     claim: Claim
     status: str
     result: str
+    why: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return {"claim_id": self.claim.id, "finding": self.claim.finding, "claim": self.claim.text,
-                "status": self.status, "result": self.result}  # fmt: skip
+                "status": self.status, "result": self.result, "why": self.why}  # fmt: skip
 
 
 @dataclass

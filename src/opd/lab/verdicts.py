@@ -81,6 +81,18 @@ def _status(passed: int, total: int) -> str:
     return "partly" if passed > 0 else "not reproduced"
 
 
+def _judged(claim: Claim, checks: list[tuple[bool, str]], result: str) -> Verdict:
+    """A verdict from (passed, what-failed-in-words) checks: the status counts the passes, `why` joins the
+    failures' words (each carrying its numbers)."""
+    passed = sum(ok for ok, _ in checks)
+    why = "; ".join(text for ok, text in checks if not ok)
+    return Verdict(claim, _status(passed, len(checks)), result, why)
+
+
+def _pts(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
 def _not_run(claim: Claim, *arms: str) -> Verdict:
     return Verdict(claim, "not run", f"no results for arm(s) {', '.join(arms)}")
 
@@ -105,32 +117,44 @@ def verdict_thinking_patterns(d: ExperimentData) -> list[Verdict]:
     c, i = "compatible", "incompatible"
     if d.has(c):
         g, rise = d.get(c, "gap_delta"), d.get(c, "overlap_ratio_rise")
-        ok = [gain(g, MIN_GAIN), gain(rise, MIN_RISE)]
-        out.append(Verdict(C1A, _status(sum(ok), 2),
-            f"gap-level accuracy {_pct(d.get(c, 'gap_before'))}% -> {_pct(d.get(c, 'gap_after'))}% "
-            f"(change {_pct(g)} pts); overlap ratio {d.get(c, 'overlap_ratio_initial').fmt()} -> "
-            f"{d.get(c, 'overlap_ratio_final').fmt()}"))  # fmt: skip
+        out.append(_judged(C1A, [
+            (gain(g, MIN_GAIN), f"the compatible arm's gap-level accuracy changed by {_pct(g)} pts, not a significant "
+                                f"gain (needs more than +{_pts(MIN_GAIN)} pts, and above zero by one std)"),
+            (gain(rise, MIN_RISE), f"its overlap ratio changed by {rise.fmt()} over the run (needs a rise of more "
+                                   f"than {MIN_RISE:.2f})"),
+        ], f"gap-level accuracy {_pct(d.get(c, 'gap_before'))}% -> {_pct(d.get(c, 'gap_after'))}% "
+           f"(change {_pct(g)} pts); overlap ratio {d.get(c, 'overlap_ratio_initial').fmt()} -> "
+           f"{d.get(c, 'overlap_ratio_final').fmt()}"))  # fmt: skip
     else:
         out.append(_not_run(C1A, c))
     if d.has(i):
         g, easy = d.get(i, "gap_delta"), d.get(i, "easy_delta")
         flat_or_worse = not gain(g, MIN_GAIN) or loss_(easy, MIN_GAIN)
-        ok = [flat_or_worse]
+        checks = [(flat_or_worse, f"the incompatible arm gained {_pct(g)} pts on the gap level and its easy levels "
+                                  f"did not drop ({_pct(easy)} pts)")]  # fmt: skip
         extra = ""
         if d.has(c):
-            ok.append(above(d.get(c, "gap_delta"), g, MIN_GAIN))
-            extra = f"; compatible arm gained {_pct(d.get(c, 'gap_delta'))} pts"
-        out.append(Verdict(C1B, _status(sum(ok), len(ok)),
-            f"gap-level change {_pct(g)} pts, easy levels change {_pct(easy)} pts{extra}"))  # fmt: skip
+            cg = d.get(c, "gap_delta")
+            checks.append((above(cg, g, MIN_GAIN), f"the compatible arm's gain ({_pct(cg)} pts) is not clearly above "
+                                                   f"the incompatible arm's ({_pct(g)} pts)"))  # fmt: skip
+            extra = f"; compatible arm gained {_pct(cg)} pts"
+        out.append(
+            _judged(
+                C1B, checks, f"gap-level change {_pct(g)} pts, easy levels change {_pct(easy)} pts{extra}"
+            )
+        )
     else:
         out.append(_not_run(C1B, i))
     if d.has(c, i):
         oc, oi = d.get(c, "overlap_ratio_initial"), d.get(i, "overlap_ratio_initial")
         ec, ei = d.get(c, "entropy_gap_initial"), d.get(i, "entropy_gap_initial")
-        ok = [above(oc, oi, MIN_RISE), ei.n > 0 and ec.n > 0 and ei.mean > ec.mean]
-        out.append(Verdict(C1C, _status(sum(ok), 2),
-            f"initial overlap ratio (k=4) compatible {oc.fmt()} vs incompatible {oi.fmt()}; initial entropy gap "
-            f"{ec.fmt()} vs {ei.fmt()}"))  # fmt: skip
+        out.append(_judged(C1C, [
+            (above(oc, oi, MIN_RISE), f"the incompatible pair's initial overlap ratio ({oi.fmt()}) is not clearly "
+                                      f"below the compatible pair's ({oc.fmt()})"),
+            (ei.n > 0 and ec.n > 0 and ei.mean > ec.mean, f"the incompatible pair's initial entropy gap ({ei.fmt()}) "
+                                                         f"is not larger than the compatible pair's ({ec.fmt()})"),
+        ], f"initial overlap ratio (k=4) compatible {oc.fmt()} vs incompatible {oi.fmt()}; initial entropy gap "
+           f"{ec.fmt()} vs {ei.fmt()}"))  # fmt: skip
     else:
         out.append(_not_run(C1C, c, i))
     return out
@@ -156,20 +180,36 @@ def verdict_novelty_vs_scale(d: ExperimentData) -> list[Verdict]:
         ok = above(gn, gb, MIN_GAIN) and gain(gn, MIN_GAIN)
         res = (f"big teacher scores {_pct(tb)}% on the gap level, not above the student ({_pct(d.get(b, 'gap_before'))}%): "
                f"gap recovery undefined; absolute gap-level change novel {_pct(gn)} vs big {_pct(gb)} pts")  # fmt: skip
-        v1 = Verdict(C2A, "partly" if ok else "not reproduced", res)
+        why = ("the big teacher is not above the student on the gap level, so gap recovery cannot be compared"
+               + ("" if ok else f", and the novel arm's gain ({_pct(gn)} pts) is not clearly above the big arm's "
+                                f"({_pct(gb)} pts)"))  # fmt: skip
+        v1 = Verdict(C2A, "partly" if ok else "not reproduced", res, why)
     else:
         much = above(rn, rb, SCALE_MARGIN)
         res = (f"gap recovery novel {_pct(rn)}% vs big {_pct(rb)}% (teachers at {_pct(tn)} / {_pct(tb)}% on the "
                f"gap level; absolute change {_pct(gn)} vs {_pct(gb)} pts)")  # fmt: skip
+        lead = 100 * (rn.mean - rb.mean)
+        why = "" if much else (
+            f"the novel teacher recovered {_pct(rn)}% of the gap and the bigger one {_pct(rb)}%: "
+            + (f"a lead of {lead:.1f} points, where the claim needs more than {_pts(SCALE_MARGIN)} with the seeds' "
+               "bands apart" if lead > 0 else "the bigger teacher recovered as much or more"))  # fmt: skip
         v1 = Verdict(
-            C2A, "reproduced" if much else ("partly" if rn.mean > rb.mean else "not reproduced"), res
+            C2A, "reproduced" if much else ("partly" if rn.mean > rb.mean else "not reproduced"), res, why
         )
     on, ob = d.get(n, "overlap_ratio_initial"), d.get(b, "overlap_ratio_initial")
     mn, mb = d.get(n, "overlap_mass_student_initial"), d.get(b, "overlap_mass_student_initial")
     ok2 = [ob.mean >= on.mean, mb.mean >= mn.mean]
+    lower = [f"overlap ratio ({ob.fmt()} vs {on.fmt()})"] if not ok2[0] else []
+    lower += [f"overlap mass ({mb.fmt()} vs {mn.fmt()})"] if not ok2[1] else []
+    why2 = ""
+    if lower:
+        why2 = f"the big (same-pipeline) pair started with a lower {' and a lower '.join(lower)} than the novel pair"
+        if rb.n and rn.n and rb.mean >= rn.mean:
+            why2 += (f", and it was not the failing teacher here (gap recovery {_pct(rb)}% vs the novel teacher's "
+                     f"{_pct(rn)}%)")  # fmt: skip
     v2 = Verdict(C2B, _status(sum(ok2), 2),
         f"initial overlap ratio big {ob.fmt()} vs novel {on.fmt()}; initial overlap mass (student) big "
-        f"{mb.fmt()} vs novel {mn.fmt()}")  # fmt: skip
+        f"{mb.fmt()} vs novel {mn.fmt()}", why2)  # fmt: skip
     return [v1, v2]
 
 

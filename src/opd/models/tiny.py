@@ -80,6 +80,7 @@ def build_tiny_tokenizer(charset: str = DEFAULT_CHARSET) -> PreTrainedTokenizerF
         additional_special_tokens=list(ROLE_TOKENS),
         chat_template=CHAT_TEMPLATE,
         clean_up_tokenization_spaces=False,
+        padding_side="left",  # saved with the tokenizer: batched generation needs left padding
     )
     return tok
 
