@@ -290,9 +290,11 @@ def test_ctrl_c_while_a_recipe_starts_exits_130_with_what_to_rerun(monkeypatch, 
 
 
 class _AnyConfig:
-    """Stands in for a loaded config: the interrupted call never reads it."""
+    """Stands in for a loaded config: the interrupted call reads only where the run goes and which model
+    it starts from (a plain directory, so no model defaults apply)."""
 
     run_dir = "runs/x"
+    model = "models/student"
 
 
 def test_peer_failure_names_the_rank_and_points_at_the_cause(monkeypatch):
