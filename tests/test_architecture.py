@@ -17,7 +17,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "opd"
 
 # Lowest first. A module may import its own folder and any folder of a lower layer.
 LAYERS: list[tuple[str, ...]] = [
-    ("errors", "files", "runtime"),  # what every layer needs: expected failures, atomic writes, library switches
+    ("errors", "files", "runtime"),  # what every layer needs: failures, atomic writes, library switches
     ("objectives", "diagnostics"),  # pure tensor maths
     ("device", "precision", "progress", "data", "config"),  # runtime and settings shared by all commands
     ("models", "generation", "teachers"),  # backends: load, sample, score

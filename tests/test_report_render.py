@@ -273,11 +273,11 @@ def test_writers_leave_no_markdown_in_html(tmp_path: Path) -> None:
     )
 
     lab_page = pages["lab"].read_text()
-    assert "<figure class='wide'><a href=\"thinking_patterns/figures/thinking_patterns.png\"" in lab_page
-    assert (
-        "<code>opd lab run NAME</code>" in lab_page
-        and 'color:#6e7781;font-weight:bold">not run</td>' in lab_page
-    )
+    # the all-panels image is linked, not shown a second time beside its panels
+    assert '<a href="thinking_patterns/figures/thinking_patterns.png">' in lab_page
+    assert 'src="thinking_patterns/figures/thinking_patterns.png"' not in lab_page
+    # only the claims that ran are rows; the others are one sentence naming the commands to run them
+    assert "<code>opd lab run NAME</code>" in lab_page and ">not run</td>" not in lab_page
 
 
 def test_doctor_report_keeps_names_literal(tmp_path: Path) -> None:
