@@ -563,13 +563,14 @@ def prepare_tokenizer(tok: Any) -> list[str]:
             f"tokenizer has no pad token: using EOS {tok.eos_token!r} (id {tok.eos_token_id}) as pad; "
             "masks are built from lengths, so generated EOS tokens still count."
         )
-    if tok.padding_side != "left":
-        notes.append(
-            f"padding_side {tok.padding_side!r} -> 'left' (prompts must end where generation starts)."
-        )
-        tok.padding_side = "left"
     for note in notes:
         log.warning(note)
+    if tok.padding_side != "left":
+        side = f"padding_side {tok.padding_side!r} -> 'left' (prompts must end where generation starts)."
+        notes.append(side)
+        # info, not a warning: most tokenizers are saved right-padded and there is nothing for the user to do
+        log.info(side)
+        tok.padding_side = "left"
     return notes
 
 
