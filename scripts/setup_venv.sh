@@ -60,11 +60,13 @@ if [ "${OPD_TORCH:-auto}" != "skip" ] && ! "$VENV/bin/python" -c "import torch, 
   fi
   echo "installing torch $TORCH_VERSION ($kind build)" >&2
   if [ "$kind" = cuda ]; then
-    "${PIP[@]}" install "torch==$TORCH_VERSION" >>"$LOG" 2>&1 || fail "$(network_hint "torch $TORCH_VERSION")"
+    "${PIP[@]}" install -c "$LOCK" "torch==$TORCH_VERSION" >>"$LOG" 2>&1 || fail "$(network_hint "torch $TORCH_VERSION")"
   elif [ "$kind" = cpu ]; then
     # A local wheel directory (pip's find-links) first, without touching any index; then PyTorch's CPU index.
-    "${PIP[@]}" install --no-index "torch==$TORCH_VERSION" >>"$LOG" 2>&1 \
-      || "${PIP[@]}" install "torch==$TORCH_VERSION" --index-url "$CPU_INDEX" >>"$LOG" 2>&1 \
+    # --no-deps: only torch comes from there; its dependencies come from PyPI in the next step, at the
+    # lock's versions (the CPU index carries its own, older copies of some of them).
+    "${PIP[@]}" install --no-deps --no-index "torch==$TORCH_VERSION" >>"$LOG" 2>&1 \
+      || "${PIP[@]}" install --no-deps "torch==$TORCH_VERSION" --index-url "$CPU_INDEX" >>"$LOG" 2>&1 \
       || fail "$(network_hint "torch $TORCH_VERSION (CPU build, from $CPU_INDEX)")"
   else
     fail "OPD_TORCH=$kind: use cpu, cuda or skip"
