@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from opd.errors import ConfigError, DataError, read_utf8
+from opd.files import jsonl_lines
 
 # DAPO-Math-17K's own wording (the paper's default prompt set), instruction first, problem in the middle
 # and the reminder last, so that students see training prompts exactly as the DAPO data spells them.
@@ -118,7 +119,7 @@ def _read_jsonl(p: Path) -> list[tuple[str, dict[str, Any]]]:
             ) from e
         return [(f"{p}:row {i}", _require_object(item, f"{p}:row {i}")) for i, item in enumerate(items, 1)]
     out = []
-    for lineno, line in enumerate(text.splitlines(), 1):
+    for lineno, line in jsonl_lines(text):
         if not line.strip():
             continue
         source = f"{p}:{lineno}"
@@ -154,14 +155,27 @@ def _read_parquet(p: Path) -> list[tuple[str, dict[str, Any]]]:
 def _read_csv(p: Path) -> list[tuple[str, dict[str, Any]]]:
     # Spreadsheets save "CSV UTF-8" with a BOM, which read_utf8 drops before it can stick to the first
     # header ("\ufeffprompt"); newline="" keeps quoted multi-line cells intact, as the csv module wants.
-    reader = csv.DictReader(io.StringIO(read_utf8(p, DataError, "prompt file"), newline=""))
+    # strict: an unclosed quote is an error (not a cell that swallows the following rows up to the end of
+    # the file), and so is a row with more or fewer fields than the header (not silently padded or cut).
+    reader = csv.DictReader(io.StringIO(read_utf8(p, DataError, "prompt file"), newline=""), strict=True)
+    out = []
     try:
         # Row numbers count data records from 1 (the header is not a row), matching Parquet.
-        return [(f"{p}:row {i}", dict(row)) for i, row in enumerate(reader, 1)]
+        for i, row in enumerate(reader, 1):
+            width = len(reader.fieldnames or ())
+            if None in row or any(v is None for v in row.values()):
+                got = width + len(row.get(None) or ()) - sum(v is None for v in row.values())
+                raise DataError(
+                    f"{p}:{reader.line_num}: row {i} has {got} field(s), the header has {width}; "
+                    "quote cells that hold commas (\"a, b\") or fix the row."
+                )
+            out.append((f"{p}:row {i}", dict(row)))
     except csv.Error as e:
         raise DataError(
-            f"{p}:{reader.line_num}: not a readable CSV file ({e}); fix the quoting or save it as JSONL."
+            f"{p}:{reader.line_num}: not a readable CSV file ({e}); a quote opened on or before this line is "
+            "never closed, or a cell has a stray quote: fix the quoting or save the file as JSONL."
         ) from e
+    return out
 
 
 def _lookup(row: dict[str, Any], name: str | None) -> Any:

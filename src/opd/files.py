@@ -48,3 +48,17 @@ def json_safe(x: Any) -> Any:
     if isinstance(x, (list, tuple)):
         return [json_safe(v) for v in x]
     return x
+
+
+def jsonl_lines(text: str) -> list[tuple[int, str]]:
+    """(line number, line) of a JSON-lines text, split on ``\\n`` only (a CRLF file's ``\\r`` dropped).
+
+    Not `str.splitlines()`: that also breaks at U+2028, U+2029, U+0085 and other characters which JSON
+    allows raw inside strings (``json.dumps(..., ensure_ascii=False)`` writes them), so a valid line
+    became two invalid halves and every later line number was off. Blank lines are kept (callers skip
+    them), so the numbers are the file's own.
+    """
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()  # the newline that ends the last line starts no line of its own
+    return [(i, line[:-1] if line.endswith("\r") else line) for i, line in enumerate(lines, 1)]

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from opd.errors import OpdError
+from opd.files import jsonl_lines
 from opd.report.bins import bin_labels, bin_ranges
 from opd.report.render import (
     Block,
@@ -208,7 +209,7 @@ def load_run(path: str | Path, name: str | None = None) -> RunData:
     if not metrics.is_file():
         raise OpdError(f"{run_dir}: no metrics.jsonl; is it a run directory? expected RUN_DIR/metrics.jsonl")
     run = RunData(name=name or run_dir.resolve().name, path=run_dir)
-    lines = metrics.read_text(errors="replace").splitlines()
+    lines = [line for _, line in jsonl_lines(metrics.read_text(encoding="utf-8", errors="replace"))]
     last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
     for i, line in enumerate(lines):
         if not line.strip():

@@ -49,7 +49,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from opd.config import Dtype, OptimConfig, TrackingConfig, dump_config
 from opd.device import clock, reduce_sum
 from opd.errors import ConfigError, DataError, StorageError, read_utf8
-from opd.files import atomic_write_text
+from opd.files import atomic_write_text, jsonl_lines
 from opd.progress import bar
 from opd.train import checkpoint as ckpt
 from opd.train.loop import (
@@ -161,7 +161,7 @@ def read_sft_jsonl(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
     if not p.is_file():
         raise DataError(f"{p}: SFT data file not found; check --data (paths are relative to the cwd).")
     rows = []
-    for lineno, line in enumerate(read_utf8(p, DataError, "SFT data file").splitlines(), 1):
+    for lineno, line in jsonl_lines(read_utf8(p, DataError, "SFT data file")):
         if not line.strip():
             continue
         try:

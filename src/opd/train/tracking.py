@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from opd.errors import OpdError
-from opd.files import atomic_write_text
+from opd.files import atomic_write_text, jsonl_lines
 
 
 def _clean(value: Any) -> Any:
@@ -44,7 +44,7 @@ class MetricsLogger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
             kept = []
-            for line in self.path.read_text().splitlines():
+            for _, line in jsonl_lines(self.path.read_text(encoding="utf-8")):
                 try:
                     if json.loads(line).get("step", 0) <= resume_step:
                         kept.append(line)
@@ -117,7 +117,7 @@ class MetricsLogger:
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     """The rows of RUN_DIR/metrics.jsonl; a torn last line (a run killed mid-write) is skipped."""
     path = Path(run_dir) / "metrics.jsonl"
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for _, line in jsonl_lines(path.read_text(encoding="utf-8")) if line.strip()]
     rows = []
     for i, line in enumerate(lines):
         try:

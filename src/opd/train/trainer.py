@@ -31,7 +31,7 @@ from opd.data import PromptCursor, encode_prompts, load_prompts, render_prompt, 
 from opd.device import clock, host, place, reduce_sum
 from opd.diagnostics import diagnostic_sums, finalize, merge_sums
 from opd.errors import ConfigError, OpdError, StorageError
-from opd.files import atomic_write_text
+from opd.files import atomic_write_text, jsonl_lines
 from opd.generation.rollout import HFGenerator, Rollout, SamplingParams, chunk_seed, plan_step_micro_batches
 from opd.generation.sampling import stop_ids_for
 from opd.generation.scoring import (
@@ -461,7 +461,7 @@ class OPDTrainer:
             if samples.exists():
                 keep = [
                     ln
-                    for ln in samples.read_text().splitlines()
+                    for _, ln in jsonl_lines(samples.read_text(encoding="utf-8"))
                     if resume_step is not None and _step_of(ln) <= resume_step
                 ]
                 atomic_write_text(samples, "".join(k + "\n" for k in keep))
