@@ -36,10 +36,13 @@ COMPLETE = "state.json"  # written last inside the temporary directory
 MANIFEST = "manifest.json"  # sizes of the files below, written just before COMPLETE
 FILES = ("model.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt")  # what a resume loads
 # Words of the RuntimeErrors torch/safetensors raise when the OS refused a write (torch's C++ stream says
-# "basic_ios::clear: iostream error" or "file write failed", never ENOSPC): anything else is a real bug.
+# "basic_ios::clear: iostream error" or "file write failed", its zip writer "[enforce fail at
+# inline_container.cc:...] . unexpected pos N vs M" when a short write leaves the archive behind where it
+# should be; never ENOSPC): anything else is a real bug.
 _WRITE_FAILURE_WORDS = (
     "iostream error", "basic_ios", "file write failed", "pytorchstreamwriter", "no space left", "disk quota",
     "read-only file system", "permission denied", "input/output error", "os error", "ioerror",
+    "inline_container", "unexpected pos",
 )  # fmt: skip
 
 
