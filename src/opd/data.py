@@ -167,7 +167,7 @@ def _read_csv(p: Path) -> list[tuple[str, dict[str, Any]]]:
                 got = width + len(row.get(None) or ()) - sum(v is None for v in row.values())
                 raise DataError(
                     f"{p}:{reader.line_num}: row {i} has {got} field(s), the header has {width}; "
-                    "quote cells that hold commas (\"a, b\") or fix the row."
+                    'quote cells that hold commas ("a, b") or fix the row.'
                 )
             out.append((f"{p}:row {i}", dict(row)))
     except csv.Error as e:
