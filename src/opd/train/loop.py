@@ -8,7 +8,11 @@ checkpoint, the metrics sink, the agreed stop after a signal, and the multi-proc
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import socket
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Protocol
@@ -53,6 +57,67 @@ def build_optimizer(
         optimizer, lr_lambda(optim.schedule, total_steps, warmup, optim.min_lr_ratio)
     )
     return optimizer, schedule
+
+
+LOCK_FILE = ".opd-run.lock"
+_HELD: dict[Path, list[int]] = {}  # run directories this process holds: [fd, holders]
+
+
+def lock_run_dir(run_dir: Path, command: str) -> Path:
+    """Make this process the one writer of `run_dir` (call on the main process only); returns the key
+    for `unlock_run_dir`.
+
+    A second trainer on the same directory (`opd train --resume RUN` while RUN trains, or two runs
+    started together) used to run beside the first and leave one run's config and metrics next to the
+    other's checkpoints. The lock is an exclusive `flock` on RUN_DIR/.opd-run.lock: the kernel releases
+    it when the holding process ends, however it ends (SIGKILL included), so a lock left by a killed
+    run is free again without anyone deciding it is stale. The file names the holder (pid, host,
+    command, start time) for the refusal. Taking the lock again in the same process (a library user
+    resuming in-process) shares it. Needs a filesystem with working `flock` (local disks do; some
+    network filesystems ignore it, and then no second writer is detected).
+    """
+    key = Path(run_dir).resolve()
+    if key in _HELD:
+        _HELD[key][1] += 1
+        return key
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system: no lock, as before
+        return key
+    key.mkdir(parents=True, exist_ok=True)
+    fd = os.open(key / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 4096).decode("utf-8", "replace")
+        os.close(fd)
+        try:
+            h = json.loads(holder)
+            who = f"pid {h['pid']} on {h['host']} ({h['command']}, started {h['started']})"
+        except (ValueError, KeyError, TypeError):
+            who = "another process"
+        raise ConfigError(
+            f"{run_dir} is in use by {who}: one run directory takes one trainer at a time. Wait for it to "
+            f"finish (or stop it), then `{command} --resume {run_dir}`; or choose another run_dir "
+            "(nothing was written)"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, json.dumps({
+        "pid": os.getpid(), "host": socket.gethostname(), "command": command,
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }).encode())  # fmt: skip
+    _HELD[key] = [fd, 1]
+    return key
+
+
+def unlock_run_dir(key: Path | None) -> None:
+    """Let go of a `lock_run_dir` lock (the last holder in this process releases it); None: nothing."""
+    if key is None or key not in _HELD:
+        return
+    _HELD[key][1] -= 1
+    if _HELD[key][1] <= 0:
+        fd = _HELD.pop(key)[0]
+        os.close(fd)  # closing the only descriptor releases the flock
 
 
 def refuse_to_overwrite(run_dir: Path, command: str) -> None:

@@ -55,11 +55,13 @@ from opd.train import checkpoint as ckpt
 from opd.train.loop import (
     build_optimizer,
     finished_run,
+    lock_run_dir,
     open_metrics,
     refuse_to_overwrite,
     release_distributed,
     resumable_checkpoint,
     run_steps,
+    unlock_run_dir,
     write_final_model,
 )
 
@@ -387,6 +389,8 @@ class SFTTrainer:
             raise ConfigError(
                 f"batch_size={cfg.batch_size} must be divisible by the number of processes ({world})"
             )
+        if acc.is_main_process:  # one trainer per run directory; released when train() ends
+            self._run_lock = lock_run_dir(self.run_dir, "opd sft")
         if not self.resume:
             refuse_to_overwrite(self.run_dir, "opd sft")
         set_seed(cfg.seed)
@@ -555,6 +559,7 @@ class SFTTrainer:
             raise
         finally:
             self.metrics.close()
+            unlock_run_dir(getattr(self, "_run_lock", None))
             if self.acc.num_processes > 1:
                 # After a stop or an error nothing else runs in this process: destroy the group here too.
                 self._released = True

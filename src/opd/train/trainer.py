@@ -57,11 +57,13 @@ from opd.train.alarms import NAN, Alarm, CollapseError, CollapseMonitor
 from opd.train.loop import (
     apply_dist_timeout,
     build_optimizer,
+    lock_run_dir,
     open_metrics,
     refuse_to_overwrite,
     release_distributed,
     resumable_checkpoint,
     run_steps,
+    unlock_run_dir,
     write_final_model,
 )
 
@@ -324,6 +326,8 @@ class OPDTrainer:
             raise ConfigError(
                 f"prompts_per_step={cfg.prompts_per_step} must be divisible by the number of processes ({world})"
             )
+        if self.acc.is_main_process:  # one trainer per run directory; released when train() ends
+            self._run_lock = lock_run_dir(self.run_dir, "opd train")
         if not self.resume:
             refuse_to_overwrite(self.run_dir, "opd train")
         set_seed(cfg.seed)
@@ -1187,6 +1191,7 @@ class OPDTrainer:
             return run_steps(self, hint=hint, save_final=self.cfg.save_final, on_step=on_step)
         finally:
             self.metrics.close()
+            unlock_run_dir(getattr(self, "_run_lock", None))
 
     def run_step(self, step: int) -> dict[str, float] | None:
         """One step and its bookkeeping (metrics, alarms, a decoded sample); None when a non-finite step
