@@ -67,7 +67,10 @@ def test_sft_data_and_metrics_read_the_same_way(tmp_path):
 def test_csv_with_an_unclosed_quote_is_an_error_naming_the_line(tmp_path):
     path = tmp_path / "p.csv"
     path.write_text('prompt,answer\n"What is 1+1?,2\nWhat is 2+2?,4\n', encoding="utf-8")
-    with pytest.raises(DataError, match=r"p\.csv:\d+: not a readable CSV file .*never closed"):
+    with pytest.raises(
+        DataError,
+        match=r"p\.csv:2: not a readable CSV file .*starts on this line: a quote opened there is never closed",
+    ):
         load_prompts(path)
 
 

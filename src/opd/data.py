@@ -159,21 +159,24 @@ def _read_csv(p: Path) -> list[tuple[str, dict[str, Any]]]:
     # the file), and so is a row with more or fewer fields than the header (not silently padded or cut).
     reader = csv.DictReader(io.StringIO(read_utf8(p, DataError, "prompt file"), newline=""), strict=True)
     out = []
+    start = 1  # the line the record being read starts on (a quoted cell may span lines)
     try:
+        width = len(reader.fieldnames or ())
+        start = reader.line_num + 1
         # Row numbers count data records from 1 (the header is not a row), matching Parquet.
         for i, row in enumerate(reader, 1):
-            width = len(reader.fieldnames or ())
             if None in row or any(v is None for v in row.values()):
                 got = width + len(row.get(None) or ()) - sum(v is None for v in row.values())
                 raise DataError(
-                    f"{p}:{reader.line_num}: row {i} has {got} field(s), the header has {width}; "
+                    f"{p}:{start}: row {i} has {got} field(s), the header has {width}; "
                     'quote cells that hold commas ("a, b") or fix the row.'
                 )
             out.append((f"{p}:row {i}", dict(row)))
+            start = reader.line_num + 1
     except csv.Error as e:
         raise DataError(
-            f"{p}:{reader.line_num}: not a readable CSV file ({e}); a quote opened on or before this line is "
-            "never closed, or a cell has a stray quote: fix the quoting or save the file as JSONL."
+            f"{p}:{start}: not a readable CSV file ({e}) in the record that starts on this line: a quote "
+            "opened there is never closed, or a cell has a stray quote; fix the quoting or save it as JSONL."
         ) from e
     return out
 
