@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -26,6 +26,19 @@ VERIFIER_HELP = (
     "math-flexible (as math, else the response's last number; for models that ignore the answer format) | "
     "exact (normalised string equality) | package.module:callable (your own grader: (response, answer) -> bool or Verdict)"
 )
+
+
+# The columns a prompt file's records are read from (`opd.data.load_prompts`): one definition, with its
+# description, for every command's config that reads prompt files.
+PromptColumn = Annotated[
+    str | None, Field(description="column of a plain-text prompt; null to ignore this column")
+]
+MessagesColumn = Annotated[
+    str | None, Field(description="column of a chat `messages` list; null to ignore this column")
+]
+AnswerColumn = Annotated[
+    str | None, Field(description="column of the reference answer; null to ignore this column")
+]
 
 
 class _Section(BaseModel):
@@ -117,9 +130,9 @@ class DataConfig(_Section):
     prompts: str = Field(
         "", description="JSONL, Parquet or CSV with `prompt` or `messages`, optional `answer`"
     )
-    prompt_field: str | None = Field("prompt", description="null to ignore this column")
-    messages_field: str | None = Field("messages", description="null to ignore this column")
-    answer_field: str | None = Field("answer", description="null to ignore this column")
+    prompt_field: PromptColumn = "prompt"
+    messages_field: MessagesColumn = "messages"
+    answer_field: AnswerColumn = "answer"
     template: str = Field(
         "chat",
         description="raw | chat | dapo | boxed | chat:<named or format string> | a format string with {prompt}",

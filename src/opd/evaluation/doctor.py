@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from opd.config import VERIFIER_HELP
+from opd.config import VERIFIER_HELP, AnswerColumn, MessagesColumn, PromptColumn
 from opd.errors import ConfigError, TokenizerMismatchError
 
 if TYPE_CHECKING:
@@ -105,15 +105,9 @@ class DoctorConfig(BaseModel):
     student: str = Field("", description="student model: dir, .gguf, hub id or lab:NAME")
     teachers: list[str] = Field(default_factory=list, description="one or more teachers (same forms)")
     prompts: str = Field("", description="problems (JSONL/Parquet/CSV); an `answer` field enables accuracy")
-    prompt_field: str | None = Field(
-        "prompt", description="column of a plain-text prompt; null to ignore this column"
-    )
-    messages_field: str | None = Field(
-        "messages", description="column of a chat `messages` list; null to ignore this column",
-    )  # fmt: skip
-    answer_field: str | None = Field(
-        "answer", description="column of the reference answer; null to ignore this column"
-    )
+    prompt_field: PromptColumn = "prompt"
+    messages_field: MessagesColumn = "messages"
+    answer_field: AnswerColumn = "answer"
     n_prompts: int = Field(16, ge=1, description="how many prompts (the first N of the file)")
     samples: int = Field(4, ge=1, description="student rollouts per prompt")
     teacher_samples: int = Field(2, ge=0, description="teacher samples per prompt for its accuracy (0: skip)")

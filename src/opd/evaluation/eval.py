@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from opd.config import VERIFIER_HELP, DataConfig, EvalConfig
+from opd.config import VERIFIER_HELP, AnswerColumn, DataConfig, EvalConfig, MessagesColumn, PromptColumn
 from opd.data import PromptRecord, encode_prompts, load_prompts, render_prompt, uses_chat
 from opd.errors import ConfigError, DataError
 from opd.evaluation.verify import (
@@ -606,15 +606,9 @@ class EvalCommandConfig(BaseModel):
     after: str | None = Field(None, description="student after training (name or path)")
     teacher: str | None = Field(None, description="teacher (name or path)")
     prompts: str = Field("", description="problems with an `answer` field (JSONL/Parquet/CSV)")
-    prompt_field: str | None = Field(
-        "prompt", description="column of a plain-text prompt; null to ignore this column"
-    )
-    messages_field: str | None = Field(
-        "messages", description="column of a chat `messages` list; null to ignore this column",
-    )  # fmt: skip
-    answer_field: str | None = Field(
-        "answer", description="column of the reference answer; null to ignore this column"
-    )
+    prompt_field: PromptColumn = "prompt"
+    messages_field: MessagesColumn = "messages"
+    answer_field: AnswerColumn = "answer"
     max_problems: int | None = Field(None, ge=1, description="evaluate only the first N problems; null: all")
     samples: int = Field(16, ge=1, description="k samples per problem")
     temperature: float = Field(0.7, ge=0.0, description="sampling temperature; 0 = greedy")

@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from opd.config import VERIFIER_HELP, Dtype
+from opd.config import VERIFIER_HELP, AnswerColumn, Dtype, MessagesColumn, PromptColumn
 from opd.errors import ConfigError, DataError
 from opd.progress import bar
 
@@ -91,15 +91,9 @@ class GenerateConfig(BaseModel):
     prompts: str = Field(
         "", description="JSONL, Parquet or CSV with `prompt` or `messages`, optional `answer`"
     )
-    prompt_field: str | None = Field(
-        "prompt", description="column of a plain-text prompt; null to ignore this column"
-    )
-    messages_field: str | None = Field(
-        "messages", description="column of a chat `messages` list; null to ignore this column",
-    )  # fmt: skip
-    answer_field: str | None = Field(
-        "answer", description="column of the reference answer; null to ignore this column"
-    )
+    prompt_field: PromptColumn = "prompt"
+    messages_field: MessagesColumn = "messages"
+    answer_field: AnswerColumn = "answer"
     max_prompts: int | None = Field(None, ge=1, description="use only the first N prompts of the file")
     out: str = Field(
         "", description="output JSONL; sidecars OUT.rejected.jsonl, OUT.summary.json, OUT.meta.json"

@@ -34,6 +34,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from opd.config import AnswerColumn, MessagesColumn, PromptColumn
 from opd.data import PromptRecord
 from opd.errors import DataError, ModelError
 
@@ -85,12 +86,8 @@ class RenderConfig(_Cfg):
     system_prompt: str | None = Field(
         None, description="system message put before every prompt (chat templates); null: none",
     )  # fmt: skip
-    prompt_field: str | None = Field(
-        "prompt", description="column of a plain-text prompt; null to ignore this column"
-    )
-    messages_field: str | None = Field(
-        "messages", description="column of a chat `messages` list; null to ignore this column",
-    )  # fmt: skip
+    prompt_field: PromptColumn = "prompt"
+    messages_field: MessagesColumn = "messages"
     trust_remote_code: bool = Field(
         False, description="run the model repository's own Python code (only for a source you trust)",
     )  # fmt: skip
@@ -141,15 +138,9 @@ class SelectConfig(_Cfg):
     trust_remote_code: bool = Field(
         False, description="run the model repository's own Python code (only for a source you trust)",
     )  # fmt: skip
-    prompt_field: str | None = Field(
-        "prompt", description="column of a plain-text prompt; null to ignore this column"
-    )
-    messages_field: str | None = Field(
-        "messages", description="column of a chat `messages` list; null to ignore this column",
-    )  # fmt: skip
-    answer_field: str | None = Field(
-        "answer", description="column of the reference answer; null to ignore this column"
-    )
+    prompt_field: PromptColumn = "prompt"
+    messages_field: MessagesColumn = "messages"
+    answer_field: AnswerColumn = "answer"
 
 
 class DedupConfig(_Cfg):
@@ -167,15 +158,9 @@ class DedupConfig(_Cfg):
     )  # fmt: skip
     out: str | None = Field(None, description="kept records; default INPUT stem + .dedup.jsonl")
     report: str | None = Field(None, description="removed records and why; default OUT stem + .report.jsonl")
-    prompt_field: str | None = Field(
-        "prompt", description="column of a plain-text prompt; null to ignore this column"
-    )
-    messages_field: str | None = Field(
-        "messages", description="column of a chat `messages` list; null to ignore this column",
-    )  # fmt: skip
-    answer_field: str | None = Field(
-        "answer", description="column of the reference answer; null to ignore this column"
-    )
+    prompt_field: PromptColumn = "prompt"
+    messages_field: MessagesColumn = "messages"
+    answer_field: AnswerColumn = "answer"
 
 
 # --------------------------------------------------------------------------------------------------
