@@ -46,3 +46,24 @@ def real_models():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def make_tiny_zoo(root: Path, *, problems_per_level: int):
+    """A `LabZoo` of four random lab-tokenizer models under the zoo's names, with the first
+    `problems_per_level` held-out problems of each level, under `root` (the lab tests' stand-in zoo)."""
+    from opd.lab.runner import LabZoo
+    from opd.lab.world import LEVELS, build_lab_tokenizer, eval_problems, write_prompt_file
+    from opd.models.tiny import build_tiny_model
+
+    tok = build_lab_tokenizer()
+    models = {}
+    for i, name in enumerate(("student", "teacher_novel", "teacher_big", "teacher_incompatible")):
+        model = build_tiny_model(tok, hidden=32, layers=1, seed=i)
+        model.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+        models[name] = root / name
+    files = {
+        lv: write_prompt_file(root / "eval" / f"level{lv}.jsonl", eval_problems(lv)[:problems_per_level])
+        for lv in LEVELS
+    }
+    return LabZoo(models=models, eval_files=files, gap_level=4)

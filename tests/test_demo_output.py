@@ -7,29 +7,16 @@ import logging
 from pathlib import Path
 
 import pytest
+from conftest import make_tiny_zoo
 
 from opd.lab.runner import LabZoo, UnreadableAnswers, count_unreadable_answers
-from opd.lab.world import LEVELS, build_lab_tokenizer, eval_problems, write_prompt_file
 from opd.progress import quiet_libraries
 
 
 @pytest.fixture(scope="module")
 def tiny_zoo(tmp_path_factory) -> LabZoo:
     """Four random lab-tokenizer models under the zoo's names and small held-out files."""
-    from opd.models.tiny import build_tiny_model
-
-    root = tmp_path_factory.mktemp("tinyzoo")
-    tok = build_lab_tokenizer()
-    models = {}
-    for i, name in enumerate(("student", "teacher_novel", "teacher_big", "teacher_incompatible")):
-        model = build_tiny_model(tok, hidden=32, layers=1, seed=i)
-        model.save_pretrained(root / name)
-        tok.save_pretrained(root / name)
-        models[name] = root / name
-    files = {
-        lv: write_prompt_file(root / "eval" / f"level{lv}.jsonl", eval_problems(lv)[:8]) for lv in LEVELS
-    }
-    return LabZoo(models=models, eval_files=files, gap_level=4)
+    return make_tiny_zoo(tmp_path_factory.mktemp("tinyzoo"), problems_per_level=8)
 
 
 def test_quiet_libraries_hides_the_weights_bar_and_keeps_errors(tiny_zoo, capfd, caplog, monkeypatch) -> None:

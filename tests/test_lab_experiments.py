@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_tiny_zoo
 
 from opd.config import LossConfig, TrainConfig
 from opd.lab.experiments import EXPERIMENTS, STATUSES, ExperimentData, stat
 from opd.lab.runner import EvalSettings, LabRunner, LabZoo, build_train_config, draw_problems
-from opd.lab.world import LEVELS, build_lab_tokenizer, eval_problems, write_prompt_file
+from opd.lab.world import LEVELS, eval_problems
 
 # ----------------------------------------------------------------------------------------------------
 # registry
@@ -82,20 +83,7 @@ def test_training_prompts_exclude_heldout() -> None:
 @pytest.fixture(scope="module")
 def tiny_zoo(tmp_path_factory) -> LabZoo:
     """Four random lab-tokenizer models under the zoo's names and small held-out files."""
-    from opd.models.tiny import build_tiny_model
-
-    root = tmp_path_factory.mktemp("tinyzoo")
-    tok = build_lab_tokenizer()
-    models = {}
-    for i, name in enumerate(("student", "teacher_novel", "teacher_big", "teacher_incompatible")):
-        model = build_tiny_model(tok, hidden=32, layers=1, seed=i)
-        model.save_pretrained(root / name)
-        tok.save_pretrained(root / name)
-        models[name] = root / name
-    files = {
-        lv: write_prompt_file(root / "eval" / f"level{lv}.jsonl", eval_problems(lv)[:12]) for lv in LEVELS
-    }
-    return LabZoo(models=models, eval_files=files, gap_level=4)
+    return make_tiny_zoo(tmp_path_factory.mktemp("tinyzoo"), problems_per_level=12)
 
 
 def _tiny_spec(name: str, steps: int = 2):
