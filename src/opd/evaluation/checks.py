@@ -218,6 +218,7 @@ def run_checks(
     from opd.models.loading import load_pair, load_pair_tokenizers, special_tokens_report
 
     target = resolve_device(device)  # before any loading: `--device cuda` without CUDA fails here
+    records = _check_prompts(prompts, n_prompts)  # a bad prompt file fails before minutes of loading
     t0 = time.perf_counter()
     try:
         toks = load_pair_tokenizers(
@@ -242,7 +243,6 @@ def run_checks(
     results.append(CheckResult("special tokens", True, f"student {s_rep} | teacher {t_rep}"))
     results += [CheckResult("template/EOS", False, w) for w in rep.get("warnings", [])]
 
-    records = _check_prompts(prompts, n_prompts)
     texts = [render_prompt(r, s_tok, template=template) for r in records]
     show_prompt(texts[0], template)
     if (differs := _teacher_rendering(records[0], t_tok, template, texts[0])) is not None:

@@ -207,6 +207,57 @@ def frozen_head(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | No
     return weight.detach(), bias.detach() if isinstance(bias, torch.Tensor) else None
 
 
+class NonFiniteOutputError(ValueError):
+    """A model gives NaN/inf logits on a short probe: its weights or its arithmetic are broken, which no
+    setting of the objective fixes (raised instead of the head-projection verdict, which would mislead)."""
+
+
+def nonfinite_parameters(model: torch.nn.Module, limit: int = 3) -> tuple[int, list[str]]:
+    """(how many parameter/buffer tensors hold a NaN or inf, the names of the first `limit`).
+
+    Only called once something is known to be wrong: one reduction and host sync per tensor."""
+    bad = [name for name, t in [*model.named_parameters(), *model.named_buffers()]
+           if t.is_floating_point() and t.device.type != "meta" and not bool(torch.isfinite(t).all())]  # fmt: skip
+    return len(bad), bad[:limit]
+
+
+def _probe_ids(model: torch.nn.Module, vocab: int) -> torch.Tensor:
+    n = min(8, vocab)
+    return torch.arange(1, n + 1, device=input_device(model)).clamp_max(vocab - 1).unsqueeze(0)
+
+
+def nonfinite_message(model: torch.nn.Module, logits: torch.Tensor) -> str:
+    """What is non-finite in `logits` of a probe, and which of the model's tensors hold NaN/inf."""
+    rows = ~torch.isfinite(logits.float()).all(dim=-1)
+    kind = "NaN" if bool(torch.isnan(logits).any()) else "inf"
+    n_bad, names = nonfinite_parameters(model)
+    where = (
+        f"{n_bad} of its weight tensors hold NaN/inf (first: {', '.join(names)})"
+        if n_bad
+        else f"its weights are finite, so the forward overflows in {str(logits.dtype).replace('torch.', '')}"
+    )
+    return (
+        f"{type(model).__name__} gives non-finite logits ({kind}) at {int(rows.sum())} of {rows.numel()} "
+        f"positions of a {rows.numel()}-token probe; {where}"
+    )
+
+
+def check_finite_probe(model: torch.nn.Module) -> None:
+    """Raise `NonFiniteOutputError` when the model's logits on a short probe are not all finite.
+
+    Why at start-up: a NaN head or a checkpoint damaged into NaNs otherwise first shows as a NaN loss at
+    step 1 (or, with `loss.from_hidden_states`, as a misleading "transforms its logits after the head"
+    verdict of the projection probe), neither of which names the model."""
+    vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 2)
+    ids = _probe_ids(model, vocab)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+    if callable(getattr(model, "reshard", None)):  # FSDP2: see check_head_projection
+        model.reshard()
+    if not bool(torch.isfinite(out.logits).all()):
+        raise NonFiniteOutputError(nonfinite_message(model, out.logits[0]))
+
+
 def check_head_projection(model: torch.nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
     """Raise ValueError unless the model's own logits equal ``hidden @ weight.T + bias`` on a short probe.
 
@@ -214,9 +265,7 @@ def check_head_projection(model: torch.nn.Module, weight: torch.Tensor, bias: to
     model that changes its logits after the head (Gemma-2's final_logit_softcapping, Cohere's logit_scale,
     Granite's logits_scaling, a custom head) would be scored on different numbers without any error; one
     8-token forward at start-up catches every such case, named or not."""
-    device = input_device(model)
-    n = min(8, int(weight.shape[0]))
-    ids = torch.arange(1, n + 1, device=device).clamp_max(weight.shape[0] - 1).unsqueeze(0)
+    ids = _probe_ids(model, int(weight.shape[0]))
     dec = _decoder(model)
     caught: list[torch.Tensor] = []
     handle = (
@@ -241,6 +290,8 @@ def check_head_projection(model: torch.nn.Module, weight: torch.Tensor, bias: to
         mine = hidden.to(weight.dtype) @ weight.detach().T
         if bias is not None:
             mine = mine + bias.detach()
+    if not bool(torch.isfinite(out.logits).all()):  # broken weights, not a transformed head
+        raise NonFiniteOutputError(nonfinite_message(model, out.logits[0]))
     theirs = out.logits.float()
     mine = mine.float()[..., : theirs.shape[-1]]
     tol = (2e-2 if weight.dtype in (torch.bfloat16, torch.float16) else 1e-3) * (

@@ -30,11 +30,13 @@ from opd.config import TrainConfig, dump_config
 from opd.data import PromptCursor, encode_prompts, load_prompts, render_prompt, uses_chat
 from opd.device import clock, host, place, reduce_sum
 from opd.diagnostics import diagnostic_sums, finalize, merge_sums
-from opd.errors import ConfigError, OpdError, StorageError
+from opd.errors import ConfigError, ModelError, OpdError, StorageError
 from opd.files import atomic_write_text, jsonl_lines
 from opd.generation.rollout import HFGenerator, Rollout, SamplingParams, chunk_seed, plan_step_micro_batches
 from opd.generation.sampling import stop_ids_for
 from opd.generation.scoring import (
+    NonFiniteOutputError,
+    check_finite_probe,
     check_head_projection,
     frozen_head,
     head_weights,
@@ -201,6 +203,24 @@ class _Accumulated:
     stats: _StepMetrics
     global_tokens: int
     t_teacher: float = 0.0
+    # response positions where the teacher's scores hold NaN/inf: read only when the step is non-finite,
+    # to say whether the NaN came from the teacher (a device counter, so no host sync per micro-batch)
+    teacher_nonfinite: torch.Tensor | None = None
+
+
+def nonfinite_target_positions(target: Any, mask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """How many response positions of `mask` have a teacher score holding NaN/inf (0-dim, on the device).
+
+    Top-K log-probs use -inf for emptied slots and a token the teacher gives probability 0, so only NaN and
+    +inf count there; hidden states and dense logits must be finite everywhere."""
+    if isinstance(target, TeacherTopK):
+        lp = target.logprobs
+        bad = torch.isnan(lp).any(-1) | (lp == math.inf).any(-1) | torch.isnan(target.token_logprob)
+    elif isinstance(target, TeacherHidden):
+        bad = ~torch.isfinite(target.hidden).all(-1)
+    else:
+        bad = ~torch.isfinite(target[..., :vocab_size]).all(-1)
+    return (bad & mask.to(bad.device).bool()).sum()
 
 
 @dataclass
@@ -303,16 +323,20 @@ class OPDTrainer:
         ]  # fmt: skip
 
     def setup(self) -> None:
-        """Build the run's parts in dependency order, each once: checks -> student/teacher pair ->
-        prompts -> the student's update (memory levers, sharding, optimizer, schedule) -> teacher ->
+        """Build the run's parts in dependency order, each once: checks (the prompt and eval files read
+        and checked before any model loads) -> student/teacher pair -> prompts -> settings adjusted to the
+        models (adjustments.json) -> the student's update (memory levers, sharding, optimizer, schedule) -> teacher ->
         generator -> resume state -> run files and metrics."""
         self._check_run()
         pair = self._load_pair()
         self._load_prompts()
+        self._adjust_settings(pair)
         self._build_update(pair.student)
         self.teacher = self._build_teacher(pair.teacher)
+        hf_teacher = self.teacher.model if isinstance(self.teacher, HFTeacher) else None
+        self._check_finite(hf_teacher)  # a NaN model is named as such, before the head probe judges it
         if self.cfg.loss.from_hidden_states:  # refuse a head head_loss cannot take, before any step
-            self._check_heads(self.teacher.model if isinstance(self.teacher, HFTeacher) else None)
+            self._check_heads(hf_teacher)
         self._build_generator()
         resume_step = self._restore() if self.resume else None
         self._open_run_files(resume_step)
@@ -326,11 +350,24 @@ class OPDTrainer:
             raise ConfigError(
                 f"prompts_per_step={cfg.prompts_per_step} must be divisible by the number of processes ({world})"
             )
+        self._read_inputs()  # before the run directory is made: a bad file leaves nothing behind
         if self.acc.is_main_process:  # one trainer per run directory; released when train() ends
             self._run_lock = lock_run_dir(self.run_dir, "opd train")
         if not self.resume:
             refuse_to_overwrite(self.run_dir, "opd train")
         set_seed(cfg.seed)
+
+    def _read_inputs(self) -> None:
+        """Read and check the prompt file and the in-loop eval file before any model loads: a JSON error
+        on line 37 or an eval problem without an answer used to surface after both models had loaded."""
+        from opd.evaluation.eval import check_answers
+
+        data, ec = self.cfg.data, self.cfg.eval
+        columns = dict(prompt_field=data.prompt_field, messages_field=data.messages_field,
+                       answer_field=data.answer_field)  # fmt: skip
+        self.records = load_prompts(data.prompts, **columns)
+        if ec.prompts and ec.every > 0:  # the same records `InLoopEvaluator` will evaluate
+            check_answers(load_prompts(ec.prompts, **columns)[: ec.max_problems])
 
     def _load_pair(self) -> Pair:
         """Tokenizers and models (no teacher weights for a vLLM/HTTP teacher), the shared vocabulary, and
@@ -346,12 +383,6 @@ class OPDTrainer:
         self.tokenizer_notes, self.tokenizer_report = pair.tokenizers.notes, pair.tokenizers.report
         self.vocab_size = pair.vocab_size
         self.chunk_rows = chunk_rows(self.vocab_size, cfg.loss.chunk_size, cfg.loss.chunk_max_elements)
-        self.adjustments = self._adjusted_settings()
-        for adj in self.adjustments:
-            self.log(
-                f"[yellow]warning:[/] {adj['setting']}={adj['asked']} is {adj['why']}: using "
-                f"{adj['setting']}={adj['used']} (recorded in {self.run_dir / 'adjustments.json'})"
-            )
         if cfg.student.dtype in ("bfloat16", "float16"):
             self.log(
                 f"[yellow]warning:[/] student.dtype={cfg.student.dtype}: low-precision master weights can "
@@ -370,12 +401,9 @@ class OPDTrainer:
         return pair
 
     def _load_prompts(self) -> None:
-        """Render and encode every prompt up front, so a bad record fails before any compute."""
-        cfg, data = self.cfg, self.cfg.data
-        self.records = records = load_prompts(
-            data.prompts, prompt_field=data.prompt_field, messages_field=data.messages_field,
-            answer_field=data.answer_field,
-        )  # fmt: skip
+        """Render and encode every prompt (read by `_read_inputs`) up front, so a bad record fails before
+        any compute."""
+        cfg, data, records = self.cfg, self.cfg.data, self.records
         self.prompt_texts = [
             render_prompt(r, self.tokenizer, template=data.template, chat_template_kwargs=data.chat_template_kwargs,
                           system_prompt=data.system_prompt)
@@ -387,6 +415,50 @@ class OPDTrainer:
         )  # fmt: skip
         self.cursor = PromptCursor(len(records), seed=cfg.seed, shuffle=data.shuffle)
         self.total_steps = cfg.steps or math.ceil(len(records) / cfg.prompts_per_step)
+
+    def _adjust_settings(self, pair: Pair) -> None:
+        """Settings this run uses with another value than asked (`_adjusted_settings`), each logged as a
+        warning; `setup` writes them to run_dir/adjustments.json."""
+        self.adjustments = self._adjusted_settings() + self._context_adjustments(pair)
+        self.max_new_tokens = next(
+            (a["used"] for a in self.adjustments if a["setting"] == "rollout.max_new_tokens"),
+            self.cfg.rollout.max_new_tokens,
+        )
+        for adj in self.adjustments:
+            self.log(
+                f"[yellow]warning:[/] {adj['setting']}={adj['asked']} is {adj['why']}: using "
+                f"{adj['setting']}={adj['used']} (recorded in {self.run_dir / 'adjustments.json'})"
+            )
+
+    def _context_adjustments(self, pair: Pair) -> list[dict[str, Any]]:
+        """rollout.max_new_tokens clamped to what the smallest context (student's, HF teacher's) leaves
+        after the longest prompt; an error when that prompt alone fills it.
+
+        Why: past `max_position_embeddings` a model reads positions it was never trained on (or its
+        rotary cache runs out), and a run that asks for 4K new tokens on a 2K-context model trained
+        without a word. Clamping keeps every rollout inside both contexts; servers and engines are checked
+        against their own `max_model_len` by `_max_model_len`."""
+        limits = {role: int(n) for role, m in (("student", pair.student), ("teacher", pair.teacher))
+                  if m is not None and (n := getattr(m.config, "max_position_embeddings", None))}  # fmt: skip
+        if not limits:
+            return []
+        role, ctx = min(limits.items(), key=lambda kv: kv[1])
+        longest, asked = max(len(p) for p in self.prompt_ids), self.cfg.rollout.max_new_tokens
+        if longest + asked <= ctx:
+            return []
+        path = self.cfg.student.path if role == "student" else self.cfg.teacher.path
+        if longest >= ctx:
+            where = self.records[
+                max(range(len(self.prompt_ids)), key=lambda i: len(self.prompt_ids[i]))
+            ].source
+            raise ConfigError(
+                f"{where}: prompt is {longest} tokens, which fills the {role}'s context ({ctx} tokens, "
+                f"max_position_embeddings of {path}), so no response token fits; shorten or drop the long "
+                f"prompts (data.max_prompt_tokens={ctx - 1} or lower names each), or use a longer-context model"
+            )
+        return [{"setting": "rollout.max_new_tokens", "asked": asked, "used": ctx - longest,
+                 "why": f"more than the {role}'s context ({ctx} tokens, {path}) leaves after the longest "
+                        f"prompt ({longest} tokens)"}]  # fmt: skip
 
     def _build_update(self, student: torch.nn.Module) -> None:
         """The student as it trains: activation checkpointing, FSDP2 or DDP, AdamW, the lr schedule, and
@@ -427,7 +499,7 @@ class OPDTrainer:
             )
         ro = cfg.rollout
         self.sampling = SamplingParams(
-            temperature=ro.temperature, top_p=ro.top_p, top_k=ro.top_k, max_new_tokens=ro.max_new_tokens
+            temperature=ro.temperature, top_p=ro.top_p, top_k=ro.top_k, max_new_tokens=self.max_new_tokens
         )
 
     def _restore(self) -> int:
@@ -477,11 +549,11 @@ class OPDTrainer:
     def _max_model_len(self, setting: int | None, what: str, scoring: bool = False) -> int:
         """The engine context a run needs; a scoring engine also generates its 1 required token."""
         longest = max(len(p) for p in self.prompt_ids)
-        need = longest + self.cfg.rollout.max_new_tokens + int(scoring)
+        need = longest + self.max_new_tokens + int(scoring)
         if setting is not None and need > setting:
             raise ConfigError(
                 f"{what} {setting} < longest prompt ({longest}) + rollout.max_new_tokens "
-                f"({self.cfg.rollout.max_new_tokens}){' + 1' if scoring else ''}; raise it or leave it unset"
+                f"({self.max_new_tokens}){' + 1' if scoring else ''}; raise it or leave it unset"
             )
         return setting or need
 
@@ -543,7 +615,7 @@ class OPDTrainer:
         else:  # every process samples the same rollouts: a sharded student needs them all for a forward
             roll = self_test_rollout(
                 self._unwrapped(), self.prompt_ids[:n_prompts], pad_id=self.tokenizer.pad_token_id,
-                stop_ids=self.stop_ids, max_new_tokens=min(max_new_tokens, self.cfg.rollout.max_new_tokens),
+                stop_ids=self.stop_ids, max_new_tokens=min(max_new_tokens, self.max_new_tokens),
                 seed=self.cfg.seed,
             )  # fmt: skip
         if self.acc.is_main_process and tc.path:
@@ -674,7 +746,7 @@ class OPDTrainer:
         if isinstance(target, TeacherTopK):
             return sparse_diagnostic_sums(s_det, target, mask, **kw)
         return diagnostic_sums(s_det, target, mask, position_bins=cfg.diagnostics.position_bins,
-                               bin_len=cfg.rollout.max_new_tokens, **kw)  # fmt: skip
+                               bin_len=self.max_new_tokens, **kw)  # fmt: skip
 
     def _signal_stats(self, s_det: torch.Tensor, target: Any, tokens: torch.Tensor,
                       mask: torch.Tensor) -> dict[str, float]:  # fmt: skip
@@ -694,6 +766,23 @@ class OPDTrainer:
             raise ConfigError(
                 f"loss.from_hidden_states: {exc}; or set loss.from_hidden_states false"
             ) from None
+
+    def _check_finite(self, teacher: torch.nn.Module | None) -> None:
+        """Refuse a student or HF teacher whose logits on a short probe hold NaN/inf, naming the model and
+        its non-finite weights (a remote teacher's scores are checked every step instead)."""
+        cfg = self.cfg
+        models = [("student", self._unwrapped(), cfg.student)]
+        if teacher is not None:
+            models.append(("teacher", teacher, cfg.teacher))
+        for role, model, mc in models:
+            try:
+                check_finite_probe(model)
+            except NonFiniteOutputError as exc:
+                half = (f"load it in float32 (--{role}.dtype float32; {mc.dtype} may overflow), or "
+                        if mc.dtype in ("bfloat16", "float16") else "")  # fmt: skip
+                raise ModelError(
+                    f"{role} {mc.path}: {exc}; {half}check the checkpoint (re-download or re-convert it)"
+                ) from None
 
     def _check_heads(self, teacher: torch.nn.Module | None) -> None:
         """`loss.from_hidden_states` projects with the heads' weights itself: the student's and an HF
@@ -836,7 +925,7 @@ class OPDTrainer:
         # 4. update: gradient norm, exact cross-process sums, refuse a non-finite step, optimizer step
         grad_norm = self._grad_norm(step, acc.loss_sum)
         totals = self._reduce_step(rollouts, acc)
-        self._update(step, totals["loss"], grad_norm)
+        self._update(step, totals["loss"], grad_norm, acc)
         t_sync = self.generator.sync(self._unwrapped()) if hasattr(self.generator, "sync") else None
         t_end = clock(device)
         # 5. metrics (every process holds the same values) and one decoded sample
@@ -861,7 +950,7 @@ class OPDTrainer:
             raise ConfigError(f"optim.in_backward needs one micro-batch per step; this step has {len(micro)}")
         # Accumulators of the step: on the compute device (no host round trip per micro-batch), float64.
         out = _Accumulated(torch.zeros((), dtype=torch.float64, device=device), _StepMetrics(self, device),
-                           global_tokens)  # fmt: skip
+                           global_tokens, teacher_nonfinite=torch.zeros((), dtype=torch.float64, device=device))  # fmt: skip
         scale = acc.num_processes / max(global_tokens, 1)
         for i, (mb, top) in enumerate(micro):
             if top is None:  # an HF teacher scores each micro-batch: hidden states (or [B, T, V] logits)
@@ -870,6 +959,7 @@ class OPDTrainer:
                 out.t_teacher += clock(device) - ts
             else:
                 target = top
+            out.teacher_nonfinite += nonfinite_target_positions(target, mb.response_mask, self.vocab_size)
             sync = contextlib.nullcontext() if i == len(micro) - 1 else acc.no_sync(self.student)
             with sync:
                 loss_mb = self._micro_batch_loss(mb, target, out.stats)
@@ -878,7 +968,8 @@ class OPDTrainer:
                 if ib is not None:  # backward will step the weights: refuse a bad loss before it starts
                     if not math.isfinite(float(objective.detach())):
                         raise NonFiniteLossError(
-                            f"non-finite loss at step {step}; no parameter was stepped",
+                            f"non-finite loss at step {step}{self._nonfinite_cause(out, reduce=False)}; no "
+                            "parameter was stepped",
                             {"loss": math.nan, "grad_norm": math.nan},
                         )
                     ib.arm()
@@ -941,12 +1032,37 @@ class OPDTrainer:
             "len_max": float(self._gather_max_row(lengths.max().reshape(1))[0]),
         }
 
-    def _update(self, step: int, loss: float, grad_norm: float) -> None:
+    def _nonfinite_cause(self, acc: _Accumulated, *, reduce: bool = True) -> str:
+        """Where a non-finite step came from: the teacher's scores (counted per micro-batch) or not.
+
+        `reduce`: sum the count over processes (every process is on this path when the global loss is
+        non-finite); False where only this process knows (optim.in_backward's per-micro-batch check)."""
+        if acc.teacher_nonfinite is None:
+            return ""
+        count = acc.teacher_nonfinite.reshape(1)
+        bad = int(self._reduce(count)[0]) if reduce else int(count[0])
+        tc = self.cfg.teacher
+        who = tc.path or ", ".join(tc.urls)
+        if bad:
+            if tc.backend == "http":
+                fix = "see its server's log"
+            elif tc.dtype in ("bfloat16", "float16"):
+                fix = f"load it in float32 (--teacher.dtype float32; {tc.dtype} may overflow) or check it"
+            else:
+                fix = "check its checkpoint (`opd check` runs it on a few rollouts)"
+            return (
+                f": the teacher's scores hold NaN/inf at {bad} of {acc.global_tokens} response positions of this "
+                f"step, so the NaN comes from the teacher ({who}), not the student; {fix}"
+            )
+        return ": the teacher's scores are finite, so it arose in the student's loss or gradients"
+
+    def _update(self, step: int, loss: float, grad_norm: float, acc: _Accumulated | None = None) -> None:
         """Phase 4's step: refused (gradients dropped, weights untouched) when the loss or norm is not finite."""
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
+            cause = self._nonfinite_cause(acc) if acc is not None else ""
             raise NonFiniteLossError(
-                f"non-finite loss ({loss}) or grad norm ({grad_norm}) at step {step}",
+                f"non-finite loss ({loss}) or grad norm ({grad_norm}) at step {step}{cause}",
                 {"loss": loss, "grad_norm": grad_norm},
             )
         if self._in_backward is None:
