@@ -187,7 +187,8 @@ def test_resume_falls_back_and_matches_the_uninterrupted_run(
     assert len(skipped) == 1 and "step_00000003" in skipped[0] and REASONS[damage] in skipped[0], logs
     assert any("resumed from" in m and "step_00000002" in m for m in logs), logs
     assert t.start_step == 2
-    assert newest.is_dir(), "the damaged checkpoint is left on disk"
+    aside = list(ckpt.checkpoint_dir(run).glob(ckpt.DAMAGED + "step_00000003-*"))
+    assert not newest.exists() and len(aside) == 1, "the damaged checkpoint is set aside under another name"
     t.train()
 
     got = load_file(run / "final" / "model.safetensors")

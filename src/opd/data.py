@@ -25,8 +25,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,38 @@ BOXED_TEMPLATE = "{prompt} Please reason step by step, and put your final answer
 TEMPLATES: dict[str, str] = {"dapo": DAPO_TEMPLATE, "boxed": BOXED_TEMPLATE}
 
 SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".csv": "csv"}
+
+# The roles chat templates are written for (OpenAI's `developer` included). A template drops a role it does
+# not know (refused by `check_rendered`) or renders it as a turn of that name (ChatML: `<|im_start|>human`),
+# which the model has most likely never seen in training; `load_prompts` warns about the second kind.
+KNOWN_ROLES = ("system", "user", "assistant", "tool", "developer")
+
+log = logging.getLogger(__name__)
+
+
+def option_names(prefix: str, *, dashes: bool = False) -> dict[str, str]:
+    """How a command spells the settings this module's messages name: ``prefix + field`` for each field
+    (``dashes``: ``max-prompt-tokens`` for ``max_prompt_tokens``).
+
+    Every hint names an option of the command that prints it: `opd train` takes ``data.max_prompt_tokens``,
+    `opd eval` ``--max-prompt-tokens``, `opd doctor` ``--max_prompt_tokens``. A value starting with ``--``
+    is a command-line option (hints then say ``--template chat``), any other a config key
+    (``data.template: chat``). Callers change single entries for settings spelled otherwise (the
+    in-loop evaluator's prompt file is ``eval.prompts``).
+    """
+    fields = ("prompts", "prompt_field", "messages_field", "template", "chat_template_kwargs", "system_prompt",
+              "max_prompt_tokens")  # fmt: skip
+    return {f: prefix + (f.replace("_", "-") if dashes else f) for f in fields}
+
+
+# `opd train`'s spelling (its config's data section), the default of every function here.
+TRAIN_OPTIONS: Mapping[str, str] = option_names("data.")
+
+
+def _set_to(options: Mapping[str, str], field: str, value: str) -> str:
+    """`field` set to `value` as the user writes it: ``--template chat`` or ``data.template: chat``."""
+    name = options[field]
+    return f"{name} {value}" if name.startswith("--") else f"{name}: {value}"
 
 
 @dataclass
@@ -77,19 +110,23 @@ def load_prompts(
     prompt_field: str | None = "prompt",
     messages_field: str | None = "messages",
     answer_field: str | None = "answer",
+    options: Mapping[str, str] = TRAIN_OPTIONS,
 ) -> list[PromptRecord]:
     """Read and validate every record of a JSONL / Parquet / CSV prompt file.
 
     Field names may be dotted paths into nested objects (``reward_model.ground_truth``, as in verl's
     DAPO parquet). A prompt field holding a list of ``{role, content}`` messages is read as messages,
     which is how verl-style datasets store chat prompts. Pass ``None`` for a field to ignore it, e.g.
-    when a file has both a ``prompt`` and a ``messages`` column and you want only one.
+    when a file has both a ``prompt`` and a ``messages`` column and you want only one. `options`: how
+    the calling command spells the settings the errors name (`option_names`). Messages with a role
+    outside `KNOWN_ROLES` are logged as a warning, once per role, naming the first record using it.
     """
     p = Path(path).expanduser()
+    where = options["prompts"]
     if not p.exists():
-        raise DataError(f"{p}: prompt file not found; check data.prompts (paths are relative to the cwd).")
+        raise DataError(f"{p}: prompt file not found; check {where} (paths are relative to the cwd).")
     if p.is_dir():
-        raise DataError(f"{p}: is a directory; data.prompts must name a .jsonl, .parquet or .csv file.")
+        raise DataError(f"{p}: is a directory; {where} must name a .jsonl, .parquet or .csv file.")
     kind = SUFFIXES.get(p.suffix.lower())
     if kind is None:
         raise DataError(
@@ -97,14 +134,42 @@ def load_prompts(
         )
     rows = {"jsonl": _read_jsonl, "parquet": _read_parquet, "csv": _read_csv}[kind](p)
     records = [
-        _to_record(row, source, prompt_field, messages_field, answer_field, csv_cells=kind == "csv")
+        _to_record(
+            row, source, prompt_field, messages_field, answer_field, csv_cells=kind == "csv", options=options
+        )
         for source, row in rows
     ]
     if not records:
-        raise DataError(
-            f"{p}: no records found (the file is empty); add prompts or point data.prompts elsewhere."
-        )
+        raise DataError(f"{p}: no records found (the file is empty); add prompts or point {where} elsewhere.")
+    _warn_unknown_roles(records)
     return records
+
+
+def _warn_unknown_roles(records: Sequence[PromptRecord]) -> None:
+    """One warning per role outside `KNOWN_ROLES`, naming the first record that uses it.
+
+    A warning, not an error: some templates are made for roles of their own (Llama 3.1's ``ipython``,
+    GLM's ``observation``) and their models were trained on them, so refusing would block real data; a
+    template that drops the role is refused anyway when the prompt is rendered (`check_rendered`). The
+    common case is a ShareGPT-style file (``human``/``gpt``), which a ChatML template renders as an
+    ``<|im_start|>human`` turn without complaint: the run goes on, on prompts the model reads as odd text.
+    """
+    first: dict[str, tuple[str, int]] = {}
+    count: dict[str, int] = {}
+    for r in records:
+        for i, m in enumerate(r.messages or ()):
+            role = m["role"]
+            if role not in KNOWN_ROLES:
+                first.setdefault(role, (r.source, i))
+                count[role] = count.get(role, 0) + 1
+    for role, (source, i) in first.items():
+        log.warning(
+            f"{source}: message {i} has role {role!r} ({count[role]} message(s) in the file), not one of "
+            f"{', '.join(KNOWN_ROLES)}: a chat template renders it as a {role!r} turn (or drops it, which is "
+            "refused), and the model was most likely trained on user/assistant turns only; rename the role "
+            "to 'user' (ShareGPT's 'human'/'gpt' are 'user'/'assistant') unless the model's template is made "
+            "for it."
+        )
 
 
 def _read_jsonl(p: Path) -> list[tuple[str, dict[str, Any]]]:
@@ -211,6 +276,7 @@ def _to_record(
     answer_field: str | None,
     *,
     csv_cells: bool,
+    options: Mapping[str, str],
 ) -> PromptRecord:
     prompt = _lookup(row, prompt_field)
     messages = _lookup(row, messages_field)
@@ -220,7 +286,7 @@ def _to_record(
         if messages is not None:
             raise DataError(
                 f"{source}: both {prompt_field!r} (a message list) and {messages_field!r} are set; "
-                "keep one, or set the other field name to null in the data config."
+                f"keep one, or set the other field name ({options['messages_field']}) to null."
             )
         messages, prompt = prompt, None
         messages_field = prompt_field
@@ -229,12 +295,12 @@ def _to_record(
         keys = ", ".join(sorted(str(k) for k in row)) or "none"
         raise DataError(
             f"{source}: record has neither {fields} (its fields: {keys}); "
-            "add one, or set data.prompt_field / data.messages_field to the right column."
+            f"add one, or set {options['prompt_field']} / {options['messages_field']} to the right column."
         )
     if prompt is not None and messages is not None:
         raise DataError(
             f"{source}: both {prompt_field!r} and {messages_field!r} are set; keep one, or set the other "
-            "field name to null in the data config."
+            f"field name ({options['prompt_field']} / {options['messages_field']}) to null."
         )
     text = None
     if prompt is not None:
@@ -347,11 +413,13 @@ def render_prompt(
     template: str = "chat",
     chat_template_kwargs: dict[str, Any] | None = None,
     system_prompt: str | None = None,
+    options: Mapping[str, str] = TRAIN_OPTIONS,
 ) -> str:
     """The exact prompt string a model is given for `record` (see the module docstring for `template`).
 
     `system_prompt` is added (chat templates only) to records that do not bring their own system message;
-    a record's own system message wins, since the data author chose it for that record.
+    a record's own system message wins, since the data author chose it for that record. `options`: how
+    the calling command spells the settings the errors name (`option_names`).
     """
     chat = uses_chat(template)
     fmt = None
@@ -360,20 +428,22 @@ def render_prompt(
     if not chat:
         if system_prompt:
             raise ConfigError(
-                f"system_prompt needs a chat template, but template is {template!r}; use template: chat "
-                "(or chat:<name>), or put the instruction into a format string."
+                f"{options['system_prompt']} needs a chat template, but {options['template']} is {template!r}; "
+                f"use {_set_to(options, 'template', 'chat')} (or chat:<name>), or put the instruction into a "
+                "format string."
             )
         if record.messages is not None:
             raise DataError(
                 f"{record.source}: record has messages, which template {template!r} cannot render; "
-                "use template: chat (or chat:<name>)."
+                f"use {_set_to(options, 'template', 'chat')} (or chat:<name>)."
             )
         return _fill(fmt, record.text or "")
     if not getattr(tokenizer, "chat_template", None):
         raise ConfigError(
             f"template {template!r} needs a chat template, but the tokenizer "
             f"({getattr(tokenizer, 'name_or_path', '?')}) has none (common for base models); use "
-            "template: raw, a named template such as dapo, or a format string with {prompt}."
+            f"{_set_to(options, 'template', 'raw')}, a named template such as dapo, or a format string with "
+            "{prompt}."
         )
     if record.messages is not None:
         messages = [dict(m) for m in record.messages]
@@ -382,7 +452,7 @@ def render_prompt(
             if not users:
                 raise DataError(
                     f"{record.source}: template {template!r} fills the last user message, but the record "
-                    "has none; add a user message or use template: chat."
+                    f"has none; add a user message or use {_set_to(options, 'template', 'chat')}."
                 )
             messages[users[-1]]["content"] = _fill(fmt, messages[users[-1]]["content"])
     else:
@@ -397,9 +467,9 @@ def render_prompt(
     except Exception as e:  # Jinja raises TemplateError / TypeError / ValueError from user templates
         raise DataError(
             f"{record.source}: the tokenizer's chat template failed on this record ({type(e).__name__}: {e}); "
-            "check the record's roles and data.chat_template_kwargs."
+            f"check the record's roles and {options['chat_template_kwargs']}."
         ) from e
-    check_rendered(messages, text, record.source, added_system=added_system)
+    check_rendered(messages, text, record.source, added_system=added_system, options=options)
     return text
 
 
@@ -408,7 +478,12 @@ def _squash(text: str) -> str:
 
 
 def check_rendered(
-    messages: Sequence[dict[str, Any]], rendered: str, source: str, *, added_system: bool = False
+    messages: Sequence[dict[str, Any]],
+    rendered: str,
+    source: str,
+    *,
+    added_system: bool = False,
+    options: Mapping[str, str] = TRAIN_OPTIONS,
 ) -> None:
     """Refuse a rendered chat prompt that lost the text of one of its prompt messages.
 
@@ -417,7 +492,8 @@ def check_rendered(
     run trains on nothing. Every non-assistant message's text, whitespace-normalised (templates
     ``trim``), must appear in the rendered prompt. Assistant turns are exempt: templates legitimately
     rewrite earlier replies (Qwen3 strips their thinking). `added_system`: ``messages[0]`` is
-    data.system_prompt, not one of the record's messages (they are numbered from 0 as in the file).
+    the system prompt setting, not one of the record's messages (they are numbered from 0 as in the file).
+    `options`: how the calling command spells the settings the error names (`option_names`).
     """
     flat = _squash(rendered)
     for i, msg in enumerate(messages):
@@ -425,11 +501,11 @@ def check_rendered(
         if msg.get("role") == "assistant" or not isinstance(content, str) or not content.strip():
             continue
         if _squash(content) not in flat:
-            what = "data.system_prompt" if added_system and i == 0 else f"message {i - int(added_system)}"
+            what = options["system_prompt"] if added_system and i == 0 else f"message {i - int(added_system)}"
             raise DataError(
                 f"{source}: the chat template dropped {what} (role {msg.get('role')!r}): its text is not in "
                 "the rendered prompt, so the model would never see it; use a role the template knows "
-                "('user', 'system'), or another data.template."
+                f"('user', 'system'), or another {options['template']}."
             )
 
 
@@ -444,12 +520,14 @@ def encode_prompts(
     max_prompt_tokens: int,
     sources: Sequence[str],
     add_special_tokens: bool,
+    options: Mapping[str, str] = TRAIN_OPTIONS,
 ) -> list[list[int]]:
     """Token ids of rendered prompts, refusing any prompt over the limit.
 
     Refusing instead of truncating: a left-truncated prompt loses its question and a right-truncated one
     its generation prompt, both silently. Pass `add_special_tokens=not uses_chat(template)`: chat
-    templates already contain BOS and a second one shifts the teacher's view of the prompt.
+    templates already contain BOS and a second one shifts the teacher's view of the prompt. `options`:
+    how the calling command spells the limit's setting (`option_names`).
     """
     if len(texts) != len(sources):
         raise ValueError(f"encode_prompts: {len(texts)} texts but {len(sources)} sources")
@@ -458,9 +536,11 @@ def encode_prompts(
     ids = tokenizer(list(texts), add_special_tokens=add_special_tokens)["input_ids"]
     for seq, source in zip(ids, sources, strict=True):
         if len(seq) > max_prompt_tokens:
+            limit = options["max_prompt_tokens"]
+            shown = f"{limit} {max_prompt_tokens}" if limit.startswith("--") else f"{limit}={max_prompt_tokens}"  # fmt: skip
             raise DataError(
-                f"{source}: prompt is {len(seq)} tokens, over data.max_prompt_tokens={max_prompt_tokens}; "
-                "raise data.max_prompt_tokens, or shorten or filter out this prompt."
+                f"{source}: prompt is {len(seq)} tokens, over {shown}; raise {limit}, or shorten or filter "
+                "out this prompt."
             )
         if not seq:
             raise DataError(f"{source}: prompt encodes to zero tokens; remove the record or fill it in.")

@@ -126,6 +126,8 @@ def register(app: typer.Typer) -> None:
             console.print(f"[bold]{name}[/]: {info['verdict']['headline']} -> {info['verdict']['recipe']}")
         from opd.report.doctor import readability_note
 
+        for name, caution in res["sample"]["noisy"].items():
+            console.print(Text.assemble(("warning: ", "yellow"), f"{name}: {caution}"))
         for f in [readability_note(res), *res.get("flags", [])]:
             if f:
                 console.print(Text.assemble(("note: ", "yellow"), f))

@@ -70,7 +70,7 @@ def run_eval_command(cfg: Any, out: Console) -> dict[str, Any]:
     """Evaluate every model of `cfg` in turn; print per-model and comparison tables; return the comparison."""
     from opd.data import load_prompts, validate_template
     from opd.device import resolve_device
-    from opd.evaluation.eval import check_answers, model_entries, portable_names
+    from opd.evaluation.eval import EVAL_OPTIONS, check_answers, model_entries, portable_names
     from opd.evaluation.verify import get_verifier
     from opd.files import atomic_write_text, json_safe
     from opd.models.loading import apply_model_defaults
@@ -84,7 +84,7 @@ def run_eval_command(cfg: Any, out: Console) -> dict[str, Any]:
     validate_template(cfg.template)
     records = load_prompts(
         cfg.prompts, prompt_field=cfg.prompt_field, messages_field=cfg.messages_field,
-        answer_field=cfg.answer_field,
+        answer_field=cfg.answer_field, options=EVAL_OPTIONS,
     )  # fmt: skip
     if cfg.max_problems is not None:
         records = records[: cfg.max_problems]
@@ -118,7 +118,7 @@ def _evaluate_one(
     One model at a time, memory released in between, so a teacher and a student that do not fit
     together still compare on one device.
     """
-    from opd.evaluation.eval import evaluate, release_memory, write_results
+    from opd.evaluation.eval import EVAL_OPTIONS, evaluate, release_memory, write_results
     from opd.models.loading import load_model, load_tokenizer, model_defaults, prepare_tokenizer
 
     own = model_defaults(path).get("verifier")  # named by the unreadable-answers warning
@@ -133,7 +133,7 @@ def _evaluate_one(
             template=cfg.template, chat_template_kwargs=cfg.chat_template_kwargs,
             system_prompt=cfg.system_prompt, max_prompt_tokens=cfg.max_prompt_tokens, seed=cfg.seed,
             strict=cfg.strict, keep_texts=cfg.keep_texts, label=f"opd eval {name}",
-            suggest_verifier=own if own != getattr(verifier, "name", None) else None,
+            suggest_verifier=own if own != getattr(verifier, "name", None) else None, options=EVAL_OPTIONS,
         )  # fmt: skip
     finally:
         del model
@@ -216,6 +216,12 @@ def register(app: typer.Typer) -> None:
         ),
         system_prompt: str | None = typer.Option(None, "--system-prompt"),
         max_prompt_tokens: int | None = typer.Option(None, "--max-prompt-tokens", help="[4096]"),
+        prompt_field: str | None = typer.Option(
+            None, "--prompt-field", help="column of the prompt text; null: ignore it [prompt]"
+        ),
+        messages_field: str | None = typer.Option(
+            None, "--messages-field", help="column of chat messages; null: ignore it [messages]"
+        ),
         answer_field: str | None = typer.Option(None, "--answer-field", help="[answer]"),
         max_problems: int | None = typer.Option(None, "--max-problems", help="only the first N problems"),
         verifier: str | None = typer.Option(None, "--verifier", help="math | exact | module:callable [math]"),
@@ -249,10 +255,14 @@ def register(app: typer.Typer) -> None:
                 teacher=teacher, prompts=prompts, samples=samples, temperature=temperature, top_p=top_p,
                 max_new_tokens=max_new_tokens, batch_size=batch_size, template=template,
                 chat_template_kwargs=ctk, system_prompt=system_prompt, max_prompt_tokens=max_prompt_tokens,
-                answer_field=answer_field, max_problems=max_problems, verifier=verifier, strict=strict,
-                seed=seed, dtype=dtype, device=device, trust_remote_code=trust_remote_code, out=out,
-                keep_texts=keep_texts,
+                prompt_field=prompt_field, messages_field=messages_field, answer_field=answer_field,
+                max_problems=max_problems, verifier=verifier, strict=strict, seed=seed, dtype=dtype, device=device,
+                trust_remote_code=trust_remote_code, out=out, keep_texts=keep_texts,
             )  # fmt: skip
+            # `--messages-field null` ignores that column, as `messages_field: null` does in the YAML
+            cli.update(
+                {k: None for k in ("prompt_field", "messages_field", "answer_field") if cli.get(k) == "null"}
+            )
             cfg = build_eval_config(config, cli)
             run_eval_command(cfg, Console(soft_wrap=True))
         except OpdError as exc:

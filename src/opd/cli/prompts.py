@@ -119,12 +119,14 @@ def render(
 def _render(cfg: Any) -> None:
     from opd.data import load_prompts, render_prompt, uses_chat, validate_template
     from opd.models.loading import load_tokenizer
+    from opd.recipes.prompts import PROMPTS_OPTIONS
 
     for t in (cfg.template, cfg.vs_template):
         validate_template(t)
     records = load_prompts(
-        cfg.prompts, prompt_field=cfg.prompt_field, messages_field=cfg.messages_field, answer_field=None
-    )[: cfg.n]
+        cfg.prompts, prompt_field=cfg.prompt_field, messages_field=cfg.messages_field, answer_field=None,
+        options=PROMPTS_OPTIONS,
+    )[: cfg.n]  # fmt: skip
     toks = {"student": load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)}
     if cfg.teacher:
         toks["teacher"] = load_tokenizer(cfg.teacher, trust_remote_code=cfg.trust_remote_code)
@@ -133,8 +135,10 @@ def _render(cfg: Any) -> None:
     plain = out.color_system is None  # no colours: mark the diff git-style so it is still readable
 
     def rendered(tok: Any, rec: Any, tpl: str) -> tuple[str, int]:
+        # an error names the option that gave this template
+        which = "--template" if tpl == cfg.template else "--vs-template"
         text = render_prompt(rec, tok, template=tpl, chat_template_kwargs=cfg.chat_template_kwargs,
-                             system_prompt=cfg.system_prompt)  # fmt: skip
+                             system_prompt=cfg.system_prompt, options={**PROMPTS_OPTIONS, "template": which})  # fmt: skip
         return text, len(tok(text, add_special_tokens=not uses_chat(tpl))["input_ids"])
 
     counts: dict[tuple[str, str], list[int]] = {}
@@ -368,7 +372,7 @@ def dedup(
 def _dedup(cfg: Any) -> None:
     from opd.data import load_prompts
     from opd.device import resolve_device
-    from opd.recipes.prompts import dedup_records, file_stem, get_embedder, write_jsonl
+    from opd.recipes.prompts import PROMPTS_OPTIONS, dedup_records, file_stem, get_embedder, write_jsonl
 
     t0 = time.perf_counter()
     device = resolve_device(cfg.device) if cfg.use_embeddings else None  # a bad device fails first
@@ -385,8 +389,12 @@ def _dedup(cfg: Any) -> None:
         "messages_field": cfg.messages_field,
         "answer_field": cfg.answer_field,
     }
-    cands = load_prompts(src, **fields)
-    ref = load_prompts(cfg.against, **fields) if cfg.against else []
+    cands = load_prompts(src, **fields, options={**PROMPTS_OPTIONS, "prompts": "INPUT"})
+    ref = (
+        load_prompts(cfg.against, **fields, options={**PROMPTS_OPTIONS, "prompts": "--against"})
+        if cfg.against
+        else []
+    )
     how = "exact + embedding" if cfg.use_embeddings else "exact only"
     with err.status(f"de-duplicating {len(cands)} prompts against {len(ref)} ({how})..."):
         kept, rows = dedup_records(cands, ref, threshold=cfg.threshold, use_embeddings=cfg.use_embeddings,

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from opd.data import PromptRecord
+from opd.data import PromptRecord, option_names
 from opd.diagnostics import token_diagnostics
 from opd.generation.rollout import HFGenerator, Rollout, SamplingParams
 from opd.generation.scoring import response_logits
@@ -25,6 +25,8 @@ from opd.teachers.hf import score_frozen
 FIDELITY_TOL = 1e-5  # nats/token; teacher := student must give KL ~ 0 up to float noise
 # Findings worth a warning that do not make a pair unfit: a template quirk can be worked around.
 SOFT_CHECKS = ("template/EOS", "rendered prompt")
+# How `opd check` spells the prompt settings its hints name (`--prompts`, `--template`).
+CHECK_OPTIONS = option_names("--", dashes=True)
 # Prompts for the self-test when the user gives no prompt file: any text exercises the scoring paths.
 BUILTIN_PROMPTS = ("What is 12 + 30?", "Name a prime number larger than 10.")
 
@@ -243,7 +245,7 @@ def run_checks(
     results.append(CheckResult("special tokens", True, f"student {s_rep} | teacher {t_rep}"))
     results += [CheckResult("template/EOS", False, w) for w in rep.get("warnings", [])]
 
-    texts = [render_prompt(r, s_tok, template=template) for r in records]
+    texts = [render_prompt(r, s_tok, template=template, options=CHECK_OPTIONS) for r in records]
     show_prompt(texts[0], template)
     if (differs := _teacher_rendering(records[0], t_tok, template, texts[0])) is not None:
         results.append(differs)
@@ -265,7 +267,7 @@ def _check_prompts(prompts: str | Path | None, n: int) -> list[PromptRecord]:
     from opd.data import load_prompts
 
     if prompts:
-        return load_prompts(prompts)[:n]
+        return load_prompts(prompts, options=CHECK_OPTIONS)[:n]
     return [
         PromptRecord(text=t, messages=None, answer=None, source=f"builtin:{i}", raw={})
         for i, t in enumerate(BUILTIN_PROMPTS[:n])

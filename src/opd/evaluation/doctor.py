@@ -31,6 +31,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from opd.config import VERIFIER_HELP, AnswerColumn, MessagesColumn, PromptColumn
+from opd.data import option_names
 from opd.errors import ConfigError, TokenizerMismatchError
 
 if TYPE_CHECKING:
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
     from opd.models.loading import PairTokenizers
 
 __all__ = [
+    "DOCTOR_OPTIONS",
     "DoctorConfig",
     "DoctorThresholds",
     "TeacherReport",
@@ -52,8 +54,13 @@ __all__ = [
     "continuation_prefixes",
     "novelty_stats",
     "run_doctor",
+    "sample_size_caution",
     "verdict",
 ]
+
+# How `opd doctor` spells the prompt settings that prompt-file and template errors name: every DoctorConfig
+# field is a `--field VALUE` option (its --help writes them with underscores: --system_prompt).
+DOCTOR_OPTIONS = option_names("--")
 
 
 class DoctorThresholds(BaseModel):
@@ -95,6 +102,10 @@ class DoctorThresholds(BaseModel):
     indistinguishable_kl: float = Field(
         0.05, ge=0.0, description="teacher-vs-teacher KL (nats/token) below which two teachers look the same"
     )
+    min_prompts: int = Field(
+        10, ge=1, description="prompts below which a verdict is marked noisy (not withheld): with fewer than "
+        "1 / min_novel_share problems, one problem moves the teacher-only share across its line",
+    )  # fmt: skip
 
 
 class DoctorConfig(BaseModel):
@@ -117,6 +128,10 @@ class DoctorConfig(BaseModel):
     system_prompt: str | None = Field(
         None, description="system message put before every prompt (chat templates); null: none",
     )  # fmt: skip
+    chat_template_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="extra chat-template arguments, e.g. {enable_thinking: false}",
+    )  # fmt: skip
+    max_prompt_tokens: int = Field(4096, ge=1, description="the most tokens a rendered prompt may have")
     temperature: float = Field(1.0, gt=0.0, description="sampling temperature of all rollouts")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling, 0 < p <= 1; 1 = off")
     max_new_tokens: int = Field(256, ge=1, description="response budget of every rollout, in tokens")
@@ -305,6 +320,44 @@ def verdict(
                    "`opd train` with this teacher and template; watch overlap ratio rise and entropy gap shrink")  # fmt: skip
 
 
+_ACCURACY_VERDICTS = ("weak_teacher", "no_gain", "go")  # the verdicts decided on the accuracy gap
+
+
+def sample_size_caution(
+    m: dict[str, float], th: DoctorThresholds, *, code: str, prompts: int, rollouts: int, file_prompts: int
+) -> str | None:
+    """Why one teacher's verdict rests on too small a sample to be trusted, naming the option that
+    raises it, or None. The verdict stands (it is still the best reading of what was measured).
+
+    Two tests on numbers the doctor has. Fewer prompts than `th.min_prompts`: each problem is then a
+    large share of every number, the teacher-only share moves by 1/N per problem, and the compatibility
+    means describe those few problems more than the prompt set. For the verdicts decided on the accuracy
+    gap, its standard error (`novelty_stats`) above `th.min_accuracy_gap`, the line the verdict draws:
+    noise alone can then move the gap across it. Not for ``identical``: a reverse KL of ~0 is no sampling
+    accident. `file_prompts`: how many prompts the file has, so the advice can say to add problems when
+    --n-prompts is already past them.
+    """
+    if code == "identical":
+        return None
+    why = []
+    need = th.min_prompts if prompts < th.min_prompts else prompts
+    if prompts < th.min_prompts:
+        why.append(f"fewer than the {th.min_prompts} prompts a stable verdict needs (--thresholds.min_prompts)")  # fmt: skip
+    se = m.get("accuracy_gap_se", math.nan)
+    if code in _ACCURACY_VERDICTS and math.isfinite(se) and se > th.min_accuracy_gap:
+        why.append(f"the accuracy gap's standard error {se:.3f} is above the {th.min_accuracy_gap:g} gap the verdict "
+                   "draws its line at")  # fmt: skip
+        need = max(need, math.ceil(prompts * (se / th.min_accuracy_gap) ** 2))  # the s.e. falls as 1/sqrt(N)
+    if not why:
+        return None
+    tokens = int(m.get("n_tokens", 0))
+    fix = (f"rerun with --n-prompts {need} or more" if file_prompts >= need else
+           f"add problems to the prompt file (it has {file_prompts}; about {need} are needed), then rerun with "
+           f"--n-prompts {need}")  # fmt: skip
+    return (f"small sample: this verdict rests on {prompts} prompt{'s' if prompts != 1 else ''} ({rollouts} student "
+            f"rollouts, {tokens} response tokens) and is noisy: {'; '.join(why)}; {fix}")  # fmt: skip
+
+
 # ----------------------------------------------------------------------------------------------------
 # The run: `run_doctor` calls the phases below in order; each takes the shared `_Run` state.
 
@@ -328,6 +381,7 @@ class _Inputs:
     has_answers: bool
     verifier: Verifier | None
     bad_references: list[PromptRecord] = field(default_factory=list)  # answers the verifier cannot read
+    file_prompts: int = 0  # records in the whole file (`records` is its first n_prompts)
 
 
 @dataclass
@@ -506,6 +560,7 @@ def run_doctor(
     result["teachers"].update(_verdicts(cfg, reports, best, result["answers"]))
     result["flags"] = _flags(run, reports, result, best)
     _mark_reliability(result, best)
+    result["sample"] = _mark_sample_size(run, result, best)
     result["config"] = cfg.model_dump()
     result["device"] = str(device)
     result["seconds"] = round(time.perf_counter() - t0, 1)
@@ -543,16 +598,18 @@ def _load_inputs(cfg: DoctorConfig, say: Callable[[str], None]) -> _Inputs:
         unparsed_references_message,
     )
 
-    records = load_prompts(
+    every = load_prompts(
         cfg.prompts,
         prompt_field=cfg.prompt_field,
         messages_field=cfg.messages_field,
         answer_field=cfg.answer_field,
-    )[: cfg.n_prompts]
+        options=DOCTOR_OPTIONS,
+    )
+    records = every[: cfg.n_prompts]
     has_answers = all(r.answer is not None and str(r.answer).strip() for r in records)
     if not has_answers:
         say("some prompts have no answer: accuracy, novelty, continuation and AUROC are skipped")
-        return _Inputs(records, has_answers, None)
+        return _Inputs(records, has_answers, None, file_prompts=len(every))
     verifier = get_verifier(cfg.verifier)
     bad = [r for r in records if reference_parses(verifier, str(r.answer)) is False]
     if mostly_unparsed(len(bad), len(records)):  # before any model is loaded
@@ -560,7 +617,7 @@ def _load_inputs(cfg: DoctorConfig, say: Callable[[str], None]) -> _Inputs:
             "warning: "
             + unparsed_references_message(len(bad), len(records), verifier, bad[0].source, str(bad[0].answer))
         )
-    return _Inputs(records, has_answers, verifier, bad)
+    return _Inputs(records, has_answers, verifier, bad, file_prompts=len(every))
 
 
 def _load_tokenizers(cfg: DoctorConfig) -> PairTokenizers:
@@ -637,9 +694,11 @@ def _measure_template(run: _Run, ti: int, template: str) -> _TemplateResult:
     the student's rollouts, their scores by every model, and each teacher's metrics and accuracy."""
     from opd.evaluation.eval import prepare_prompts
 
+    cfg = run.cfg
     _, prompt_ids = prepare_prompts(
-        run.inputs.records, run.models.tok, template=template, system_prompt=run.cfg.system_prompt
-    )
+        run.inputs.records, run.models.tok, template=template, chat_template_kwargs=cfg.chat_template_kwargs,
+        system_prompt=cfg.system_prompt, max_prompt_tokens=cfg.max_prompt_tokens, options=DOCTOR_OPTIONS,
+    )  # fmt: skip
     student = _sample_student(run, prompt_ids, ti, template)
     scores = _score(run, student.rolls, template)
     stats = _template_stats(run.inputs, student)
@@ -981,3 +1040,22 @@ def _mark_reliability(result: dict[str, Any], best: str) -> None:
         teacher["verdict"]["reliable"] = not notes
         if notes:
             teacher["verdict"]["reasons"].append("caution: " + notes[0])
+
+
+def _mark_sample_size(run: _Run, result: dict[str, Any], best: str) -> dict[str, Any]:
+    """Each verdict resting on too small a sample (`sample_size_caution`) says so in its reasons and as
+    ``noisy`` in doctor.json; returns doctor.json's ``sample``: the counts behind the verdicts and each
+    noisy teacher's caution, which the command prints as a warning and the report as a note."""
+    info = result["templates"][best]
+    prompts, rollouts = len(run.inputs.records), int(info["student_rollouts"])
+    noisy: dict[str, str] = {}
+    for name, teacher in result["teachers"].items():
+        v = teacher["verdict"]
+        caution = sample_size_caution(teacher["by_template"][best], run.cfg.thresholds, code=v["code"],
+                                      prompts=prompts, rollouts=rollouts, file_prompts=run.inputs.file_prompts)  # fmt: skip
+        v["noisy"] = caution is not None
+        if caution is not None:
+            v["reasons"].append("caution: " + caution)
+            noisy[name] = caution
+    tokens = int(next(iter(result["teachers"].values()))["by_template"][best].get("n_tokens", 0))
+    return {"prompts": prompts, "student_rollouts": rollouts, "response_tokens": tokens, "noisy": noisy}

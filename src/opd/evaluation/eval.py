@@ -24,7 +24,7 @@ import logging
 import math
 import re
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,15 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from opd.config import VERIFIER_HELP, AnswerColumn, DataConfig, EvalConfig, MessagesColumn, PromptColumn
-from opd.data import PromptRecord, encode_prompts, load_prompts, render_prompt, uses_chat
+from opd.data import (
+    TRAIN_OPTIONS,
+    PromptRecord,
+    encode_prompts,
+    load_prompts,
+    option_names,
+    render_prompt,
+    uses_chat,
+)
 from opd.errors import ConfigError, DataError
 from opd.evaluation.verify import (
     VERIFIER_ERROR,
@@ -52,6 +60,7 @@ from opd.files import atomic_write_text, json_safe
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "EVAL_OPTIONS",
     "EvalCommandConfig",
     "EvalResult",
     "InLoopEvaluator",
@@ -303,8 +312,10 @@ def prepare_prompts(
     chat_template_kwargs: dict[str, Any] | None = None,
     system_prompt: str | None = None,
     max_prompt_tokens: int = 4096,
+    options: Mapping[str, str] = TRAIN_OPTIONS,
 ) -> tuple[list[str], list[list[int]]]:
-    """Rendered prompt texts and their token ids (chat templates own BOS, so no special tokens then)."""
+    """Rendered prompt texts and their token ids (chat templates own BOS, so no special tokens then);
+    `options`: how the calling command spells the settings the errors name (`opd.data.option_names`)."""
     texts = [
         render_prompt(
             r,
@@ -312,6 +323,7 @@ def prepare_prompts(
             template=template,
             chat_template_kwargs=chat_template_kwargs,
             system_prompt=system_prompt,
+            options=options,
         )
         for r in records
     ]
@@ -321,6 +333,7 @@ def prepare_prompts(
         max_prompt_tokens=max_prompt_tokens,
         sources=[r.source for r in records],
         add_special_tokens=not uses_chat(template),
+        options=options,
     )
     return texts, ids
 
@@ -444,11 +457,13 @@ def evaluate(
     keep_texts: bool = True,
     label: str = "opd eval",
     suggest_verifier: str | None = None,
+    options: Mapping[str, str] = TRAIN_OPTIONS,
 ) -> EvalResult:
     """Sample `samples` responses per problem, grade them, and summarise (avg@k, pass@1..k, lengths).
 
     `suggest_verifier` is the verifier the warning about unreadable responses names (the model's own
-    default, `opd.models.loading.model_defaults`); ``math-flexible`` when None.
+    default, `opd.models.loading.model_defaults`); ``math-flexible`` when None. `options`: how the
+    calling command spells the prompt settings the errors name (`opd.data.option_names`).
 
     `model` must be a plain (unwrapped) HF model, since generation calls `model.generate`. Records
     without an answer are refused before anything is generated. Sampling seeds are keyed by problem index
@@ -466,6 +481,7 @@ def evaluate(
         chat_template_kwargs=chat_template_kwargs,
         system_prompt=system_prompt,
         max_prompt_tokens=max_prompt_tokens,
+        options=options,
     )
     return evaluate_prepared(
         model, tokenizer, records, ids, samples=samples, temperature=temperature, top_p=top_p,
@@ -548,11 +564,14 @@ class InLoopEvaluator:
             raise ConfigError("eval.prompts is empty: in-loop evaluation needs a problem file with answers")
         self.cfg = cfg
         self.tokenizer = tokenizer
+        # the run's data settings, except the file: that is eval.prompts
+        options = {**TRAIN_OPTIONS, "prompts": "eval.prompts"}
         records = load_prompts(
             cfg.prompts,
             prompt_field=data_cfg.prompt_field,
             messages_field=data_cfg.messages_field,
             answer_field=data_cfg.answer_field,
+            options=options,
         )
         if cfg.max_problems is not None:
             records = records[: cfg.max_problems]
@@ -566,6 +585,7 @@ class InLoopEvaluator:
             chat_template_kwargs=data_cfg.chat_template_kwargs,
             system_prompt=data_cfg.system_prompt,
             max_prompt_tokens=data_cfg.max_prompt_tokens,
+            options=options,
         )
         self.last_result: EvalResult | None = None
 
@@ -638,6 +658,10 @@ class EvalCommandConfig(BaseModel):
     )  # fmt: skip
     out: str = Field("eval", description="output directory")
     keep_texts: bool = Field(True, description="write response texts into the samples file")
+
+
+# How `opd eval` spells the prompt settings that prompt-file and template errors name (its options).
+EVAL_OPTIONS = option_names("--", dashes=True)
 
 
 def model_entries(cfg: EvalCommandConfig) -> tuple[list[tuple[str, str]], dict[str, str]]:

@@ -32,6 +32,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from opd.config import TrainConfig, dump_config
+from opd.data import option_names
 from opd.errors import ConfigError, DataError
 from opd.files import atomic_write_text
 from opd.recipes.generate import GenerateConfig
@@ -39,6 +40,9 @@ from opd.train import checkpoint as ckpt
 from opd.train.sft import SFTConfig
 
 STAGES = ("generate", "sft", "opd")
+# How `opd cold-start` spells the generate stage's prompt settings (errors name them): its section's options,
+# and sft_prompts for the prompt file it answers.
+GENERATE_STAGE_OPTIONS = {**option_names("--generate."), "prompts": "--sft_prompts"}
 
 
 class ColdStartDedup(BaseModel):
@@ -160,12 +164,14 @@ def dedup_opd_prompts(
         prompt_field=dc.prompt_field,
         messages_field=dc.messages_field,
         answer_field=dc.answer_field,
+        options={**option_names("--opd.data."), "prompts": "--opd_prompts"},
     )
     against = load_prompts(
         gen.prompts,
         prompt_field=gen.prompt_field,
         messages_field=gen.messages_field,
         answer_field=gen.answer_field,
+        options=GENERATE_STAGE_OPTIONS,
     )
     if gen.max_prompts is not None:
         against = against[: gen.max_prompts]  # only the prompts the teacher actually answered
@@ -225,7 +231,7 @@ def run_cold_start(cfg: ColdStartConfig, *, log: Callable[[str], Any] | None = N
         summary: dict[str, Any] = {}
 
         def generate() -> None:
-            summary.update(generate_with_progress(gen, log=log).summary)
+            summary.update(generate_with_progress(gen, log=log, options=GENERATE_STAGE_OPTIONS).summary)
             if summary["kept"] == 0:
                 raise DataError(
                     f"the filters rejected every teacher response (see {paths['teacher']}'s .summary.json); "

@@ -40,7 +40,7 @@ import json
 import os
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from opd.config import VERIFIER_HELP, AnswerColumn, Dtype, MessagesColumn, PromptColumn
+from opd.data import option_names
 from opd.errors import ConfigError, DataError
 from opd.progress import bar
 
@@ -148,6 +149,9 @@ class GenerateConfig(BaseModel):
 
 
 GENERATE_ALIASES: dict[str, str] = {"teacher": "model"}
+# How `opd generate` spells the prompt settings that prompt-file and template errors name: every field is a
+# `--field VALUE` option. `opd cold-start` passes its own (`--generate.template`, `--sft_prompts`).
+GENERATE_OPTIONS = option_names("--")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -466,11 +470,13 @@ def run_generate(
     on_batch: Callable[[int, int], None] | None = None,
     model: Any = None,
     tokenizer: Any = None,
+    options: Mapping[str, str] = GENERATE_OPTIONS,
 ) -> GenerateResult:
     """Generate (or finish generating) `cfg.out`; see the module docstring for files and resume.
 
     `on_batch(done, total)` reports progress in samples; `model`/`tokenizer` may be passed in to reuse
     loaded ones (tests), already placed where they should run; a model loaded here goes to `cfg.device`.
+    `options`: how the calling command spells the prompt settings the errors name (`opd.data.option_names`).
     """
     from opd.device import resolve_device
     from opd.models.loading import apply_model_defaults
@@ -479,12 +485,12 @@ def run_generate(
     # a lab:NAME teacher renders with the lab's template (and grades with its verifier) unless told otherwise
     cfg = apply_model_defaults(cfg, [cfg.model], {"verifier": "verifier", "template": "template"}, log)
     device = resolve_device(cfg.device)  # before anything is read or written: `cuda` without CUDA fails here
-    plan = _plan(cfg, log)
+    plan = _plan(cfg, log, options)
     t0 = time.perf_counter()
     generated = written = 0
     interrupted = False
     if plan.todo:
-        job = _load_job(cfg, plan.records, device, model, tokenizer)
+        job = _load_job(cfg, plan.records, device, model, tokenizer, options)
         generated, written, interrupted = _sample_batches(cfg, plan, job, log, on_batch)
     else:
         log(f"nothing to generate: all {plan.total} samples of {plan.paths.out} are written")
@@ -497,7 +503,7 @@ def run_generate(
     return _finish(plan, run, interrupted)
 
 
-def _load_records(cfg: GenerateConfig) -> list[PromptRecord]:
+def _load_records(cfg: GenerateConfig, options: Mapping[str, str]) -> list[PromptRecord]:
     """The prompts of the job; the `incorrect` filter needs every answer, so a missing one fails here,
     before anything is written, rather than as a rejection of every response to that prompt."""
     from opd.data import load_prompts
@@ -507,6 +513,7 @@ def _load_records(cfg: GenerateConfig) -> list[PromptRecord]:
         prompt_field=cfg.prompt_field,
         messages_field=cfg.messages_field,
         answer_field=cfg.answer_field,
+        options=options,
     )
     if cfg.max_prompts is not None:
         records = records[: cfg.max_prompts]
@@ -520,10 +527,10 @@ def _load_records(cfg: GenerateConfig) -> list[PromptRecord]:
     return records
 
 
-def _plan(cfg: GenerateConfig, log: Callable[[str], None]) -> _Plan:
+def _plan(cfg: GenerateConfig, log: Callable[[str], None], options: Mapping[str, str]) -> _Plan:
     """Check the settings against an earlier run's (refusing a mismatch), then find which of the fixed
     prompt batches still miss a sample: a resume regenerates only those."""
-    records = _load_records(cfg)
+    records = _load_records(cfg, options)
     paths = OutputPaths.for_out(cfg.out)
     settings = settings_of(cfg)
     resumed = _check_or_write_meta(paths, settings)
@@ -548,8 +555,9 @@ def _plan(cfg: GenerateConfig, log: Callable[[str], None]) -> _Plan:
 
 
 def _load_job(
-    cfg: GenerateConfig, records: list[PromptRecord], device: Any, model: Any, tokenizer: Any
-) -> _Job:
+    cfg: GenerateConfig, records: list[PromptRecord], device: Any, model: Any, tokenizer: Any,
+    options: Mapping[str, str],
+) -> _Job:  # fmt: skip
     """Load the model (unless passed in) and render every prompt once; only reached when something is
     left to generate, so rerunning a finished job costs no model load."""
     from opd.data import encode_prompts, render_prompt, uses_chat
@@ -564,13 +572,13 @@ def _load_job(
     texts = [
         render_prompt(
             r, tokenizer, template=cfg.template, chat_template_kwargs=cfg.chat_template_kwargs,
-            system_prompt=cfg.system_prompt,
+            system_prompt=cfg.system_prompt, options=options,
         )
         for r in records
     ]  # fmt: skip
     prompt_ids = encode_prompts(
         texts, tokenizer, max_prompt_tokens=cfg.max_prompt_tokens, sources=[r.source for r in records],
-        add_special_tokens=not uses_chat(cfg.template),
+        add_special_tokens=not uses_chat(cfg.template), options=options,
     )  # fmt: skip
     messages = [_prompt_messages(r, cfg, tokenizer) for r in records]
     verifier = None
@@ -667,8 +675,11 @@ def _finish(plan: _Plan, run: dict[str, Any], interrupted: bool) -> GenerateResu
     return GenerateResult(plan.paths, summary, run["generated"], run["written"], plan.already)
 
 
-def generate_with_progress(cfg: Any, log: Callable[[str], Any] | None = None) -> Any:
-    """`opd.recipes.generate.run_generate` with a progress bar (in samples) and a one-line summary."""
+def generate_with_progress(
+    cfg: Any, log: Callable[[str], Any] | None = None, options: Mapping[str, str] = GENERATE_OPTIONS
+) -> Any:
+    """`opd.recipes.generate.run_generate` with a progress bar (in samples) and a one-line summary;
+    `options` as there."""
     log = log or print
     progress = bar("opd generate")
     task = None
@@ -681,7 +692,7 @@ def generate_with_progress(cfg: Any, log: Callable[[str], Any] | None = None) ->
         progress.update(task, completed=done, total=total)
 
     try:
-        result = run_generate(cfg, log=log, on_batch=on_batch)
+        result = run_generate(cfg, log=log, on_batch=on_batch, options=options)
     finally:
         progress.stop()
     s = result.summary

@@ -25,7 +25,7 @@ import math
 import random
 import re
 import unicodedata
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,8 +35,20 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from opd.config import AnswerColumn, MessagesColumn, PromptColumn
-from opd.data import PromptRecord
+from opd.data import TRAIN_OPTIONS, PromptRecord, option_names
 from opd.errors import DataError, ModelError
+
+# How `opd prompts render/select/dedup` spell the prompt settings that prompt-file and template errors name:
+# their command-line options, and the keys of their --config file for the settings without one.
+PROMPTS_OPTIONS = {
+    **option_names("--", dashes=True),
+    "prompt_field": "prompt_field",
+    "messages_field": "messages_field",
+}
+SELECT_OPTIONS = {
+    **PROMPTS_OPTIONS,
+    **{f: f for f in ("chat_template_kwargs", "system_prompt", "max_prompt_tokens")},
+}
 
 __all__ = [
     "SCORE_KEYS",
@@ -617,6 +629,7 @@ def score_records(
     stream: int = 0,
     stop_ids: Sequence[int] | None = None,
     on_prompt: Callable[[int], None] | None = None,
+    options: Mapping[str, str] = TRAIN_OPTIONS,
 ) -> list[dict[str, Any]]:
     """Teacher-alignment metrics of each prompt, on `rollouts` student samples (one row per record).
 
@@ -625,7 +638,8 @@ def score_records(
     overlap_mass_student / _teacher, entropy_student, entropy_teacher, reverse_kl, neg_reverse_kl, and
     teacher_advantage = mean over rollouts of r̄ = mean_t [log q_t(y_t) − log p_t(y_t)]; plus
     response_len and truncated_frac. Prompts longer than `max_prompt_tokens` are not scored: their
-    row carries ``skipped`` with the reason (training would refuse them too).
+    row carries ``skipped`` with the reason (training would refuse them too). `options`: how the calling
+    command spells the template settings the errors name (`opd.data.option_names`).
 
     Each generate call is seeded by (seed, stream, index of its first prompt) through
     `opd.generation.rollout.chunk_seed`, like `opd.generation.sampling`: a rerun with the same settings draws the same
@@ -651,7 +665,7 @@ def score_records(
     params = SamplingParams(temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=max_new_tokens)
     texts = [
         render_prompt(r, tokenizer, template=template, chat_template_kwargs=chat_template_kwargs,
-                      system_prompt=system_prompt)
+                      system_prompt=system_prompt, options=options)
         for r in records
     ]  # fmt: skip
     ids = encode_prompts(texts, tokenizer, max_prompt_tokens=10**9, sources=[r.source for r in records],
@@ -822,8 +836,18 @@ def _selection_records(
         "messages_field": cfg.messages_field,
         "answer_field": cfg.answer_field,
     }
-    tp = load_prompts(cfg.teacher_prompts, **fields) if cfg.teacher_prompts else []
-    pool = load_prompts(cfg.candidates, **fields) if cfg.candidates else []
+    tp = (
+        load_prompts(
+            cfg.teacher_prompts, **fields, options={**SELECT_OPTIONS, "prompts": "--teacher-prompts"}
+        )
+        if cfg.teacher_prompts
+        else []
+    )
+    pool = (
+        load_prompts(cfg.candidates, **fields, options={**SELECT_OPTIONS, "prompts": "--candidates"})
+        if cfg.candidates
+        else []
+    )
     if tp and pool:
         pool, dropped = dedup_records(pool, tp, use_embeddings=False)
         if dropped:
@@ -851,6 +875,7 @@ def _score_selection(
         system_prompt=cfg.system_prompt, rollouts=cfg.rollouts, max_new_tokens=cfg.max_new_tokens,
         temperature=cfg.temperature, top_p=cfg.top_p, k=cfg.k, batch_size=cfg.batch_size,
         max_prompt_tokens=cfg.max_prompt_tokens, seed=cfg.seed, stop_ids=stop_ids_for(s_tok, s_model),
+        options=SELECT_OPTIONS,
     )  # fmt: skip
     with scoring(total) as tick:
         # Separate seed streams, so a candidate's rollouts do not depend on whether teacher prompts exist.

@@ -126,6 +126,9 @@ def build_document(res: dict[str, Any], figures: dict[str, str] | None = None) -
     unreadable = readability_note(res)
     if unreadable:
         doc.append(Note(esc(unreadable), label="verdict withheld"))
+    # doctor.json files written before the sample-size check have no "sample"
+    for name, caution in res.get("sample", {}).get("noisy", {}).items():
+        doc.append(Note(esc(f"{name}: {caution}"), label="caution"))
     for name, t in res["teachers"].items():
         v = t["verdict"]
         doc.append(Paragraph(f"**{esc(name)}** ({code(t['path'])}): **{v['headline']}**"))
@@ -187,6 +190,13 @@ def build_document(res: dict[str, Any], figures: dict[str, str] | None = None) -
             f"problems only the teacher solves < {th['min_novel_share']:g}; otherwise go. Two teachers are "
             f"flagged indistinguishable at overlap ratio >= {th['indistinguishable_overlap']:g} and KL <= "
             f"{th['indistinguishable_kl']:g}."
+            + (
+                f" A verdict is marked noisy (and still given) when it rests on fewer than {th['min_prompts']} "
+                "prompts, or when it is decided on the accuracy gap and the gap's standard error exceeds "
+                f"{th['min_accuracy_gap']:g}."
+                if "min_prompts" in th  # doctor.json of older versions has no sample-size rule
+                else ""
+            )
         ),
         Paragraph(
             "The thresholds were set on the opd lab (`opd lab run thinking_patterns novelty_vs_scale`), where "

@@ -19,6 +19,7 @@ import json
 import os
 import random
 import shutil
+import time
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -35,6 +36,9 @@ PREFIX = "step_"
 COMPLETE = "state.json"  # written last inside the temporary directory
 MANIFEST = "manifest.json"  # sizes of the files below, written just before COMPLETE
 FILES = ("model.safetensors", "optimizer.pt", "scheduler.pt", "rng.pt")  # what a resume loads
+# A damaged checkpoint set aside at resume: damaged-step_00000003-20250101T120000Z, outside the `step_*`
+# names that listing, rotation and resume look at (`set_aside`).
+DAMAGED = "damaged-"
 # Words of the RuntimeErrors torch/safetensors raise when the OS refused a write (torch's C++ stream says
 # "basic_ios::clear: iostream error" or "file write failed", its zip writer "[enforce fail at
 # inline_container.cc:...] . unexpected pos N vs M" when a short write leaves the archive behind where it
@@ -229,18 +233,23 @@ def checkpoint_problem(path: str | Path, *, load: bool = True) -> str | None:
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             return f"{MANIFEST} is unreadable ({_reason(exc)})"
     for name in FILES:
-        f = path / name
-        if not f.is_file():
-            return f"{name} is missing"
-        size, want = f.stat().st_size, sizes.get(name)
-        if want is not None and size != want:
-            return (
-                f"{name} is {'truncated' if size < want else 'damaged'} ({size} bytes, {want} were written)"
-            )
-        problem = _safetensors_problem(f) if name.endswith(".safetensors") else _torch_file_problem(f, load)
+        try:
+            problem = _file_problem(path / name, sizes.get(name), load)
+        except OSError as exc:  # unreadable, or set aside by the main process while another one checks it
+            problem = f"cannot be read ({_reason(exc)})"
         if problem is not None:
             return f"{name} {problem}"
     return None
+
+
+def _file_problem(f: Path, want: int | None, load: bool) -> str | None:
+    """Why one file of a checkpoint cannot be resumed from (`want`: its size in the manifest), or None."""
+    if not f.is_file():
+        return "is missing"
+    size = f.stat().st_size
+    if want is not None and size != want:
+        return f"is {'truncated' if size < want else 'damaged'} ({size} bytes, {want} were written)"
+    return _safetensors_problem(f) if f.name.endswith(".safetensors") else _torch_file_problem(f, load)
 
 
 def last_whole_checkpoint(run_dir: str | Path) -> str:
@@ -254,9 +263,10 @@ def last_whole_checkpoint(run_dir: str | Path) -> str:
 def resumable_checkpoint(run_dir: str | Path) -> tuple[Path, list[tuple[Path, str]]]:
     """The newest whole checkpoint of `run_dir` and the newer ones skipped, each with why.
 
-    A damaged checkpoint is left where it is (never deleted here: it may be all a user has of those
-    steps); the resumed run writes a fresh one when it reaches that step again. Raises ConfigError, one
-    line listing every checkpoint and its problem, when none is whole.
+    A damaged checkpoint is never deleted (it may be all a user has of those steps) and not moved here;
+    a training resume (`opd.train.loop.resumable_checkpoint`) sets it aside (`set_aside`) before the
+    resumed run writes a fresh one of that step. Raises ConfigError, one line listing every checkpoint and
+    its problem, when none is whole; nothing is moved then.
     """
     ckpts = list_checkpoints(run_dir)
     skipped: list[tuple[Path, str]] = []
@@ -273,6 +283,29 @@ def resumable_checkpoint(run_dir: str | Path) -> tuple[Path, list[tuple[Path, st
         f"--resume {run_dir}: no usable checkpoint in {root} ({why}); they were left untouched: restore one "
         "from a copy or start a new run_dir"
     )
+
+
+def set_aside(path: Path) -> Path:
+    """Rename the damaged checkpoint `path` to ``damaged-<name>-<UTC time>`` beside it (``-2``, ``-3`` ...
+    when taken) and return the new path.
+
+    Left as ``step_N``, it would be replaced by the resumed run's fresh checkpoint of step N (or pruned by
+    keep-last-N rotation once older than the kept ones); under its new name nothing opd writes or prunes
+    touches it. Raises StorageError, before any training, when the rename is refused.
+    """
+    base = path.with_name(f"{DAMAGED}{path.name}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
+    dest, i = base, 2
+    while dest.exists():  # os.rename would replace an empty directory of that name
+        dest, i = base.with_name(f"{base.name}-{i}"), i + 1
+    try:
+        os.rename(path, dest)
+        fsync_dir(path.parent)
+    except OSError as exc:
+        raise StorageError(
+            f"could not set the damaged checkpoint {path} aside as {dest}: {_reason(exc)}; the resumed run "
+            "would overwrite it when it writes that step again: move or copy it elsewhere, then resume again"
+        ) from exc
+    return dest
 
 
 def rng_state() -> dict[str, Any]:

@@ -161,13 +161,23 @@ def finished_run(run_dir: Path, *, steps: int | None, save_final: bool, command:
 
 
 def resumable_checkpoint(run_dir: Path, log: Callable[[str], Any]) -> Path:
-    """The newest whole checkpoint, after logging each newer damaged one skipped (left on disk).
+    """The newest whole checkpoint, after setting each newer damaged one aside (`ckpt.set_aside`) and
+    logging where it now is.
 
     A run killed while a disk filled, or a checkpoint cut short by a copy, must not end a resume with
-    a safetensors/torch traceback when the checkpoint before it is complete (opd.train.checkpoint)."""
+    a safetensors/torch traceback when the checkpoint before it is complete (opd.train.checkpoint). The
+    damaged one is renamed, not left as step_N: the resumed run writes step N again and would replace
+    it. Only the main process (global rank 0) renames; the others skip the same checkpoints, since
+    whether one is damaged depends on its files alone (one being renamed under them reads as missing)."""
+    import torch.distributed as dist
+
     path, skipped = ckpt.resumable_checkpoint(run_dir)
+    main = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
     for bad, why in skipped:
-        log(f"[yellow]warning:[/] skipped damaged checkpoint {bad}: {why}; left on disk, not used")
+        if main:
+            kept = ckpt.set_aside(bad)
+            log(f"[yellow]warning:[/] skipped damaged checkpoint {bad}: {why}; moved to {kept} (kept, not used; "
+                "the steps after the checkpoint resumed from are trained again)")  # fmt: skip
     return path
 
 

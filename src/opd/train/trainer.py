@@ -27,7 +27,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from opd.config import TrainConfig, dump_config
-from opd.data import PromptCursor, encode_prompts, load_prompts, render_prompt, uses_chat
+from opd.data import TRAIN_OPTIONS, PromptCursor, encode_prompts, load_prompts, render_prompt, uses_chat
 from opd.device import clock, host, place, reduce_sum
 from opd.diagnostics import diagnostic_sums, finalize, merge_sums
 from opd.errors import ConfigError, ModelError, OpdError, StorageError
@@ -367,7 +367,8 @@ class OPDTrainer:
                        answer_field=data.answer_field)  # fmt: skip
         self.records = load_prompts(data.prompts, **columns)
         if ec.prompts and ec.every > 0:  # the same records `InLoopEvaluator` will evaluate
-            check_answers(load_prompts(ec.prompts, **columns)[: ec.max_problems])
+            options = {**TRAIN_OPTIONS, "prompts": "eval.prompts"}
+            check_answers(load_prompts(ec.prompts, **columns, options=options)[: ec.max_problems])
 
     def _load_pair(self) -> Pair:
         """Tokenizers and models (no teacher weights for a vLLM/HTTP teacher), the shared vocabulary, and
