@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from opd.errors import ConfigError, read_utf8
 
@@ -81,6 +82,31 @@ class StudentConfig(_Section):
     lora: LoraConfig = LoraConfig()
 
 
+def check_server_url(url: str) -> str:
+    """`url` if it is a teacher server's base URL (``http://HOST:PORT``, as `opd serve-teacher` prints
+    it); else a ValueError naming the entry, what is wrong and the expected form. Checked where the
+    config is built, so a typo fails before any model loads, not as urllib's "unknown url type" later."""
+    from urllib.parse import urlsplit
+
+    form = "expected http://HOST:PORT, e.g. http://10.0.0.5:8000 (what `opd serve-teacher` prints)"
+    if not isinstance(url, str) or "://" not in url:
+        bare = isinstance(url, str) and re.fullmatch(r"[\w.-]+(:\d+)?/?", url.strip())  # HOST:PORT alone
+        hint = f"; did you mean http://{url.strip()}?" if bare else ""
+        raise ValueError(f"{url!r} is not a server URL{hint}; {form}")
+    try:
+        parts = urlsplit(url.strip())
+        parts.port  # noqa: B018 - raises ValueError on a port that is not a number in 0-65535
+    except ValueError as exc:
+        raise ValueError(f"{url!r} is not a server URL ({exc}); {form}") from None
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"{url!r}: the scheme must be http or https, not {parts.scheme!r}; {form}")
+    if not parts.hostname or " " in parts.netloc:
+        raise ValueError(f"{url!r} names no valid host; {form}")
+    if parts.path.rstrip("/").endswith("/v1"):
+        raise ValueError(f"{url!r}: drop the /v1, opd adds the API paths itself; {form}")
+    return url
+
+
 class TeacherConfig(_Section):
     """Where the teacher runs. `hf` gives full logits (every objective); `vllm` (in-process engine) and
     `http` (vLLM servers, `opd serve-teacher`) give the top-`top_k` log-probs per position, which serve
@@ -124,6 +150,11 @@ class TeacherConfig(_Section):
         True, description="backend vllm/http: at start-up, score a few rollouts twice with the engine and "
         "once with the HF model at teacher.path (in teacher.dtype); warn above a mean |Δ log-prob| of 0.05",
     )  # fmt: skip
+
+    @field_validator("urls")
+    @classmethod
+    def _urls(cls, urls: list[str]) -> list[str]:
+        return [check_server_url(u) for u in urls]
 
 
 class DataConfig(_Section):

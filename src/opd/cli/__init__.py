@@ -39,6 +39,18 @@ class OpdGroup(TyperGroup):
         super().__init__(*args, **kwargs)
         _escape_help(self)
 
+    def invoke(self, ctx: Any) -> Any:
+        """Every command: an OS error on a named path that no command worded (an unwritable ``--out``, a
+        prompt file this user may not read) is one line too (`opd.cli.common.os_error`), not a traceback."""
+        try:
+            return super().invoke(ctx)
+        except OSError as exc:
+            from opd.cli.common import fail, os_error
+
+            if os_error(exc) is None:
+                raise
+            fail(exc)
+
 
 app = typer.Typer(
     cls=OpdGroup, add_completion=False, no_args_is_help=True, help="On-policy distillation of LLMs."

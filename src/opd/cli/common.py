@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import traceback
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import typer
 from rich.console import Console
 from rich.text import Text
 
-from opd.errors import InterruptedRun, OpdError
+from opd.errors import InterruptedRun, OpdError, StorageError
 
 # Progress, notes and errors go to stderr so stdout stays clean for data (e.g. `opd config show`).
 console = Console(stderr=True, soft_wrap=True)
@@ -30,16 +32,65 @@ PASSTHROUGH = {
 
 def fail(exc: Exception, code: int = 2) -> None:
     """One red line instead of a traceback; the message is printed literally (no rich markup). An
-    exception's own ``exit_code`` (e.g. `opd.errors.InterruptedRun`: 130) wins over ``code``.
+    exception's own ``exit_code`` (e.g. `opd.errors.InterruptedRun`: 130) wins over ``code``. An OS
+    error on a named path is worded by `os_error`.
 
     With ``OPD_DEBUG=1`` in the environment (the CLI's ``--debug``) the traceback of what caused the
     error (the library exception opd translated, e.g. a torch or gguf error) is printed first: the one
     line is for users, the traceback for a bug report. The red line stays last either way.
     """
+    exc = os_error(exc) or exc
     if os.environ.get(DEBUG_ENV, "").strip().lower() in ("1", "true", "yes", "on"):
         console.print(Text("".join(traceback.format_exception(exc)), style="dim"))
     console.print(Text.assemble(("error: ", "bold red"), str(exc)))
     raise typer.Exit(getattr(exc, "exit_code", code))
+
+
+# What to do about an OS error, by errno; `{op}` is the operation (reading / writing) where it is known.
+_OS_HINTS = {
+    errno.EACCES: "check its owner and mode (`ls -ld PATH`) and run opd as a user who may {op} it, or choose "
+    "another path",
+    errno.EPERM: "check its owner and mode (`ls -ld PATH`) and run opd as a user who may {op} it, or choose "
+    "another path",
+    errno.EROFS: "the file system is read-only: choose a path on a writable disk",
+    errno.ENOSPC: "the disk is full: free space or choose another disk",
+    errno.EDQUOT: "the disk quota is used up: free space or choose another disk",
+    errno.ENOTDIR: "a part of the path is a file, not a directory: choose another path",
+    errno.EISDIR: "it is a directory where a file was expected: choose another path",
+    errno.ENOENT: "check the path (a parent directory that does not exist?)",
+}
+
+
+def _operation(path: Path, code: int) -> str | None:
+    """What was being done to `path` when it failed, as far as its current state tells: a path that
+    does not exist yet was being created (written), one this user may not read was being read."""
+    if not path.exists():
+        return None if code == errno.ENOENT else "writing"
+    if not os.access(path, os.R_OK):
+        return "reading"
+    if not os.access(path, os.W_OK) or code in (errno.EROFS, errno.ENOSPC, errno.EDQUOT):
+        return "writing"
+    return None  # e.g. root, whom os.access never refuses
+
+
+def os_error(exc: BaseException) -> OpdError | None:
+    """The one line for an OS error on a named path that reached a command (a run directory this user
+    may not write, a file it may not read, a full or read-only disk): the path, the operation where it
+    is known, the errno name and what to do; a `StorageError` for writes. None for any other error,
+    which keeps its traceback. `--debug` still prints the original traceback (it is the cause)."""
+    if not isinstance(exc, OSError) or not exc.filename or exc.errno is None:
+        return None
+    path = os.fsdecode(exc.filename)
+    name = errno.errorcode.get(exc.errno, str(exc.errno))
+    op = _operation(Path(path), exc.errno)
+    hint = _OS_HINTS.get(exc.errno, "check the path and its disk").replace("PATH", path)
+    hint = hint.format(op={"reading": "read", "writing": "write"}.get(op or "", "use"))
+    where = f"{op}, {name}" if op else name
+    err = (StorageError if op == "writing" else OpdError)(
+        f"{(exc.strerror or name).lower()}: {path} ({where}); {hint}"
+    )
+    err.__cause__ = exc
+    return err
 
 
 def given_options(**kw: Any) -> dict[str, Any]:
@@ -105,8 +156,8 @@ def exit_code(exc: OpdError) -> int:
 def training_errors(rerun: str) -> Iterator[None]:
     """How `opd train`, `sft` and `cold-start` end on a failure, in one place: a Ctrl-C while models
     load exits 130 saying what to rerun (`rerun`); a process whose peer died prints one line
-    (`peer_failure`); an expected failure is one line with its `exit_code`; anything else is a bug and
-    keeps its traceback."""
+    (`peer_failure`); an expected failure is one line with its `exit_code`, an OS error on a named path
+    one line (`os_error`); anything else is a bug and keeps its traceback."""
     try:
         yield
     except KeyboardInterrupt:
@@ -118,6 +169,10 @@ def training_errors(rerun: str) -> Iterator[None]:
         fail(lost)
     except OpdError as exc:
         fail(exc, exit_code(exc))
+    except OSError as exc:  # an unwritable run directory, a full disk: one line when it names the path
+        if os_error(exc) is None:
+            raise
+        fail(exc)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from opd.cli.common import PASSTHROUGH, console, fail, given_options
+from opd.cli.common import PASSTHROUGH, console, fail, given_options, os_error
 from opd.errors import OpdError
 
 if TYPE_CHECKING:
@@ -96,6 +96,11 @@ def register(app: typer.Typer) -> None:
             code = server.proc.wait() if server.proc else 0
         except OpdError as exc:
             _shutdown(server)
+            fail(exc)
+        except OSError as exc:  # a log file it may not write, a model file it may not read: one line
+            _shutdown(server)
+            if os_error(exc) is None:
+                raise
             fail(exc)
         except KeyboardInterrupt:
             console.print("stopping the teacher server")

@@ -9,6 +9,8 @@ differ between sizes of one family), and the EOS/chat-template setup of both mus
 from __future__ import annotations
 
 import contextlib
+import errno
+import functools
 import json
 import logging
 import pickle
@@ -185,9 +187,40 @@ def _classify(spec: str) -> tuple[str, Path | None]:
         return "gguf", p
     if p.exists():
         raise ModelError(f"{p} is a file but not a .gguf; pass a model directory or a .gguf file.")
-    if spec.startswith(("/", "./", "../", "~")) or spec.count("/") > 1:
-        raise ModelError(f"model path not found: {p}; pass an existing directory, a .gguf file or a hub id.")
+    why = _local_looking(spec)
+    if why is not None:
+        raise ModelError(
+            f"model path not found: {p}{why}; pass an existing directory, a .gguf file or a hub id."
+        )
     return "hub", None
+
+
+# Endings of files a model spec may name by mistake (a weight or config file, a prompt file); hub repo
+# ids do not end in them, so such a spec that is not on disk is a mistyped local path.
+_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".json", ".jsonl",
+                  ".yaml", ".yml", ".txt", ".model", ".tiktoken")  # fmt: skip
+
+
+def _local_looking(spec: str) -> str | None:
+    """Why a spec that is not on disk is still a local path and not a hub id ("" when its form says
+    so, a note when only this directory's contents do), or None for a hub-id-like spec (``org/name``).
+
+    Deciding here, without the network, saves the hub's retries (tens of seconds offline) for a path
+    that was only mistyped: ``runs/sft`` where ``runs/`` exists, ``final/model.safetensors``."""
+    if spec.startswith(("/", "./", "../", "~")) or spec.count("/") > 1:
+        return ""
+    if spec.lower().endswith(_FILE_SUFFIXES):
+        return ""
+    first, sep, _ = spec.partition("/")
+    if not (sep and Path(first).is_dir()):
+        return None
+    try:
+        there = sorted(c.name for c in Path(first).iterdir() if not c.name.startswith("."))
+        more = f" and {len(there) - 5} more" if len(there) > 5 else ""
+        held = f"; it holds {', '.join(there[:5]) or 'nothing'}{more}"
+    except OSError:  # unreadable: its name alone makes the point
+        held = ""
+    return f" ({first}/ is a directory here, so {spec!r} is read as a path in it, not a hub id{held})"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -198,6 +231,10 @@ _REDOWNLOAD = "re-download it (compare its size or sha256 with the source)"
 _JSON_FILES = ("config.json", "generation_config.json", "model.safetensors.index.json",
                "pytorch_model.bin.index.json")  # fmt: skip
 _TOKENIZER_JSON = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# What transformers builds a tokenizer from (fast, SentencePiece, BPE and WordPiece vocabularies); a
+# directory with none of them has no tokenizer, whatever else it holds.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                    "spiece.model", "special_tokens_map.json")  # fmt: skip
 
 
 def _first_line(err: BaseException, limit: int = 200) -> str:
@@ -328,15 +365,29 @@ def check_model_dir(directory: Path, *, weights: bool = True, tokenizer: bool = 
     """Check the files a model directory is loaded from: config, JSON side files and weight files.
 
     `weights`: the files transformers would load (safetensors first, like transformers, else ``.bin``);
-    `tokenizer`: the tokenizer's JSON files. Missing optional files are not errors here.
+    `tokenizer`: that some tokenizer file is there, and its JSON files (config.json too: transformers
+    reads it to pick the tokenizer class). Missing optional files are not errors here.
     """
+    if not any(directory.iterdir()):
+        raise ModelError(
+            f"{directory}: empty directory, not a model (a download or save that never finished?); pass the "
+            "directory that holds config.json, the weights and the tokenizer files."
+        )
     if weights and not (directory / "config.json").is_file():
         raise ModelError(
             f"{directory}: no config.json, so this is not a Hugging Face model directory; pass the directory "
             "that holds config.json and the weights (or a .gguf file)."
         )
-    names = (_JSON_FILES if weights else ()) + (_TOKENIZER_JSON if tokenizer else ())
-    for name in names:
+    if tokenizer and not any(
+        f.name in _TOKENIZER_FILES or f.suffix == ".tiktoken" for f in directory.iterdir() if f.is_file()
+    ):
+        raise ModelError(
+            f"{directory}: no tokenizer files (none of {', '.join(_TOKENIZER_FILES)}); the model was saved "
+            "without its tokenizer: save it there too (`tokenizer.save_pretrained(DIR)`) or copy those files "
+            "from the model it came from."
+        )
+    names = (_JSON_FILES if weights else ()) + (("config.json", *_TOKENIZER_JSON) if tokenizer else ())
+    for name in dict.fromkeys(names):
         if (directory / name).is_file():
             _check_json(directory / name)
     if not weights:
@@ -377,7 +428,74 @@ def _causes(err: BaseException) -> Iterator[BaseException]:
 _UNSAFE_GLOBAL = re.compile(r"GLOBAL (\S+) was not an allowed global")
 
 
-def _model_load_error(spec: str, kind: str, path: Path | None, err: Exception) -> ModelError | None:
+def _one_line(err: BaseException, limit: int = 300) -> str:
+    """An exception's whole message on one line (transformers' config errors span two)."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _read_error(err: BaseException, model_dir: Path | None) -> ModelError | None:
+    """One line for an OS error reading a model's files (one this user may not read, a broken link into
+    the hub cache), naming the file, or None when `err` is not one."""
+    if not isinstance(err, OSError) or not err.filename or err.errno is None:
+        return None
+    name = errno.errorcode.get(err.errno, str(err.errno))
+    what = f"{(err.strerror or name).lower()}: {err.filename} (reading, {name})"
+    if isinstance(err, PermissionError):
+        owner = model_dir if model_dir is not None else Path(str(err.filename)).parent
+        return ModelError(
+            f"{what}; opd must read every file of the model: have its owner make them readable "
+            f"(`chmod -R a+rX {owner}`), or run opd as a user who can read them."
+        )
+    return ModelError(f"{what}; check the file and its disk, or {_REDOWNLOAD}.")
+
+
+def _is_config_error(err: BaseException) -> bool:
+    """Whether `err` is transformers refusing a config's values (huggingface_hub's strict dataclasses,
+    which transformers 5 configs are: a wrong type, heads that do not divide the hidden size, ...)."""
+    return type(err).__module__.startswith("huggingface_hub") and "ValidationError" in type(err).__name__
+
+
+def _config_error(model_dir: Path, err: BaseException, trust_remote_code: bool) -> ModelError:
+    """One line for a config.json transformers cannot build a config from: no or an unknown
+    ``model_type``, or values it refuses; the JSON itself was checked by `check_model_dir`."""
+    import transformers
+
+    cfg_file = model_dir / "config.json"
+    version = f"transformers {transformers.__version__}"
+    try:
+        data = json.loads(cfg_file.read_text(encoding="utf-8-sig"))
+    except (OSError, ValueError):  # gone or rewritten since it was checked: say what transformers said
+        data = {}
+    if not isinstance(data, dict):
+        return ModelError(
+            f"{cfg_file}: not a JSON object of settings ({type(data).__name__}); {_REDOWNLOAD}."
+        )
+    model_type = data.get("model_type")
+    if not model_type:
+        return ModelError(
+            f'{cfg_file}: no "model_type", so {version} cannot tell which architecture the model is; add '
+            f'it as in the model\'s original config.json (e.g. "model_type": "llama"), or {_REDOWNLOAD}.'
+        )
+    if model_type not in transformers.CONFIG_MAPPING:
+        code = (
+            "; config.json names the model's own code (auto_map): set trust_remote_code if you trust its source"
+            if "auto_map" in data
+            else " (config.json has no auto_map, so the model ships no code of its own for trust_remote_code)"
+        )
+        return ModelError(
+            f"{cfg_file}: model_type {model_type!r} is unknown to {version}; upgrade transformers "
+            f"(`pip install -U transformers`) if the model is newer than it{'' if trust_remote_code else code}."
+        )
+    return ModelError(
+        f"{cfg_file}: {version} refuses this config ({_one_line(err)}); fix that value (compare with the "
+        f"model's original config.json), or {_REDOWNLOAD}."
+    )
+
+
+def _model_load_error(
+    spec: str, kind: str, path: Path | None, err: Exception, *, trust_remote_code: bool = False
+) -> ModelError | None:
     """One line for a known failure of transformers' loader on a local model; None for anything else.
 
     Never suggests ``weights_only=False``: a pickle that safe loading refuses can run code when loaded,
@@ -388,6 +506,25 @@ def _model_load_error(spec: str, kind: str, path: Path | None, err: Exception) -
         bins = sorted(path.glob("pytorch_model*.bin"))
         where = str(bins[0]) if len(bins) == 1 else where
     for e in _causes(err):
+        if (read := _read_error(e, path if kind == "dir" else None)) is not None:
+            return read
+        if kind == "dir" and path is not None and _is_config_error(e):
+            return _config_error(path, e, trust_remote_code)
+        if kind == "dir" and isinstance(e, ValueError) and "Unrecognized configuration class" in str(e):
+            return ModelError(
+                f"{path}: transformers has no causal language model for this config ({_first_line(e, 120)}); "
+                "opd distils decoder-only causal LMs: pass one."
+            )
+        if kind == "dir" and isinstance(e, OSError) and str(e).startswith("Error no file named"):
+            adapter = (
+                " (a PEFT adapter's directory: pass its base model merged with it)"
+                if (path is not None and (path / "adapter_config.json").is_file())
+                else ""
+            )
+            return ModelError(
+                f"{path}: transformers finds no model weights here{adapter} ({_first_line(e, 120)}); pass the "
+                "directory that holds config.json with model.safetensors or pytorch_model.bin."
+            )
         if isinstance(e, pickle.UnpicklingError):
             m = _UNSAFE_GLOBAL.search(str(e))
             what = f"the Python object {m.group(1)}" if m else "Python objects other than tensors"
@@ -412,16 +549,144 @@ def _model_load_error(spec: str, kind: str, path: Path | None, err: Exception) -
     return None
 
 
+def _check_config(model_dir: Path, trust_remote_code: bool) -> None:
+    """Build the directory's config once before the weights are read, so a config.json transformers
+    refuses is reported as that file, not as a traceback from inside the model's construction."""
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+    except OSError:
+        raise  # a file it cannot read: `_read_error`, where the load's errors are worded
+    except Exception as e:
+        raise _config_error(model_dir, e, trust_remote_code) from e
+
+
+def _tensors(keys: Any) -> str:
+    keys = sorted(keys)
+    return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+
+
+def _inside(model: PreTrainedModel, key: str) -> bool:
+    """Whether checkpoint tensor `key` would live in a module the model has (``model.layers.2....`` of a
+    model built with fewer layers), rather than in a part this class has none of (a vision tower read
+    by a text-only class, which transformers rightly skips)."""
+    modules = dict(model.named_modules())
+    parts = key.split(".")
+    return any(".".join(parts[:i]) in modules for i in range(1, len(parts)))
+
+
+def _check_load_report(where: str, source: str, info: dict[str, Any], model: PreTrainedModel) -> None:
+    """Refuse weights that do not fill the model `source` (its config) describes.
+
+    transformers loads them anyway: a tensor missing from the files, or of another shape (with
+    ``ignore_mismatched_sizes``), is initialised at random and only a table is logged, so the model would
+    load and score as noise. Tied weights (an LM head tied to the embedding) and non-persistent buffers
+    are not in its missing keys. Extra tensors inside the model's own modules mean the config describes
+    a smaller model than the weights (fewer layers, no biases) and are refused too; extras of a part the
+    class does not have are logged.
+    """
+    mismatched = sorted(info.get("mismatched_keys") or (), key=lambda m: m[0])
+    if mismatched:
+        key, ckpt, want = mismatched[0]
+        more = f" (and {len(mismatched) - 1} more tensors)" if len(mismatched) > 1 else ""
+        raise ModelError(
+            f"{where}: tensor {key} has shape {list(ckpt)} in the weights but {source} makes it {list(want)}"
+            f"{more}, so that config does not describe these weights (another size of the model?); use the "
+            "config.json that came with them, or re-download both."
+        )
+    missing = info.get("missing_keys") or ()
+    if missing:
+        n = len(missing)
+        raise ModelError(
+            f"{where}: {n} tensor{'s' if n > 1 else ''} the model needs {'are' if n > 1 else 'is'} not in the "
+            f"weights ({_tensors(missing)}); transformers would fill {'them' if n > 1 else 'it'} with random "
+            "values. Re-download the weights (an incomplete download?), or, if they are another model's, use "
+            f"the config.json that came with them instead of {source}."
+        )
+    unexpected = sorted(info.get("unexpected_keys") or ())
+    extra = [k for k in unexpected if _inside(model, k)]
+    if extra:
+        n = len(extra)
+        raise ModelError(
+            f"{where}: {n} tensor{'s' if n > 1 else ''} in the weights {'have' if n > 1 else 'has'} no place in "
+            f"the model {source} describes ({_tensors(extra)}), so that config is for a smaller or different "
+            "model (fewer layers, no biases, ...); use the config.json that came with these weights, or "
+            "re-download both."
+        )
+    if unexpected:
+        n = len(unexpected)
+        log.warning(f"{where}: {n} tensor{'s' if n > 1 else ''} not used by {type(model).__name__}, which has "
+                    f"no such part ({_tensors(unexpected)})")  # fmt: skip
+
+
+class _LoadReportFilter(logging.Filter):
+    """Drops transformers' LOAD REPORT table: `_check_load_report` words its findings in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _opd_words_the_load_report() -> Iterator[None]:
+    """While a model loads, transformers' LOAD REPORT table is not logged (`_LoadReportFilter`)."""
+    loggers = [
+        logging.getLogger(n) for n in ("transformers.modeling_utils", "transformers.integrations.peft")
+    ]
+    drop = _LoadReportFilter()
+    for logger in loggers:
+        logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(drop)
+
+
 def model_directory(spec: str, what: str = "this backend") -> Path:
     """The local Hugging Face model directory a spec names (a dir or ``lab:NAME``), for engines (vLLM)
-    that load checkpoints themselves and cannot take a GGUF file or an offline hub id."""
-    kind, path = _classify(spec)
-    if kind != "dir" or path is None or not (path / "config.json").is_file():
+    that load checkpoints themselves and cannot take a GGUF file or an offline hub id; its files are
+    checked as `check_model_dir` checks them, since the engine's own errors come late and long."""
+    kind, path = _classified(spec)
+    if kind == "hub":
+        raise ModelError(
+            f"model path not found: {spec}; {what} takes a local Hugging Face model directory, not a hub id "
+            f"(download it first, e.g. `hf download {spec} --local-dir DIR`, and pass DIR)."
+        )
+    if kind != "dir" or path is None:
         raise ModelError(
             f"{what} needs a Hugging Face model directory (config.json + safetensors), got {spec!r}; "
             "save it with `model.save_pretrained(DIR)` and pass DIR"
         )
+    try:
+        check_model_dir(path, weights=True, tokenizer=True)
+    except OSError as e:
+        raise _read_error(e, path) or e from e
     return path
+
+
+@functools.lru_cache(maxsize=64)
+def _hub_unreachable(spec: str) -> str | None:
+    """Why the Hugging Face Hub cannot serve `spec` now (one HEAD of its config.json, no retries), or None
+    when it answered, whatever it said (transformers words "no such repository" itself).
+
+    Unreachable, transformers' hub client retries every file for ~25 s before it gives up; told so, the
+    load reads the local cache alone and fails (or succeeds from the cache) at once."""
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    try:
+        get_hf_file_metadata(hf_hub_url(spec, "config.json"), timeout=constants.HF_HUB_ETAG_TIMEOUT)
+    except OfflineModeIsEnabled:
+        return "offline mode is on: HF_HUB_OFFLINE"
+    except HfHubHTTPError as e:
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        return f"it answered HTTP {status}" if status in (408, 500, 502, 503, 504) else None
+    except Exception as e:  # the hub client's transport errors (httpx, or its vendored copy)
+        if type(e).__module__.startswith(("httpx", "httpcore")) or isinstance(e, (OSError, TimeoutError)):
+            return f"{type(e).__name__}: {_first_line(e, 120)}"
+        return None  # e.g. a malformed repo id, which transformers explains
+    return None
 
 
 def _hub_error(spec: str, what: str, err: Exception) -> ModelError | None:
@@ -431,6 +696,13 @@ def _hub_error(spec: str, what: str, err: Exception) -> ModelError | None:
         ("huggingface_hub", "httpx", "requests", "urllib3")
     )
     if networky and any(m in text for m in _OFFLINE_MARKERS):
+        reason = _hub_unreachable(spec)
+        if reason is not None:
+            return ModelError(
+                f"cannot load {what} {spec!r}: it is not a local directory or .gguf file, the Hugging Face Hub "
+                f"is unreachable ({reason}) and the local hub cache does not hold it. Pass a local model "
+                "directory or a .gguf path (or download it first where the hub is reachable)."
+            )
         return ModelError(
             f"cannot load {what} {spec!r}: it is not a local directory or .gguf file, and the Hugging Face Hub "
             f"is unreachable or has no such repository ({type(err).__name__}: {str(err).splitlines()[0]}). "
@@ -439,11 +711,30 @@ def _hub_error(spec: str, what: str, err: Exception) -> ModelError | None:
     return None
 
 
+def _classified(spec: str) -> tuple[str, Path | None]:
+    """`_classify`, with a path this user may not look into worded as one line."""
+    try:
+        return _classify(spec)
+    except OSError as e:  # stat of a path under a directory this user may not enter
+        raise _read_error(e, None) or e from e
+
+
+def _hub_options(kind: str, spec: str, *, model: bool) -> dict[str, Any]:
+    """from_pretrained options for a hub id: the cache alone when the Hub is unreachable (`_hub_unreachable`).
+
+    A model load is told twice: transformers 5 looks for a PEFT adapter of the repo without passing
+    ``local_files_only`` on, and that lookup alone retries for ~25 s."""
+    if kind != "hub" or _hub_unreachable(spec) is None:
+        return {}
+    return {"local_files_only": True, **({"adapter_kwargs": {"local_files_only": True}} if model else {})}
+
+
 def load_tokenizer(spec: str, *, trust_remote_code: bool = False) -> Any:
     """A tokenizer from a directory, a .gguf file or a hub id (hub only when online)."""
-    kind, path = _classify(spec)
-    _check_files(kind, path, weights=False, tokenizer=True)
+    kind, path = _classified(spec)
+    hub = _hub_options(kind, spec, model=False)
     try:
+        _check_files(kind, path, weights=False, tokenizer=True)
         if kind == "dir":
             return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
         if kind == "gguf":
@@ -451,13 +742,22 @@ def load_tokenizer(spec: str, *, trust_remote_code: bool = False) -> Any:
             return AutoTokenizer.from_pretrained(
                 str(path.parent), gguf_file=path.name, trust_remote_code=trust_remote_code
             )
-        return AutoTokenizer.from_pretrained(spec, trust_remote_code=trust_remote_code)
+        return AutoTokenizer.from_pretrained(spec, trust_remote_code=trust_remote_code, **hub)
+    except ModelError:
+        raise
     except Exception as e:
-        if kind == "hub" and (err := _hub_error(spec, "tokenizer", e)) is not None:
-            raise err from e
-        if kind != "hub" and (err := _model_load_error(spec, kind, path, e)) is not None:
+        if (err := _load_failure(spec, kind, path, "tokenizer", e, trust_remote_code)) is not None:
             raise err from e
         raise
+
+
+def _load_failure(
+    spec: str, kind: str, path: Path | None, what: str, err: Exception, trust_remote_code: bool
+) -> ModelError | None:
+    """The one line for a failed tokenizer or model (`what`) load; None for an error opd cannot word."""
+    if kind == "hub":
+        return _hub_error(spec, what, err)
+    return _model_load_error(spec, kind, path, err, trust_remote_code=trust_remote_code)
 
 
 def _check_files(kind: str, path: Path | None, *, weights: bool, tokenizer: bool) -> None:
@@ -468,6 +768,11 @@ def _check_files(kind: str, path: Path | None, *, weights: bool, tokenizer: bool
         check_gguf(path)
     elif kind == "dir":
         check_model_dir(path, weights=weights, tokenizer=tokenizer)
+
+
+def _weights_file(path: Path) -> Path:
+    """The file a directory's weights are read from, for messages (the directory when sharded)."""
+    return next((path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).is_file()), path)
 
 
 def load_model(
@@ -485,38 +790,50 @@ def load_model(
     `device`: where the model runs, resolved by `opd.device.resolve_device` (``auto``, ``cpu``,
     ``cuda:N`` or a `torch.device`); the model is moved there once, here, right after loading. None
     leaves it on the CPU for callers that place it themselves (the trainer and SFT, through accelerate).
+
+    Weights that leave part of the model at random (a tensor missing, of another shape, or more layers
+    than the config) are refused (`_check_load_report`).
     """
     torch_dtype = resolve_dtype(dtype)
     target = None if device is None else resolve_device(device)  # a bad device fails before the load
-    kind, path = _classify(spec)
-    _check_files(kind, path, weights=True, tokenizer=False)
+    kind, path = _classified(spec)
+    # Shapes that differ from the config load at random instead of raising; the load report then refuses
+    # them, naming the tensor, where transformers would raise after a table of every mismatch.
+    common = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code, "output_loading_info": True,
+              "ignore_mismatched_sizes": True}  # fmt: skip
     try:
-        if kind == "dir":
-            model = AutoModelForCausalLM.from_pretrained(
-                str(path), dtype=torch_dtype, trust_remote_code=trust_remote_code
-            )
-        elif kind == "gguf":
-            assert path is not None
-            # dequantize=True: with the `kernels` package installed transformers would otherwise keep the
-            # weights packed in GGUF blocks, which cannot be trained or saved as safetensors.
-            model = AutoModelForCausalLM.from_pretrained(
-                str(path.parent),
-                gguf_file=path.name,
-                dtype=torch_dtype,
-                quantization_config=GgufConfig(dequantize=True),
-                trust_remote_code=trust_remote_code,
-            )
-            _drop_gguf_quantization(model)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(
-                spec, dtype=torch_dtype, trust_remote_code=trust_remote_code
-            )
+        _check_files(kind, path, weights=True, tokenizer=False)
+        with _opd_words_the_load_report():
+            if kind == "dir":
+                assert path is not None
+                _check_config(path, trust_remote_code)
+                model, info = AutoModelForCausalLM.from_pretrained(str(path), **common)
+            elif kind == "gguf":
+                assert path is not None
+                # dequantize=True: with the `kernels` package installed transformers would otherwise keep the
+                # weights packed in GGUF blocks, which cannot be trained or saved as safetensors.
+                model, info = AutoModelForCausalLM.from_pretrained(
+                    str(path.parent), gguf_file=path.name, quantization_config=GgufConfig(dequantize=True),
+                    **common,
+                )  # fmt: skip
+                _drop_gguf_quantization(model)
+            else:
+                model, info = AutoModelForCausalLM.from_pretrained(
+                    spec, **common, **_hub_options(kind, spec, model=True)
+                )
+    except ModelError:
+        raise
     except Exception as e:
-        if kind == "hub" and (err := _hub_error(spec, "model", e)) is not None:
-            raise err from e
-        if kind != "hub" and (err := _model_load_error(spec, kind, path, e)) is not None:
+        if (err := _load_failure(spec, kind, path, "model", e, trust_remote_code)) is not None:
             raise err from e
         raise
+    if path is None:
+        where, source = spec, f"{spec}'s config.json"
+    elif kind == "gguf":
+        where, source = str(path), "its GGUF metadata"
+    else:
+        where, source = str(_weights_file(path)), str(path / "config.json")
+    _check_load_report(where, source, info, model)
     model.eval()
     if target is not None:
         model.to(target)

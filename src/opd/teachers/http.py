@@ -26,6 +26,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from opd.config import check_server_url
 from opd.errors import ConfigError, OpdError, TokenizerMismatchError
 from opd.generation.rollout import Rollout
 from opd.generation.vllm import response_requests
@@ -85,6 +86,11 @@ class HTTPTeacher:
         if not urls:
             raise ConfigError("teacher.backend http needs at least one server in teacher.urls "
                               "(start one with `opd serve-teacher MODEL`)")  # fmt: skip
+        for url in urls:  # a TrainConfig checked them already; an HTTPTeacher built in code did not
+            try:
+                check_server_url(url)
+            except ValueError as exc:
+                raise ConfigError(f"teacher.urls: {exc}") from None
         self.urls = [u.rstrip("/") for u in urls]
         self.k = k
         self.timeout_s = timeout_s
