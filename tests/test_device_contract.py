@@ -33,6 +33,7 @@ from opd.device import host as device_host
 from opd.device import place
 from opd.diagnostics import diagnostic_sums, token_diagnostics
 from opd.generation.rollout import Rollout, response_mask_from_ids
+from opd.objectives.registry import DIVERGENCES, SUPPORTS
 from opd.objectives.token import per_token_loss, signal_stats, token_loss
 from opd.objectives.topk import (
     TeacherTopK,
@@ -214,11 +215,11 @@ def _assert_same(gpu_value: Any, cpu_value: Any, what: str = "") -> None:
 
 LOSSES = [
     {"signal": "sampled"},
-    *({"signal": "topk", "support": s} for s in ("student", "teacher", "overlap", "union", "non_overlap")),
+    *({"signal": "topk", "support": s} for s in SUPPORTS),
     {"signal": "topk", "support": "student", "renorm": "weights"},
     {"signal": "topk", "support": "union", "renorm": "weights"},
     {"signal": "topk", "support": "student", "divergence": "jsd", "beta": 0.3},
-    *({"signal": "full", "divergence": d} for d in ("reverse_kl", "forward_kl", "jsd", "tvd")),
+    *({"signal": "full", "divergence": d} for d in DIVERGENCES),
 ]
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from opd.errors import ConfigError
-from opd.objectives.token import per_token_loss
+from opd.objectives.token import DIVERGENCES, per_token_loss
 from opd.objectives.topk import check_sparse_objective, sparse_per_token_loss, topk_from_logits
 
 B, T, V, K = 3, 5, 40, 12
@@ -26,12 +26,10 @@ def _inputs(seed: int = 0):
 
 CASES = [
     {"signal": "sampled"},
-    {"signal": "topk", "support": "teacher", "k": 8, "renorm": "both", "divergence": "reverse_kl"},
-    {"signal": "topk", "support": "teacher", "k": 8, "renorm": "both", "divergence": "forward_kl"},
-    {"signal": "topk", "support": "teacher", "k": 12, "renorm": "both", "divergence": "jsd", "beta": 0.3},
-    {"signal": "topk", "support": "teacher", "k": 4, "renorm": "both", "divergence": "tvd"},
+    *({"signal": "topk", "support": "teacher", "k": k, "renorm": "both", "divergence": d, "beta": 0.3}
+      for d in DIVERGENCES for k in (4, K)),  # every registered divergence, on part and all of the top-K
     {"signal": "topk", "support": "teacher", "k": 8, "renorm": "weights"},
-]
+]  # fmt: skip
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(str(v) for v in c.values()))

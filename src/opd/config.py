@@ -14,9 +14,19 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from opd.errors import ConfigError, read_utf8
+from opd.objectives import registry
 
 Dtype = Literal["float32", "bfloat16", "float16", "auto"]
 
@@ -207,25 +217,26 @@ class RolloutConfig(_Section):
     )  # fmt: skip
 
 
+# The objective's names and their descriptions come from opd.objectives.registry, the one list that
+# validation, help, docs/api.md and the tests read. These Literals give `opd config fields` and `opd train
+# --help` the choices (those registered when this module is imported); LossConfig._registered validates
+# against the live registry, so a divergence registered later is accepted too.
+SignalName = Literal[tuple(registry.SIGNALS)]  # type: ignore[valid-type]
+DivergenceName = Literal[tuple(registry.DIVERGENCES)]  # type: ignore[valid-type]
+SupportName = Literal[tuple(registry.SUPPORTS)]  # type: ignore[valid-type]
+RenormName = Literal[tuple(registry.RENORMS)]  # type: ignore[valid-type]
+
+
 class LossConfig(_Section):
-    signal: Literal["sampled", "topk", "full"] = Field(
-        "topk", description="which tokens the loss sees at each position: sampled = the sampled token only "
-        "(one-sample estimate, needs divergence reverse_kl); topk = the top-k tokens of loss.support; full = "
-        "the whole vocabulary",
-    )  # fmt: skip
-    divergence: Literal["reverse_kl", "forward_kl", "jsd", "tvd"] = Field(
-        "reverse_kl", description="reverse_kl (KL(student || teacher), the paper's) | forward_kl | jsd "
-        "(generalized, see loss.beta) | tvd (total variation)",
-    )  # fmt: skip
+    signal: SignalName = Field("topk", description=registry.field_description("signal"))
+    divergence: DivergenceName = Field("reverse_kl", description=registry.field_description("divergence"))
     k: int = Field(16, ge=1, description="tokens per position for signal topk (the paper's 16)")
-    support: Literal["student", "teacher", "overlap", "non_overlap", "union"] = Field(
-        "student", description="signal topk: whose top-k set the tokens come from: student | teacher | "
-        "overlap (in both) | non_overlap (in exactly one) | union (in either)",
+    support: SupportName = Field("student", description=registry.field_description("support"))
+    renorm: RenormName = Field("both", description=registry.field_description("renorm"))
+    beta: float = Field(
+        0.5, ge=0.0, le=1.0, description="the beta of loss.divergence " + " | ".join(
+            d.name for d in registry.entries("divergence") if d.uses_beta) + ", in [0, 1] (see its description)",
     )  # fmt: skip
-    renorm: Literal["both", "weights"] = Field(
-        "both", description="both = paper Eq. 5; weights = released code"
-    )
-    beta: float = Field(0.5, ge=0.0, le=1.0, description="generalized JSD (TRL convention)")
     chunk_size: int | None = Field(2048, ge=1, description="rows per chunk for full-vocabulary math")
     chunk_max_elements: int | None = Field(  # objectives.DEFAULT_CHUNK_ELEMENTS (a test keeps them equal)
         2**25, ge=1, description="cap on rows x vocabulary per chunk of full-vocabulary math (bounds each "
@@ -239,6 +250,16 @@ class LossConfig(_Section):
         "plain path: [B, T, V] logits from each model's forward, then opd.objectives.token on them (the readable "
         "reference; needed only for a model whose head is not a linear layer)",
     )  # fmt: skip
+
+    @field_validator("signal", "divergence", "support", "renorm", mode="plain", json_schema_input_type=str)
+    @classmethod
+    def _registered(cls, value: Any, info: ValidationInfo) -> str:
+        names = registry.NameView(info.field_name)  # each field is named after its kind of registry entry
+        if not isinstance(value, str) or value not in names:
+            # pydantic's own wording for a Literal, so the message reads as every other choice field's
+            expected = ", ".join(map(repr, names[:-1])) + f" or {names[-1]!r}"
+            raise PydanticCustomError("literal_error", "Input should be {expected}", {"expected": expected})
+        return value
 
     @model_validator(mode="after")
     def _combination(self) -> LossConfig:

@@ -9,6 +9,9 @@ masked rows are gathered (padding is never computed on), processed in chunks of 
 each chunk is formed while the chunk is in memory, so a 150k-entry vocabulary never needs more than one
 chunk of float32 temporaries on top of the logits and their gradient.
 
+The names of the signals, supports, renorms and divergences, what each combines with and each divergence's
+row maths live in `opd.objectives.registry`; this module dispatches on them.
+
 Teacher logits are constants everywhere: the teacher must never receive gradient (it would hold memory
 for nothing and, if trainable, silently move the target).
 """
@@ -16,12 +19,14 @@ for nothing and, if trainable, silently move the target).
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+
+from opd.objectives import registry
+from opd.objectives.registry import DIVERGENCES, RENORMS, SIGNALS, SUPPORTS
 
 __all__ = [
     "DIVERGENCES",
@@ -42,11 +47,6 @@ __all__ = [
     "validate_objective",
 ]
 
-SIGNALS: tuple[str, ...] = ("sampled", "topk", "full")
-DIVERGENCES: tuple[str, ...] = ("reverse_kl", "forward_kl", "jsd", "tvd")
-SUPPORTS: tuple[str, ...] = ("student", "teacher", "overlap", "non_overlap", "union")
-RENORMS: tuple[str, ...] = ("both", "weights")
-
 RowLoss = Callable[[Tensor, Tensor, Tensor | None], Tensor]
 
 
@@ -61,25 +61,26 @@ def validate_objective(signal: str, divergence: str, support: str, renorm: str, 
     Failing loudly matters because a silently-accepted combination (for instance a sampled-token JSD)
     would train *something*, just not what the config says.
     """
-    if signal not in SIGNALS:
-        raise ValueError(f"unknown signal={signal!r}; use one of {', '.join(SIGNALS)}")
-    if divergence not in DIVERGENCES:
-        raise ValueError(f"unknown divergence={divergence!r}; use one of {', '.join(DIVERGENCES)}")
-    if support not in SUPPORTS:
-        raise ValueError(f"unknown support={support!r}; use one of {', '.join(SUPPORTS)}")
-    if renorm not in RENORMS:
-        raise ValueError(f"unknown renorm={renorm!r}; use one of {', '.join(RENORMS)}")
-    if signal == "sampled" and divergence != "reverse_kl":
+    sig = registry.signal(signal)
+    registry.divergence(divergence)
+    registry.support(support)
+    ren = registry.renorm(renorm)
+    if sig.divergences is not None and divergence not in sig.divergences:
+        needed = " or ".join(f"divergence={d!r}" for d in sig.divergences)
+        others = " / ".join(f"signal={s.name!r}" for s in registry.entries("signal")
+                            if s.divergences is None or divergence in s.divergences)  # fmt: skip
         raise ValueError(
-            f"signal='sampled' with divergence={divergence!r} is invalid: the sampled-token signal is the "
-            "one-sample estimator of reverse KL only. Use divergence='reverse_kl', or signal='topk' / "
-            f"signal='full' for divergence={divergence!r}."
+            f"signal={signal!r} with divergence={divergence!r} is invalid: {sig.why}. Use {needed}, or "
+            f"{others} for divergence={divergence!r}."
         )
-    if renorm == "weights" and not (signal == "topk" and divergence == "reverse_kl"):
+    if not ren.allows(signal, divergence):
+        limits = [f"{opt}={' / '.join(map(repr, names))}" for opt, names in
+                  (("signal", ren.signals), ("divergence", ren.divergences)) if names is not None]  # fmt: skip
+        general = " or ".join(f"renorm={r.name!r} ({r.short})" for r in registry.entries("renorm")
+                              if r.allows(signal, divergence))  # fmt: skip
         raise ValueError(
-            f"renorm='weights' with signal={signal!r}, divergence={divergence!r} is invalid: the "
-            "released-code weighting is defined only for signal='topk' with divergence='reverse_kl'. "
-            "Use renorm='both' (renormalise p and q on the support) for other combinations."
+            f"renorm={renorm!r} with signal={signal!r}, divergence={divergence!r} is invalid: {ren.short} "
+            f"is defined only for {' with '.join(limits)}. Use {general} for other combinations."
         )
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not (0.0 <= float(beta) <= 1.0):
         raise ValueError(
@@ -181,40 +182,22 @@ def row_chunks(n: int, chunk_size: int | None) -> Iterator[tuple[int, int]]:
 # --------------------------------------------------------------------------------------------------------
 
 
-def _kl_terms(a: Tensor, log_a: Tensor, log_b: Tensor) -> Tensor:
-    """Sum of a·(log a − log b) with the 0·log 0 = 0 convention.
-
-    The ``where`` keeps masked slots (a = 0) out of both value and gradient even if their log-terms are
-    meaningless, which is what makes padded top-k slots NaN-free.
-    """
-    return torch.where(a > 0, a * (log_a - log_b), 0.0).sum(-1)
-
-
 def divergence_from_log_probs(
     log_p: Tensor, log_q: Tensor, divergence: str, beta: float = 0.5, valid: Tensor | None = None
 ) -> Tensor:
     """D(p ‖ q) per row from log-probabilities, optionally restricted to ``valid`` slots.
 
-    Invalid slots must carry finite log-values; they are given probability zero here. JSD follows TRL's
-    generalized-JSD convention, m = (1−β)p + βq built in log space; the endpoints are special-cased to the
-    exact KLs because the formula itself degenerates to 0 there (the trap that made a clamped β = 1 train
-    nothing elsewhere).
+    Invalid slots must carry finite log-values; they are given probability zero here. ``divergence`` is a
+    name in `opd.objectives.registry`, whose entry holds the row maths (JSD: TRL's generalized-JSD
+    convention, m = (1−β)p + βq built in log space, the endpoints exactly the KLs).
     """
+    rows = registry.divergence(divergence).rows
     p = log_p.exp()
     q = log_q.exp()
     if valid is not None:
         p = torch.where(valid, p, 0.0)
         q = torch.where(valid, q, 0.0)
-    if divergence == "reverse_kl" or (divergence == "jsd" and beta == 1.0):
-        return _kl_terms(p, log_p, log_q)
-    if divergence == "forward_kl" or (divergence == "jsd" and beta == 0.0):
-        return _kl_terms(q, log_q, log_p)
-    if divergence == "tvd":
-        return 0.5 * (p - q).abs().sum(-1)
-    if divergence == "jsd":
-        log_m = torch.logaddexp(log_p + math.log1p(-beta), log_q + math.log(beta))
-        return beta * _kl_terms(q, log_q, log_m) + (1.0 - beta) * _kl_terms(p, log_p, log_m)
-    raise ValueError(f"unknown divergence={divergence!r}")
+    return rows(p, log_p, q, log_q, beta)
 
 
 def topk_support(s_rows: Tensor, t_rows: Tensor, k: int, support: str) -> tuple[Tensor, Tensor]:
@@ -241,7 +224,7 @@ def topk_support(s_rows: Tensor, t_rows: Tensor, k: int, support: str) -> tuple[
         return ids, torch.cat([all_valid, ~q_in_p], dim=-1)
     if support == "non_overlap":
         return ids, torch.cat([~p_in_q, ~q_in_p], dim=-1)
-    raise ValueError(f"unknown support={support!r}")
+    raise ValueError(f"unknown support={support!r}; use one of {', '.join(SUPPORTS)}")
 
 
 def _safe_valid(valid: Tensor) -> tuple[Tensor, Tensor]:
@@ -433,8 +416,8 @@ def per_token_loss(
     count of the batch: averaging per micro-batch makes the gradient depend on how the batch is split.
 
     ``response_tokens`` is needed only for ``signal="sampled"``. ``support`` / ``renorm`` only matter for
-    ``signal="topk"``; ``beta`` only for ``divergence="jsd"``. Chunking applies to every signal (each loss
-    is row-local), so long rollouts with a 150k vocabulary stay within one chunk of temporaries.
+    ``signal="topk"``; ``beta`` only for a divergence that uses it (jsd). Chunking applies to every signal
+    (each loss is row-local), so long rollouts with a 150k vocabulary stay within one chunk of temporaries.
     """
     validate_objective(signal, divergence, support, renorm, beta, k)
     _check_chunk_size(chunk_size)
