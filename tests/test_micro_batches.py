@@ -1,4 +1,4 @@
-"""Micro-batches by token budget (`opd.generation.rollout.plan_micro_batches`, ``micro_batch_tokens``).
+"""Micro-batches by token budget (`opd.generation.rollout.plan_step_micro_batches`, ``micro_batch_tokens``).
 
 The planner decides how much memory each forward/backward takes, so these pin down: the default plan is
 exactly the old contiguous slicing (no run changes unless it opts in), every row is trained on exactly
@@ -16,13 +16,7 @@ import torch
 
 from opd.config import TrainConfig, load_config, parse_overrides
 from opd.errors import ConfigError
-from opd.generation.rollout import (
-    Rollout,
-    micro_batch_cost,
-    plan_micro_batches,
-    plan_step_micro_batches,
-    response_mask_from_ids,
-)
+from opd.generation.rollout import Rollout, plan_step_micro_batches, response_mask_from_ids
 
 sys.path.insert(0, str(Path(__file__).parent))
 from fake_cuda import cuda_runtime_stubs, fake_cuda  # noqa: E402
@@ -60,6 +54,11 @@ def _mixed(seed: int = 0, n: int = 24) -> Rollout:
                                             torch.randint(150, 256, (n,), generator=g),
                                             torch.randint(2, 30, (n,), generator=g))]  # fmt: skip
     return _rollout(prompt, response, T=256)
+
+
+def plan_micro_batches(r: Rollout, **caps) -> list[torch.Tensor]:
+    """The plan of a step of one chunk."""
+    return plan_step_micro_batches([r], **caps)[0]
 
 
 def _padded(r: Rollout, rows: torch.Tensor | slice) -> int:
@@ -103,7 +102,7 @@ def test_select_with_indices_trims_and_keeps_their_order():
     assert mb.prompt_ids.shape[1] == 3 and mb.response_ids.shape[1] == 3  # widest prompt 3, response 3
     assert mb.prompt_index == [103, 100, 102]
     assert torch.equal(mb.response_ids[1], r.response_ids[0, :3])
-    assert micro_batch_cost(r, [3, 0, 2]) == _padded(r, torch.tensor([3, 0, 2])) == 3 * (3 + 3)
+    assert _padded(r, torch.tensor([3, 0, 2])) == 3 * (3 + 3)
 
 
 @pytest.mark.parametrize("bad", [torch.tensor([True, False, True, False]), torch.tensor([[0, 1]]),
@@ -150,7 +149,6 @@ def test_budget_plan_covers_every_row_and_respects_both_caps(seed, mbs, budget):
     for g in groups:
         assert len(g) <= mbs
         cost = _padded(r, g)
-        assert cost == micro_batch_cost(r, g)
         assert cost <= budget or len(g) == 1, f"{g.tolist()} costs {cost} > {budget}"
 
 
@@ -182,7 +180,7 @@ def test_budget_is_measured_on_padded_widths_not_real_tokens():
     """Left-padded prompts: a row with a long prompt and a short response and one with the reverse pad
     each other out in both directions, so two rows of 10 real tokens cost 2 x (8 + 8)."""
     r = _rollout([8, 2], [2, 8], T=8)
-    assert micro_batch_cost(r, [0, 1]) == _padded(r, torch.tensor([0, 1])) == 32
+    assert _padded(r, torch.tensor([0, 1])) == 32
     assert len(plan_micro_batches(r, max_sequences=2, max_tokens=31)) == 2
     assert len(plan_micro_batches(r, max_sequences=2, max_tokens=32)) == 1
 
@@ -293,9 +291,9 @@ def _train_run(tmp_path, name: str, **extra):
     sizes: list[int] = []
     plan = t._micro_batches
 
-    def recording(rollouts, tops):
-        micro = plan(rollouts, tops)
-        sizes.extend(len(mb) for mb, _ in micro)
+    def recording(rollouts):
+        micro = plan(rollouts)
+        sizes.extend(len(mb) for _, _, mb in micro)
         return micro
 
     t._micro_batches = recording
@@ -357,9 +355,9 @@ def test_the_trainer_plans_the_count_agreed_across_processes(tmp_path):
     pair = save_tiny_pair(tmp_path / "pair")
     t = _trainer(pair, tmp_path / "run", micro_batch_tokens=10_000)
     rollouts = t._rollouts(1, t.cursor.next_indices(t.cfg.prompts_per_step))
-    alone = t._micro_batches(rollouts, None)
+    alone = t._micro_batches(rollouts)
     t.acc = types.SimpleNamespace(num_processes=2, device=t.acc.device)
     t._gather_max_row = lambda row: row + 3  # the other process planned 3 more micro-batches
-    agreed = t._micro_batches(rollouts, None)
+    agreed = t._micro_batches(rollouts)
     assert len(agreed) == len(alone) + 3
-    assert sum(len(mb) for mb, _ in agreed) == sum(len(r) for r in rollouts)
+    assert sum(len(mb) for _, _, mb in agreed) == sum(len(r) for r in rollouts)

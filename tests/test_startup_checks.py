@@ -29,7 +29,8 @@ from opd.generation.scoring import (
     frozen_head,
 )
 from opd.models.loading import load_model
-from opd.train.trainer import NonFiniteLossError, OPDTrainer, nonfinite_target_positions
+from opd.objectives.objective import nonfinite_target_positions
+from opd.train.trainer import NonFiniteLossError, OPDTrainer
 
 runner = CliRunner()
 

@@ -18,6 +18,10 @@ Conventions decided here (the brief left them open):
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -32,6 +36,11 @@ from opd.objectives.token import (
 __all__ = [
     "BINNED_METRICS",
     "MEAN_METRICS",
+    "EngineDrift",
+    "StepStats",
+    "StepStatsSettings",
+    "target_diagnostic_sums",
+    "target_signal_stats",
     "diagnostic_sums",
     "finalize",
     "merge_sums",
@@ -275,3 +284,148 @@ def sequence_mean_reward(
         totals.index_add_(0, bi, log_q - log_p)
     counts = mask.bool().sum(-1).clamp_min(1).to(dtype)
     return totals / counts
+
+
+# --------------------------------------------------------------------------------------------------------
+# A training step's statistics: one typed accumulator, rows in, sums out, the same for every target
+
+
+@dataclass(frozen=True)
+class StepStatsSettings:
+    """What a step's statistics are computed with: the shared vocabulary, the diagnostics' top-k and position
+    bins (`bin_len`: the rollouts' max_new_tokens), the loss's signal/k/support (for the signal stats) and the
+    masked rows per chunk."""
+
+    vocab_size: int
+    diagnostics_k: int = 16
+    position_bins: int = 4
+    bin_len: int = 256
+    signal: str = "topk"
+    loss_k: int = 16
+    support: str = "student"
+    chunk_rows: int | None = 2048
+
+
+def target_diagnostic_sums(
+    s_det: Tensor, target: Any, mask: Tensor, st: StepStatsSettings
+) -> dict[str, Tensor]:
+    """`diagnostic_sums` against a dense-logits target, `sparse_diagnostic_sums` against a top-K one."""
+    from opd.objectives.topk import TeacherTopK, sparse_diagnostic_sums
+
+    kw = dict(k=st.diagnostics_k, vocab_size=st.vocab_size, chunk_size=st.chunk_rows)
+    if isinstance(target, TeacherTopK):
+        return sparse_diagnostic_sums(s_det, target, mask, **kw)
+    return diagnostic_sums(s_det, target, mask, position_bins=st.position_bins, bin_len=st.bin_len, **kw)
+
+
+def target_signal_stats(s_det: Tensor, target: Any, tokens: Tensor, mask: Tensor,
+                        st: StepStatsSettings) -> dict[str, float]:  # fmt: skip
+    """The loss signal's reward/advantage statistics against a dense-logits or top-K target."""
+    from opd.objectives.token import signal_stats
+    from opd.objectives.topk import TeacherTopK, sparse_signal_stats
+
+    if isinstance(target, TeacherTopK):
+        return sparse_signal_stats(s_det, target, tokens, mask, signal=st.signal, k=st.loss_k,
+                                   vocab_size=st.vocab_size, chunk_size=st.chunk_rows)  # fmt: skip
+    return signal_stats(s_det, target, tokens, mask, signal=st.signal, k=st.loss_k, support=st.support,
+                        vocab_size=st.vocab_size, chunk_size=st.chunk_rows)  # fmt: skip
+
+
+@dataclass
+class EngineDrift:
+    """The rollout engine's sampled-token log-probs against the trainer's (a cross-check only: the objective
+    never uses the engine's numbers), as float64 sums on the compute device."""
+
+    abs_sum: Tensor
+    count: Tensor
+    max: Tensor
+
+    @classmethod
+    def zeros(cls, device: torch.device | str) -> EngineDrift:
+        z = torch.zeros((), dtype=torch.float64, device=device)
+        return cls(z, z.clone(), z.clone())
+
+    def add(self, s_logits: Tensor, tokens: Tensor, mask: Tensor, engine_logprobs: Tensor) -> None:
+        sv = s_logits.float()
+        lp = sv.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(sv, dim=-1)
+        ok = mask & torch.isfinite(engine_logprobs)
+        d = torch.where(ok, (lp - engine_logprobs).abs(), 0.0).double()
+        self.abs_sum = self.abs_sum + d.sum()
+        self.count = self.count + ok.sum().to(d.dtype)
+        self.max = torch.maximum(self.max, d.max())
+
+
+class StepStats:
+    """A step's diagnostics, signal stats and engine cross-check, accumulated one chunk of response rows at a
+    time: from `head_loss_sum`'s `on_chunk` (hidden-state path) or by walking the masked rows of the logits
+    (`add_logits`, plain path), so both paths share one accumulator and no metric needs a `[B, T, V]` tensor
+    of its own. Rows are laid out by `spread_rows` so position bins see every row's true position.
+
+    A micro-batch `mb` is anything with `response_mask`, `response_ids` and `engine_logprobs` (a Rollout).
+    Device: `sums` and `engine` stay on the compute device; `reward_sum` and `best_adv` are host."""
+
+    def __init__(self, settings: StepStatsSettings, device: torch.device | str):
+        self.settings, self.device = settings, device
+        self.sums: dict[str, Tensor] = {}
+        self.engine = EngineDrift.zeros(device)
+        self.reward_sum = 0.0
+        self.best_adv = torch.tensor([-1.0, 0.0], dtype=torch.float64)  # (|adv|, p - q there)
+
+    def start(self, mb: Any, target: Any) -> Callable[[Tensor, Any, Tensor, Tensor], None]:
+        """The callback for micro-batch `mb`'s chunks; every key exists after the first call, even with no
+        masked row, so processes all-reduce the same key set."""
+        from opd.objectives.topk import TeacherTopK
+
+        if not self.sums:
+            v, device = self.settings.vocab_size, self.device
+            none = torch.zeros((1, 1), dtype=torch.bool, device=device)
+            if isinstance(target, TeacherTopK):
+                k = target.k
+                empty: Any = TeacherTopK(torch.zeros((1, 1, k), dtype=torch.long, device=device),
+                                         torch.zeros((1, 1, k), device=device), torch.zeros((1, 1), device=device))  # fmt: skip
+            else:
+                empty = torch.zeros((1, 1, v), device=device)
+            self.sums = target_diagnostic_sums(
+                torch.zeros((1, 1, v), device=device), empty, none, self.settings
+            )
+        width = int(mb.response_mask.shape[1])
+        return lambda s, t, bi, ti: self._rows(mb, width, s, t, bi, ti)
+
+    def add_logits(self, mb: Any, s_det: Tensor, target: Any) -> None:
+        """Plain path: the micro-batch's detached `[B, T, V]` logits, walked in chunks of masked rows."""
+        from opd.objectives.topk import TeacherTopK
+
+        on_chunk = self.start(mb, target)
+        v = self.settings.vocab_size
+        b_idx, t_idx = masked_positions(mb.response_mask)
+        for a, b in row_chunks(b_idx.numel(), self.settings.chunk_rows):
+            bi, ti = b_idx[a:b], t_idx[a:b]
+            t_rows = (TeacherTopK(target.ids[bi, ti], target.logprobs[bi, ti], target.token_logprob[bi, ti])
+                      if isinstance(target, TeacherTopK) else target[bi, ti, :v])  # fmt: skip
+            on_chunk(s_det[bi, ti, :v], t_rows, bi, ti)
+
+    def _rows(self, mb: Any, width: int, s_rows: Tensor, t_rows: Any, b_idx: Tensor, t_idx: Tensor) -> None:
+        from opd.objectives.hidden import spread_rows
+        from opd.objectives.topk import TeacherTopK
+
+        n = int(b_idx.numel())
+        if n == 0:
+            return
+        s, mask = spread_rows(s_rows, t_idx, width)
+        if isinstance(t_rows, TeacherTopK):
+            target: Any = TeacherTopK(spread_rows(t_rows.ids, t_idx, width)[0],
+                                      spread_rows(t_rows.logprobs, t_idx, width)[0],
+                                      spread_rows(t_rows.token_logprob, t_idx, width)[0])  # fmt: skip
+        else:
+            target = spread_rows(t_rows, t_idx, width)[0]
+        y = mb.response_ids[b_idx, t_idx]
+        self.sums = merge_sums(self.sums, target_diagnostic_sums(s, target, mask, self.settings))
+        if mb.engine_logprobs is not None:
+            ones = torch.ones((1, n), dtype=torch.bool, device=s_rows.device)
+            self.engine.add(
+                s_rows.unsqueeze(0), y.unsqueeze(0), ones, mb.engine_logprobs[b_idx, t_idx].unsqueeze(0)
+            )
+        st = target_signal_stats(s, target, spread_rows(y, t_idx, width)[0], mask, self.settings)
+        self.reward_sum += st["reward_mean"] * n
+        if st["adv_max_abs"] > self.best_adv[0]:
+            self.best_adv = torch.tensor([st["adv_max_abs"], st["p_minus_q_at_max_adv"]], dtype=torch.float64)

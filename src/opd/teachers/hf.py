@@ -6,22 +6,12 @@ inference mode, and may run in bf16 while the student keeps fp32 master weights.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 from transformers import PreTrainedModel
 
 from opd.generation.rollout import Rollout
 from opd.generation.scoring import frozen_head, response_hidden_states, response_logits
-
-
-class TeacherHidden(NamedTuple):
-    """A teacher's last hidden states `[B, T, H_t]` at the response positions and its LM head
-    (`weight` `[V_t, H_t]`, `bias` `[V_t]` or None), for `opd.objectives.hidden.head_loss_sum`; all constant."""
-
-    hidden: torch.Tensor
-    weight: torch.Tensor
-    bias: torch.Tensor | None
+from opd.objectives.objective import TeacherHidden  # re-exported: the HF teacher's target
 
 
 class HFTeacher:

@@ -29,7 +29,7 @@ from accelerate.utils import set_seed
 from opd.config import TrainConfig, dump_config
 from opd.data import TRAIN_OPTIONS, PromptCursor, encode_prompts, load_prompts, render_prompt, uses_chat
 from opd.device import clock, host, place, reduce_sum
-from opd.diagnostics import diagnostic_sums, finalize, merge_sums
+from opd.diagnostics import StepStats, StepStatsSettings, finalize
 from opd.errors import ConfigError, ModelError, OpdError, StorageError
 from opd.files import atomic_write_text, jsonl_lines
 from opd.generation.build import build_generator, generator_dtype_settings
@@ -45,17 +45,10 @@ from opd.generation.scoring import (
     response_logits,
 )
 from opd.models.loading import Pair, freeze_teacher, load_model, load_pair
-from opd.objectives.hidden import ChunkCallback, head_loss_sum, spread_rows
-from opd.objectives.token import chunk_rows, masked_positions, per_token_loss, row_chunks, signal_stats
-from opd.objectives.topk import (
-    TeacherTopK,
-    sparse_diagnostic_sums,
-    sparse_per_token_loss,
-    sparse_signal_stats,
-)
+from opd.objectives.objective import Objective, hidden_loss_sum, logits_loss, nonfinite_target_positions
+from opd.objectives.token import chunk_rows
 from opd.teachers.build import build_teacher, loads_teacher_weights, teacher_dtype_settings
 from opd.teachers.contract import StepTargets, Teacher, as_teacher
-from opd.teachers.hf import TeacherHidden
 from opd.teachers.http import TeacherUnavailableError
 from opd.train import checkpoint as ckpt
 from opd.train.alarms import NAN, Alarm, CollapseError, CollapseMonitor
@@ -84,90 +77,6 @@ def rollout_length_stats(rollouts: list[Rollout]) -> tuple[torch.Tensor, torch.T
     """Response lengths and truncation flags of every row, as host float64 (step statistics)."""
     lengths = torch.cat([host(r.lengths) for r in rollouts])
     return lengths, torch.cat([host(r.truncated) for r in rollouts])
-
-
-def _merge_engine_delta(acc: torch.Tensor, s_logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor,
-                        engine_logprobs: torch.Tensor) -> torch.Tensor:  # fmt: skip
-    """(sum |Δ|, count, max |Δ|) of the engine's sampled-token log-probs against the trainer's, added to
-    `acc` on the compute device: a cross-check only, the objective never uses the engine's numbers."""
-    sv = s_logits.float()
-    lp = sv.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(sv, dim=-1)
-    ok = mask & torch.isfinite(engine_logprobs)
-    d = torch.where(ok, (lp - engine_logprobs).abs(), 0.0).double()
-    return _combine_engine_delta(acc, torch.stack([d.sum(), ok.sum().to(d.dtype), d.max()]))
-
-
-def _combine_engine_delta(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Two (sum |Δ|, count, max |Δ|) accumulators as one."""
-    return torch.stack([a[0] + b[0], a[1] + b[1], torch.maximum(a[2], b[2])])
-
-
-class _StepMetrics:
-    """A step's diagnostics, signal stats and engine cross-check, accumulated one chunk of response rows at a
-    time: from `head_loss_sum`'s `on_chunk` (hidden-state path) or by walking the masked rows of the logits
-    (plain path), so both paths share one accumulator and no metric needs a `[B, T, V]` tensor of its own.
-
-    Each chunk goes through the same functions as whole batches would (`_diagnostic_sums`, `_signal_stats`,
-    `_merge_engine_delta`), laid out by `spread_rows` so position bins see every row's true position.
-    Device: sums and the engine accumulator stay on the compute device; reward and max-advantage are host."""
-
-    def __init__(self, trainer: OPDTrainer, device: torch.device):
-        self.trainer, self.device = trainer, device
-        self.sums: dict[str, torch.Tensor] = {}
-        self.engine_delta = torch.zeros(3, dtype=torch.float64, device=device)  # sum |Δ logprob|, count, max
-        self.reward_sum = 0.0
-        self.best_adv = torch.tensor([-1.0, 0.0], dtype=torch.float64)  # (|adv|, p - q there)
-
-    def start(self, mb: Rollout, target: Any) -> ChunkCallback:
-        """The callback for micro-batch `mb`'s chunks; every key exists after the first call, even with no
-        masked row, so processes all-reduce the same key set."""
-        if not self.sums:
-            v, device = self.trainer.vocab_size, self.device
-            none = torch.zeros((1, 1), dtype=torch.bool, device=device)
-            if isinstance(target, TeacherTopK):
-                k = target.k
-                empty: Any = TeacherTopK(torch.zeros((1, 1, k), dtype=torch.long, device=device),
-                                         torch.zeros((1, 1, k), device=device), torch.zeros((1, 1), device=device))  # fmt: skip
-            else:
-                empty = torch.zeros((1, 1, v), device=device)
-            self.sums = self.trainer._diagnostic_sums(torch.zeros((1, 1, v), device=device), empty, none)
-        width = int(mb.response_mask.shape[1])
-        return lambda s, t, bi, ti: self._rows(mb, width, s, t, bi, ti)
-
-    def add_logits(self, mb: Rollout, s_det: torch.Tensor, target: Any) -> None:
-        """Plain path: the micro-batch's detached `[B, T, V]` logits, walked in chunks of masked rows."""
-        on_chunk = self.start(mb, target)
-        v = self.trainer.vocab_size
-        b_idx, t_idx = masked_positions(mb.response_mask)
-        for a, b in row_chunks(b_idx.numel(), self.trainer.chunk_rows):
-            bi, ti = b_idx[a:b], t_idx[a:b]
-            t_rows = (TeacherTopK(target.ids[bi, ti], target.logprobs[bi, ti], target.token_logprob[bi, ti])
-                      if isinstance(target, TeacherTopK) else target[bi, ti, :v])  # fmt: skip
-            on_chunk(s_det[bi, ti, :v], t_rows, bi, ti)
-
-    def _rows(self, mb: Rollout, width: int, s_rows: torch.Tensor, t_rows: Any, b_idx: torch.Tensor,
-              t_idx: torch.Tensor) -> None:  # fmt: skip
-        n = int(b_idx.numel())
-        if n == 0:
-            return
-        s, mask = spread_rows(s_rows, t_idx, width)
-        if isinstance(t_rows, TeacherTopK):
-            target: Any = TeacherTopK(spread_rows(t_rows.ids, t_idx, width)[0],
-                                      spread_rows(t_rows.logprobs, t_idx, width)[0],
-                                      spread_rows(t_rows.token_logprob, t_idx, width)[0])  # fmt: skip
-        else:
-            target = spread_rows(t_rows, t_idx, width)[0]
-        y = mb.response_ids[b_idx, t_idx]
-        tr = self.trainer
-        self.sums = merge_sums(self.sums, tr._diagnostic_sums(s, target, mask))
-        if mb.engine_logprobs is not None:
-            ones = torch.ones((1, n), dtype=torch.bool, device=s_rows.device)
-            self.engine_delta = _merge_engine_delta(self.engine_delta, s_rows.unsqueeze(0), y.unsqueeze(0), ones,
-                                                    mb.engine_logprobs[b_idx, t_idx].unsqueeze(0))  # fmt: skip
-        st = tr._signal_stats(s, target, spread_rows(y, t_idx, width)[0], mask)
-        self.reward_sum += st["reward_mean"] * n
-        if st["adv_max_abs"] > self.best_adv[0]:
-            self.best_adv = torch.tensor([st["adv_max_abs"], st["p_minus_q_at_max_adv"]], dtype=torch.float64)
 
 
 class NonFiniteLossError(OpdError):
@@ -203,27 +112,12 @@ class _Accumulated:
     accumulators on the compute device, the step's global token count, and the HF teacher's time."""
 
     loss_sum: torch.Tensor
-    stats: _StepMetrics
+    stats: StepStats
     global_tokens: int
     t_teacher: float = 0.0
     # response positions where the teacher's scores hold NaN/inf: read only when the step is non-finite,
     # to say whether the NaN came from the teacher (a device counter, so no host sync per micro-batch)
     teacher_nonfinite: torch.Tensor | None = None
-
-
-def nonfinite_target_positions(target: Any, mask: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """How many response positions of `mask` have a teacher score holding NaN/inf (0-dim, on the device).
-
-    Top-K log-probs use -inf for emptied slots and a token the teacher gives probability 0, so only NaN and
-    +inf count there; hidden states and dense logits must be finite everywhere."""
-    if isinstance(target, TeacherTopK):
-        lp = target.logprobs
-        bad = torch.isnan(lp).any(-1) | (lp == math.inf).any(-1) | torch.isnan(target.token_logprob)
-    elif isinstance(target, TeacherHidden):
-        bad = ~torch.isfinite(target.hidden).all(-1)
-    else:
-        bad = ~torch.isfinite(target[..., :vocab_size]).all(-1)
-    return (bad & mask.to(bad.device).bool()).sum()
 
 
 @dataclass
@@ -433,6 +327,17 @@ class OPDTrainer:
             (a["used"] for a in self.adjustments if a["setting"] == "rollout.max_new_tokens"),
             self.cfg.rollout.max_new_tokens,
         )
+        lc, dc = self.cfg.loss, self.cfg.diagnostics
+        # the loss and the step statistics with the settings as used (vocabulary, context)
+        self.objective = Objective(
+            signal=lc.signal, divergence=lc.divergence, k=lc.k, support=lc.support, renorm=lc.renorm, beta=lc.beta,
+            vocab_size=self.vocab_size, chunk_rows=self.chunk_rows, chunk_size=lc.chunk_size,
+            chunk_max_elements=lc.chunk_max_elements,
+        )  # fmt: skip
+        self.stats_settings = StepStatsSettings(
+            vocab_size=self.vocab_size, diagnostics_k=dc.k, position_bins=dc.position_bins, bin_len=self.max_new_tokens,
+            signal=lc.signal, loss_k=lc.k, support=lc.support, chunk_rows=self.chunk_rows,
+        )  # fmt: skip
         for adj in self.adjustments:
             self.log(
                 f"[yellow]warning:[/] {adj['setting']}={adj['asked']} is {adj['why']}: using "
@@ -684,37 +589,6 @@ class OPDTrainer:
             raise error or TeacherUnavailableError("the teacher server failed on another process")
         return targets
 
-    # The teacher's scores reach the objective either as dense logits (HF teacher) or as a `TeacherTopK`
-    # (engine/HTTP teacher); these three pick the matching pure function.
-
-    def _per_token_loss(self, s_logits: torch.Tensor, target: Any, tokens: torch.Tensor,
-                        mask: torch.Tensor) -> torch.Tensor:  # fmt: skip
-        lc = self.cfg.loss
-        kw = dict(signal=lc.signal, divergence=lc.divergence, k=lc.k, support=lc.support, renorm=lc.renorm,
-                  beta=lc.beta, vocab_size=self.vocab_size)  # fmt: skip
-        if isinstance(target, TeacherTopK):
-            return sparse_per_token_loss(s_logits, target, tokens, mask, **kw)
-        return per_token_loss(s_logits, target, tokens, mask, chunk_size=self.chunk_rows, **kw)
-
-    def _diagnostic_sums(
-        self, s_det: torch.Tensor, target: Any, mask: torch.Tensor
-    ) -> dict[str, torch.Tensor]:
-        cfg = self.cfg
-        kw = dict(k=cfg.diagnostics.k, vocab_size=self.vocab_size, chunk_size=self.chunk_rows)
-        if isinstance(target, TeacherTopK):
-            return sparse_diagnostic_sums(s_det, target, mask, **kw)
-        return diagnostic_sums(s_det, target, mask, position_bins=cfg.diagnostics.position_bins,
-                               bin_len=self.max_new_tokens, **kw)  # fmt: skip
-
-    def _signal_stats(self, s_det: torch.Tensor, target: Any, tokens: torch.Tensor,
-                      mask: torch.Tensor) -> dict[str, float]:  # fmt: skip
-        lc = self.cfg.loss
-        if isinstance(target, TeacherTopK):
-            return sparse_signal_stats(s_det, target, tokens, mask, signal=lc.signal, k=lc.k,
-                                       vocab_size=self.vocab_size, chunk_size=self.chunk_rows)  # fmt: skip
-        return signal_stats(s_det, target, tokens, mask, signal=lc.signal, k=lc.k, support=lc.support,
-                            vocab_size=self.vocab_size, chunk_size=self.chunk_rows)  # fmt: skip
-
     def _student_head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The student's LM head as one ``[V, H]`` weight (and bias) in the graph of the trained parameters
         (tied, LoRA'd or FSDP-sharded heads included: `opd.generation.scoring.head_weights`)."""
@@ -756,24 +630,7 @@ class OPDTrainer:
                     f"loss.from_hidden_states ({role}): {exc}; set loss.from_hidden_states false"
                 ) from None
 
-    def _head_loss_sum(self, h: torch.Tensor, target: TeacherTopK | TeacherHidden, tokens: torch.Tensor,
-                       mask: torch.Tensor, on_chunk: ChunkCallback) -> torch.Tensor:  # fmt: skip
-        """`loss.from_hidden_states`: the micro-batch's summed per-token loss from hidden states, one chunk
-        of masked rows projected at a time (opd.objectives.hidden); equal to ``_per_token_loss(...).sum()``. Under
-        `student.autocast` the projection runs in the autocast dtype, as the model's own head would."""
-        lc = self.cfg.loss
-        w, b = self._student_head()
-        ac = self.cfg.student.autocast
-        kw: dict[str, Any] = dict(signal=lc.signal, divergence=lc.divergence, k=lc.k, support=lc.support,
-                                  renorm=lc.renorm, beta=lc.beta, vocab_size=self.vocab_size,
-                                  chunk_size=lc.chunk_size, max_chunk_elements=lc.chunk_max_elements,
-                                  on_chunk=on_chunk, project_dtype=None if ac == "none" else getattr(torch, ac))  # fmt: skip
-        if isinstance(target, TeacherTopK):
-            return head_loss_sum(h, w, b, target, tokens, mask, **kw)
-        return head_loss_sum(h, w, b, target.hidden, tokens, mask, w_teacher=target.weight,
-                             b_teacher=target.bias, **kw)  # fmt: skip
-
-    def _micro_batch_loss(self, mb: Rollout, target: Any, stats: _StepMetrics) -> torch.Tensor:
+    def _micro_batch_loss(self, mb: Rollout, target: Any, stats: StepStats) -> torch.Tensor:
         """The micro-batch's summed per-token loss (0-dim, with gradient); its metrics go into `stats`.
 
         `loss.from_hidden_states` (default): the student's hidden states and head, projected one chunk of
@@ -783,10 +640,15 @@ class OPDTrainer:
         if self.cfg.loss.from_hidden_states:
             with self._autocast():
                 h = response_hidden_states(self.student, mb)
-            return self._head_loss_sum(h, target, tokens, mask, stats.start(mb, target))
+            w, b = self._student_head()
+            ac = (
+                self.cfg.student.autocast
+            )  # the projection runs in the autocast dtype, as the model's head would
+            return hidden_loss_sum(h, w, b, target, tokens, mask, self.objective, on_chunk=stats.start(mb, target),
+                                   project_dtype=None if ac == "none" else getattr(torch, ac))  # fmt: skip
         with self._autocast():
             s_logits = response_logits(self.student, mb)
-        loss = self._per_token_loss(s_logits, target, tokens, mask).sum()
+        loss = logits_loss(s_logits, target, tokens, mask, self.objective).sum()
         with torch.no_grad():
             stats.add_logits(mb, s_logits.detach(), target)
         return loss
@@ -905,7 +767,7 @@ class OPDTrainer:
         if self._in_backward is not None and len(micro) > 1:  # the config check should make this unreachable
             raise ConfigError(f"optim.in_backward needs one micro-batch per step; this step has {len(micro)}")
         # Accumulators of the step: on the compute device (no host round trip per micro-batch), float64.
-        out = _Accumulated(torch.zeros((), dtype=torch.float64, device=device), _StepMetrics(self, device),
+        out = _Accumulated(torch.zeros((), dtype=torch.float64, device=device), StepStats(self.stats_settings, device),
                            global_tokens, teacher_nonfinite=torch.zeros((), dtype=torch.float64, device=device))  # fmt: skip
         scale = acc.num_processes / max(global_tokens, 1)
         for i, (chunk, rows, mb) in enumerate(micro):
@@ -1039,11 +901,12 @@ class OPDTrainer:
         }
         if t_sync is not None:
             metrics["time_weight_sync_s"] = t_sync
-            ed = self._reduce(acc.stats.engine_delta[:2])
+            drift = acc.stats.engine
+            ed = self._reduce(torch.stack([drift.abs_sum, drift.count]))
             if float(ed[1]) > 0:
                 metrics["engine_logprob_delta_mean"] = float(ed[0] / ed[1])
                 metrics["engine_logprob_delta_max"] = float(
-                    self._gather_max_row(host(acc.stats.engine_delta[2:]))[0]
+                    self._gather_max_row(host(drift.max.reshape(1)))[0]
                 )
         metrics.update(finalize(totals["sums"]))
         return metrics
