@@ -292,7 +292,7 @@ def test_nan_step_logs_an_alarm_line_before_stopping(tiny_pair, tmp_path: Path, 
         t.train()
     _, alarms = _rows(tmp_path / "run")
     assert [(a["step"], a["signal"]) for a in alarms] == [(1, NAN)]
-    assert alarms[0]["value"] == "nan" and "loss=nan" in alarms[0]["message"]  # JSON has no NaN
+    assert alarms[0]["value"] is None and "loss=nan" in alarms[0]["message"]  # JSON has no NaN: null
 
 
 def test_repeated_nan_steps_are_a_collapse_without_stop_on_nan(tiny_pair, tmp_path: Path, one_thread) -> None:

@@ -112,3 +112,53 @@ def test_the_public_names_still_import_from_their_documented_places():
     from opd.objectives import per_token_loss, signal_stats, token_loss
 
     assert all(callable(f) for f in (token_loss, per_token_loss, signal_stats, token_diagnostics))
+
+
+# Names of teacher/generator kinds and backends: a branch on one of them under train/ is what
+# `opd.teachers.contract` exists to prevent (a new backend would have to edit the training loop).
+_BACKEND_NAMES = {"hf", "vllm", "http"}
+_KIND_CLASSES = {"TeacherTopK", "TeacherHidden", "HFTeacher", "HTTPTeacher", "VLLMTeacher", "TopKTeacher",
+                 "HFGenerator", "VLLMGenerator"}  # fmt: skip
+
+
+def _kind_branches(tree: ast.AST) -> list[tuple[int, str]]:
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare):
+            consts = [c for c in [node.left, *node.comparators] if isinstance(c, ast.Constant)]
+            consts += [e for c in node.comparators if isinstance(c, (ast.Tuple, ast.List, ast.Set)) for e in c.elts
+                       if isinstance(e, ast.Constant)]  # fmt: skip
+            names = {c.value for c in consts if isinstance(c.value, str)} & _BACKEND_NAMES
+            if names:
+                found.append((node.lineno, f"compares with backend name {sorted(names)[0]!r}"))
+        elif (
+            isinstance(node, ast.Call)
+            and getattr(node.func, "id", None) == "isinstance"
+            and len(node.args) == 2
+        ):
+            kinds = node.args[1].elts if isinstance(node.args[1], ast.Tuple) else [node.args[1]]
+            names = {
+                k.id if isinstance(k, ast.Name) else getattr(k, "attr", "") for k in kinds
+            } & _KIND_CLASSES
+            if names:
+                found.append((node.lineno, f"isinstance(..., {sorted(names)[0]})"))
+    return found
+
+
+def test_the_training_loop_never_asks_which_teacher_or_generator_it_holds():
+    wrong = [
+        f"{path.relative_to(SRC.parent)}:{line}: {what}"
+        for path in sorted((SRC / "train").rglob("*.py"))
+        for line, what in _kind_branches(ast.parse(path.read_text(), str(path)))
+    ]
+    assert not wrong, (
+        "teacher/generator kinds are chosen in opd.teachers.build / opd.generation.build and hidden behind "
+        "opd.teachers.contract; move these branches there:\n" + "\n".join(wrong)
+    )
+
+
+def test_the_kind_branch_check_can_fail():
+    code = 'if cfg.teacher.backend == "hf":\n    pass\nif isinstance(t, TeacherTopK):\n    pass\nx = a in ("vllm", "b")\n'
+    assert [w for _, w in _kind_branches(ast.parse(code))] == [
+        "compares with backend name 'hf'", "isinstance(..., TeacherTopK)", "compares with backend name 'vllm'"
+    ]  # fmt: skip

@@ -8,7 +8,6 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from opd.data import (
     BOXED_TEMPLATE,
@@ -17,7 +16,6 @@ from opd.data import (
     PromptCursor,
     PromptRecord,
     encode_prompts,
-    left_pad,
     load_prompts,
     render_prompt,
     uses_chat,
@@ -317,19 +315,6 @@ def test_encode_prompts_too_long(tiny_tokenizer):
         )
     with pytest.raises(ValueError):
         encode_prompts(["a"], tiny_tokenizer, max_prompt_tokens=10, sources=[], add_special_tokens=True)
-
-
-def test_left_pad():
-    ids, mask = left_pad([[5, 6, 7], [8], [9, 10]], pad_id=2)
-    assert ids.dtype == torch.long and mask.dtype == torch.long
-    assert ids.tolist() == [[5, 6, 7], [2, 2, 8], [2, 9, 10]]
-    assert mask.tolist() == [[1, 1, 1], [0, 0, 1], [0, 1, 1]]
-    # a real token equal to pad_id (pad == eos) stays unmasked
-    ids, mask = left_pad([[2, 3], [4]], pad_id=2)
-    assert mask.tolist() == [[1, 1], [0, 1]]
-    for bad in ([], [[]], [[1], []]):
-        with pytest.raises(ValueError):
-            left_pad(bad, pad_id=0)
 
 
 # ------------------------------------------------------------------------------------------------ cursor

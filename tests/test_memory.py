@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -112,9 +111,11 @@ def test_in_backward_refuses_what_it_cannot_do(tiny_pair, tmp_path, extra, words
 
 
 def test_in_backward_refuses_several_processes():
-    fake = SimpleNamespace(acc=SimpleNamespace(num_processes=2))
+    from opd.train.memory import install_step_in_backward
+
+    model = torch.nn.Linear(2, 2)
     with pytest.raises(ConfigError, match="one process"):
-        OPDTrainer._install_step_in_backward(fake)  # type: ignore[arg-type]
+        install_step_in_backward(model, torch.optim.AdamW(model.parameters()), processes=2)
 
 
 def test_in_backward_non_finite_loss_steps_nothing(tiny_pair, tmp_path):

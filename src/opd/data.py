@@ -23,6 +23,7 @@ so the rendered text is meant to be shown for both models at start-up.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import logging
@@ -132,7 +133,7 @@ def load_prompts(
         raise DataError(
             f"{p}: unknown prompt file extension {p.suffix!r}; use .jsonl (or .json lines), .parquet or .csv."
         )
-    rows = {"jsonl": _read_jsonl, "parquet": _read_parquet, "csv": _read_csv}[kind](p)
+    rows = {"jsonl": read_jsonl, "parquet": _read_parquet, "csv": _read_csv}[kind](p)
     records = [
         _to_record(
             row, source, prompt_field, messages_field, answer_field, csv_cells=kind == "csv", options=options
@@ -143,6 +144,22 @@ def load_prompts(
         raise DataError(f"{p}: no records found (the file is empty); add prompts or point {where} elsewhere.")
     _warn_unknown_roles(records)
     return records
+
+
+def prompt_columns(cfg: Any) -> dict[str, str | None]:
+    """The prompt-file columns a config names (its `prompt_field`, `messages_field` and `answer_field`,
+    `opd.config.PromptColumn` ...) as `load_prompts`' keyword arguments."""
+    return {name: getattr(cfg, name) for name in ("prompt_field", "messages_field", "answer_field")}
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file's bytes (read a MiB at a time): how a resumed job knows its data file is the
+    one it started on (`opd sft`'s data, `opd generate`'s prompts)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _warn_unknown_roles(records: Sequence[PromptRecord]) -> None:
@@ -172,8 +189,11 @@ def _warn_unknown_roles(records: Sequence[PromptRecord]) -> None:
         )
 
 
-def _read_jsonl(p: Path) -> list[tuple[str, dict[str, Any]]]:
-    text = read_utf8(p, DataError, "prompt file")  # BOM or not; other encodings fail naming file:line
+def read_jsonl(p: Path, what: str = "prompt file") -> list[tuple[str, dict[str, Any]]]:
+    """(``file:line``, object) of every non-blank line of a JSON-lines file, or (``file:row N``, object)
+    of a whole-file JSON array; a line that is not one JSON object fails naming it. `what` names the
+    file in encoding errors. The reader of prompt files and of `opd sft`'s data."""
+    text = read_utf8(p, DataError, what)  # BOM or not; other encodings fail naming file:line
     if text.lstrip().startswith("["):
         # A whole-file JSON array (a common .json export) rather than JSON lines.
         try:
@@ -313,7 +333,7 @@ def _to_record(
             raise DataError(f"{source}: field {prompt_field!r} is empty; remove the record or fill it in.")
         text = prompt
     else:
-        messages = _check_messages(messages, source, str(messages_field), csv_cells=csv_cells)
+        messages = check_messages(messages, source, str(messages_field), csv_cells=csv_cells)
     answer = _lookup(row, answer_field)
     if _is_missing(answer, csv_cells):
         answer = None
@@ -327,7 +347,14 @@ def _to_record(
     return PromptRecord(text=text, messages=messages, answer=answer, source=source, raw=row)
 
 
-def _check_messages(value: Any, source: str, name: str, *, csv_cells: bool) -> list[dict[str, Any]]:
+def check_messages(
+    value: Any, source: str, name: str, *, csv_cells: bool = False, ends_with_reply: bool = False
+) -> list[dict[str, Any]]:
+    """`value` as a list of ``{role, content}`` messages (copies), or a DataError naming `source` and the
+    field `name`. A prompt (the default) must not end with an assistant message; `ends_with_reply`: an SFT
+    conversation, whose last message must be the assistant's reply (the target), after a prompt.
+    `csv_cells`: `value` may be the JSON spelling of the list, as a CSV cell holds it.
+    """
     if csv_cells and isinstance(value, str):
         # A CSV cell cannot hold a list; accept the JSON spelling of one.
         try:
@@ -337,7 +364,8 @@ def _check_messages(value: Any, source: str, name: str, *, csv_cells: bool) -> l
                 f"{source}: field {name!r} must be a JSON list of {{role, content}} objects in a CSV cell "
                 f"({e.msg}); fix the cell or use a JSONL file."
             ) from e
-    hint = 'write it as [{"role": "user", "content": "..."}]'
+    hint = 'write it as [{"role": "user", "content": "..."}'
+    hint += ', {"role": "assistant", "content": "..."}]' if ends_with_reply else "]"
     if not isinstance(value, list) or not value:
         raise DataError(
             f"{source}: field {name!r} must be a non-empty list of {{role, content}} messages, got "
@@ -356,7 +384,15 @@ def _check_messages(value: Any, source: str, name: str, *, csv_cells: bool) -> l
                 f"role={_short(msg['role'])}, content={_short(msg['content'])}; {hint}."
             )
         out.append(dict(msg))
-    if out[-1]["role"] == "assistant":
+    if ends_with_reply:
+        if out[-1]["role"] != "assistant":
+            raise DataError(
+                f"{source}: the last message must be the assistant's response (the SFT target), got role "
+                f"{out[-1]['role']!r}."
+            )
+        if len(out) < 2:
+            raise DataError(f"{source}: a conversation needs a prompt before the assistant's response.")
+    elif out[-1]["role"] == "assistant":
         # A conversation that already ends with the answer is SFT data; rolling out after it would
         # train on a continuation of a finished reply.
         raise DataError(
@@ -399,11 +435,60 @@ def _fill(fmt: str | None, text: str) -> str:
     return text if fmt is None else fmt.replace("{prompt}", text)
 
 
+def _format_of(template: str) -> str | None:
+    """The format string of a template spec (the part after ``chat:``, or the whole of a non-chat one);
+    None for ``chat`` and ``raw``, which leave the text as it is."""
+    if template == "chat":
+        return None
+    return _resolve_format(template[len("chat:") :] if template.startswith("chat:") else template)
+
+
 def validate_template(template: str) -> None:
     """Raise ConfigError for a template spec that `render_prompt` would reject, before any data is read."""
-    inner = template[len("chat:") :] if template.startswith("chat:") else template
-    if template != "chat":
-        _resolve_format(inner)
+    _format_of(template)
+
+
+def fill_template(template: str, text: str) -> str:
+    """`text` with the format part of `template` filled in: the whole prompt for a non-chat template,
+    the user message's text for ``chat:<x>``; ``chat`` and ``raw`` leave it as it is."""
+    return _fill(_format_of(template), text)
+
+
+def prompt_messages(
+    record: PromptRecord,
+    *,
+    template: str,
+    system_prompt: str | None = None,
+    options: Mapping[str, str] = TRAIN_OPTIONS,
+) -> list[dict[str, Any]]:
+    """The chat messages `render_prompt` hands the tokenizer's chat template for `record` (a chat
+    `template`): the record's messages, or its text as one user message, with the last user message
+    filled in by ``chat:<x>``, and `system_prompt` first unless the record brings its own system message.
+    """
+    return _chat_messages(record, template, system_prompt, options)[0]
+
+
+def _chat_messages(
+    record: PromptRecord, template: str, system_prompt: str | None, options: Mapping[str, str]
+) -> tuple[list[dict[str, Any]], bool]:
+    """`prompt_messages` and whether `system_prompt` was added as its first message."""
+    fmt = _format_of(template)
+    if record.messages is not None:
+        messages = [dict(m) for m in record.messages]
+        if fmt is not None:
+            users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+            if not users:
+                raise DataError(
+                    f"{record.source}: template {template!r} fills the last user message, but the record "
+                    f"has none; add a user message or use {_set_to(options, 'template', 'chat')}."
+                )
+            messages[users[-1]]["content"] = _fill(fmt, messages[users[-1]]["content"])
+    else:
+        messages = [{"role": "user", "content": _fill(fmt, record.text or "")}]
+    added_system = bool(system_prompt) and messages[0]["role"] != "system"
+    if added_system:
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    return messages, added_system
 
 
 def render_prompt(
@@ -421,11 +506,8 @@ def render_prompt(
     a record's own system message wins, since the data author chose it for that record. `options`: how
     the calling command spells the settings the errors name (`option_names`).
     """
-    chat = uses_chat(template)
-    fmt = None
-    if template != "chat":
-        fmt = _resolve_format(template[len("chat:") :] if chat else template)
-    if not chat:
+    fmt = _format_of(template)  # an unknown template is refused first, whatever else is wrong
+    if not uses_chat(template):
         if system_prompt:
             raise ConfigError(
                 f"{options['system_prompt']} needs a chat template, but {options['template']} is {template!r}; "
@@ -445,21 +527,7 @@ def render_prompt(
             f"{_set_to(options, 'template', 'raw')}, a named template such as dapo, or a format string with "
             "{prompt}."
         )
-    if record.messages is not None:
-        messages = [dict(m) for m in record.messages]
-        if fmt is not None:
-            users = [i for i, m in enumerate(messages) if m["role"] == "user"]
-            if not users:
-                raise DataError(
-                    f"{record.source}: template {template!r} fills the last user message, but the record "
-                    f"has none; add a user message or use {_set_to(options, 'template', 'chat')}."
-                )
-            messages[users[-1]]["content"] = _fill(fmt, messages[users[-1]]["content"])
-    else:
-        messages = [{"role": "user", "content": _fill(fmt, record.text or "")}]
-    added_system = bool(system_prompt) and messages[0]["role"] != "system"
-    if added_system:
-        messages.insert(0, {"role": "system", "content": system_prompt})
+    messages, added_system = _chat_messages(record, template, system_prompt, options)
     try:
         text = tokenizer.apply_chat_template(
             messages, add_generation_prompt=True, tokenize=False, **(chat_template_kwargs or {})
@@ -547,25 +615,40 @@ def encode_prompts(
     return [list(seq) for seq in ids]
 
 
-def left_pad(batch: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack prompts with padding on the left, so every prompt ends where generation starts.
-
-    The mask comes from lengths, never from comparing ids with `pad_id`, because `pad_id` is often
-    the EOS id.
-    """
-    if not batch:
-        raise ValueError("left_pad: empty batch")
-    width = max(len(seq) for seq in batch)
-    if width == 0:
-        raise ValueError("left_pad: all sequences are empty")
-    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for i, seq in enumerate(batch):
-        if not seq:
-            raise ValueError(f"left_pad: sequence {i} is empty")
-        input_ids[i, width - len(seq) :] = torch.as_tensor(list(seq), dtype=torch.long)
-        mask[i, width - len(seq) :] = 1
-    return input_ids, mask
+def prepare_prompts(
+    records: Sequence[PromptRecord],
+    tokenizer: Any,
+    *,
+    template: str,
+    chat_template_kwargs: dict[str, Any] | None = None,
+    system_prompt: str | None = None,
+    max_prompt_tokens: int = 4096,
+    options: Mapping[str, str] = TRAIN_OPTIONS,
+) -> tuple[list[str], list[list[int]]]:
+    """Rendered prompt texts (`render_prompt`) and their token ids (`encode_prompts`, refusing a prompt
+    over `max_prompt_tokens`; chat templates own BOS, so no special tokens then). What every command that
+    gives a model prompts uses; `options`: how the calling command spells the settings the errors name
+    (`option_names`)."""
+    texts = [
+        render_prompt(
+            r,
+            tokenizer,
+            template=template,
+            chat_template_kwargs=chat_template_kwargs,
+            system_prompt=system_prompt,
+            options=options,
+        )
+        for r in records
+    ]
+    ids = encode_prompts(
+        texts,
+        tokenizer,
+        max_prompt_tokens=max_prompt_tokens,
+        sources=[r.source for r in records],
+        add_special_tokens=not uses_chat(template),
+        options=options,
+    )
+    return texts, ids
 
 
 # --------------------------------------------------------------------------------------------------

@@ -17,7 +17,8 @@ What is produced, and why (paper brief §2-3):
 
 Robustness: a run killed mid-write leaves a truncated last line, and other tools may add lines with
 new ``kind`` values (e.g. alarms) or new keys; such lines are skipped or listed as events, never a
-crash. Values the logger wrote as strings ("nan", "inf": JSON has no NaN) are read back as floats.
+crash. A non-finite value is written as null (JSON has no NaN) and read back as NaN; the strings
+older runs wrote instead ("nan", "inf") are read back as the floats they spell.
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ __all__ = [
     "is_binned",
     "load_run",
     "metric_keys",
+    "metric_value",
     "plot_curves",
     "plot_position_heatmaps",
     "position_matrix",
@@ -172,25 +174,32 @@ class RunData:
         return node
 
 
-def _number(value: Any) -> float | None:
-    """A logged value as a float, or None when it is not a number.
+# How runs written before null was used spell a non-finite value (the logger wrote ``str(value)``).
+_OLD_NON_FINITE = {"nan", "inf", "-inf", "+inf", "infinity", "-infinity"}
 
-    Bools are not metrics; strings are accepted only as the logger's spelling of non-finite floats.
+
+def metric_value(value: Any) -> Any:
+    """A value of a metrics.jsonl training or eval row as a number where it stands for one.
+
+    opd writes every non-finite float as null (`opd.files.json_safe`), which keeps no sign of whether it
+    was NaN or +/-inf, so null is read as NaN: a step whose loss was NaN must not look like a step that
+    did not log a loss (absent keys are simply absent). Run directories from before wrote the string
+    ``"nan"``/``"inf"``/``"-inf"``; those are read as the float they spell. Anything else is returned as
+    it is.
     """
-    if isinstance(value, bool):
+    if value is None:
+        return math.nan
+    if isinstance(value, str) and value.strip().lower() in _OLD_NON_FINITE:
+        return float(value)
+    return value
+
+
+def _number(value: Any) -> float | None:
+    """A value of a row read by `load_run` as a float, or None when it is not a number (bools are not
+    metrics; a missing key is None)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
-    if isinstance(value, (int, float)):
-        return float(value)
-    if isinstance(value, str) and value.strip().lower() in {
-        "nan",
-        "inf",
-        "-inf",
-        "+inf",
-        "infinity",
-        "-infinity",
-    }:
-        return float(value)
-    return None
+    return float(value)
 
 
 def _warn(run_warnings: list[str], message: str) -> None:
@@ -225,12 +234,11 @@ def load_run(path: str | Path, name: str | None = None) -> RunData:
             continue
         row["step"] = int(row["step"])
         kind = row.get("kind")
-        if kind is None:
-            run.train.append(row)
-        elif kind == "eval":
-            run.evals.append(row)
+        if kind is None or kind == "eval":
+            row = {k: v if k in ("step", "kind") else metric_value(v) for k, v in row.items()}
+            (run.train if kind is None else run.evals).append(row)
         else:
-            run.events.append(row)
+            run.events.append(row)  # as written: an alarm's null baseline means "none", not NaN
     cfg_path = run_dir / "config.yaml"
     if cfg_path.is_file():
         import yaml

@@ -6,7 +6,7 @@ import contextlib
 import errno
 import os
 import traceback
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -206,6 +206,49 @@ def command_config(command: str) -> tuple[Any, dict[str, str], bool]:
     module_name, cls, aliases, options = COMMAND_CONFIGS[command]
     module = importlib.import_module(module_name)
     return getattr(module, cls), dict(getattr(module, aliases)) if aliases else {}, options
+
+
+def load_command_config(
+    command: str,
+    config: str | Path | None,
+    *,
+    options: Mapping[str, Any] | None = None,
+    extra: Sequence[str] = (),
+) -> Any:
+    """`command`'s validated config (class and short aliases from `COMMAND_CONFIGS`): how every command
+    builds its config from what the user gave.
+
+    Layers, later winning: the YAML file `config` (optional); the command's named options `options`
+    (None and [] are "not given", so they never overwrite the file with defaults); the
+    ``--section.field VALUE`` options `extra`. A text value of a named option means what it means after
+    ``--section.field`` (`opd.config.parse_overrides`: YAML for a field that is not text, as
+    ``--chat-template-kwargs '{enable_thinking: false}'``; null for none where a text field allows it, as
+    ``--messages-field null``); numbers, flags and lists, which typer has already typed, are kept as
+    they are. Every error is one ConfigError line (an unknown key with its YAML line).
+    """
+    from opd.config import config_from, deep_merge, parse_overrides
+
+    model, aliases, _ = command_config(command)
+    given = given_options(**(options or {}))
+    texts = [arg for key, value in given.items() if isinstance(value, str) for arg in (f"--{key}", value)]
+    named = {k: v for k, v in given.items() if not isinstance(v, str)}
+    named.update(parse_overrides(texts, model, aliases, command))
+    return config_from(config, deep_merge(named, parse_overrides(list(extra), model, aliases, command)), model,
+                       command)  # fmt: skip
+
+
+def load_run_config(command: str, config: Path | None, extra: Sequence[str], resume: Path | None,
+                    kind: str) -> Any:  # fmt: skip
+    """`load_command_config` for a training command (`opd train`, `opd sft`), `--resume RUN_DIR` included:
+    the run's own RUN_DIR/config.yaml (unless --config names another file), with run_dir set to RUN_DIR
+    and the options `extra` on top. `kind` names what RUN_DIR should be when it has no config.yaml."""
+    if resume is None:
+        return load_command_config(command, config, extra=extra)
+    if not (resume / "config.yaml").is_file() and config is None:
+        raise OpdError(f"--resume {resume}: no config.yaml there; is it {kind}?")
+    return load_command_config(
+        command, config or resume / "config.yaml", extra=[*extra, "--run_dir", str(resume)]
+    )
 
 
 def value_kind(annotation: Any) -> str:

@@ -10,7 +10,15 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from opd.cli.common import COMMAND_CONFIGS, PASSTHROUGH, command_config, config_field_rows, console, fail
+from opd.cli.common import (
+    COMMAND_CONFIGS,
+    PASSTHROUGH,
+    command_config,
+    config_field_rows,
+    console,
+    fail,
+    load_command_config,
+)
 from opd.errors import OpdError
 
 
@@ -32,10 +40,10 @@ def config_show(
     config: Path | None = typer.Option(None, "--config", "-c"),
 ) -> None:
     """Print the fully resolved config (defaults + YAML + overrides) as YAML."""
-    from opd.config import dump_config, load_config
+    from opd.config import dump_config
 
     try:
-        sys.stdout.write(dump_config(load_config(config, list(ctx.args))))
+        sys.stdout.write(dump_config(load_command_config("train", config, extra=list(ctx.args))))
     except OpdError as exc:
         fail(exc)
 

@@ -10,18 +10,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from opd.cli.common import PASSTHROUGH, console, fail, given_options
+from opd.cli.common import PASSTHROUGH, console, fail, load_command_config
 from opd.errors import OpdError
-
-
-def build_doctor_config(config: Path | None, cli: dict[str, Any], extra: list[str]) -> Any:
-    """YAML (optional), then the named options, then `--section.field VALUE` extras, validated."""
-    from opd.config import config_from, deep_merge, parse_overrides
-    from opd.evaluation.doctor import DoctorConfig
-
-    return config_from(
-        config, deep_merge(cli, parse_overrides(extra, DoctorConfig, {}, "doctor")), DoctorConfig, "doctor"
-    )
 
 
 def _verdict_table(res: dict[str, Any]) -> Table:
@@ -99,14 +89,14 @@ def register(app: typer.Typer) -> None:
         from opd.progress import Progress  # plain progress lines when stderr is not a terminal
         from opd.report.doctor import write_doctor_report
 
-        cli = given_options(
+        named = dict(
             student=student, teachers=teacher, prompts=prompts, templates=template, n_prompts=n_prompts,
             samples=samples, teacher_samples=teacher_samples, max_new_tokens=max_new_tokens, k=k, depths=depth,
             continuation_rollouts=continuation_rollouts, verifier=verifier, student_dtype=student_dtype,
             teacher_dtype=teacher_dtype, device=device, seed=seed, out=out,
         )  # fmt: skip
         try:
-            cfg = build_doctor_config(config, cli, list(ctx.args))
+            cfg = load_command_config("doctor", config, options=named, extra=list(ctx.args))
             with Progress(
                 TextColumn("[bold]opd doctor"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
                 TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.description}"),

@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from opd.cli.common import given_options
+from opd.cli.common import load_command_config
 from opd.errors import ConfigError, OpdError
 
 
@@ -40,14 +40,6 @@ def _parse_name_as(items: list[str]) -> dict[str, str]:
     return out
 
 
-def build_eval_config(config: Path | None, cli: dict[str, Any]) -> Any:
-    """YAML (optional) with the given command-line values on top, validated as an EvalCommandConfig."""
-    from opd.config import config_from
-    from opd.evaluation.eval import EvalCommandConfig
-
-    return config_from(config, cli, EvalCommandConfig, command="eval")
-
-
 def _summary_table(name: str, path: str, summary: dict[str, Any], seconds: float) -> Table:
     k = summary["samples"]
     t = Table(title=f"opd eval: {name} ({path})", show_header=True)
@@ -68,7 +60,7 @@ def _summary_table(name: str, path: str, summary: dict[str, Any], seconds: float
 
 def run_eval_command(cfg: Any, out: Console) -> dict[str, Any]:
     """Evaluate every model of `cfg` in turn; print per-model and comparison tables; return the comparison."""
-    from opd.data import load_prompts, validate_template
+    from opd.data import load_prompts, prompt_columns, validate_template
     from opd.device import resolve_device
     from opd.evaluation.eval import EVAL_OPTIONS, check_answers, model_entries, portable_names
     from opd.evaluation.verify import get_verifier
@@ -82,10 +74,7 @@ def run_eval_command(cfg: Any, out: Console) -> dict[str, Any]:
     cfg = apply_model_defaults(cfg, [p for _, p in entries], {"verifier": "verifier", "template": "template"},
                                out.print)  # fmt: skip
     validate_template(cfg.template)
-    records = load_prompts(
-        cfg.prompts, prompt_field=cfg.prompt_field, messages_field=cfg.messages_field,
-        answer_field=cfg.answer_field, options=EVAL_OPTIONS,
-    )  # fmt: skip
+    records = load_prompts(cfg.prompts, **prompt_columns(cfg), options=EVAL_OPTIONS)
     if cfg.max_problems is not None:
         records = records[: cfg.max_problems]
     check_answers(records)  # before loading any model
@@ -241,29 +230,18 @@ def register(app: typer.Typer) -> None:
         """
         err = Console(stderr=True, soft_wrap=True)
         try:
-            import yaml
-
-            ctk = None
-            if chat_template_kwargs is not None:
-                ctk = yaml.safe_load(chat_template_kwargs) or {}
-                if not isinstance(ctk, dict):
-                    raise ConfigError(
-                        "--chat-template-kwargs must be a YAML mapping, e.g. '{enable_thinking: false}'"
-                    )
-            cli = given_options(
+            # text values are read as after --section.field (load_command_config): --chat-template-kwargs as
+            # a YAML mapping, `--messages-field null` ignores that column as `messages_field: null` does
+            named = dict(
                 models=list(model), named=_parse_name_as(list(name_as)) or None, before=before, after=after,
                 teacher=teacher, prompts=prompts, samples=samples, temperature=temperature, top_p=top_p,
                 max_new_tokens=max_new_tokens, batch_size=batch_size, template=template,
-                chat_template_kwargs=ctk, system_prompt=system_prompt, max_prompt_tokens=max_prompt_tokens,
+                chat_template_kwargs=chat_template_kwargs, system_prompt=system_prompt, max_prompt_tokens=max_prompt_tokens,
                 prompt_field=prompt_field, messages_field=messages_field, answer_field=answer_field,
                 max_problems=max_problems, verifier=verifier, strict=strict, seed=seed, dtype=dtype, device=device,
                 trust_remote_code=trust_remote_code, out=out, keep_texts=keep_texts,
             )  # fmt: skip
-            # `--messages-field null` ignores that column, as `messages_field: null` does in the YAML
-            cli.update(
-                {k: None for k in ("prompt_field", "messages_field", "answer_field") if cli.get(k) == "null"}
-            )
-            cfg = build_eval_config(config, cli)
+            cfg = load_command_config("eval", config, options=named)
             run_eval_command(cfg, Console(soft_wrap=True))
         except OpdError as exc:
             err.print(f"[bold red]error:[/] {' '.join(str(exc).split())}")

@@ -21,7 +21,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from opd.cli.common import console, fail
+from opd.cli.common import console, fail, load_command_config
 from opd.errors import ConfigError, OpdError
 
 if TYPE_CHECKING:
@@ -44,18 +44,6 @@ def _out(soft_wrap: bool = True) -> Console:
     # Built per call so tests' captured stdout (and a redirected stdout) is the one written to.
     # soft_wrap=False where panels hold prompts: soft wrapping would crop long lines inside a panel.
     return Console(soft_wrap=soft_wrap)
-
-
-def _load(model: type, config: Path | None, options: dict[str, Any]) -> Any:
-    """The command's config: YAML file, then the options that were actually given, via `load_config`."""
-    from opd.config import load_config
-
-    overrides: list[str] = []
-    for key, value in options.items():
-        if value is None:
-            continue
-        overrides += [f"--{key}", ("true" if value else "false") if isinstance(value, bool) else str(value)]
-    return load_config(config, overrides, model=model, aliases={})
 
 
 def _require(cfg: Any, *names: str) -> None:
@@ -102,10 +90,8 @@ def render(
     Template alignment (paper finding 6a): a run whose prompts look like the teacher's own raises
     overlap and accuracy. Templates: raw, chat, dapo, boxed, a format string with {prompt}, chat:<x>.
     """
-    from opd.recipes.prompts import RenderConfig
-
     try:
-        cfg = _load(RenderConfig, config, {
+        cfg = load_command_config("prompts render", config, options={
             "prompts": prompts, "model": model, "teacher": teacher, "template": template,
             "vs_template": vs_template, "n": n, "chat_template_kwargs": chat_template_kwargs,
             "system_prompt": system_prompt, "trust_remote_code": trust_remote_code,
@@ -233,10 +219,8 @@ def select(
     top-k, student entropy, reverse KL and the teacher advantage r̄ (paper finding 6b). The report
     shows the entropy cost of the aligned part against the mixed-in part.
     """
-    from opd.recipes.prompts import SelectConfig
-
     try:
-        cfg = _load(SelectConfig, config, {
+        cfg = load_command_config("prompts select", config, options={
             "student": student, "teacher": teacher, "candidates": candidates,
             "teacher_prompts": teacher_prompts, "n": n, "mix": mix, "score": score, "out": out,
             "scores_out": scores_out, "rollouts": rollouts, "max_new_tokens": max_new_tokens, "k": k,
@@ -356,10 +340,8 @@ def dedup(
     first of each group stays) and --against becomes optional. Writes the kept records unchanged, and a report of
     every removed record with the reason, the cosine and the prompt it matched.
     """
-    from opd.recipes.prompts import DedupConfig
-
     try:
-        cfg = _load(DedupConfig, config, {
+        cfg = load_command_config("prompts dedup", config, options={
             "input": input, "against": against, "threshold": threshold, "use_embeddings": use_embeddings,
             "self_dedup": self_dedup, "batch_size": batch_size, "device": device, "out": out, "report": report,
         })  # fmt: skip
@@ -370,7 +352,7 @@ def dedup(
 
 
 def _dedup(cfg: Any) -> None:
-    from opd.data import load_prompts
+    from opd.data import load_prompts, prompt_columns
     from opd.device import resolve_device
     from opd.recipes.prompts import PROMPTS_OPTIONS, dedup_records, file_stem, get_embedder, write_jsonl
 
@@ -384,11 +366,7 @@ def _dedup(cfg: Any) -> None:
     for p in (out_path, report_path):
         if p.resolve() in {Path(f).resolve() for f in (cfg.input, cfg.against) if f}:
             raise ConfigError(f"refusing to overwrite an input file with the output: {p}")
-    fields = {
-        "prompt_field": cfg.prompt_field,
-        "messages_field": cfg.messages_field,
-        "answer_field": cfg.answer_field,
-    }
+    fields = prompt_columns(cfg)
     cands = load_prompts(src, **fields, options={**PROMPTS_OPTIONS, "prompts": "INPUT"})
     ref = (
         load_prompts(cfg.against, **fields, options={**PROMPTS_OPTIONS, "prompts": "--against"})

@@ -18,6 +18,8 @@ from opd.cli.common import (
     console,
     fail,
     is_main,
+    load_command_config,
+    load_run_config,
     startup_interrupted,
     training_errors,
 )
@@ -34,13 +36,8 @@ def generate(
     --max-new-tokens N --template chat --batch-size 8 --filters truncated,no_answer,repetition
     --seed 0 --device auto]. Rerun the same command after an interruption to finish the file.
     """
-    from opd.config import load_config
-    from opd.recipes.generate import GENERATE_ALIASES, GenerateConfig
-
     try:
-        cfg = load_config(
-            config, list(ctx.args), model=GenerateConfig, aliases=GENERATE_ALIASES, command="generate"
-        )
+        cfg = load_command_config("generate", config, extra=list(ctx.args))
         from opd.recipes.generate import generate_with_progress
 
         generate_with_progress(cfg, log=console.print)
@@ -60,20 +57,8 @@ def sft(
     Options: --model STUDENT --data teacher.jsonl --run_dir runs/sft [--epochs 1 --batch_size 32
     --micro_batch_size 4 --optim.lr 1e-5 --max_seq_len 8192 ...]; `--resume RUN_DIR` continues.
     """
-    from opd.config import load_config
-    from opd.train.sft import SFT_ALIASES, SFTConfig
-
-    overrides = list(ctx.args)
     with training_errors(f"`opd sft --resume {resume}`" if resume else "the same command"):
-        if resume is not None:
-            if not (resume / "config.yaml").is_file() and config is None:
-                raise OpdError(f"--resume {resume}: no config.yaml there; is it an sft run directory?")
-            cfg = load_config(
-                config or resume / "config.yaml", [*overrides, "--run_dir", str(resume)],
-                model=SFTConfig, aliases=SFT_ALIASES, command="sft",
-            )  # fmt: skip
-        else:
-            cfg = load_config(config, overrides, model=SFTConfig, aliases=SFT_ALIASES, command="sft")
+        cfg = load_run_config("sft", config, list(ctx.args), resume, "an sft run directory")
         from opd.train.sft import sft_with_progress
 
         log = lambda m: console.print(m) if is_main() else None  # noqa: E731
@@ -94,11 +79,10 @@ def cold_start(
     option (--opd.loss.k 8, --generate.device cuda:1). Rerun the same command to continue: finished
     stages are skipped.
     """
-    from opd.config import load_config
-    from opd.recipes.cold_start import ColdStartConfig, run_cold_start
+    from opd.recipes.cold_start import run_cold_start
 
     with training_errors("the same command (finished stages are skipped)"):
-        cfg = load_config(config, list(ctx.args), model=ColdStartConfig, aliases={}, command="cold-start")
+        cfg = load_command_config("cold-start", config, extra=list(ctx.args))
         out = run_cold_start(cfg, log=lambda m: console.print(m) if is_main() else None)
         if is_main():
             console.print(f"[green]cold start done[/]: {json.dumps({k: str(v) for k, v in out.items()})}")

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from opd.cli.common import PASSTHROUGH, console, fail, given_options, os_error
+from opd.cli.common import PASSTHROUGH, console, fail, load_command_config, os_error
 from opd.errors import OpdError
 
 if TYPE_CHECKING:
@@ -67,10 +67,9 @@ def register(app: typer.Typer) -> None:
         several servers: --teacher.urls [http://a:8000, http://b:8000].
         Set OPD_TEACHER_API_KEY (on both sides) before binding to a non-loopback address.
         """
-        from opd.config import config_from
-        from opd.teachers.server import ServeTeacherConfig, build_server
+        from opd.teachers.server import build_server
 
-        cli = given_options(
+        named = dict(
             model=model, host=host, port=port, max_logprobs=max_logprobs, dtype=dtype, max_model_len=max_model_len,
             kv_cache_gb=kv_cache_gb, served_name=served_name, python=python, log_file=log_file,
             trust_remote_code=trust_remote_code or None, vllm_args=list(ctx.args),
@@ -78,7 +77,7 @@ def register(app: typer.Typer) -> None:
         server = None
         _stop_on_signals()
         try:
-            cfg = config_from(config, cli, ServeTeacherConfig, command="serve-teacher")
+            cfg = load_command_config("serve-teacher", config, options=named)
             if cfg.host not in ("127.0.0.1", "localhost", "::1"):
                 console.print(
                     f"[yellow]warning:[/] binding to {cfg.host}: anyone who can reach this port can use the "

@@ -6,8 +6,7 @@ from pathlib import Path
 
 import typer
 
-from opd.cli.common import PASSTHROUGH, config_command, console, training_errors
-from opd.errors import OpdError
+from opd.cli.common import PASSTHROUGH, config_command, console, load_run_config, training_errors
 
 
 def train(
@@ -20,18 +19,11 @@ def train(
     Settings come from a YAML recipe (--config FILE.yaml, see configs/) with options on top, e.g.
     opd train --student S --teacher T --prompts P.jsonl --run_dir runs/x --steps 100
     """
-    from opd.config import load_config
     from opd.train.run import run_training
 
-    overrides = list(ctx.args)
     rerun = f"`opd train --resume {resume}`" if resume is not None else "the same command"
     with training_errors(rerun):
-        if resume is not None:
-            if not (resume / "config.yaml").is_file() and config is None:
-                raise OpdError(f"--resume {resume}: no config.yaml there; is it a run directory?")
-            cfg = load_config(config or resume / "config.yaml", overrides + ["--run_dir", str(resume)])
-        else:
-            cfg = load_config(config, overrides)
+        cfg = load_run_config("train", config, list(ctx.args), resume, "a run directory")
         run_training(cfg, resume=resume is not None, console=console)
 
 

@@ -294,3 +294,22 @@ def _teacher_rendering(
     return CheckResult(
         "rendered prompt", False, f"the teacher's tokenizer renders the prompt differently: {t_text!r}"
     )
+
+
+@torch.no_grad()
+def engine_fidelity(teacher: Any, rollout: Rollout, *, vocab_size: int, reference: str, dtype: str,
+                    trust_remote_code: bool = False) -> dict[str, Any]:  # fmt: skip
+    """An engine teacher (``score_topk``: vLLM, a server) against transformers on the same rollouts.
+
+    Scores twice with the engine (determinism) and once with the HF model at `reference` in `dtype` (the
+    reference precision; bfloat16 halves this one-off load), on `rollout`'s device; returns
+    `opd.objectives.topk.topk_fidelity`'s numbers (mean/max |Δ log-prob|, determinism, ``ok``)."""
+    from opd.models.loading import freeze_teacher, load_model
+    from opd.objectives.topk import topk_fidelity
+
+    device = rollout.response_ids.device
+    first, again = (teacher.score_topk(rollout).restrict(vocab_size).to(device) for _ in range(2))
+    ref = load_model(reference, dtype=dtype, trust_remote_code=trust_remote_code).to(device)
+    logits = score_frozen(freeze_teacher(ref), rollout)[..., :vocab_size]
+    del ref
+    return topk_fidelity(first, logits, rollout.response_mask, again=again)

@@ -31,7 +31,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from opd.config import VERIFIER_HELP, AnswerColumn, MessagesColumn, PromptColumn
-from opd.data import option_names
+from opd.data import option_names, prepare_prompts, prompt_columns
 from opd.errors import ConfigError, TokenizerMismatchError
 
 if TYPE_CHECKING:
@@ -598,13 +598,7 @@ def _load_inputs(cfg: DoctorConfig, say: Callable[[str], None]) -> _Inputs:
         unparsed_references_message,
     )
 
-    every = load_prompts(
-        cfg.prompts,
-        prompt_field=cfg.prompt_field,
-        messages_field=cfg.messages_field,
-        answer_field=cfg.answer_field,
-        options=DOCTOR_OPTIONS,
-    )
+    every = load_prompts(cfg.prompts, **prompt_columns(cfg), options=DOCTOR_OPTIONS)
     records = every[: cfg.n_prompts]
     has_answers = all(r.answer is not None and str(r.answer).strip() for r in records)
     if not has_answers:
@@ -692,8 +686,6 @@ def _work_units(cfg: DoctorConfig, n_records: int, n_teachers: int, has_answers:
 def _measure_template(run: _Run, ti: int, template: str) -> _TemplateResult:
     """Everything that depends on how the prompt is rendered, so templates compare on equal terms:
     the student's rollouts, their scores by every model, and each teacher's metrics and accuracy."""
-    from opd.evaluation.eval import prepare_prompts
-
     cfg = run.cfg
     _, prompt_ids = prepare_prompts(
         run.inputs.records, run.models.tok, template=template, chat_template_kwargs=cfg.chat_template_kwargs,

@@ -33,14 +33,13 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from opd.config import VERIFIER_HELP, AnswerColumn, DataConfig, EvalConfig, MessagesColumn, PromptColumn
-from opd.data import (
+from opd.data import (  # prepare_prompts: also imported from here, where it was first written
     TRAIN_OPTIONS,
     PromptRecord,
-    encode_prompts,
     load_prompts,
     option_names,
-    render_prompt,
-    uses_chat,
+    prepare_prompts,
+    prompt_columns,
 )
 from opd.errors import ConfigError, DataError
 from opd.evaluation.verify import (
@@ -304,40 +303,6 @@ def check_answers(records: Sequence[PromptRecord]) -> None:
         )
 
 
-def prepare_prompts(
-    records: Sequence[PromptRecord],
-    tokenizer: Any,
-    *,
-    template: str,
-    chat_template_kwargs: dict[str, Any] | None = None,
-    system_prompt: str | None = None,
-    max_prompt_tokens: int = 4096,
-    options: Mapping[str, str] = TRAIN_OPTIONS,
-) -> tuple[list[str], list[list[int]]]:
-    """Rendered prompt texts and their token ids (chat templates own BOS, so no special tokens then);
-    `options`: how the calling command spells the settings the errors name (`opd.data.option_names`)."""
-    texts = [
-        render_prompt(
-            r,
-            tokenizer,
-            template=template,
-            chat_template_kwargs=chat_template_kwargs,
-            system_prompt=system_prompt,
-            options=options,
-        )
-        for r in records
-    ]
-    ids = encode_prompts(
-        texts,
-        tokenizer,
-        max_prompt_tokens=max_prompt_tokens,
-        sources=[r.source for r in records],
-        add_special_tokens=not uses_chat(template),
-        options=options,
-    )
-    return texts, ids
-
-
 def _progress_bar(total: int, label: str) -> tuple[Any, Callable[[int], None]]:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
@@ -566,13 +531,7 @@ class InLoopEvaluator:
         self.tokenizer = tokenizer
         # the run's data settings, except the file: that is eval.prompts
         options = {**TRAIN_OPTIONS, "prompts": "eval.prompts"}
-        records = load_prompts(
-            cfg.prompts,
-            prompt_field=data_cfg.prompt_field,
-            messages_field=data_cfg.messages_field,
-            answer_field=data_cfg.answer_field,
-            options=options,
-        )
+        records = load_prompts(cfg.prompts, **prompt_columns(data_cfg), options=options)
         if cfg.max_problems is not None:
             records = records[: cfg.max_problems]
         check_answers(records)

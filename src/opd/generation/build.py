@@ -12,13 +12,19 @@ from opd.config import RolloutConfig
 from opd.errors import ConfigError
 from opd.generation.rollout import HFGenerator
 
-__all__ = ["build_generator", "generator_dtype_settings"]
+__all__ = ["build_generator", "generator_dtype_settings", "rollouts_run_the_student"]
 
 
 def generator_dtype_settings(rc: RolloutConfig) -> dict[str, str]:
     """The generator's own dtype settings, by option name, for the precision check (HF rollouts run in
     the student's dtype, checked with it)."""
     return {"rollout.vllm_dtype": rc.vllm_dtype} if rc.backend == "vllm" else {}
+
+
+def rollouts_run_the_student(rc: RolloutConfig) -> bool:
+    """Whether rollouts run the student module itself (HF `generate`, under the student's autocast) rather
+    than an engine that samples in its own dtype."""
+    return rc.backend != "vllm"
 
 
 def build_generator(

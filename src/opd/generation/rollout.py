@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import torch
 from transformers import GenerationConfig, PreTrainedModel
@@ -86,7 +85,7 @@ class Rollout:
         """A row slice or row indices, trimmed of columns that are padding in every selected row.
 
         Trimming is what makes a micro-batch of short rows cheap: its forward runs at its own width, not
-        at the width of the longest row of the chunk. Indices (any order, as `plan_micro_batches` gives
+        at the width of the longest row of the chunk. Indices (any order, as `plan_step_micro_batches` gives
         them) let rows of similar length from anywhere in the chunk share a micro-batch.
         """
         if not isinstance(rows, slice):
@@ -192,7 +191,9 @@ def plan_step_micro_batches(
     every row of ``rollouts[j]`` exactly once, each group a micro-batch.
 
     ``max_tokens`` None reproduces plain slicing by ``max_sequences`` in rollout order. With a budget,
-    each chunk's rows are sorted by length and packed greedily under both caps (see `micro_batch_cost`).
+    each chunk's rows are sorted by length and packed greedily under both caps, a micro-batch costing
+    rows x (prompt width + response width) of what `Rollout.select` returns: the student's and teacher's
+    activations, hidden states and logits all scale with the padded sequence, not the real tokens in it.
 
     ``min_groups`` exists for sharded training: every process must run the same number of backwards
     (FSDP reduce-scatters in each), yet a token budget packs each process's rollouts into its own count.
@@ -221,25 +222,6 @@ def plan_step_micro_batches(
     return [[torch.tensor(sorted(g), dtype=torch.long) for g in gs] for gs in plans]
 
 
-def plan_micro_batches(
-    rollout: Rollout, *, max_sequences: int, max_tokens: int | None, min_groups: int = 1
-) -> list[torch.Tensor]:
-    """`plan_step_micro_batches` for a single rollout chunk."""
-    return plan_step_micro_batches(
-        [rollout], max_sequences=max_sequences, max_tokens=max_tokens, min_groups=min_groups
-    )[0]
-
-
-def micro_batch_cost(rollout: Rollout, rows: slice | torch.Tensor | Sequence[int]) -> int:
-    """Padded tokens of ``rollout.select(rows)``: rows x (prompt width + response width).
-
-    This is what the budget caps, because the student's and teacher's activations, hidden states and
-    logits all scale with the padded sequence, not with the real tokens in it.
-    """
-    idx = list(range(len(rollout)))[rows] if isinstance(rows, slice) else _row_indices(rows).tolist()
-    return _Planner([rollout]).cost(0, idx)
-
-
 def response_mask_from_ids(response: torch.Tensor, stop_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Mask of real response tokens (through the first stop token) and truncation flags.
 
@@ -262,12 +244,6 @@ def chunk_seed(seed: int, step: int, first_prompt: int) -> int:
     """
     digest = hashlib.sha256(f"{seed}:{step}:{first_prompt}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
-
-
-class Generator(Protocol):
-    def generate(
-        self, prompts: list[list[int]], params: SamplingParams, n: int, seed: int, prompt_index: list[int]
-    ) -> Rollout: ...
 
 
 class HFGenerator:

@@ -178,7 +178,7 @@ def write_summary(spec: ExperimentSpec, runs: str | Path) -> dict[str, Any]:
     summary = summarize(spec, load_results(runs, spec.name), load_probe(runs, spec.name))
     path = Path(runs, spec.name, "summary.json")
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(summary, indent=1) + "\n")
+    atomic_write_text(path, json.dumps(summary, indent=1, allow_nan=False) + "\n")  # summarize: NaN as null
     return summary
 
 

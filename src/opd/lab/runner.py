@@ -367,29 +367,17 @@ def load_result(path: str | Path) -> dict[str, Any] | None:
 
 
 def _atomic_write_json(path: Path, obj: Any) -> None:
-    from opd.files import atomic_write_text
+    from opd.files import atomic_write_text, json_safe
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(obj, indent=1, default=_json_default) + "\n")
+    # NaN/inf as null, as in every file opd writes (`default` only sees values json cannot write at all)
+    atomic_write_text(
+        path, json.dumps(json_safe(obj), indent=1, allow_nan=False, default=_json_default) + "\n"
+    )
 
 
 def _json_default(x: Any) -> Any:
-    if isinstance(x, Path):
-        return str(x)
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return str(x)
-
-
-def _finite(x: Any) -> Any:
-    """NaN/inf -> None recursively (JSON has no NaN; strict parsers reject Python's spelling)."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_finite(v) for v in x]
-    return x
+    return str(x)  # Path and whatever else json cannot write
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -685,7 +673,7 @@ class LabRunner:
         with count_unreadable_answers() as unreadable:
             res = self._train_and_evaluate(spec, arm, seed, steps, path.parent, label)
         res["fingerprint"] = fp
-        _atomic_write_json(path, _finite(res))
+        _atomic_write_json(path, res)
         self.reporter.end_run(label, res)
         if unreadable.evaluations:
             self.reporter.message("  " + unreadable.line(label, res))
@@ -907,7 +895,7 @@ class LabRunner:
                                  device=self.compute_device)  # fmt: skip
         res.update({"fingerprint": fp, "models": {k: a[k] for k in ("student", "teacher_a", "teacher_b")},
                     "levels": list(levels)})  # fmt: skip
-        _atomic_write_json(path, _finite(res))
+        _atomic_write_json(path, res)
         return res
 
     def _doctor_probe(self, spec: ExperimentSpec) -> dict[str, Any]:
@@ -939,7 +927,7 @@ class LabRunner:
 
         write_doctor_report(res, cfg.out)
         res["fingerprint"] = fp
-        _atomic_write_json(path, _finite(res))
+        _atomic_write_json(path, res)
         return res
 
     # -- experiments ---------------------------------------------------------------------------------

@@ -26,7 +26,6 @@ use, so the numbers mean the same thing there.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import random
@@ -40,6 +39,7 @@ from typing import Any
 import torch
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from opd.data import file_sha256
 from opd.errors import ModelError
 from opd.lab.world import (
     LEVELS,
@@ -203,17 +203,9 @@ def load_manifest(root: str | Path | None = None) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _file_hashes(root: Path) -> dict[str, str]:
     return {
-        p.relative_to(root).as_posix(): _sha256(p)
+        p.relative_to(root).as_posix(): file_sha256(p)
         for p in sorted(root.rglob("*"))
         if p.is_file() and p.name != MANIFEST and "__pycache__" not in p.parts
     }
@@ -638,7 +630,11 @@ def build_zoo(
                          t0=t0)  # fmt: skip
     manifest["files"] = _file_hashes(root)
     manifest["total_bytes"] = sum((root / rel).stat().st_size for rel in manifest["files"])
-    (root / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    from opd.files import json_safe
+
+    (root / MANIFEST).write_text(
+        json.dumps(json_safe(manifest), indent=2, allow_nan=False) + "\n", encoding="utf-8"
+    )
     return manifest
 
 

@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from opd.config import TrainConfig, dump_config
 from opd.data import option_names
 from opd.errors import ConfigError, DataError
-from opd.files import atomic_write_text
+from opd.files import atomic_write_text, json_safe
 from opd.recipes.generate import GenerateConfig
 from opd.train import checkpoint as ckpt
 from opd.train.sft import SFTConfig
@@ -146,7 +146,7 @@ def _main_only(fn: Callable[[], Any]) -> None:
 
 def _mark_done(path: Path, info: dict[str, Any]) -> None:
     def write() -> None:
-        atomic_write_text(path, json.dumps(info, indent=1) + "\n")
+        atomic_write_text(path, json.dumps(json_safe(info), indent=1, allow_nan=False) + "\n")
 
     _main_only(write)
 
@@ -155,24 +155,14 @@ def dedup_opd_prompts(
     cfg: ColdStartConfig, gen: GenerateConfig, opd: TrainConfig, paths: dict[str, Path]
 ) -> dict[str, Any]:
     """Write the held-out OPD prompts without any that repeat the prompts the teacher answered for SFT."""
-    from opd.data import load_prompts
+    from opd.data import load_prompts, prompt_columns
     from opd.recipes.prompts import dedup_records, get_embedder
 
-    dc = opd.data
     candidates = load_prompts(
-        cfg.opd_prompts or cfg.opd.data.prompts,
-        prompt_field=dc.prompt_field,
-        messages_field=dc.messages_field,
-        answer_field=dc.answer_field,
+        cfg.opd_prompts or cfg.opd.data.prompts, **prompt_columns(opd.data),
         options={**option_names("--opd.data."), "prompts": "--opd_prompts"},
-    )
-    against = load_prompts(
-        gen.prompts,
-        prompt_field=gen.prompt_field,
-        messages_field=gen.messages_field,
-        answer_field=gen.answer_field,
-        options=GENERATE_STAGE_OPTIONS,
-    )
+    )  # fmt: skip
+    against = load_prompts(gen.prompts, **prompt_columns(gen), options=GENERATE_STAGE_OPTIONS)
     if gen.max_prompts is not None:
         against = against[: gen.max_prompts]  # only the prompts the teacher actually answered
     embed = cfg.dedup.use_embeddings and bool(candidates) and bool(against)  # else no model is needed
@@ -186,10 +176,12 @@ def dedup_opd_prompts(
             "OPD needs held-out prompts: use another opd_prompts file (or a higher dedup.threshold)."
         )
     atomic_write_text(
-        paths["opd_removed"], "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in removed)
+        paths["opd_removed"],
+        "".join(json.dumps(json_safe(r), ensure_ascii=False, allow_nan=False) + "\n" for r in removed),
     )
     atomic_write_text(
-        paths["opd_prompts"], "".join(json.dumps(r.raw, ensure_ascii=False) + "\n" for r in kept)
+        paths["opd_prompts"],
+        "".join(json.dumps(json_safe(r.raw), ensure_ascii=False, allow_nan=False) + "\n" for r in kept),
     )  # written last: its presence means the de-duplication finished
     return {"candidates": len(candidates), "kept": len(kept), "removed": len(removed)}
 

@@ -35,7 +35,6 @@ would have, in the same order. A rerun with different settings is refused.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -48,8 +47,9 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from opd.config import VERIFIER_HELP, AnswerColumn, Dtype, MessagesColumn, PromptColumn
-from opd.data import option_names
+from opd.data import file_sha256, option_names
 from opd.errors import ConfigError, DataError
+from opd.files import atomic_write_text, json_safe
 from opd.progress import bar
 
 if TYPE_CHECKING:
@@ -322,17 +322,9 @@ def _append_lines(path: Path, rows: list[dict[str, Any]]) -> None:
     if not rows:
         return
     with open(path, "a", encoding="utf-8") as fh:
-        fh.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        fh.write("".join(json.dumps(json_safe(r), ensure_ascii=False, allow_nan=False) + "\n" for r in rows))
         fh.flush()
         os.fsync(fh.fileno())
-
-
-def _file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def settings_of(cfg: GenerateConfig) -> dict[str, Any]:
@@ -340,7 +332,7 @@ def settings_of(cfg: GenerateConfig) -> dict[str, Any]:
     content hash. The device says where to compute, not what: a job started on a GPU may be finished on
     another machine (its lines already written stay as they are)."""
     settings = cfg.model_dump(mode="json", exclude={"out", "device"})
-    settings["prompts_sha256"] = _file_sha256(cfg.prompts)
+    settings["prompts_sha256"] = file_sha256(cfg.prompts)
     settings["meta_version"] = META_VERSION
     return settings
 
@@ -351,8 +343,6 @@ def _check_or_write_meta(paths: OutputPaths, settings: dict[str, Any]) -> bool:
     Returns whether this is a resume. Output files without a meta file were not written by this
     command (or by an older version); refusing protects them from being appended to.
     """
-    from opd.files import atomic_write_text
-
     existing = [p for p in (paths.out, paths.rejected) if p.exists() and p.stat().st_size > 0]
     if paths.meta.exists():
         old = json.loads(paths.meta.read_text())
@@ -371,7 +361,9 @@ def _check_or_write_meta(paths: OutputPaths, settings: dict[str, Any]) -> bool:
             "resumed safely; choose another --out or delete the existing file."
         )
     paths.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(paths.meta, json.dumps(settings, indent=1, sort_keys=True) + "\n")
+    atomic_write_text(
+        paths.meta, json.dumps(json_safe(settings), indent=1, sort_keys=True, allow_nan=False) + "\n"
+    )
     return False
 
 
@@ -408,30 +400,15 @@ class GenerateResult:
     already_done: int  # (prompt, sample) pairs found in the files at start
 
 
-def _prompt_messages(record: Any, cfg: GenerateConfig, tokenizer: Any) -> list[dict[str, Any]]:
-    """The prompt as chat messages, the way the teacher was shown it (format template already filled)."""
-    from opd.data import PromptRecord, render_prompt, uses_chat
+def _prompt_messages(record: Any, cfg: GenerateConfig) -> list[dict[str, Any]]:
+    """The prompt as chat messages, the way the teacher was shown it (format template already filled):
+    for a chat template the very messages `render_prompt` gave the chat template, for a non-chat one the
+    rendered text as one user message."""
+    from opd.data import fill_template, prompt_messages, uses_chat
 
-    fmt = cfg.template[len("chat:") :] if cfg.template.startswith("chat:") else cfg.template
-    fill_fmt = None if cfg.template == "chat" else fmt
-
-    def fill(text: str) -> str:
-        if fill_fmt is None:
-            return text
-        rec = PromptRecord(text=text, messages=None, answer=None, source=record.source, raw={})
-        return render_prompt(rec, tokenizer, template=fill_fmt)
-
-    if record.messages is not None:
-        messages = [dict(m) for m in record.messages]
-        if fill_fmt is not None and uses_chat(cfg.template):
-            users = [i for i, m in enumerate(messages) if m["role"] == "user"]
-            if users:
-                messages[users[-1]]["content"] = fill(messages[users[-1]]["content"])
-    else:
-        messages = [{"role": "user", "content": fill(record.text or "")}]
-    if cfg.system_prompt and uses_chat(cfg.template) and messages[0]["role"] != "system":
-        messages.insert(0, {"role": "system", "content": cfg.system_prompt})
-    return messages
+    if uses_chat(cfg.template):
+        return prompt_messages(record, template=cfg.template, system_prompt=cfg.system_prompt)
+    return [{"role": "user", "content": fill_template(cfg.template, record.text or "")}]
 
 
 _AGAIN = "continue with the same `opd generate` command (it skips what is written)"
@@ -506,15 +483,9 @@ def run_generate(
 def _load_records(cfg: GenerateConfig, options: Mapping[str, str]) -> list[PromptRecord]:
     """The prompts of the job; the `incorrect` filter needs every answer, so a missing one fails here,
     before anything is written, rather than as a rejection of every response to that prompt."""
-    from opd.data import load_prompts
+    from opd.data import load_prompts, prompt_columns
 
-    records = load_prompts(
-        cfg.prompts,
-        prompt_field=cfg.prompt_field,
-        messages_field=cfg.messages_field,
-        answer_field=cfg.answer_field,
-        options=options,
-    )
+    records = load_prompts(cfg.prompts, **prompt_columns(cfg), options=options)
     if cfg.max_prompts is not None:
         records = records[: cfg.max_prompts]
     if "incorrect" in cfg.filters:
@@ -560,7 +531,7 @@ def _load_job(
 ) -> _Job:  # fmt: skip
     """Load the model (unless passed in) and render every prompt once; only reached when something is
     left to generate, so rerunning a finished job costs no model load."""
-    from opd.data import encode_prompts, render_prompt, uses_chat
+    from opd.data import prepare_prompts
     from opd.generation.rollout import SamplingParams
     from opd.models.loading import load_model, load_tokenizer, prepare_tokenizer
 
@@ -569,18 +540,12 @@ def _load_job(
         prepare_tokenizer(tokenizer)
     if model is None:
         model = load_model(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code, device=device)
-    texts = [
-        render_prompt(
-            r, tokenizer, template=cfg.template, chat_template_kwargs=cfg.chat_template_kwargs,
-            system_prompt=cfg.system_prompt, options=options,
-        )
-        for r in records
-    ]  # fmt: skip
-    prompt_ids = encode_prompts(
-        texts, tokenizer, max_prompt_tokens=cfg.max_prompt_tokens, sources=[r.source for r in records],
-        add_special_tokens=not uses_chat(cfg.template), options=options,
+    _, prompt_ids = prepare_prompts(
+        records, tokenizer, template=cfg.template, chat_template_kwargs=cfg.chat_template_kwargs,
+        system_prompt=cfg.system_prompt, max_prompt_tokens=cfg.max_prompt_tokens, options=options,
     )  # fmt: skip
-    messages = [_prompt_messages(r, cfg, tokenizer) for r in records]
+    # after prepare_prompts, which refuses what a template cannot render (messages under a non-chat one)
+    messages = [_prompt_messages(r, cfg) for r in records]
     verifier = None
     if "incorrect" in cfg.filters:
         from opd.evaluation.verify import get_verifier
@@ -661,10 +626,8 @@ def _write_batch(cfg: GenerateConfig, plan: _Plan, job: _Job, samples: list[Samp
 def _finish(plan: _Plan, run: dict[str, Any], interrupted: bool) -> GenerateResult:
     """Write the summary over the whole files (also after an interruption, so it shows what is there),
     then report the interruption as an error that says how to continue."""
-    from opd.files import atomic_write_text
-
     summary = summarize(plan.paths, plan.settings, run)
-    atomic_write_text(plan.paths.summary, json.dumps(summary, indent=1) + "\n")
+    atomic_write_text(plan.paths.summary, json.dumps(json_safe(summary), indent=1, allow_nan=False) + "\n")
     if interrupted:
         from opd.errors import InterruptedRun
 

@@ -35,8 +35,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from opd.config import AnswerColumn, MessagesColumn, PromptColumn
-from opd.data import TRAIN_OPTIONS, PromptRecord, option_names
+from opd.data import TRAIN_OPTIONS, PromptRecord, option_names, prompt_columns
 from opd.errors import DataError, ModelError
+from opd.files import json_safe
 
 # How `opd prompts render/select/dedup` spell the prompt settings that prompt-file and template errors name:
 # their command-line options, and the keys of their --config file for the settings without one.
@@ -649,7 +650,7 @@ def score_records(
     (`opd.generation.row_scoring`), since rollouts × T × V logits would dominate memory at a 152k vocabulary. A
     model without a linear LM head raises `ModelError` before anything is sampled.
     """
-    from opd.data import encode_prompts, render_prompt, uses_chat
+    from opd.data import prepare_prompts
     from opd.diagnostics import finalize
     from opd.generation.rollout import HFGenerator, SamplingParams, chunk_seed
     from opd.generation.row_scoring import Comparison, score_rollout, scoring_head
@@ -663,13 +664,11 @@ def score_records(
     stops = list(stop_ids) if stop_ids is not None else stop_ids_for(tokenizer, student)
     gen = HFGenerator(student, pad_id=tokenizer.pad_token_id, stop_ids=stops)
     params = SamplingParams(temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=max_new_tokens)
-    texts = [
-        render_prompt(r, tokenizer, template=template, chat_template_kwargs=chat_template_kwargs,
-                      system_prompt=system_prompt, options=options)
-        for r in records
-    ]  # fmt: skip
-    ids = encode_prompts(texts, tokenizer, max_prompt_tokens=10**9, sources=[r.source for r in records],
-                         add_special_tokens=not uses_chat(template))  # fmt: skip
+    # no limit when encoding: a prompt over max_prompt_tokens is marked skipped below, not refused
+    _, ids = prepare_prompts(
+        records, tokenizer, template=template, chat_template_kwargs=chat_template_kwargs,
+        system_prompt=system_prompt, max_prompt_tokens=10**9, options=options,
+    )  # fmt: skip
     rows: list[dict[str, Any]] = [{"prompt_tokens": len(x)} for x in ids]
     todo = []
     for i, x in enumerate(ids):
@@ -746,12 +745,12 @@ def file_stem(path: Path) -> str:
 
 
 def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> int:
-    """Write `rows` one JSON object a line (non-JSON values as strings); return how many."""
+    """Write `rows` one JSON object a line (NaN/inf as null, other non-JSON values as strings); return how many."""
     path.parent.mkdir(parents=True, exist_ok=True)
     n = 0
     with path.open("w", encoding="utf-8") as f:
         for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+            f.write(json.dumps(json_safe(row), ensure_ascii=False, allow_nan=False, default=str) + "\n")
             n += 1
     return n
 
@@ -820,7 +819,7 @@ def run_selection(
     write_jsonl(out_path, _selected_records(chosen, {"teacher_prompts": tp, "candidates": pool}))
     write_jsonl(scores_path, _marked_rows(tp_rows + pool_rows, chosen))
     summary = _selection_summary(cfg, chosen, pool_rows, len(skipped))
-    summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+    summary_path.write_text(json.dumps(json_safe(summary), indent=2, allow_nan=False) + "\n")
     return Selection(chosen, summary, out_path, scores_path, summary_path)
 
 
@@ -831,11 +830,7 @@ def _selection_records(
     candidate would be counted twice (once aligned, maybe once mixed in)."""
     from opd.data import load_prompts
 
-    fields = {
-        "prompt_field": cfg.prompt_field,
-        "messages_field": cfg.messages_field,
-        "answer_field": cfg.answer_field,
-    }
+    fields = prompt_columns(cfg)
     tp = (
         load_prompts(
             cfg.teacher_prompts, **fields, options={**SELECT_OPTIONS, "prompts": "--teacher-prompts"}

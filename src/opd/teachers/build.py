@@ -16,7 +16,7 @@ from opd.models.loading import freeze_teacher
 from opd.teachers.contract import Teacher, TopKTeacher
 from opd.teachers.hf import HFTeacher
 
-__all__ = ["build_teacher", "loads_teacher_weights", "teacher_dtype_settings"]
+__all__ = ["build_teacher", "describe_teacher", "loads_teacher_weights", "teacher_dtype_settings"]
 
 
 def loads_teacher_weights(tc: TeacherConfig) -> bool:
@@ -32,6 +32,15 @@ def teacher_dtype_settings(tc: TeacherConfig) -> dict[str, str]:
     if tc.backend == "vllm":
         return {"teacher.vllm_dtype": tc.vllm_dtype}
     return {}  # a server runs in its own dtype
+
+
+def describe_teacher(tc: TeacherConfig) -> dict[str, str]:
+    """The start-up table's teacher column: where it runs, its dtype and (engines, servers) what it returns."""
+    if tc.backend == "hf":
+        return {"path": tc.path, "dtype": tc.dtype}
+    where = ", ".join(tc.urls) if tc.backend == "http" else tc.path
+    return {"path": f"{tc.backend}: {where}", "dtype": tc.vllm_dtype if tc.backend == "vllm" else "(server's)",
+            "teacher returns": f"top-{tc.top_k} log-probs per position"}  # fmt: skip
 
 
 def build_teacher(

@@ -8,6 +8,8 @@ because transformers only checkpoints modules in training mode, and opd keeps th
 from __future__ import annotations
 
 import functools
+import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -15,7 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from opd.errors import ConfigError
 
-__all__ = ["decoder_layers", "enable_activation_checkpointing"]
+__all__ = ["StepInBackward", "decoder_layers", "enable_activation_checkpointing", "install_step_in_backward"]
 
 
 def decoder_layers(model: torch.nn.Module, purpose: str) -> list[torch.nn.Module]:
@@ -54,3 +56,55 @@ def enable_activation_checkpointing(model: torch.nn.Module) -> int:
         layer._opd_checkpointed = True
         wrapped += 1
     return wrapped
+
+
+@dataclass
+class StepInBackward:
+    """optim.in_backward bookkeeping for one backward pass: what the hooks did, for the step's metrics."""
+
+    armed: bool = False  # hooks act only between arm() and the end of the trainer's own backward
+    norm_sq: float = 0.0  # sum over parameters of |grad|^2, for the grad_norm metric
+    bad: str | None = None  # the first parameter with a non-finite gradient; no step after it
+    stepped: int = 0  # parameter tensors already stepped
+
+    def arm(self) -> None:
+        self.armed, self.norm_sq, self.bad, self.stepped = True, 0.0, None, 0
+
+
+def install_step_in_backward(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, processes: int
+) -> StepInBackward:
+    """optim.in_backward: the AdamW step of each parameter runs in its post-accumulate-grad hook.
+
+    The gradient is freed right after, so the step never holds a full set of gradients (2.5 GB of a
+    0.5B fp32 student). The update is the optimizer's own `step()`: with every other `.grad` None it
+    touches only this parameter, and AdamW's update is per-parameter, so the result equals the plain
+    step's (tested bit for bit) and checkpoints keep the same optimizer state. Hooks act only while
+    the trainer arms them (`StepInBackward.arm`), so any other backward pass is left alone.
+    """
+    if processes > 1:
+        raise ConfigError(
+            f"optim.in_backward needs one process ({processes} were launched): data-parallel "
+            "gradients are averaged across processes after backward; use optim.in_backward false"
+        )
+    state = StepInBackward()
+    names = {p: n for n, p in model.named_parameters()}
+
+    def hook(p: torch.Tensor) -> None:
+        if not state.armed or p.grad is None:
+            return
+        # The norm in the gradient's own dtype, like clip_grad_norm_: a float64 copy of a 152k x 896
+        # embedding gradient would cost 1 GB, the very memory this path exists to save.
+        sq = float(torch.linalg.vector_norm(p.grad.detach())) ** 2
+        state.norm_sq += sq
+        if state.bad is None and not math.isfinite(sq):
+            state.bad = names.get(p, "?")
+        if state.bad is None:
+            optimizer.step()
+            state.stepped += 1
+        p.grad = None
+
+    for p in model.parameters():
+        if p.requires_grad:
+            p.register_post_accumulate_grad_hook(hook)
+    return state

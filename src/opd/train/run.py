@@ -90,6 +90,7 @@ def run_training(cfg: TrainConfig, *, resume: bool, console: Console | None = No
 
 def _startup_report(trainer: OPDTrainer, console: Console) -> None:
     from opd.models.loading import special_tokens_report
+    from opd.teachers.build import describe_teacher
 
     cfg = trainer.cfg
     table = Table(title="opd: student / teacher", show_header=True)
@@ -97,17 +98,14 @@ def _startup_report(trainer: OPDTrainer, console: Console) -> None:
     table.add_column("student")
     table.add_column("teacher")
     s_rep = special_tokens_report(trainer.tokenizer, trainer._unwrapped())
-    tc = cfg.teacher
-    if tc.backend == "hf":
-        t_rep = special_tokens_report(trainer.teacher_tokenizer, trainer.teacher.model)
-        table.add_row("path", cfg.student.path, tc.path)
-        table.add_row("dtype", cfg.student.dtype, tc.dtype)
-    else:  # an engine teacher: what the trainer can see is its tokenizer and where it runs
-        t_rep = {}
-        where = ", ".join(tc.urls) if tc.backend == "http" else tc.path
-        table.add_row("path", cfg.student.path, f"{tc.backend}: {where}")
-        table.add_row("dtype", cfg.student.dtype, tc.vllm_dtype if tc.backend == "vllm" else "(server's)")
-        table.add_row("teacher returns", "", f"top-{tc.top_k} log-probs per position")
+    about = describe_teacher(cfg.teacher)
+    table.add_row("path", cfg.student.path, about.pop("path"))
+    table.add_row("dtype", cfg.student.dtype, about.pop("dtype"))
+    for key, value in about.items():
+        table.add_row(key, "", value)
+    # special tokens of an in-process teacher; of an engine or server only the tokenizer is seen here
+    model = trainer.teacher.model
+    t_rep = special_tokens_report(trainer.teacher_tokenizer, model) if model is not None else {}
     for key in sorted(set(s_rep) | set(t_rep)):
         table.add_row(str(key), str(s_rep.get(key)), str(t_rep.get(key, "-" if t_rep else "(engine)")))
     table.add_row("shared vocabulary", str(trainer.vocab_size), str(trainer.vocab_size))

@@ -34,7 +34,6 @@ change the gradient.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -47,9 +46,18 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from opd.config import Dtype, OptimConfig, TrackingConfig, dump_config
+from opd.data import (
+    check_messages,
+    check_rendered,
+    file_sha256,
+    fill_template,
+    read_jsonl,
+    uses_chat,
+    validate_template,
+)
 from opd.device import clock, reduce_sum
-from opd.errors import ConfigError, DataError, StorageError, read_utf8
-from opd.files import atomic_write_text, jsonl_lines
+from opd.errors import ConfigError, DataError, StorageError
+from opd.files import atomic_write_text
 from opd.progress import bar
 from opd.train import checkpoint as ckpt
 from opd.train.loop import (
@@ -158,57 +166,15 @@ class SFTExample:
 
 
 def read_sft_jsonl(path: str | Path) -> list[tuple[str, dict[str, Any]]]:
-    """(file:line, object) for every non-blank line; bad JSON fails with its line number."""
+    """(file:line, object) for every non-blank line (`opd.data.read_jsonl`, the prompt files' reader);
+    bad JSON fails with its line number."""
     p = Path(path)
     if not p.is_file():
         raise DataError(f"{p}: SFT data file not found; check --data (paths are relative to the cwd).")
-    rows = []
-    for lineno, line in jsonl_lines(read_utf8(p, DataError, "SFT data file")):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(
-                f"{p}:{lineno}: invalid JSON ({e.msg}); each line must be one JSON object."
-            ) from e
-        if not isinstance(obj, dict):
-            raise DataError(f"{p}:{lineno}: expected a JSON object, got {type(obj).__name__}.")
-        rows.append((f"{p}:{lineno}", obj))
+    rows = read_jsonl(p, "SFT data file")
     if not rows:
         raise DataError(f"{p}: no records (the file is empty).")
     return rows
-
-
-def _check_messages(messages: Any, source: str) -> list[dict[str, str]]:
-    if not isinstance(messages, list) or not messages:
-        raise DataError(f"{source}: `messages` must be a non-empty list of {{role, content}} objects.")
-    for i, m in enumerate(messages):
-        if (
-            not isinstance(m, dict)
-            or not isinstance(m.get("role"), str)
-            or not isinstance(m.get("content"), str)
-        ):
-            raise DataError(f"{source}: message {i} must be an object with string 'role' and 'content'.")
-    if messages[-1]["role"] != "assistant":
-        raise DataError(
-            f"{source}: the last message must be the assistant's response (the SFT target), got role "
-            f"{messages[-1]['role']!r}."
-        )
-    if len(messages) < 2:
-        raise DataError(f"{source}: a conversation needs a prompt before the assistant's response.")
-    return [dict(m) for m in messages]
-
-
-def _fill(tokenizer: Any, fmt: str | None, text: str, source: str) -> str:
-    """A non-chat template applied to a text (opd.data's own rendering, so both commands agree)."""
-    from opd.data import PromptRecord, render_prompt
-
-    if fmt is None:
-        return text
-    return render_prompt(
-        PromptRecord(text=text, messages=None, answer=None, source=source, raw={}), tokenizer, template=fmt
-    )
 
 
 def encode_example(
@@ -223,16 +189,9 @@ def encode_example(
     response_field: str = "response",
 ) -> tuple[list[int], list[int]]:
     """(context ids, target ids) of one record; see the module docstring for the rules."""
-    from opd.data import check_rendered, uses_chat, validate_template
-
     validate_template(template)
     kwargs = chat_template_kwargs or {}
     chat = uses_chat(template)
-    inner = (
-        template[len("chat:") :]
-        if template.startswith("chat:")
-        else (None if template == "chat" else template)
-    )
     messages = row.get(messages_field)
     prompt, response = row.get(prompt_field), row.get(response_field)
     if chat:
@@ -242,14 +201,13 @@ def encode_example(
                 "template (raw, dapo, a format string) with prompt/response data."
             )
         if messages is not None:
-            msgs = _check_messages(messages, source)
-            if inner is not None:
-                users = [i for i, m in enumerate(msgs[:-1]) if m["role"] == "user"]
-                if users:
-                    msgs[users[-1]]["content"] = _fill(tokenizer, inner, msgs[users[-1]]["content"], source)
+            msgs = check_messages(messages, source, messages_field, ends_with_reply=True)
+            users = [i for i, m in enumerate(msgs[:-1]) if m["role"] == "user"]
+            if users:  # chat:<x> fills the last user message (plain chat leaves it as it is)
+                msgs[users[-1]]["content"] = fill_template(template, msgs[users[-1]]["content"])
         elif isinstance(prompt, str) and isinstance(response, str):
             msgs = [
-                {"role": "user", "content": _fill(tokenizer, inner, prompt, source)},
+                {"role": "user", "content": fill_template(template, prompt)},
                 {"role": "assistant", "content": response},
             ]
         else:
@@ -283,7 +241,7 @@ def encode_example(
                 f"{source}: template {template!r} is not a chat template, so the record needs string "
                 f"`{prompt_field}` and `{response_field}` fields (messages need template: chat)."
             )
-        context = _fill(tokenizer, template, prompt, source)
+        context = fill_template(template, prompt)
         ctx_ids = tokenizer(context, add_special_tokens=True)["input_ids"]
         eos = tokenizer.eos_token_id
         if eos is None:
@@ -350,14 +308,6 @@ def token_ce_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torc
     )
 
 
-def _sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 # ----------------------------------------------------------------------------------------------------
 # The trainer
 
@@ -398,7 +348,7 @@ class SFTTrainer:
         pad = self.tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else (self.tokenizer.eos_token_id or 0))
         self.examples, self.data_report = load_sft_examples(cfg, self.tokenizer)
-        self.data_sha256 = _sha256(cfg.data)
+        self.data_sha256 = file_sha256(cfg.data)
         if self.data_report["skipped_too_long"]:
             self.log(
                 f"[yellow]warning:[/] skipped {self.data_report['skipped_too_long']} of "

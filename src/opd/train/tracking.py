@@ -7,19 +7,12 @@ was killed after logging steps it then re-does never shows a step twice.
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any
 
 from opd.errors import OpdError
-from opd.files import atomic_write_text, jsonl_lines
-
-
-def _clean(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)  # JSON has no NaN; keep it visible rather than dropping the key
-    return value
+from opd.files import atomic_write_text, json_safe, jsonl_lines
 
 
 class MetricsLogger:
@@ -73,9 +66,12 @@ class MetricsLogger:
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        row = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
+        # A non-finite value is written as null, the key kept (JSON has no NaN; strict parsers reject
+        # Python's spelling): null is NaN and +/-inf alike, which `opd.analysis.analyze.load_run` reads back
+        # as NaN. Runs written before wrote the string "nan"/"inf"; every reader accepts both.
+        row = json_safe({"step": step, **metrics})
         try:
-            self._fh.write(json.dumps(row) + "\n")
+            self._fh.write(json.dumps(row, allow_nan=False) + "\n")
             self._fh.flush()
             os.fsync(self._fh.fileno())
         except (
@@ -115,7 +111,11 @@ class MetricsLogger:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The rows of RUN_DIR/metrics.jsonl; a torn last line (a run killed mid-write) is skipped."""
+    """The rows of RUN_DIR/metrics.jsonl as written; a torn last line (a run killed mid-write) is skipped.
+
+    A non-finite value is null (runs from before: the string "nan" or "inf"); callers that take only
+    numbers (the lab's statistics) skip both, `opd.analysis.analyze.metric_value` reads either as a float.
+    """
     path = Path(run_dir) / "metrics.jsonl"
     lines = [line for _, line in jsonl_lines(path.read_text(encoding="utf-8")) if line.strip()]
     rows = []

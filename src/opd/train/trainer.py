@@ -27,12 +27,12 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from opd.config import TrainConfig, dump_config
-from opd.data import TRAIN_OPTIONS, PromptCursor, encode_prompts, load_prompts, render_prompt, uses_chat
+from opd.data import TRAIN_OPTIONS, PromptCursor, load_prompts, prepare_prompts, prompt_columns
 from opd.device import clock, host, place, reduce_sum
 from opd.diagnostics import StepStats, StepStatsSettings, finalize
 from opd.errors import ConfigError, ModelError, OpdError, StorageError
-from opd.files import atomic_write_text, jsonl_lines
-from opd.generation.build import build_generator, generator_dtype_settings
+from opd.files import atomic_write_text, json_safe, jsonl_lines
+from opd.generation.build import build_generator, generator_dtype_settings, rollouts_run_the_student
 from opd.generation.rollout import Rollout, SamplingParams, chunk_seed, plan_step_micro_batches
 from opd.generation.sampling import stop_ids_for
 from opd.generation.scoring import (
@@ -44,7 +44,7 @@ from opd.generation.scoring import (
     response_hidden_states,
     response_logits,
 )
-from opd.models.loading import Pair, freeze_teacher, load_model, load_pair
+from opd.models.loading import Pair, load_pair
 from opd.objectives.objective import Objective, hidden_loss_sum, logits_loss, nonfinite_target_positions
 from opd.objectives.token import chunk_rows
 from opd.teachers.build import build_teacher, loads_teacher_weights, teacher_dtype_settings
@@ -64,6 +64,7 @@ from opd.train.loop import (
     unlock_run_dir,
     write_final_model,
 )
+from opd.train.memory import install_step_in_backward
 
 
 def _step_of(line: str) -> int:
@@ -91,19 +92,6 @@ class NonFiniteLossError(OpdError):
         # optim.in_backward: some parameters were already stepped when the bad gradient appeared, so the
         # in-memory weights are no longer those of any step and training must stop (stop_on_nan or not).
         self.weights_damaged = weights_damaged
-
-
-@dataclass
-class _StepInBackward:
-    """optim.in_backward bookkeeping for one backward pass: what the hooks did, for the step's metrics."""
-
-    armed: bool = False  # hooks act only between arm() and the end of the trainer's own backward
-    norm_sq: float = 0.0  # sum over parameters of |grad|^2, for the grad_norm metric
-    bad: str | None = None  # the first parameter with a non-finite gradient; no step after it
-    stepped: int = 0  # parameter tensors already stepped
-
-    def arm(self) -> None:
-        self.armed, self.norm_sq, self.bad, self.stepped = True, 0.0, None, 0
 
 
 @dataclass
@@ -266,8 +254,7 @@ class OPDTrainer:
         from opd.evaluation.eval import check_answers
 
         data, ec = self.cfg.data, self.cfg.eval
-        columns = dict(prompt_field=data.prompt_field, messages_field=data.messages_field,
-                       answer_field=data.answer_field)  # fmt: skip
+        columns = prompt_columns(data)
         self.records = load_prompts(data.prompts, **columns)
         if ec.prompts and ec.every > 0:  # the same records `InLoopEvaluator` will evaluate
             options = {**TRAIN_OPTIONS, "prompts": "eval.prompts"}
@@ -307,14 +294,9 @@ class OPDTrainer:
         """Render and encode every prompt (read by `_read_inputs`) up front, so a bad record fails before
         any compute."""
         cfg, data, records = self.cfg, self.cfg.data, self.records
-        self.prompt_texts = [
-            render_prompt(r, self.tokenizer, template=data.template, chat_template_kwargs=data.chat_template_kwargs,
-                          system_prompt=data.system_prompt)
-            for r in records
-        ]  # fmt: skip
-        self.prompt_ids = encode_prompts(
-            self.prompt_texts, self.tokenizer, max_prompt_tokens=data.max_prompt_tokens,
-            sources=[r.source for r in records], add_special_tokens=not uses_chat(data.template),
+        self.prompt_texts, self.prompt_ids = prepare_prompts(
+            records, self.tokenizer, template=data.template, chat_template_kwargs=data.chat_template_kwargs,
+            system_prompt=data.system_prompt, max_prompt_tokens=data.max_prompt_tokens,
         )  # fmt: skip
         self.cursor = PromptCursor(len(records), seed=cfg.seed, shuffle=data.shuffle)
         self.total_steps = cfg.steps or math.ceil(len(records) / cfg.prompts_per_step)
@@ -396,7 +378,11 @@ class OPDTrainer:
         else:
             self.student, self.optimizer = acc.prepare(student, self.optimizer)
         self.student.eval()  # dropout off: the loss is taken under the policy that sampled
-        self._in_backward = self._install_step_in_backward() if optim.in_backward else None
+        self._in_backward = (
+            install_step_in_backward(self._unwrapped(), self.optimizer, acc.num_processes)
+            if optim.in_backward
+            else None
+        )
 
     def _build_generator(self) -> None:
         """Rollouts from the model being trained: HF generate on it, or a colocated vLLM engine."""
@@ -441,7 +427,8 @@ class OPDTrainer:
             atomic_write_text(self.run_dir / "config.yaml", dump_config(cfg))
             if adjusted:
                 atomic_write_text(
-                    self.run_dir / "adjustments.json", json.dumps({"adjustments": adjusted}, indent=1) + "\n"
+                    self.run_dir / "adjustments.json",
+                    json.dumps(json_safe({"adjustments": adjusted}), indent=1, allow_nan=False) + "\n",
                 )
             samples = self.run_dir / "samples.jsonl"
             if samples.exists():
@@ -486,9 +473,8 @@ class OPDTrainer:
         ``teacher_fidelity.json`` to the run directory; warns above `FIDELITY_WARN_MEAN`. Returns None
         for an HF teacher, with the check off, or without a local teacher.path.
         """
-        from opd.evaluation.checks import self_test_rollout
-        from opd.objectives.topk import FIDELITY_WARN_MEAN, topk_fidelity
-        from opd.teachers.hf import score_frozen
+        from opd.evaluation.checks import engine_fidelity, self_test_rollout
+        from opd.objectives.topk import FIDELITY_WARN_MEAN
 
         tc = self.cfg.teacher
         if not self.teacher.scored_by_engine or not tc.fidelity_check:
@@ -503,17 +489,14 @@ class OPDTrainer:
                 seed=self.cfg.seed,
             )  # fmt: skip
         if self.acc.is_main_process and tc.path:
-            device = self.acc.device
-            roll = place(roll, device)
-            first, again = (
-                place(self.teacher.score_topk(roll).restrict(self.vocab_size), device) for _ in range(2)
+            result = engine_fidelity(
+                self.teacher, place(roll, self.acc.device), vocab_size=self.vocab_size, reference=tc.path,
+                dtype=tc.dtype, trust_remote_code=tc.trust_remote_code,
+            )  # fmt: skip
+            atomic_write_text(
+                self.run_dir / "teacher_fidelity.json",
+                json.dumps(json_safe(result), indent=1, allow_nan=False),
             )
-            # teacher.dtype (fp32 by default) is the reference precision; bfloat16 halves this one-off load.
-            ref = load_model(tc.path, dtype=tc.dtype, trust_remote_code=tc.trust_remote_code).to(device)
-            logits = score_frozen(freeze_teacher(ref), roll)[..., : self.vocab_size]
-            del ref
-            result = topk_fidelity(first, logits, roll.response_mask, again=again)
-            atomic_write_text(self.run_dir / "teacher_fidelity.json", json.dumps(result, indent=1))
             line = ", ".join(f"{k} {v:.4g}" for k, v in result.items() if k != "ok")
             if result["ok"]:
                 self.log(f"[green]ok[/] teacher fidelity ({tc.backend} vs HF {tc.dtype}): {line}")
@@ -543,7 +526,7 @@ class OPDTrainer:
         and its training forward, so the policy that samples is the policy that is scored. A vLLM engine
         samples in its own dtype (rollout.vllm_dtype; the engine_logprob_delta metrics show the gap)."""
         dtype = self.cfg.student.autocast
-        if dtype == "none" or (rollouts and self.cfg.rollout.backend != "hf"):
+        if dtype == "none" or (rollouts and not rollouts_run_the_student(self.cfg.rollout)):
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.acc.device.type, dtype=getattr(torch, dtype))
 
@@ -681,43 +664,6 @@ class OPDTrainer:
             return row
         gathered = host(self.acc.gather(row.to(self.acc.device).unsqueeze(0)))
         return gathered[int(gathered[:, 0].argmax())]
-
-    def _install_step_in_backward(self) -> _StepInBackward:
-        """optim.in_backward: the AdamW step of each parameter runs in its post-accumulate-grad hook.
-
-        The gradient is freed right after, so the step never holds a full set of gradients (2.5 GB of a
-        0.5B fp32 student). The update is the optimizer's own `step()`: with every other `.grad` None it
-        touches only this parameter, and AdamW's update is per-parameter, so the result equals the plain
-        step's (tested bit for bit) and checkpoints keep the same optimizer state. Hooks act only while
-        the trainer arms them, so any other backward pass is left alone.
-        """
-        if self.acc.num_processes > 1:
-            raise ConfigError(
-                f"optim.in_backward needs one process ({self.acc.num_processes} were launched): data-parallel "
-                "gradients are averaged across processes after backward; use optim.in_backward false"
-            )
-        state = _StepInBackward()
-        names = {p: n for n, p in self._unwrapped().named_parameters()}
-        optimizer = self.optimizer
-
-        def hook(p: torch.Tensor) -> None:
-            if not state.armed or p.grad is None:
-                return
-            # The norm in the gradient's own dtype, like clip_grad_norm_: a float64 copy of a 152k x 896
-            # embedding gradient would cost 1 GB, the very memory this path exists to save.
-            sq = float(torch.linalg.vector_norm(p.grad.detach())) ** 2
-            state.norm_sq += sq
-            if state.bad is None and not math.isfinite(sq):
-                state.bad = names.get(p, "?")
-            if state.bad is None:
-                optimizer.step()
-                state.stepped += 1
-            p.grad = None
-
-        for p in self._unwrapped().parameters():
-            if p.requires_grad:
-                p.register_post_accumulate_grad_hook(hook)
-        return state
 
     def train_step(self, step: int) -> StepResult:
         """Step `step` (1-based) as its phases: collect rollouts -> score -> loss/backward -> update ->
@@ -1142,7 +1088,7 @@ class OPDTrainer:
         if self.acc.is_main_process and result.samples:
             with open(self.run_dir / "samples.jsonl", "a") as fh:
                 for sample in result.samples:
-                    fh.write(json.dumps(sample) + "\n")
+                    fh.write(json.dumps(json_safe(sample), allow_nan=False) + "\n")
         return result.metrics
 
     def checkpoint_due(self, step: int, metrics: dict[str, float]) -> bool:
