@@ -17,7 +17,8 @@ hours of GPU time after it has stopped learning, and its last checkpoints hold d
   counts toward the patience like any other alarm; the trainer's ``stop_on_nan`` already stops a run on
   the first non-finite loss unless the user turned it off).
 
-This module is pure logic (no I/O, no torch): the trainer feeds it the already-reduced metrics, which
+`CheckpointJudge` decides which checkpoint holds good weights from those alarms. This module is pure
+logic (no torch, and no I/O but a directory check): the trainer feeds it the already-reduced metrics, which
 are identical on every process, and stores `CollapseMonitor.state_dict` in its checkpoints so a resumed
 run keeps its baselines instead of learning them again from a possibly already drifting state.
 """
@@ -27,12 +28,13 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from opd.config import AlarmConfig
 from opd.errors import OpdError
 
-__all__ = ["SIGNALS", "Alarm", "CollapseError", "CollapseMonitor"]
+__all__ = ["SIGNALS", "Alarm", "CheckpointJudge", "CollapseError", "CollapseMonitor"]
 
 SIGNALS: dict[str, str] = {
     "entropy_student": "student entropy",
@@ -265,3 +267,64 @@ class CollapseMonitor:
         self.collapse_step = state.get("collapse_step")
         self.collapse_signal = state.get("collapse_signal")
         self.reason = state.get("reason")
+
+
+class CheckpointJudge:
+    """Which checkpoint holds good weights, as the alarms tell.
+
+    A checkpoint saved after step s holds the weights that step s+1's rollouts and metrics measure, so it
+    only counts as good once step s+1 came out clean (`judge`); one whose next step alarmed is never named
+    as the one to go back to. `keep`: the run's keep_checkpoints, for saying why a good one is gone."""
+
+    def __init__(self, keep: int):
+        self.keep = keep
+        self.last: Path | None = None  # the newest checkpoint written (or resumed from)
+        self.good: Path | None = None  # the newest one a clean step vouched for
+        self._unjudged: Path | None = None
+
+    def saved(self, path: Path) -> None:
+        self.last = self._unjudged = path
+
+    def resumed(self, latest: Path, good: Path | None) -> None:
+        """Resumed from `latest`; `good` is what its state recorded (its weights are judged again)."""
+        self.last = self._unjudged = latest
+        self.good = good
+
+    def judge(self, alarming: bool) -> None:
+        """The step after the newest checkpoint ended: clean metrics vouch for it, alarms condemn it."""
+        if self._unjudged is not None:
+            if not alarming:
+                self.good = self._unjudged
+            self._unjudged = None
+
+    def describe_good(self) -> str:
+        """The checkpoint to go back to, or why there is none, for the stop and collapse messages."""
+        good = self.good
+        if good is not None and good.is_dir():
+            return str(good)
+        if good is not None:
+            return (
+                f"none left ({good.name} was rotated away by keep_checkpoints={self.keep}; "
+                "keep at least 2 to always hold one from before the alarms)"
+            )
+        if self.last is not None:
+            return (
+                f"none verified ({self.last} holds the weights whose rollouts raised the alarms; "
+                "restart from the base model or use it with care)"
+            )
+        return "none (no checkpoint was written before the alarms)"
+
+    def collapse(self, monitor: CollapseMonitor, step: int, *, stop: bool) -> CollapseError | str:
+        """A collapse declared at `step`: the `CollapseError` to raise (`stop`, alarms.stop_on_collapse) or the
+        line to log when the run goes on."""
+        reason = monitor.reason or f"collapse at step {step}"
+        where = self.describe_good()
+        if stop:
+            good = self.good
+            return CollapseError(
+                f"training stopped on a {reason}; the collapsed weights were not saved; last good checkpoint: {where}",
+                step=step,
+                signal=monitor.collapse_signal or NAN,
+                checkpoint=str(good) if good is not None and good.is_dir() else None,
+            )
+        return f"{reason}; continuing because stop_on_collapse is false; last good checkpoint: {where}"

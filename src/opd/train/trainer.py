@@ -51,7 +51,7 @@ from opd.teachers.build import build_teacher, loads_teacher_weights, teacher_dty
 from opd.teachers.contract import StepTargets, Teacher, as_teacher
 from opd.teachers.http import TeacherUnavailableError
 from opd.train import checkpoint as ckpt
-from opd.train.alarms import NAN, Alarm, CollapseError, CollapseMonitor
+from opd.train.alarms import Alarm, CheckpointJudge, CollapseError, CollapseMonitor
 from opd.train.loop import (
     apply_dist_timeout,
     build_optimizer,
@@ -132,16 +132,21 @@ class OPDTrainer:
         self.log = log or (lambda msg: self.acc.print(msg))
         self.run_dir = Path(cfg.run_dir)
         self.start_step = 0
-        self.last_checkpoint: Path | None = None
-        # Collapse alarms (opd.train.alarms). A checkpoint saved after step s holds the weights that step s+1's
-        # rollouts and metrics measure, so it only counts as good once step s+1 came out clean.
+        # Collapse alarms, and which checkpoint they leave good (opd.train.alarms)
         self.monitor = CollapseMonitor(cfg.alarms)
-        self.last_good_checkpoint: Path | None = None
-        self._unjudged_checkpoint: Path | None = None
+        self.checkpoints = CheckpointJudge(cfg.keep_checkpoints)
         self._checkpoint_deferred = False
         self._cursor_before_step: dict[str, Any] | None = None  # rewound when the teacher went down mid-step
         self._eval: Any = None  # the in-loop evaluator (eval.every), made by `train`
         self._alarming = self._declared = False  # the last step's alarm state, read by `checkpoint_due`
+
+    @property
+    def last_checkpoint(self) -> Path | None:
+        return self.checkpoints.last
+
+    @property
+    def last_good_checkpoint(self) -> Path | None:
+        return self.checkpoints.good
 
     @property
     def teacher(self) -> Teacher:
@@ -408,12 +413,10 @@ class OPDTrainer:
         )  # fmt: skip
         self.start_step = int(state["step"])
         self.cursor.load_state_dict(state["cursor"])
-        self.last_checkpoint = latest
         if "alarms" in state:  # older checkpoints have none: the baselines are learnt again
             self.monitor.load_state_dict(state["alarms"])
         good = state.get("last_good_checkpoint")
-        self.last_good_checkpoint = ckpt.checkpoint_dir(self.run_dir) / good if good else None
-        self._unjudged_checkpoint = latest
+        self.checkpoints.resumed(latest, ckpt.checkpoint_dir(self.run_dir) / good if good else None)
         self.log(f"resumed from {latest} at step {self.start_step}")
         if hasattr(self.generator, "sync"):  # an engine loaded the base weights; give it the checkpoint's
             self.generator.sync(self._unwrapped())
@@ -900,8 +903,7 @@ class OPDTrainer:
                 error = StorageError(f"{exc}; free space, then resume with `{hint}`")
         self._raise_if_write_failed(error)
         path = path or ckpt.checkpoint_path(self.run_dir, step)
-        self.last_checkpoint = path
-        self._unjudged_checkpoint = path
+        self.checkpoints.saved(path)
         self.acc.wait_for_everyone()
         return path
 
@@ -996,11 +998,7 @@ class OPDTrainer:
             alarming, declared = bool(flags[0]), bool(flags[1])
         for a in alarms:
             self._log_alarm(a)
-        if self._unjudged_checkpoint is not None:
-            # Its weights produced this step's rollouts: clean metrics vouch for it, alarms condemn it.
-            if not alarming:
-                self.last_good_checkpoint = self._unjudged_checkpoint
-            self._unjudged_checkpoint = None
+        self.checkpoints.judge(alarming)  # the newest checkpoint's weights produced this step's rollouts
         return alarming, declared
 
     def _log_alarm(self, alarm: Alarm) -> None:
@@ -1009,39 +1007,12 @@ class OPDTrainer:
         self.metrics.log(alarm.step, {"kind": "alarm", **row, "collapsed": self.monitor.collapsed})
         self.log(f"[yellow]alarm:[/] step {alarm.step} {alarm.signal}: {alarm.message}")
 
-    def _good_checkpoint_text(self) -> str:
-        good = self.last_good_checkpoint
-        if good is not None and good.is_dir():
-            return str(good)
-        if good is not None:
-            return (
-                f"none left ({good.name} was rotated away by keep_checkpoints={self.cfg.keep_checkpoints}; "
-                "keep at least 2 to always hold one from before the alarms)"
-            )
-        if self.last_checkpoint is not None:
-            return (
-                f"none verified ({self.last_checkpoint} holds the weights whose rollouts raised the alarms; "
-                "restart from the base model or use it with care)"
-            )
-        return "none (no checkpoint was written before the alarms)"
-
     def _collapse(self, step: int) -> None:
         """A collapse was declared at `step`: stop (CollapseError) or, without stop_on_collapse, say so."""
-        reason = self.monitor.reason or f"collapse at step {step}"
-        where = self._good_checkpoint_text()
-        if self.cfg.stop_on_collapse:
-            good = self.last_good_checkpoint
-            raise CollapseError(
-                f"training stopped on a {reason}; the collapsed weights were not saved; "
-                f"last good checkpoint: {where}",
-                step=step,
-                signal=self.monitor.collapse_signal or NAN,
-                checkpoint=str(good) if good is not None and good.is_dir() else None,
-            )
-        self.log(
-            f"[red]collapse:[/] {reason}; continuing because stop_on_collapse is false; "
-            f"last good checkpoint: {where}"
-        )
+        outcome = self.checkpoints.collapse(self.monitor, step, stop=self.cfg.stop_on_collapse)
+        if isinstance(outcome, CollapseError):
+            raise outcome
+        self.log(f"[red]collapse:[/] {outcome}")
 
     # ------------------------------------------------------------------------------------------------
 
