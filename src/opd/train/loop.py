@@ -21,12 +21,63 @@ import torch
 
 from opd.config import OptimConfig, TrackingConfig
 from opd.device import reduce_sum
-from opd.errors import ConfigError, InterruptedRun, StorageError
+from opd.errors import ConfigError, InterruptedRun, OpdError, StorageError
 from opd.train import checkpoint as ckpt
 from opd.train.tracking import MetricsLogger
 
 # ----------------------------------------------------------------------------------------------------
 # set-up
+
+
+def check_launch(acc: Any) -> None:
+    """Catch launches that silently do something else than asked (measured with accelerate 1.x): N
+    processes that did not join one group each train alone on the whole batch; accelerate's own
+    FSDP/DeepSpeed plugins wrap the model in ways opd's checkpoints cannot save (on a GPU the first
+    checkpoint of an accelerate-FSDP run failed; on a CPU the config silently runs data parallel)."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and acc.num_processes == 1:
+        raise ConfigError(
+            f"{launched} processes were launched but they did not join one process group (accelerate "
+            f"chose {acc.distributed_type.value}), so each would train alone; on a machine without GPUs "
+            "launch with torchrun or `accelerate launch --multi_gpu` (see README, multi-process runs)"
+        )
+    plugins = [
+        n for n in ("FSDP", "DEEPSPEED") if os.environ.get(f"ACCELERATE_USE_{n}", "").lower() == "true"
+    ]
+    if plugins:
+        raise ConfigError(
+            f"the accelerate launch config asks for its {plugins[0]} plugin, which opd does not support "
+            "(its wrapped student cannot be checkpointed by opd); shard the student with opd's own FSDP2 "
+            "instead: `--sharding fsdp`, launched with torchrun or `accelerate launch --config_file "
+            "configs/accelerate/ddp.yaml` (see README, multi-process runs)"
+        )
+
+
+# ----------------------------------------------------------------------------------------------------
+# the update
+
+
+class NonFiniteLossError(OpdError):
+    """Raised when a step produced NaN/inf; the optimizer step is not taken.
+
+    `metrics` holds the offending loss and gradient norm (for the collapse monitor's ``nan`` alarm).
+    """
+
+    def __init__(self, message: str, metrics: dict[str, float] | None = None, weights_damaged: bool = False):
+        super().__init__(message)
+        self.metrics = metrics or {}
+        # optim.in_backward: some parameters were already stepped when the bad gradient appeared, so the
+        # in-memory weights are no longer those of any step and training must stop (stop_on_nan or not).
+        self.weights_damaged = weights_damaged
+
+
+def grad_norm(acc: Any, params: list[torch.Tensor], max_norm: float | None) -> float:
+    """The pre-clip global gradient norm of plain (unsharded) parameters under accelerate, clipping on the
+    way when `max_norm` is set (accelerate unscales and reduces as it must)."""
+    if max_norm is not None:
+        return float(acc.clip_grad_norm_(params, max_norm))
+    grads = [p.grad.detach().norm() for p in params if p.grad is not None]
+    return float(torch.stack(grads).norm() if grads else torch.zeros(()))
 
 
 def lr_lambda(schedule: str, total_steps: int, warmup: int, min_ratio: float):

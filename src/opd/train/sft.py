@@ -58,11 +58,15 @@ from opd.data import (
 from opd.device import clock, reduce_sum
 from opd.errors import ConfigError, DataError, StorageError
 from opd.files import atomic_write_text
+from opd.precision import check_dtypes
 from opd.progress import bar
 from opd.train import checkpoint as ckpt
 from opd.train.loop import (
+    NonFiniteLossError,
     build_optimizer,
+    check_launch,
     finished_run,
+    grad_norm,
     lock_run_dir,
     open_metrics,
     refuse_to_overwrite,
@@ -131,6 +135,10 @@ class SFTConfig(BaseModel):
     optim: SFTOptimConfig = SFTOptimConfig()
     tracking: TrackingConfig = TrackingConfig()
     seed: int = Field(0, description="seed of the example order")
+    precision_check: Literal["refuse", "warn", "off"] = Field(
+        "refuse", description="at start-up, time a matmul in the chosen dtype on this device (as opd train "
+        "does): warn when it is 2x slower than float32, refuse at 8x; warn = only warn, off = no probe",
+    )  # fmt: skip
     checkpoint_every: int = Field(
         100, ge=1, description="save a resumable checkpoint every N optimizer steps"
     )
@@ -335,6 +343,9 @@ class SFTTrainer:
 
         cfg, acc = self.cfg, self.acc
         world = acc.num_processes
+        check_launch(acc)  # the same launch and dtype checks as opd train, before anything loads
+        check_dtypes(acc.device, {"dtype": cfg.dtype}, policy=cfg.precision_check,
+                     log=lambda msg: self.log(f"[yellow]warning:[/] {msg}"))  # fmt: skip
         if cfg.batch_size % world:
             raise ConfigError(
                 f"batch_size={cfg.batch_size} must be divisible by the number of processes ({world})"
@@ -419,19 +430,13 @@ class SFTTrainer:
                 acc.backward(ce * (world / global_tokens))
             loss_sum += ce.detach().double()
         params = [p for p in self.model.parameters() if p.requires_grad]
-        if cfg.optim.max_grad_norm is not None:
-            grad_norm = float(acc.clip_grad_norm_(params, cfg.optim.max_grad_norm))
-        else:
-            grads = [p.grad.detach().norm() for p in params if p.grad is not None]
-            grad_norm = float(torch.stack(grads).norm()) if grads else 0.0
+        norm = grad_norm(acc, params, cfg.optim.max_grad_norm)
         loss = float(reduce_sum(self.acc, loss_sum)) / global_tokens
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        if not (math.isfinite(loss) and math.isfinite(norm)):
             self.optimizer.zero_grad(set_to_none=True)
-            from opd.train.trainer import NonFiniteLossError
-
             where = self.last_checkpoint or "none (no checkpoint was written yet)"
             raise NonFiniteLossError(
-                f"non-finite loss ({loss}) or grad norm ({grad_norm}) at step {step}; stopped, last good "
+                f"non-finite loss ({loss}) or grad norm ({norm}) at step {step}; stopped, last good "
                 f"checkpoint: {where}"
             )
         self.optimizer.step()
@@ -441,7 +446,7 @@ class SFTTrainer:
         seq_tokens = sum(len(self.examples[i].input_ids) for i in indices)
         return {
             "loss": loss,
-            "grad_norm": grad_norm,
+            "grad_norm": norm,
             "lr": float(self.scheduler.get_last_lr()[0]),
             "target_tokens": float(global_tokens),
             "seq_len_mean": seq_tokens / len(indices),

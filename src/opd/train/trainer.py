@@ -30,7 +30,7 @@ from opd.config import TrainConfig, dump_config
 from opd.data import TRAIN_OPTIONS, PromptCursor, load_prompts, prepare_prompts, prompt_columns
 from opd.device import clock, host, place, reduce_sum
 from opd.diagnostics import StepStats, StepStatsSettings, finalize
-from opd.errors import ConfigError, ModelError, OpdError, StorageError
+from opd.errors import ConfigError, ModelError, StorageError
 from opd.files import atomic_write_text, json_safe, jsonl_lines
 from opd.generation.build import build_generator, generator_dtype_settings, rollouts_run_the_student
 from opd.generation.rollout import Rollout, SamplingParams, chunk_seed, plan_step_micro_batches
@@ -47,14 +47,18 @@ from opd.generation.scoring import (
 from opd.models.loading import Pair, load_pair
 from opd.objectives.objective import Objective, hidden_loss_sum, logits_loss, nonfinite_target_positions
 from opd.objectives.token import chunk_rows
+from opd.precision import check_dtypes
 from opd.teachers.build import build_teacher, loads_teacher_weights, teacher_dtype_settings
 from opd.teachers.contract import StepTargets, Teacher, as_teacher
 from opd.teachers.http import TeacherUnavailableError
 from opd.train import checkpoint as ckpt
 from opd.train.alarms import Alarm, CheckpointJudge, CollapseError, CollapseMonitor
 from opd.train.loop import (
+    NonFiniteLossError,
     apply_dist_timeout,
     build_optimizer,
+    check_launch,
+    grad_norm,
     lock_run_dir,
     open_metrics,
     refuse_to_overwrite,
@@ -78,20 +82,6 @@ def rollout_length_stats(rollouts: list[Rollout]) -> tuple[torch.Tensor, torch.T
     """Response lengths and truncation flags of every row, as host float64 (step statistics)."""
     lengths = torch.cat([host(r.lengths) for r in rollouts])
     return lengths, torch.cat([host(r.truncated) for r in rollouts])
-
-
-class NonFiniteLossError(OpdError):
-    """Raised when a step produced NaN/inf; the optimizer step is not taken.
-
-    `metrics` holds the offending loss and gradient norm (for the collapse monitor's ``nan`` alarm).
-    """
-
-    def __init__(self, message: str, metrics: dict[str, float] | None = None, weights_damaged: bool = False):
-        super().__init__(message)
-        self.metrics = metrics or {}
-        # optim.in_backward: some parameters were already stepped when the bad gradient appeared, so the
-        # in-memory weights are no longer those of any step and training must stop (stop_on_nan or not).
-        self.weights_damaged = weights_damaged
 
 
 @dataclass
@@ -161,44 +151,16 @@ class OPDTrainer:
     # ------------------------------------------------------------------------------------------------
     # set-up
 
-    def _check_launch(self) -> None:
-        """Catch launches that silently do something else than asked (measured with accelerate 1.x): N
-        processes that did not join one group each train alone on the whole batch; accelerate's own
-        FSDP/DeepSpeed plugins wrap the student in ways opd's checkpoints cannot save (on a GPU the first
-        checkpoint of an accelerate-FSDP run failed; on a CPU the config silently runs data parallel)."""
-        import os
-
-        acc = self.acc
-        launched = int(os.environ.get("WORLD_SIZE", "1"))
-        if launched > 1 and acc.num_processes == 1:
-            raise ConfigError(
-                f"{launched} processes were launched but they did not join one process group (accelerate "
-                f"chose {acc.distributed_type.value}), so each would train alone; on a machine without GPUs "
-                "launch with torchrun or `accelerate launch --multi_gpu` (see README, multi-process runs)"
-            )
-        plugins = [
-            n for n in ("FSDP", "DEEPSPEED") if os.environ.get(f"ACCELERATE_USE_{n}", "").lower() == "true"
-        ]
-        if plugins:
-            raise ConfigError(
-                f"the accelerate launch config asks for its {plugins[0]} plugin, which opd does not support "
-                "(its wrapped student cannot be checkpointed by opd); shard the student with opd's own FSDP2 "
-                "instead: `--sharding fsdp`, launched with torchrun or `accelerate launch --config_file "
-                "configs/accelerate/ddp.yaml` (see README, multi-process runs)"
-            )
+    def _warn(self, msg: str) -> None:
+        self.log(f"[yellow]warning:[/] {msg}")
 
     def _check_precision(self) -> None:
         """Refuse (or warn about) a chosen dtype this device runs far slower than float32, before any
         model loads: bf16 autocast on a CPU without bf16 instructions turned one step into 15 minutes."""
-        from opd.precision import check_dtypes
-
         cfg = self.cfg
         choices = {"student.autocast": cfg.student.autocast, "student.dtype": cfg.student.dtype,
                    **teacher_dtype_settings(cfg.teacher), **generator_dtype_settings(cfg.rollout)}  # fmt: skip
-        check_dtypes(
-            self.acc.device, choices, policy=cfg.precision_check,
-            log=lambda msg: self.log(f"[yellow]warning:[/] {msg}"),
-        )  # fmt: skip
+        check_dtypes(self.acc.device, choices, policy=cfg.precision_check, log=self._warn)
 
     def _adjusted_settings(self) -> list[dict[str, Any]]:
         """Settings this run uses with another value than the config asks, each with why.
@@ -240,7 +202,7 @@ class OPDTrainer:
     def _check_run(self) -> None:
         """What must hold before anything is loaded: the launch, dtypes, process count, an empty run_dir."""
         cfg, world = self.cfg, self.acc.num_processes
-        self._check_launch()
+        check_launch(self.acc)
         self._check_precision()
         if cfg.prompts_per_step % world:
             raise ConfigError(
@@ -771,10 +733,7 @@ class OPDTrainer:
 
             norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else math.inf)
             return grad_norm_value(norm)
-        if max_norm is not None:
-            return float(self.acc.clip_grad_norm_(params, max_norm))
-        grads = [p.grad.detach().norm() for p in params if p.grad is not None]
-        return float(torch.stack(grads).norm() if grads else torch.zeros(()))
+        return grad_norm(self.acc, params, max_norm)
 
     def _reduce_step(self, rollouts: list[Rollout], acc: _Accumulated) -> dict[str, Any]:
         """Cross-process reductions: exact sums, then means on every rank (host float64 from here on)."""
