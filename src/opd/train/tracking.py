@@ -126,3 +126,27 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
             if i != len(lines) - 1:
                 raise OpdError(f"{path}:{i + 1}: not a JSON object; the metrics file is damaged") from None
     return rows
+
+
+def _step_of(line: str) -> int:
+    try:
+        return int(json.loads(line).get("step", 1 << 62))
+    except (json.JSONDecodeError, AttributeError):
+        return 1 << 62
+
+
+def write_run_files(run_dir: Path, config_yaml: str, adjustments: list[dict[str, Any]],
+                    resume_step: int | None) -> None:  # fmt: skip
+    """The run directory's own files at (re)start: config.yaml, adjustments.json (settings used other than
+    asked, when any) and samples.jsonl cut back to `resume_step` (a resumed run redoes the steps after it;
+    a new run starts it empty). Main process only."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.yaml", config_yaml)
+    if adjustments:
+        text = json.dumps(json_safe({"adjustments": adjustments}), indent=1, allow_nan=False) + "\n"
+        atomic_write_text(run_dir / "adjustments.json", text)
+    samples = run_dir / "samples.jsonl"
+    if samples.exists():
+        keep = [ln for _, ln in jsonl_lines(samples.read_text(encoding="utf-8"))
+                if resume_step is not None and _step_of(ln) <= resume_step]  # fmt: skip
+        atomic_write_text(samples, "".join(k + "\n" for k in keep))

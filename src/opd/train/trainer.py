@@ -31,7 +31,7 @@ from opd.data import TRAIN_OPTIONS, PromptCursor, load_prompts, prepare_prompts,
 from opd.device import clock, host, place, reduce_sum
 from opd.diagnostics import StepStats, StepStatsSettings, finalize
 from opd.errors import ConfigError, ModelError, StorageError
-from opd.files import atomic_write_text, json_safe, jsonl_lines
+from opd.files import atomic_write_text, json_safe
 from opd.generation.build import build_generator, generator_dtype_settings, rollouts_run_the_student
 from opd.generation.rollout import Rollout, SamplingParams, chunk_seed, plan_step_micro_batches
 from opd.generation.sampling import stop_ids_for
@@ -69,13 +69,7 @@ from opd.train.loop import (
     write_final_model,
 )
 from opd.train.memory import install_step_in_backward
-
-
-def _step_of(line: str) -> int:
-    try:
-        return int(json.loads(line).get("step", 1 << 62))
-    except (json.JSONDecodeError, AttributeError):
-        return 1 << 62
+from opd.train.tracking import write_run_files
 
 
 def rollout_length_stats(rollouts: list[Rollout]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -385,24 +379,11 @@ class OPDTrainer:
         return self.start_step
 
     def _open_run_files(self, resume_step: int | None) -> None:
-        """config.yaml, adjustments.json, samples.jsonl cut back to the resumed step, and the metrics sink."""
+        """config.yaml, adjustments.json, samples.jsonl cut back to the resumed step (`write_run_files`), and
+        the metrics sink."""
         cfg, main, adjusted = self.cfg, self.acc.is_main_process, self.adjustments
         if main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.run_dir / "config.yaml", dump_config(cfg))
-            if adjusted:
-                atomic_write_text(
-                    self.run_dir / "adjustments.json",
-                    json.dumps(json_safe({"adjustments": adjusted}), indent=1, allow_nan=False) + "\n",
-                )
-            samples = self.run_dir / "samples.jsonl"
-            if samples.exists():
-                keep = [
-                    ln
-                    for _, ln in jsonl_lines(samples.read_text(encoding="utf-8"))
-                    if resume_step is not None and _step_of(ln) <= resume_step
-                ]
-                atomic_write_text(samples, "".join(k + "\n" for k in keep))
+            write_run_files(self.run_dir, dump_config(cfg), adjusted, resume_step)
         config = {**cfg.model_dump(mode="json"), **({"adjustments": adjusted} if adjusted else {})}
         self.metrics = open_metrics(
             self.run_dir, cfg.tracking, main=main, config=config, resume_step=resume_step
