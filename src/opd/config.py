@@ -41,6 +41,17 @@ VERIFIER_HELP = (
 
 # The columns a prompt file's records are read from (`opd.data.load_prompts`): one definition, with its
 # description, for every command's config that reads prompt files.
+# Settings several commands share, each defined once with its description.
+TrustRemoteCode = Annotated[
+    bool, Field(description="run the model repository's own Python code (only for a source you trust)")
+]
+SystemPrompt = Annotated[
+    str | None, Field(description="system message put before every prompt (chat templates); null: none")
+]
+ChatTemplateKwargs = Annotated[
+    dict[str, Any],
+    Field(default_factory=dict, description="extra chat-template arguments, e.g. {enable_thinking: false}"),
+]
 PromptColumn = Annotated[
     str | None, Field(description="column of a plain-text prompt; null to ignore this column")
 ]
@@ -86,9 +97,7 @@ class StudentConfig(_Section):
         False, description="recompute each decoder layer's activations in backward instead of keeping them "
         "(much less memory for ~1/3 more update compute); TRL's default",
     )  # fmt: skip
-    trust_remote_code: bool = Field(
-        False, description="run the model repository's own Python code (only for a source you trust)"
-    )
+    trust_remote_code: TrustRemoteCode = False
     lora: LoraConfig = LoraConfig()
 
 
@@ -128,9 +137,7 @@ class TeacherConfig(_Section):
     )  # fmt: skip
     dtype: Dtype = Field("float32", description="float32 | bfloat16 | float16 | auto; bfloat16 halves teacher "
                          "memory and time")  # fmt: skip
-    trust_remote_code: bool = Field(
-        False, description="run the model repository's own Python code (only for a source you trust)"
-    )
+    trust_remote_code: TrustRemoteCode = False
     backend: Literal["hf", "vllm", "http"] = Field(
         "hf", description="hf = transformers forward in the trainer; vllm = in-process vLLM engine; "
         "http = OpenAI-compatible vLLM servers at teacher.urls",
@@ -178,9 +185,7 @@ class DataConfig(_Section):
         "chat",
         description="raw | chat | dapo | boxed | chat:<named or format string> | a format string with {prompt}",
     )
-    chat_template_kwargs: dict[str, Any] = Field(
-        default_factory=dict, description="e.g. {enable_thinking: false}"
-    )
+    chat_template_kwargs: ChatTemplateKwargs
     system_prompt: str | None = Field(
         None, description="system message put before every prompt (chat templates)"
     )

@@ -30,7 +30,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from opd.config import VERIFIER_HELP, AnswerColumn, MessagesColumn, PromptColumn
+from opd.config import (
+    VERIFIER_HELP,
+    AnswerColumn,
+    ChatTemplateKwargs,
+    MessagesColumn,
+    PromptColumn,
+    SystemPrompt,
+    TrustRemoteCode,
+)
 from opd.data import option_names, prepare_prompts, prompt_columns
 from opd.errors import ConfigError, TokenizerMismatchError
 
@@ -125,12 +133,8 @@ class DoctorConfig(BaseModel):
     templates: list[str] = Field(
         default_factory=lambda: ["chat"], description="prompt templates to compare; the first is the default"
     )
-    system_prompt: str | None = Field(
-        None, description="system message put before every prompt (chat templates); null: none",
-    )  # fmt: skip
-    chat_template_kwargs: dict[str, Any] = Field(
-        default_factory=dict, description="extra chat-template arguments, e.g. {enable_thinking: false}",
-    )  # fmt: skip
+    system_prompt: SystemPrompt = None
+    chat_template_kwargs: ChatTemplateKwargs
     max_prompt_tokens: int = Field(4096, ge=1, description="the most tokens a rendered prompt may have")
     temperature: float = Field(1.0, gt=0.0, description="sampling temperature of all rollouts")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling, 0 < p <= 1; 1 = off")
@@ -158,9 +162,7 @@ class DoctorConfig(BaseModel):
         "auto", description="where the student and teachers run: auto (this process's GPU when CUDA is "
         "available, else cpu) | cpu | cuda | cuda:N",
     )  # fmt: skip
-    trust_remote_code: bool = Field(
-        False, description="run the model repository's own Python code (only for a source you trust)",
-    )  # fmt: skip
+    trust_remote_code: TrustRemoteCode = False
     seed: int = Field(0, description="sampling seed of the rollouts")
     out: str = Field("doctor", description="output directory (doctor.json, report.md/.html, plots)")
     thresholds: DoctorThresholds = Field(default_factory=DoctorThresholds)

@@ -32,7 +32,17 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from opd.config import VERIFIER_HELP, AnswerColumn, DataConfig, EvalConfig, MessagesColumn, PromptColumn
+from opd.config import (
+    VERIFIER_HELP,
+    AnswerColumn,
+    ChatTemplateKwargs,
+    DataConfig,
+    EvalConfig,
+    MessagesColumn,
+    PromptColumn,
+    SystemPrompt,
+    TrustRemoteCode,
+)
 from opd.data import (  # prepare_prompts: also imported from here, where it was first written
     TRAIN_OPTIONS,
     PromptRecord,
@@ -597,12 +607,8 @@ class EvalCommandConfig(BaseModel):
     template: str = Field(
         "chat", description="raw | chat | dapo | boxed | chat:<named or format string> | a format string with {prompt}",
     )  # fmt: skip
-    chat_template_kwargs: dict[str, Any] = Field(
-        default_factory=dict, description="extra chat-template arguments, e.g. {enable_thinking: false}",
-    )  # fmt: skip
-    system_prompt: str | None = Field(
-        None, description="system message put before every prompt (chat templates); null: none",
-    )  # fmt: skip
+    chat_template_kwargs: ChatTemplateKwargs
+    system_prompt: SystemPrompt = None
     max_prompt_tokens: int = Field(4096, ge=1, description="the most tokens a rendered prompt may have")
     verifier: str = Field("math", description=VERIFIER_HELP)
     strict: bool = Field(False, description="stop on a verifier exception instead of grading it wrong")
@@ -612,9 +618,7 @@ class EvalCommandConfig(BaseModel):
         "auto", description="where the models run: auto (this process's GPU when CUDA is available, else "
         "cpu) | cpu | cuda | cuda:N",
     )  # fmt: skip
-    trust_remote_code: bool = Field(
-        False, description="run the model repository's own Python code (only for a source you trust)",
-    )  # fmt: skip
+    trust_remote_code: TrustRemoteCode = False
     out: str = Field("eval", description="output directory")
     keep_texts: bool = Field(True, description="write response texts into the samples file")
 

@@ -75,7 +75,9 @@ def hidden_loss_sum(h: Tensor, w: Tensor, b: Tensor | None, target: TeacherHidde
                               on_chunk=on_chunk, project_dtype=project_dtype, **obj._maths())  # fmt: skip
     if isinstance(target, TeacherTopK):
         return head_loss_sum(h, w, b, target, tokens, mask, **kw)
-    return head_loss_sum(h, w, b, target.hidden, tokens, mask, w_teacher=target.weight, b_teacher=target.bias, **kw)
+    return head_loss_sum(
+        h, w, b, target.hidden, tokens, mask, w_teacher=target.weight, b_teacher=target.bias, **kw
+    )
 
 
 def nonfinite_target_positions(target: Any, mask: Tensor, vocab_size: int) -> Tensor:

@@ -46,7 +46,16 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from opd.config import VERIFIER_HELP, AnswerColumn, Dtype, MessagesColumn, PromptColumn
+from opd.config import (
+    VERIFIER_HELP,
+    AnswerColumn,
+    ChatTemplateKwargs,
+    Dtype,
+    MessagesColumn,
+    PromptColumn,
+    SystemPrompt,
+    TrustRemoteCode,
+)
 from opd.data import file_sha256, option_names
 from opd.errors import ConfigError, DataError
 from opd.files import atomic_write_text, json_safe
@@ -86,9 +95,7 @@ class GenerateConfig(BaseModel):
         "auto", description="where the teacher runs: auto (this process's GPU when CUDA is available, else "
         "cpu) | cpu | cuda | cuda:N; not part of the resume identity",
     )  # fmt: skip
-    trust_remote_code: bool = Field(
-        False, description="run the model repository's own Python code (only for a source you trust)",
-    )  # fmt: skip
+    trust_remote_code: TrustRemoteCode = False
     prompts: str = Field(
         "", description="JSONL, Parquet or CSV with `prompt` or `messages`, optional `answer`"
     )
@@ -107,12 +114,8 @@ class GenerateConfig(BaseModel):
     template: str = Field(
         "chat", description="raw | chat | dapo | boxed | chat:<named or format string> | a format string"
     )
-    chat_template_kwargs: dict[str, Any] = Field(
-        default_factory=dict, description="e.g. {enable_thinking: false}"
-    )
-    system_prompt: str | None = Field(
-        None, description="system message put before every prompt (chat templates); null: none",
-    )  # fmt: skip
+    chat_template_kwargs: ChatTemplateKwargs
+    system_prompt: SystemPrompt = None
     max_prompt_tokens: int = Field(1024, ge=1, description="the most tokens a rendered prompt may have")
     batch_size: int = Field(
         8, ge=1, description="prompts per generate call (fixed: part of the resume identity)"

@@ -34,7 +34,14 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from opd.config import AnswerColumn, MessagesColumn, PromptColumn
+from opd.config import (
+    AnswerColumn,
+    ChatTemplateKwargs,
+    MessagesColumn,
+    PromptColumn,
+    SystemPrompt,
+    TrustRemoteCode,
+)
 from opd.data import TRAIN_OPTIONS, PromptRecord, option_names, prompt_columns
 from opd.errors import DataError, ModelError
 from opd.files import json_safe
@@ -93,17 +100,11 @@ class RenderConfig(_Cfg):
     template: str = Field("chat:dapo", description="first template (e.g. the student's training template)")
     vs_template: str = Field("chat:boxed", description="second template (e.g. the teacher's own format)")
     n: int = Field(3, ge=1, description="how many problems to show")
-    chat_template_kwargs: dict[str, Any] = Field(
-        default_factory=dict, description="e.g. {enable_thinking: false}"
-    )
-    system_prompt: str | None = Field(
-        None, description="system message put before every prompt (chat templates); null: none",
-    )  # fmt: skip
+    chat_template_kwargs: ChatTemplateKwargs
+    system_prompt: SystemPrompt = None
     prompt_field: PromptColumn = "prompt"
     messages_field: MessagesColumn = "messages"
-    trust_remote_code: bool = Field(
-        False, description="run the model repository's own Python code (only for a source you trust)",
-    )  # fmt: skip
+    trust_remote_code: TrustRemoteCode = False
 
 
 class SelectConfig(_Cfg):
@@ -129,12 +130,8 @@ class SelectConfig(_Cfg):
     temperature: float = Field(1.0, ge=0.0, description="rollout temperature (1.0 = the student's policy)")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling, 0 < p <= 1; 1 = off")
     template: str = Field("chat", description="the template the run will train with")
-    chat_template_kwargs: dict[str, Any] = Field(
-        default_factory=dict, description="extra chat-template arguments, e.g. {enable_thinking: false}",
-    )  # fmt: skip
-    system_prompt: str | None = Field(
-        None, description="system message put before every prompt (chat templates); null: none",
-    )  # fmt: skip
+    chat_template_kwargs: ChatTemplateKwargs
+    system_prompt: SystemPrompt = None
     max_prompt_tokens: int = Field(1024, ge=1, description="longer prompts are skipped (and reported)")
     batch_size: int = Field(8, ge=1, description="prompts per generate call")
     student_dtype: str = Field(
@@ -148,9 +145,7 @@ class SelectConfig(_Cfg):
         "available, else cpu) | cpu | cuda | cuda:N",
     )  # fmt: skip
     seed: int = Field(0, description="sampling seed (the same seed, the same samples)")
-    trust_remote_code: bool = Field(
-        False, description="run the model repository's own Python code (only for a source you trust)",
-    )  # fmt: skip
+    trust_remote_code: TrustRemoteCode = False
     prompt_field: PromptColumn = "prompt"
     messages_field: MessagesColumn = "messages"
     answer_field: AnswerColumn = "answer"

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from opd.config import TrustRemoteCode
 from opd.errors import ConfigError, OpdError
 from opd.models.loading import model_directory
 from opd.teachers.http import API_KEY_ENV
@@ -43,9 +44,7 @@ class ServeTeacherConfig(BaseModel):
     kv_cache_gb: int = Field(4, ge=1, description="CPU KV cache GiB (VLLM_CPU_KVCACHE_SPACE)")
     served_name: str | None = Field(None, description="model name clients send; default: the directory name")
     python: str | None = Field(None, description="interpreter with vllm installed; default: this one")
-    trust_remote_code: bool = Field(
-        False, description="run the model repository's own Python code (only for a source you trust)",
-    )  # fmt: skip
+    trust_remote_code: TrustRemoteCode = False
     ready_timeout_s: float = Field(900.0, gt=0, description="how long to wait for the server to answer")
     log_file: str | None = Field(None, description="write the server's output here instead of the terminal")
     vllm_args: list[str] = Field(default_factory=list, description="extra vLLM server arguments")

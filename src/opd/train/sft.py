@@ -45,7 +45,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from opd.config import Dtype, OptimConfig, TrackingConfig, dump_config
+from opd.config import ChatTemplateKwargs, Dtype, OptimConfig, TrackingConfig, TrustRemoteCode, dump_config
 from opd.data import (
     check_messages,
     check_rendered,
@@ -100,9 +100,7 @@ class SFTConfig(BaseModel):
 
     model: str = Field("", description="student to fine-tune: local dir, .gguf file, or hub id")
     dtype: Dtype = Field("float32", description="fp32 master weights (bf16 swallows small updates)")
-    trust_remote_code: bool = Field(
-        False, description="run the model repository's own Python code (only for a source you trust)",
-    )  # fmt: skip
+    trust_remote_code: TrustRemoteCode = False
     data: str = Field(
         "", description="JSONL with `messages` (ending in an assistant turn) or prompt/response"
     )
@@ -116,9 +114,7 @@ class SFTConfig(BaseModel):
         "response", description="column of the response, for data with prompt/response columns"
     )
     template: str = Field("chat", description="chat | chat:<x> | raw | dapo | boxed | a format string")
-    chat_template_kwargs: dict[str, Any] = Field(
-        default_factory=dict, description="e.g. {enable_thinking: false}"
-    )
+    chat_template_kwargs: ChatTemplateKwargs
     max_seq_len: int = Field(8192, ge=2, description="longer examples are skipped and counted")
     run_dir: str = Field(
         "runs/sft", description="where the run writes config.yaml, metrics.jsonl, checkpoints/ and final/",
