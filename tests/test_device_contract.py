@@ -409,9 +409,8 @@ def _config(pair: dict[str, Path], run_dir: Path, **extra: Any):
 
 
 def _train(cfg, device: torch.device, teacher: Any = None) -> tuple[OPDTrainer, list[dict[str, float]]]:
-    trainer = OPDTrainer(cfg, accelerator=StubAccelerator(device), log=lambda msg: None)
-    if teacher is not None:  # an engine teacher without the engine (see FakeTopKTeacher)
-        trainer._build_teacher = lambda model: teacher  # type: ignore[method-assign]
+    # teacher: an engine teacher without the engine (see FakeTopKTeacher)
+    trainer = OPDTrainer(cfg, accelerator=StubAccelerator(device), log=lambda msg: None, teacher=teacher)
     trainer.setup()
     return trainer, trainer.train()
 

@@ -230,7 +230,7 @@ def test_optimizer_step_in_backward_on_the_simulated_gpu(tiny_pair, tmp_path, cp
     with gpu_machine() as gpu:
         trainer, history = _train(_config(tiny_pair, tmp_path, **{"optim.in_backward": True}), gpu)
         _assert_on_gpu(trainer)
-        assert trainer._in_backward is not None and trainer._in_backward.stepped > 0
+        assert trainer.in_backward is not None and trainer.in_backward.stepped > 0
     _same_steps(history, cpu_run[0])
     _same_weights(tmp_path / "final", cpu_run[1] / "final")
 

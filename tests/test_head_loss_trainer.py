@@ -18,6 +18,7 @@ from opd.errors import ConfigError
 from opd.models.tiny import save_tiny_pair
 from opd.objectives.topk import topk_from_logits
 from opd.teachers.hf import score_frozen
+from opd.train.parts import check_heads, student_head
 from opd.train.trainer import OPDTrainer
 
 # metrics that measure the machine, not the maths
@@ -211,7 +212,7 @@ def test_refusals(pair, tmp_path):
         t = _trainer(pair, tmp_path / "y", **{"loss.from_hidden_states": "true", "student.lora.enabled": "true",
                                               "student.lora.target_modules": "lm_head", "student.lora.dropout": 0.1})  # fmt: skip
         t._unwrapped().train()  # the trainer keeps the student in eval mode; dropout acts only in train mode
-        t._student_head()
+        student_head(t._unwrapped())
 
 
 def _engine_run(pair, run_dir, **extra) -> list[dict[str, float]]:
@@ -273,6 +274,6 @@ def test_a_model_that_transforms_its_logits_is_refused(pair, tmp_path):
         with pytest.raises(
             ConfigError, match=r"loss.from_hidden_states \(student\).*set loss.from_hidden_states false"
         ):
-            t._check_heads(None)
+            check_heads(t._unwrapped(), None)
     finally:
         handle.remove()

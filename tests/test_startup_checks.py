@@ -230,7 +230,7 @@ def no_model_loads(monkeypatch):
     def refuse(*a: Any, **kw: Any) -> None:
         raise AssertionError("a model was loaded before the input files were checked")
 
-    monkeypatch.setattr("opd.train.trainer.load_pair", refuse)
+    monkeypatch.setattr("opd.train.parts.load_pair", refuse)
     monkeypatch.setattr("opd.models.loading.load_pair_tokenizers", refuse)
     monkeypatch.setattr("opd.models.loading.load_pair", refuse)
 

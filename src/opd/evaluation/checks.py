@@ -313,3 +313,46 @@ def engine_fidelity(teacher: Any, rollout: Rollout, *, vocab_size: int, referenc
     logits = score_frozen(freeze_teacher(ref), rollout)[..., :vocab_size]
     del ref
     return topk_fidelity(first, logits, rollout.response_mask, again=again)
+
+
+def check_engine_teacher(teacher: Any, model: torch.nn.Module, prompt_ids: list[list[int]], tc: Any, *, acc: Any,
+                         run_dir: Path, vocab_size: int, pad_id: int, stop_ids: list[int], max_new_tokens: int,
+                         seed: int, log: Callable[[str], Any], n_prompts: int = 2,
+                         max_tokens: int = 32) -> dict[str, Any] | None:  # fmt: skip
+    """A run's start-up check of an engine teacher (vLLM, a server): `engine_fidelity` on a few rollouts of
+    the student `model`, scored on the main process (every process samples them: a sharded student needs
+    them all for a forward), written to RUN_DIR/teacher_fidelity.json, with a warning above
+    `opd.objectives.topk.FIDELITY_WARN_MEAN`. None for an HF teacher, with ``teacher.fidelity_check`` off,
+    or without a local ``teacher.path`` (`tc`: the run's TeacherConfig)."""
+    import json
+
+    from opd.device import place
+    from opd.files import atomic_write_text, json_safe
+    from opd.objectives.topk import FIDELITY_WARN_MEAN
+
+    if not teacher.scored_by_engine or not tc.fidelity_check:
+        return None
+    if not tc.path:
+        log("teacher fidelity check skipped: set teacher.path to a local copy of the served model")
+        acc.wait_for_everyone()
+        return None
+    roll = self_test_rollout(model, prompt_ids[:n_prompts], pad_id=pad_id, stop_ids=stop_ids,
+                             max_new_tokens=min(max_tokens, max_new_tokens), seed=seed)  # fmt: skip
+    result = None
+    if acc.is_main_process:
+        result = engine_fidelity(teacher, place(roll, acc.device), vocab_size=vocab_size, reference=tc.path,
+                                 dtype=tc.dtype, trust_remote_code=tc.trust_remote_code)  # fmt: skip
+        atomic_write_text(
+            run_dir / "teacher_fidelity.json", json.dumps(json_safe(result), indent=1, allow_nan=False)
+        )
+        line = ", ".join(f"{k} {v:.4g}" for k, v in result.items() if k != "ok")
+        if result["ok"]:
+            log(f"[green]ok[/] teacher fidelity ({tc.backend} vs HF {tc.dtype}): {line}")
+        else:
+            log(
+                f"[yellow]warning:[/] teacher fidelity ({tc.backend} vs HF {tc.dtype}): {line}; a mean |Δ log-prob| "
+                f"above {FIDELITY_WARN_MEAN} or non-deterministic scores mean the engine is not grading with the "
+                "teacher you think (dtype, quantisation, model revision)"
+            )
+    acc.wait_for_everyone()
+    return result

@@ -26,7 +26,7 @@ run keeps its baselines instead of learning them again from a possibly already d
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,7 @@ from typing import Any
 from opd.config import AlarmConfig
 from opd.errors import OpdError
 
-__all__ = ["SIGNALS", "Alarm", "CheckpointJudge", "CollapseError", "CollapseMonitor"]
+__all__ = ["SIGNALS", "Alarm", "CheckpointJudge", "CollapseError", "CollapseMonitor", "watch_step"]
 
 SIGNALS: dict[str, str] = {
     "entropy_student": "student entropy",
@@ -328,3 +328,28 @@ class CheckpointJudge:
                 checkpoint=str(good) if good is not None and good.is_dir() else None,
             )
         return f"{reason}; continuing because stop_on_collapse is false; last good checkpoint: {where}"
+
+
+def watch_step(monitor: CollapseMonitor, judge: CheckpointJudge, acc: Any, step: int, metrics: Mapping[str, Any], *,
+               log_row: Callable[[int, dict[str, Any]], Any], log: Callable[[str], Any]) -> tuple[bool, bool]:  # fmt: skip
+    """Feed the collapse monitor one step's metrics; log its alarms (`log_row`: metrics.jsonl rows with
+    ``kind: alarm``; `log`: the console); judge the checkpoint written before the step.
+
+    Returns (this step alarmed, a collapse was declared at this step). Every process runs the monitor on the
+    same reduced metrics; the decisions are still taken from the main process (broadcast) so no rank can
+    take another branch on a rounding difference."""
+    alarms = monitor.update(step, metrics)
+    alarming, declared = monitor.alarming, monitor.declared
+    if acc.num_processes > 1:
+        import torch
+        from accelerate.utils import broadcast
+
+        flags = broadcast(torch.tensor([float(alarming), float(declared)], device=acc.device), from_process=0)
+        alarming, declared = bool(flags[0].item()), bool(flags[1].item())
+    for alarm in alarms:
+        row = alarm.to_dict()
+        del row["step"]
+        log_row(alarm.step, {"kind": "alarm", **row, "collapsed": monitor.collapsed})
+        log(f"[yellow]alarm:[/] step {alarm.step} {alarm.signal}: {alarm.message}")
+    judge.judge(alarming)  # the newest checkpoint's weights produced this step's rollouts
+    return alarming, declared

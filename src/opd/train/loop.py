@@ -260,6 +260,61 @@ def write_final_model(acc: Any, run_dir: Path, write: Callable[[Path], None], ne
     return out
 
 
+def save_step(acc: Any, run_dir: Path, step: int, *, model: torch.nn.Module, optimizer: Any, scheduler: Any,
+              state: dict[str, Any], keep: int, command: str, sharded: bool = False) -> Path:  # fmt: skip
+    """Checkpoint `step` (`opd.train.checkpoint.save_checkpoint`, main process) with the loop's own `state`;
+    a refused write (disk full, ...) raises StorageError on every process, naming the path, the free space,
+    the size needed and `command --resume`. `sharded`: gather the FSDP2 shards first (every process takes
+    part). Returns the checkpoint's path on every process."""
+    model_state = optimizer_state = None
+    if sharded:  # gathering the shards is collective
+        from opd.train.sharding import full_model_state, full_optimizer_state
+
+        model_state, optimizer_state = full_model_state(model), full_optimizer_state(model, optimizer)
+    path = error = None
+    if acc.is_main_process:
+        try:
+            path = ckpt.save_checkpoint(
+                run_dir, step, model=model, optimizer=optimizer, scheduler=scheduler, state=state, keep=keep,
+                model_state=model_state, optimizer_state=optimizer_state,
+            )  # fmt: skip
+        except StorageError as exc:
+            error = StorageError(f"{exc}; free space, then resume with `{command} --resume {run_dir}`")
+    ckpt.raise_if_write_failed(acc, error)
+    acc.wait_for_everyone()
+    return path or ckpt.checkpoint_path(run_dir, step)
+
+
+def save_final_model(acc: Any, run_dir: Path, model: torch.nn.Module, tokenizer: Any, *,
+                     last_checkpoint: Path | None, command: str, sharded: bool = False,
+                     architecture: str | None = None, merge_lora: bool = False) -> Path:  # fmt: skip
+    """`model` and `tokenizer` as a Hugging Face model in RUN_DIR/final (`write_final_model`: swapped in only
+    when complete). `sharded`: gather the FSDP2 shards (collective) and write the `architecture` class name
+    back into config.json; `merge_lora`: merge the LoRA adapters into a copy first."""
+    full = None
+    if sharded:
+        from opd.train.sharding import full_model_state
+
+        full = full_model_state(model)
+    if acc.is_main_process and merge_lora:
+        import copy
+
+        model = copy.deepcopy(model).merge_and_unload()
+
+    def write(tmp: Path) -> None:
+        if full is not None:
+            from opd.train.sharding import restore_architecture
+
+            model.save_pretrained(tmp, safe_serialization=True, state_dict=full)
+            restore_architecture(tmp, architecture or type(model).__name__)
+        else:
+            model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+
+    need = ckpt.state_nbytes(full if full is not None else model.state_dict()) if acc.is_main_process else 0
+    return write_final_model(acc, run_dir, write, need, last_checkpoint, command)
+
+
 # ----------------------------------------------------------------------------------------------------
 # the loop
 

@@ -70,6 +70,21 @@ class StepInBackward:
     def arm(self) -> None:
         self.armed, self.norm_sq, self.bad, self.stepped = True, 0.0, None, 0
 
+    def grad_norm(self, step: int, loss_sum: float, optimizer: torch.optim.Optimizer) -> float:
+        """The step's pre-clip gradient norm, summed in the hooks; a non-finite gradient met in a hook raises
+        `NonFiniteLossError` with ``weights_damaged`` (the tensors stepped before it cannot be taken back)."""
+        from opd.train.loop import NonFiniteLossError
+
+        if self.bad is not None:
+            optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLossError(
+                f"non-finite gradient in {self.bad} at step {step} with optim.in_backward: {self.stepped} "
+                "parameter tensors had already been stepped, so the weights in memory are damaged and training stops",
+                {"loss": loss_sum, "grad_norm": math.nan},
+                weights_damaged=True,
+            )
+        return math.sqrt(self.norm_sq)
+
 
 def install_step_in_backward(
     model: torch.nn.Module, optimizer: torch.optim.Optimizer, processes: int

@@ -73,8 +73,9 @@ from opd.train.loop import (
     release_distributed,
     resumable_checkpoint,
     run_steps,
+    save_final_model,
+    save_step,
     unlock_run_dir,
-    write_final_model,
 )
 
 IGNORE = -100
@@ -451,39 +452,20 @@ class SFTTrainer:
             "epoch": float(self.cursor.state_dict()["epoch"]),
         }
 
-    def _raise_if_write_failed(self, error: StorageError | None) -> None:
-        ckpt.raise_if_write_failed(self.acc, error)
-
-    def save(self, step: int) -> Path | None:
-        """Checkpoint `step`; a refused write (disk full, ...) raises StorageError naming the path, the
-        free space, the size needed and the checkpoint to resume from (opd.train.checkpoint)."""
-        path = error = None
-        if self.acc.is_main_process:
-            try:
-                path = ckpt.save_checkpoint(
-                    self.run_dir, step, model=self._unwrapped(), optimizer=self.optimizer, scheduler=self.scheduler,
-                    state={"cursor": self.cursor.state_dict(), "seed": self.cfg.seed, "total_steps": self.total_steps,
-                           "data_sha256": self.data_sha256},
-                    keep=self.cfg.keep_checkpoints,
-                )  # fmt: skip
-                self.last_checkpoint = path
-            except StorageError as exc:
-                error = StorageError(f"{exc}; free space, then resume with `opd sft --resume {self.run_dir}`")
-        self._raise_if_write_failed(error)
-        self.acc.wait_for_everyone()
-        return path
+    def save(self, step: int) -> Path:
+        """Checkpoint `step` with the cursor and the data file's hash (`opd.train.loop.save_step`)."""
+        self.last_checkpoint = save_step(
+            self.acc, self.run_dir, step, model=self._unwrapped(), optimizer=self.optimizer, scheduler=self.scheduler,
+            state={"cursor": self.cursor.state_dict(), "seed": self.cfg.seed, "total_steps": self.total_steps,
+                   "data_sha256": self.data_sha256},
+            keep=self.cfg.keep_checkpoints, command="opd sft",
+        )  # fmt: skip
+        return self.last_checkpoint
 
     def save_final(self) -> Path:
-        """`save_pretrained` model + tokenizer into RUN_DIR/final, swapped into place when complete; a
-        refused write raises StorageError (the weights stay in the last checkpoint)."""
-        model = self._unwrapped()
-
-        def write(tmp: Path) -> None:
-            model.save_pretrained(tmp, safe_serialization=True)
-            self.tokenizer.save_pretrained(tmp)
-
-        need = ckpt.state_nbytes(model.state_dict()) if self.acc.is_main_process else 0
-        return write_final_model(self.acc, self.run_dir, write, need, self.last_checkpoint, "opd sft")
+        """The fine-tuned model and its tokenizer in RUN_DIR/final (`opd.train.loop.save_final_model`)."""
+        return save_final_model(self.acc, self.run_dir, self._unwrapped(), self.tokenizer,
+                                last_checkpoint=self.last_checkpoint, command="opd sft")  # fmt: skip
 
     def train(self, on_step: Callable[[int, dict[str, float]], Any] | None = None) -> list[dict[str, float]]:
         """Run from start_step to total_steps (`opd.train.loop.run_steps`: signals, checkpoints, final
@@ -494,7 +476,7 @@ class SFTTrainer:
         itself is left to ``acc.end_training()`` (a cold start trains OPD in the same processes next),
         after a stop or an error it is destroyed here.
         """
-        from opd.errors import InterruptedRun, StorageError
+        from opd.errors import InterruptedRun
 
         if getattr(self, "_released", False):
             raise RuntimeError(

@@ -14,6 +14,7 @@ Everything that needs whole tensors (checkpoints, the final model) gathers a ful
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,14 @@ def load_full_optimizer_state(
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
     set_optimizer_state_dict(model, optimizer, optim_state_dict=state, options=_options())
+
+
+def sharded_grad_norm(params: list[torch.Tensor], max_norm: float | None) -> float:
+    """The pre-clip global norm of DTensor gradients (torch reduces across the shards), clipping on the way
+    when `max_norm` is set."""
+    return grad_norm_value(
+        torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else math.inf)
+    )
 
 
 def grad_norm_value(norm: Any) -> float:
