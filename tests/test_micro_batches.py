@@ -76,7 +76,7 @@ def _covers(r: Rollout, groups: list[torch.Tensor]) -> None:
 def _assert_same_rollout(a: Rollout, b: Rollout) -> None:
     for f in ("prompt_ids", "prompt_mask", "response_ids", "response_mask", "truncated"):
         assert torch.equal(getattr(a, f), getattr(b, f)), f
-    assert a.prompt_index == b.prompt_index and a.sampling == b.sampling
+    assert a.prompt_index == b.prompt_index
     assert (a.engine_logprobs is None) == (b.engine_logprobs is None)
     if a.engine_logprobs is not None:
         assert torch.equal(a.engine_logprobs, b.engine_logprobs)

@@ -37,7 +37,6 @@ class Rollout:
     response_mask: torch.Tensor  # [B, T] bool: tokens up to and including the first stop token
     truncated: torch.Tensor  # [B] bool: no stop token within the budget
     prompt_index: list[int] = field(default_factory=list)  # record index of each row's prompt
-    sampling: SamplingParams = SamplingParams()
     # [B, T] log-probs of the sampled tokens as the generating engine computed them (vLLM); only a
     # cross-check against the trainer's own log-probs, never used by the objective. None for HF.
     engine_logprobs: torch.Tensor | None = None
@@ -77,7 +76,6 @@ class Rollout:
             response_mask=self.response_mask.to(device),
             truncated=self.truncated.to(device),
             prompt_index=list(self.prompt_index),
-            sampling=self.sampling,
             engine_logprobs=None if self.engine_logprobs is None else self.engine_logprobs.to(device),
         )
 
@@ -106,7 +104,6 @@ class Rollout:
             response_mask=rm[:, :last],
             truncated=self.truncated[rows],
             prompt_index=index,
-            sampling=self.sampling,
             engine_logprobs=None if self.engine_logprobs is None else self.engine_logprobs[rows, :last],
         )
 
@@ -330,5 +327,4 @@ class HFGenerator:
             response_mask=rmask,
             truncated=truncated,
             prompt_index=index,
-            sampling=params,
         )

@@ -69,7 +69,8 @@ def start_engine(
 
 
 class VLLMGenerator:
-    """`Generator` on a vLLM engine loaded from the student's directory; `sync` pushes new weights.
+    """Rollouts (`generate`, as `opd.generation.rollout.HFGenerator`) from a vLLM engine loaded from the
+    student's directory; `sync` pushes new weights.
 
     Sampling is seeded per request (prompt) from the chunk seed, so the same global batch gives the same
     rollouts on 1 or N processes, as with the HF generator (vLLM's per-request seeds make each request's
@@ -180,7 +181,7 @@ def _to_rollout(
     r_mask &= torch.arange(t).unsqueeze(0) < lengths.unsqueeze(1)
     r_ids = torch.where(r_mask, r_ids, torch.full_like(r_ids, pad_id))
     return Rollout(prompt_ids=p_ids, prompt_mask=p_mask, response_ids=r_ids, response_mask=r_mask,
-                   truncated=truncated, prompt_index=index, sampling=params, engine_logprobs=e_lp)  # fmt: skip
+                   truncated=truncated, prompt_index=index, engine_logprobs=e_lp)  # fmt: skip
 
 
 def response_requests(rollout: Rollout) -> tuple[list[list[int]], list[list[int]]]:

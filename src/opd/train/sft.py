@@ -57,7 +57,7 @@ from opd.data import (
 )
 from opd.device import clock, reduce_sum
 from opd.errors import ConfigError, DataError, StorageError
-from opd.files import atomic_write_text
+from opd.files import atomic_write_text, json_safe
 from opd.precision import check_dtypes
 from opd.progress import bar
 from opd.train import checkpoint as ckpt
@@ -392,7 +392,8 @@ class SFTTrainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.run_dir / "config.yaml", dump_config(cfg))
             atomic_write_text(
-                self.run_dir / "data_report.json", json.dumps(self.data_report, indent=1) + "\n"
+                self.run_dir / "data_report.json",
+                json.dumps(json_safe(self.data_report), indent=1, allow_nan=False) + "\n",
             )
         self.metrics = open_metrics(
             self.run_dir,
