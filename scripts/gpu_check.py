@@ -10,27 +10,34 @@ the GPU run has to be prepared in advance, finish within minutes, need nothing f
 leave a readable verdict even when it is stopped part-way. Running the same steps with `--cpu` in CI
 keeps the script from rotting between GPU runs.
 
-Steps (each its own subprocess, timeout and log; `--only` / `--skip` pick them):
+Steps, in this order, by value (each its own subprocess, timeout and log; `--only` / `--skip` pick them):
   deps            imports on this machine; installs carried wheels (.gpu_carry/wheels) for missing ones
   tiny, train     `opd tiny` + `opd train --config configs/tiny.yaml`
   resume          `opd train`, SIGKILL after the first checkpoint, `opd train --resume`: every step once
   fsdp            torchrun (1 process per GPU; 2 gloo processes on CPU) `opd train --sharding fsdp`
+  bench-trl, bench-fp32/-bf16  benchmarks/step_vs_trl.py: TRL vs opd full/topk/sampled on a
+                  Qwen2.5-0.5B/1.5B-shaped pair with random weights and the real 151,936-token vocabulary
+                  (--cpu: the same architecture and vocabulary at toy width), fp32 and then bf16 mixed
+                  precision (the student's; the teacher fp32 with autocast off on both sides)
   accelerate-*    `accelerate launch --config_file configs/accelerate/<each>.yaml` `opd train`
   generate, sft, eval, doctor   on the shipped lab zoo models
   lab-run         `opd lab run thinking_patterns` (one arm, one seed, two steps)
-  bench-fp32/-bf16  benchmarks/step_vs_trl.py: TRL vs opd full/topk/sampled on a Qwen2.5-0.5B/1.5B-shaped
-                  pair with random weights and the real 151,936-token vocabulary (--cpu: the same
-                  architecture and vocabulary at toy width), fp32 and then bf16 mixed precision
-  check, analyze, cold-start, prompts-select   cheap extras, last, each only if the budget allows
+  check, analyze, cold-start, prompts-select   cheap extras, last, each only if its estimate fits
 
-Writes OUT_DIR/results.json and OUT_DIR/summary.md after every step (so a killed run still leaves what
-it found), the logs under OUT_DIR/logs/, the benchmark's JSON beside them; prints the pass/fail table and
-the benchmark tables; exits 1 if any step FAILED (2: usage, or no GPU without --cpu).
+Prints the plan first (each step's estimate, `--estimates` takes an earlier run's seconds), then runs the
+steps within `--budget-s`: a step still running when the budget runs out is stopped and recorded as
+stopped (a SKIP, not a failure), and the ones left are skipped. OUT_DIR gets three files and nothing else
+(the GPU machine returns at most 8): summary.md, results.json (both rewritten after every step, so a
+killed run still leaves what it found) and logs.tar.gz (every step's log, the benchmark's JSON and its
+arms' logs; repacked after every step and every 30 s during one). Prints the pass/fail table and the
+benchmark tables; exits 1 if any step FAILED (2: usage, or no GPU without --cpu).
 
 The GPU machine has no network: `scripts/gpu_check_prepare.sh` (run where PyPI is reachable) downloads
 the wheels it lacks into .gpu_carry/wheels; carry `.gpu_carry` with the checkout. opd itself is not
 installed there: every child gets the checkout's `src` (and .gpu_carry/site) on PYTHONPATH and runs as
-`python -m opd.cli`. This file uses the standard library only, so it can report a broken environment.
+`python -m opd.cli` (opd's entry points come from `opd.runtime.OPD_ENTRY_POINTS` then);
+`scripts/plain_checkout.py` builds that situation on a developer machine, and CI runs the check in it.
+This file uses the standard library only, so it can report a broken environment.
 """
 
 from __future__ import annotations
@@ -50,7 +57,7 @@ import tempfile
 import time
 import zipfile
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -106,9 +113,10 @@ class Sizes:
 
 
 # GPU: an H200 measured ~8.5 s per step at 16 prompts x 4 rollouts x 256 tokens on the 0.5B/1.5B pair and
-# ~30 s of start-up per arm; 8 x 4 x 128 with 1 warm-up + 2 timed steps keeps 8 arms near 4 minutes.
+# ~30 s of start-up per arm; 8 x 4 x 128 with 1 warm-up + 2 timed steps keeps 8 arms near 4 minutes. The
+# budget leaves a device call of 600 s (the most one may run) time to start, stop the last step and pack up.
 GPU = Sizes(
-    budget_s=480,
+    budget_s=520,
     train_steps=4,
     resume_steps=8,
     fsdp_procs=1,
@@ -151,14 +159,17 @@ class StepResult:
     seconds: float = 0.0
     device: str = ""
     command: str = ""
-    log: str = ""
+    log: str = ""  # its path inside logs.tar.gz
     note: str = ""
+    estimate_s: float | None = None
 
 
 @dataclass(frozen=True)
 class Step:
-    """A named step; `run` does the work and returns its row. `extra` steps run last, after the benchmark,
-    and only when at least `min_s` of the budget is left (a SKIP otherwise, not a failure)."""
+    """A named step; `run` does the work and returns its row. A step starts when at least `min_s` of the
+    budget is left; an `extra` one (they run last) only when its whole estimate fits (a SKIP otherwise,
+    not a failure). `gpu_s` / `cpu_s`: the estimate of its seconds on the GPU machine and with --cpu on
+    2 cores (measured there; `--estimates results.json` takes an earlier run's seconds instead)."""
 
     name: str
     what: str
@@ -167,6 +178,8 @@ class Step:
     timeout_s: float = 300
     min_s: float = 10
     extra: bool = False
+    gpu_s: float = 30
+    cpu_s: float = 30
 
 
 class StepFailed(Exception):
@@ -186,8 +199,15 @@ class Check:
         self.sizes = sizes
         self.out = out
         self.work = work
-        self.logs = out / "logs"
+        # Logs are written in the scratch directory and packed into OUT/logs.tar.gz after every step and every
+        # ARCHIVE_EVERY_S during one: OUT holds three files however many steps ran (the GPU machine returns
+        # at most 8), and a run killed part-way still leaves the log of the step it was in.
+        self.logs = work / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.estimates: dict[str, float] = {}  # step -> seconds (the plan's), set by main()
+        self.plan: list[dict[str, Any]] = []
+        self.stopped_by_budget = False  # the last `run` was killed because the budget ran out
         self.python = args.python or sys.executable
         self.results: list[StepResult] = []
         self.env_info: dict[str, Any] = {}
@@ -264,10 +284,29 @@ class Check:
         return self.budget_s - self.elapsed()
 
     def timeout_for(self, step_timeout: float) -> float:
-        left = self.budget_left()
+        return max(1.0, min(self._own_timeout(step_timeout), self.budget_left()))
+
+    def _own_timeout(self, step_timeout: float) -> float:
+        """The timeout a command has from its step alone (its own and the step's deadline), budget aside."""
         if self.step_deadline is not None:
-            left = min(left, self.step_deadline - time.monotonic())
-        return max(1.0, min(step_timeout, left))
+            return min(step_timeout, self.step_deadline - time.monotonic())
+        return step_timeout
+
+    def cut_by_budget(self, step_timeout: float) -> bool:
+        """Whether a command given `step_timeout` now is limited by the budget rather than by its step."""
+        return self.budget_left() < self._own_timeout(step_timeout)
+
+    def wait(self, proc: subprocess.Popen[bytes], timeout: float) -> int | None:
+        """`proc.wait(timeout)`, refreshing logs.tar.gz every ARCHIVE_EVERY_S meanwhile; None on timeout."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                return proc.wait(max(0.0, min(left, ARCHIVE_EVERY_S)))
+            except subprocess.TimeoutExpired:
+                if left <= ARCHIVE_EVERY_S:
+                    return None
+                self.write_archive()
 
     # -- subprocesses -----------------------------------------------------------------------------
 
@@ -279,7 +318,9 @@ class Check:
     ) -> tuple[int | None, float]:
         """Run `argv` in its own process group, appending to `log`; (exit code or None on timeout, seconds).
         A timeout kills the whole group (torchrun's and the benchmark's children too)."""
+        cut = self.cut_by_budget(timeout)
         timeout = self.timeout_for(timeout)
+        self.stopped_by_budget = False
         t = time.monotonic()
         with open(log, "a") as fh:
             fh.write(f"$ {shlex.join(argv)}\n")
@@ -293,12 +334,12 @@ class Check:
                 start_new_session=True,
             )
             self.current = proc
-            try:
-                rc: int | None = proc.wait(timeout)
-            except subprocess.TimeoutExpired:
+            rc = self.wait(proc, timeout)
+            if rc is None:
                 kill_group(proc)
-                rc = None
-                fh.write(f"\n[gpu_check] killed after {timeout:.0f} s (timeout)\n")
+                self.stopped_by_budget = cut
+                why = "the check's --budget-s ran out" if cut else "timeout"
+                fh.write(f"\n[gpu_check] killed after {timeout:.0f} s ({why})\n")
             self.current = None  # left set on an interrupt, so that main() kills the group
         return rc, time.monotonic() - t
 
@@ -321,10 +362,12 @@ class Check:
             secs,
             device or self.device,
             shown or pretty(argv, self.python, self.work),
-            rel(log, self.out),
+            rel(log, self.work),
         )
         text = log.read_text(errors="replace")
-        if rc is None:
+        if rc is None and self.stopped_by_budget:
+            row.status, row.note = SKIP, self.budget_stop_note(name, secs)
+        elif rc is None:
             row.status, row.note = FAIL, f"timed out after {secs:.0f} s; {last_error(text)}"
         elif rc != 0:
             row.status, row.note = FAIL, f"exit code {rc}: {last_error(text)}"
@@ -335,9 +378,19 @@ class Check:
                 row.status, row.note = FAIL, str(exc)
         return row
 
+    def budget_stop_note(self, name: str, secs: float) -> str:
+        est = self.estimates.get(name)
+        return (
+            f"stopped at the budget ({self.budget_s:.0f} s) after {secs:.0f} s"
+            + (f" (estimate {est:.0f} s)" if est else "")
+            + f": not a failure; rerun it alone with --only {name}"
+        )
+
     # -- results ----------------------------------------------------------------------------------
 
     def record(self, row: StepResult) -> None:
+        if row.estimate_s is None:
+            row.estimate_s = self.estimates.get(row.name)
         self.results.append(row)
         self.write()
         mark = {PASS: "ok  ", FAIL: "FAIL", SKIP: "skip"}[row.status]
@@ -351,12 +404,53 @@ class Check:
             "elapsed_s": round(self.elapsed(), 1),
             "budget_s": self.budget_s,
             "environment": self.env_info,
+            "plan": self.plan,
             "steps": [asdict(r) for r in self.results],
             "benchmark": self.bench,
             "failed": [r.name for r in self.results if r.status == FAIL],
+            "stopped_by_budget": [
+                r.name for r in self.results if r.status == SKIP and "at the budget" in r.note
+            ],
+            "logs": ARCHIVE,
         }
         atomic_write(self.out / "results.json", json.dumps(data, indent=2))
         atomic_write(self.out / "summary.md", render_summary(data))
+        self.write_archive()
+
+    def write_archive(self) -> None:
+        """OUT/logs.tar.gz: every step's log, the benchmark's JSON and its arms' own logs, under `logs/`."""
+        write_archive(self.work, self.out / ARCHIVE)
+
+
+ARCHIVE = "logs.tar.gz"
+OUTPUTS = ("summary.md", "results.json", ARCHIVE)  # all the check writes to OUT_DIR
+ARCHIVE_EVERY_S = 30.0
+ARCHIVE_MEMBER_MAX = 4 * 2**20  # a bigger log keeps its last 4 MiB (the GPU machine returns <= 16 MiB a file)
+# What of the scratch directory goes into the archive (relative to it): the steps' logs, and the benchmark's
+# JSON, arm logs, specs and results (logs/bench-fp32.json, logs/bench-fp32/trl.log, ...).
+ARCHIVE_GLOBS = ("logs/*.log", "logs/*.json", "logs/*/*.log", "logs/*/*.json")
+
+
+def write_archive(work: Path, dest: Path) -> int:
+    """Pack `work`'s logs (ARCHIVE_GLOBS) into `dest` (written beside it, then renamed); the member count.
+    A file over ARCHIVE_MEMBER_MAX keeps its tail, marked as cut."""
+    import io
+    import tarfile
+
+    files = sorted({p for g in ARCHIVE_GLOBS for p in work.glob(g) if p.is_file()})
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    with tarfile.open(tmp, "w:gz") as tar:
+        for f in files:
+            with contextlib.suppress(OSError):  # a file removed while packing is left out
+                data = f.read_bytes()
+                if len(data) > ARCHIVE_MEMBER_MAX:
+                    cut = len(data) - ARCHIVE_MEMBER_MAX
+                    data = f"[gpu_check: first {cut} bytes cut]\n".encode() + data[-ARCHIVE_MEMBER_MAX:]
+                info = tarfile.TarInfo(str(f.relative_to(work)))
+                info.size, info.mtime, info.mode = len(data), int(f.stat().st_mtime), 0o644
+                tar.addfile(info, io.BytesIO(data))
+    os.replace(tmp, dest)
+    return len(files)
 
 
 def kill_group(proc: subprocess.Popen[bytes]) -> None:
@@ -447,17 +541,25 @@ def text_table(headers: Sequence[str], rows: Sequence[Sequence[str]], max_width:
 
 
 def step_rows(steps: Sequence[dict[str, Any]]) -> list[list[str]]:
-    return [[s["name"], s["status"], f"{s['seconds']:.1f}", s["device"], s["note"], s["log"]] for s in steps]
+    def est(s: dict[str, Any]) -> str:
+        return "-" if s.get("estimate_s") is None else f"{s['estimate_s']:.0f}"
+
+    return [
+        [s["name"], s["status"], f"{s['seconds']:.1f}", est(s), s["device"], s["note"], s["log"]]
+        for s in steps
+    ]
 
 
-STEP_HEADERS = ("step", "status", "s", "device", "note", "log")
+STEP_HEADERS = ("step", "status", "s", "estimate s", "device", "note", "log")
 
 
 def verdict(data: dict[str, Any]) -> str:
     steps = data["steps"]
     n = {k: sum(1 for s in steps if s["status"] == k) for k in (PASS, FAIL, SKIP)}
     word = "FAILED" if n[FAIL] else "PASSED"
-    return f"{word}: {n[PASS]} passed, {n[FAIL]} failed, {n[SKIP]} skipped"
+    stopped = len(data.get("stopped_by_budget") or [])
+    budget = f" ({stopped} stopped at the budget)" if stopped else ""
+    return f"{word}: {n[PASS]} passed, {n[FAIL]} failed, {n[SKIP]} skipped{budget}"
 
 
 def describe_env(env: dict[str, Any]) -> str:
@@ -471,7 +573,8 @@ def describe_env(env: dict[str, Any]) -> str:
         f"python {env.get('python', '?')}, "
         f"torch {env.get('torch', '?')} (CUDA {env.get('torch_cuda') or '-'}), transformers "
         f"{env.get('transformers', '?')}, accelerate {env.get('accelerate', '?')}, "
-        f"trl {env.get('trl') or 'missing'}"
+        f"trl {env.get('trl') or 'missing'}; opd from {rel(Path(env.get('opd_from') or '?'), REPO)} "
+        + (f"(installed: {env['opd_distribution']})" if env.get("opd_distribution") else "(not installed)")
     )
 
 
@@ -490,6 +593,7 @@ def bench_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         "gen tok/s",
         "vs TRL",
         "update in",
+        "teacher in",
         "CUDA peak MB" if cuda else "peak RSS MB",
     ]
     rows = []
@@ -497,7 +601,7 @@ def bench_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         label = (meta.get("labels") or {}).get(name, name)
         if "summary" not in r:
             err = [ln for ln in str(r.get("error", "?")).splitlines() if ln.strip()]
-            rows.append([label, "FAILED", (err[-1] if err else "?")[:120], "", "", "", ""])
+            rows.append([label, "FAILED", (err[-1] if err else "?")[:120], "", "", "", "", ""])
             continue
         s = r["summary"]
         ratio = f"{s['tokens_per_s'] / trl['tokens_per_s']:.2f}x" if trl and trl.get("tokens_per_s") else "-"
@@ -510,6 +614,7 @@ def bench_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
                 f"{s['tokens_per_s']:.1f}",
                 ratio,
                 str(s.get("update_compute_dtype", "?")),
+                str(s.get("teacher_compute_dtype", "?")),
                 "-" if mem is None else f"{mem:.0f}",
             ]
         )
@@ -528,7 +633,10 @@ def bench_caption(result: dict[str, Any]) -> str:
         f"{m.get('max_new_tokens')} tokens",
         f"{m.get('warmup')} warm-up + {m.get('steps')} timed steps",
         f"student autocast {m.get('student_autocast', 'none')}",
+        f"teacher {m.get('teacher_precision') or m.get('teacher_dtype', 'float32')} on both sides",
     ]
+    if m.get("teacher_precision_mismatch"):
+        parts.append(f"NOT LIKE FOR LIKE: {'; '.join(m['teacher_precision_mismatch'])}")
     if m.get("partial"):
         parts.append("PARTIAL (the run stopped before every arm finished)")
     return "; ".join(parts)
@@ -540,6 +648,7 @@ def render_summary(data: dict[str, Any]) -> str:
         "",
         f"- started {data['started']}; {data['elapsed_s']:.0f} s elapsed (budget {data['budget_s']:.0f} s)",
         f"- {describe_env(data['environment'])}",
+        f"- every log (the `log` column), the benchmark's JSON and its arms' logs: `{data.get('logs', ARCHIVE)}`",
         "",
         markdown_table(STEP_HEADERS, step_rows(data["steps"])),
         "",
@@ -547,6 +656,13 @@ def render_summary(data: dict[str, Any]) -> str:
         "",
     ]
     lines += [f"- `{s['name']}`: `{s['command']}`" for s in data["steps"] if s["command"]]
+    if data.get("plan"):
+        lines += [
+            "",
+            "## Plan (before the first step)",
+            "",
+            markdown_table(PLAN_HEADERS, plan_rows(data["plan"])),
+        ]
     for key, bench in data.get("benchmark", {}).items():
         lines += ["", f"## Benchmark {key}", "", bench_caption(bench.get("json", {})), ""]
         if bench.get("json", {}).get("results"):
@@ -571,6 +687,18 @@ for name in sys.argv[1].split(","):
                                 "file": getattr(mod, "__file__", None)}
     except Exception as exc:
         out["modules"][name] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:400]}
+try:  # opd installed (its metadata found), or a plain source tree on PYTHONPATH (opd's own entry-point table)
+    import importlib.metadata as md
+    try:
+        d = md.distribution("opd")
+        out["opd_distribution"] = str(getattr(d, "_path", None) or d.locate_file(""))
+    except md.PackageNotFoundError:
+        out["opd_distribution"] = None
+    from opd.runtime import entry_points
+    out["opd_model_schemes"] = sorted(ep.name + ("" if getattr(ep, "dist", None) else " (opd's own table)")
+                                      for ep in entry_points("opd.model_schemes"))
+except Exception as exc:
+    out["opd_distribution_error"] = f"{type(exc).__name__}: {exc}"[:400]
 try:
     import torch
     out["torch_cuda"] = torch.version.cuda
@@ -664,7 +792,7 @@ def step_deps(check: Check) -> StepResult:
         PASS,
         device="host",
         command=f"{pretty([check.python], check.python)} -c <probe>",
-        log=rel(log, check.out),
+        log=rel(log, check.work),
     )
     notes = []
     try:
@@ -756,6 +884,8 @@ def describe_probe(info: dict[str, Any]) -> dict[str, Any]:
         "opd_from": str(
             Path(mods.get("opd.cli", {}).get("file") or "?").parent.parent
         ),  # cli/__init__.py: the package
+        "opd_distribution": info.get("opd_distribution"),  # None: not installed (a plain checkout)
+        "opd_model_schemes": info.get("opd_model_schemes"),
         "cuda_available": info.get("cuda_available", False),
         "gpu_count": info.get("gpu_count", 0),
         "gpu_name": info.get("gpu_name"),
@@ -859,8 +989,9 @@ def step_resume(check: Check) -> StepResult:
         f"{pretty(first, check.python, check.work)}  # SIGKILL after the first checkpoint; then: "
         f"{pretty(second, check.python, check.work)}"
     )
-    row = StepResult("resume", FAIL, 0.0, check.device, shown, rel(log, check.out))
+    row = StepResult("resume", FAIL, 0.0, check.device, shown, rel(log, check.work))
     t = time.monotonic()
+    cut = check.cut_by_budget(300)
     timeout = check.timeout_for(300)
     with open(log, "a") as fh:
         fh.write(f"$ {shlex.join(first)}\n")
@@ -870,11 +1001,15 @@ def step_resume(check: Check) -> StepResult:
         )
         check.current = proc  # left set on an interrupt, so that main() kills the group
         ckpt = None
+        packed = time.monotonic()
         while proc.poll() is None and time.monotonic() - t < timeout:
             ckpts = sorted(p for p in (run / "checkpoints").glob("step_*") if p.is_dir())
             if ckpts:
                 ckpt = ckpts[0]
                 break
+            if time.monotonic() - packed > ARCHIVE_EVERY_S:
+                check.write_archive()
+                packed = time.monotonic()
             time.sleep(0.05)
         rows_at_kill = train_rows(run)
         exit_code = proc.poll()
@@ -888,6 +1023,9 @@ def step_resume(check: Check) -> StepResult:
         row.seconds = time.monotonic() - t
         if exit_code is not None:
             why = f"the first run exited (code {exit_code}) before it could be killed after a checkpoint"
+        elif cut:
+            row.status, row.note = SKIP, check.budget_stop_note("resume", row.seconds)
+            return row
         else:
             why = f"no checkpoint appeared within {timeout:.0f} s"
         row.note = f"{why}: {last_error(log.read_text(errors='replace'))}"
@@ -895,6 +1033,9 @@ def step_resume(check: Check) -> StepResult:
     rc, _ = check.run(second, log, max(1.0, timeout - (time.monotonic() - t)))
     row.seconds = time.monotonic() - t
     text = log.read_text(errors="replace")
+    if rc is None and check.stopped_by_budget:
+        row.status, row.note = SKIP, check.budget_stop_note("resume", row.seconds)
+        return row
     if rc != 0:
         row.note = f"resume: {'timed out' if rc is None else f'exit code {rc}'}: {last_error(text)}"
         return row
@@ -1132,7 +1273,7 @@ def make_bench_step(precision: str) -> Step:
             return StepResult(name, SKIP, 0.0, "cpu", "", "", why)
         trl_arm = "trl" if precision == "fp32" else "trl-bf16"
         arms = ([trl_arm] if trl_available(check) else []) + ["opd-full", "opd-topk", "opd-sampled"]
-        out_json = check.out / f"{name}.json"
+        out_json = check.logs / f"{name}.json"
         argv = [
             check.python,
             *words(
@@ -1143,7 +1284,7 @@ def make_bench_step(precision: str) -> Step:
                 script=REPO / "benchmarks" / "step_vs_trl.py",
                 size=s.bench_size,
                 models=check.work / "bench-models",
-                keep=check.work / name,
+                keep=check.logs / name,
                 arms=",".join(arms),
                 p=s.bench_prompts,
                 r=s.bench_rollouts,
@@ -1162,7 +1303,7 @@ def make_bench_step(precision: str) -> Step:
             argv += ["--student-autocast", "bfloat16"]
         timeout = len(arms) * s.bench_arm_timeout_s + 240  # + building the pair
         row = check.simple(name, argv, timeout)
-        text = (check.out / row.log).read_text(errors="replace")
+        text = (check.work / row.log).read_text(errors="replace")
         result: dict[str, Any] = {}
         with contextlib.suppress(OSError, ValueError):
             result = json.loads(out_json.read_text())
@@ -1172,11 +1313,21 @@ def make_bench_step(precision: str) -> Step:
         missing = [a for a in arms if a not in results]
         built = re.search(r"built the (\S+) pair \(random weights\) on (\S+) in ([\d.]+) s", text)
         notes = [f"arms {', '.join(arms)}"]
+        teacher = (result.get("meta") or {}).get("teacher_precision")
+        if teacher:
+            notes.append(f"teacher {teacher} on every arm")
         if built:
             notes.append(f"pair built on {built.group(2)} in {built.group(3)} s")
-        if failed or missing:
+        mismatch = (result.get("meta") or {}).get("teacher_precision_mismatch") or []
+        if row.status == SKIP:  # stopped at the budget: what ran is kept, the rest is not a failure
+            done = [k for k, r in results.items() if "error" not in r]
+            notes = [row.note, f"arms done: {', '.join(done) or 'none'} of {', '.join(arms)}"]
+        elif failed or missing or mismatch:
             row.status = FAIL
-            notes.insert(0, f"failed arms: {failed + missing}")
+            if mismatch:
+                notes.insert(0, f"teacher precision differs between arms: {mismatch}")
+            if failed or missing:
+                notes.insert(0, f"failed arms: {failed + missing}")
         if row.status == FAIL and row.note:
             notes.append(row.note)
         row.note = "; ".join(notes)
@@ -1283,7 +1434,36 @@ def last_line(text: str, needle: str) -> str:
 # the plan
 
 
+# Seconds each step is expected to take: (GPU machine, --cpu on 2 cores). The CPU column is measured (the
+# 2-core box, opd from a plain checkout, 231 s in all); the GPU column is reckoned from the H200's first run
+# (~30 s of start-up per benchmark arm, an opd command's imports and CUDA start ~10 s; 560 s without the
+# extras) until a full run measures it: pass that run's results.json as --estimates to plan with its seconds.
+ESTIMATES: dict[str, tuple[float, float]] = {
+    "deps": (10, 7),
+    "tiny": (10, 6),
+    "train": (20, 10),
+    "resume": (40, 22),
+    "fsdp": (35, 14),
+    "bench-trl": (0, 0),
+    "bench-fp32": (150, 45),
+    "bench-bf16": (130, 50),
+    "accelerate-*": (30, 9),
+    "generate": (20, 8),
+    "sft": (20, 6),
+    "eval": (25, 10),
+    "doctor": (30, 6),
+    "lab-run": (40, 10),
+    "check": (15, 6),
+    "analyze": (10, 4),
+    "cold-start": (40, 5),
+    "prompts-select": (30, 8),
+}
+
+
 def all_steps() -> list[Step]:
+    """The steps in the order they run, by value: the training paths (one process, resume, FSDP) and the
+    opd-vs-TRL benchmark first, then the other launchers and the lab-zoo commands, the extras last; a step
+    the budget has no room for left is skipped, so what is cut is what matters least."""
     steps = [
         Step("deps", "imports; install carried wheels for missing ones", step_deps, timeout_s=600),
         Step("tiny", "opd tiny", step_tiny, needs=("deps",)),
@@ -1295,6 +1475,15 @@ def all_steps() -> list[Step]:
             needs=("tiny",),
         ),
         Step("fsdp", "torchrun ... opd train --sharding fsdp", step_fsdp, needs=("tiny",)),
+        Step(
+            "bench-trl",
+            "TRL importable for the benchmark's TRL arms",
+            step_bench_trl,
+            needs=("deps",),
+            min_s=0,
+        ),
+        make_bench_step("fp32"),
+        make_bench_step("bf16"),
         *(make_accelerate_step(c) for c in accelerate_configs()),
         Step("generate", "opd generate (lab zoo teacher)", step_generate, needs=("deps",)),
         Step("sft", "opd sft (lab zoo student on the generated data)", step_sft, needs=("generate",)),
@@ -1303,9 +1492,6 @@ def all_steps() -> list[Step]:
         Step(
             "lab-run", "opd lab run thinking_patterns (1 arm, 1 seed, 2 steps)", step_lab_run, needs=("deps",)
         ),
-        make_bench_step("fp32"),
-        make_bench_step("bf16"),
-        Step("bench-trl", "TRL importable for the benchmark's TRL arms", step_bench_trl, needs=("deps",)),
         Step("check", "opd check (tiny pair)", step_check, needs=("tiny",), extra=True, min_s=20),
         Step(
             "analyze",
@@ -1332,7 +1518,68 @@ def all_steps() -> list[Step]:
             min_s=40,
         ),
     ]
-    return steps
+    out = []
+    for step in steps:
+        key = "accelerate-*" if step.name.startswith("accelerate-") else step.name
+        gpu_s, cpu_s = ESTIMATES[key]
+        out.append(replace(step, gpu_s=gpu_s, cpu_s=cpu_s))
+    return out
+
+
+def estimates_for(steps: Sequence[Step], cpu: bool, earlier: Path | None = None) -> dict[str, float]:
+    """Each step's estimate in seconds: its mode's column, or what the same step took in an earlier run's
+    results.json (of the same mode; a step that did not run there keeps the column's)."""
+    est = {s.name: s.cpu_s if cpu else s.gpu_s for s in steps}
+    if earlier is not None:
+        try:
+            data = json.loads(earlier.read_text())
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"error: --estimates {earlier}: not a readable results.json ({exc})") from exc
+        if data.get("mode") != ("cpu" if cpu else "gpu"):
+            raise SystemExit(
+                f"error: --estimates {earlier} is a {data.get('mode')} run; this one is "
+                f"{'cpu' if cpu else 'gpu'}: give a results.json of the same mode"
+            )
+        for row in data.get("steps", []):
+            if row.get("name") in est and row.get("status") in (PASS, FAIL) and row.get("seconds"):
+                est[row["name"]] = round(float(row["seconds"]), 1)
+    return est
+
+
+def make_plan(steps: Sequence[Step], estimates: dict[str, float], budget_s: float) -> list[dict[str, Any]]:
+    """The plan printed before the first step, if every step takes its estimate: when each would end
+    (`by_s`; None for a step the budget leaves no room for, which then takes no time) and whether it
+    fits. The rules are run_steps's: an extra starts only when its whole estimate fits, any other step
+    while its `min_s` is left (and is stopped at the budget)."""
+    plan, t = [], 0.0
+    for s in steps:
+        est = estimates.get(s.name, 0.0)
+        starts = t + (max(s.min_s, est) if s.extra else s.min_s) <= budget_s
+        if starts:
+            t += est
+            fits = "yes" if t <= budget_s else "starts; may be stopped at the budget"
+        else:
+            fits = "no: skipped unless earlier steps are faster"
+        plan.append(
+            {
+                "step": s.name,
+                "estimate_s": est,
+                "by_s": round(t, 1) if starts else None,
+                "fits": fits,
+                "what": s.what,
+            }
+        )
+    return plan
+
+
+PLAN_HEADERS = ("step", "estimate s", "done by s", "in budget", "what")
+
+
+def plan_rows(plan: Sequence[dict[str, Any]]) -> list[list[str]]:
+    def by(p: dict[str, Any]) -> str:
+        return "-" if p["by_s"] is None else f"{p['by_s']:.0f}"
+
+    return [[p["step"], f"{p['estimate_s']:.0f}", by(p), p["fits"], p["what"]] for p in plan]
 
 
 def select(steps: list[Step], only: str | None, skip: str | None) -> tuple[list[Step], list[str]]:
@@ -1374,11 +1621,17 @@ def run_steps(check: Check, steps: Sequence[Step]) -> int:
     for step in steps:
         blocked = [n for n in step.needs if status.get(n, PASS) != PASS]
         left = check.budget_left()
+        est = check.estimates.get(step.name, 0.0)
+        needed = max(step.min_s, est) if step.extra else step.min_s
         if blocked:
             row = StepResult(step.name, SKIP, note=f"needs {', '.join(blocked)}, which did not pass")
-        elif left < step.min_s:
+        elif left < needed:
             row = StepResult(
-                step.name, SKIP, note=f"budget: {max(0.0, left):.0f} s of {check.budget_s:.0f} s left"
+                step.name,
+                SKIP,
+                note=f"budget: {max(0.0, left):.0f} s of {check.budget_s:.0f} s left, the step needs "
+                f"{'its estimate, ' if step.extra else 'at least '}{needed:.0f} s; rerun it alone with "
+                f"--only {step.name}",
             )
         else:
             print(f"[....] {step.name:<18} {step.what}", flush=True)
@@ -1408,7 +1661,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0],
         epilog="Steps: " + ", ".join(s.name for s in all_steps()),
     )
-    p.add_argument("out_dir", nargs="?", type=Path, help="where results.json, summary.md and logs/ go")
+    p.add_argument(
+        "out_dir",
+        nargs="?",
+        type=Path,
+        help="where summary.md, results.json and logs.tar.gz go (nothing else)",
+    )
     p.add_argument(
         "--cpu", action="store_true", help="run every step on the CPU at tiny sizes (no GPU needed)"
     )
@@ -1417,7 +1675,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--budget-s",
         type=float,
-        help="total seconds; later steps are skipped when it runs out "
+        help="total seconds; a step running when it runs out is stopped (a SKIP), later ones are skipped "
         f"[{GPU.budget_s:.0f} on a GPU, {CPU.budget_s:.0f} with --cpu]",
     )
     p.add_argument(
@@ -1430,6 +1688,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--work", type=Path, help="scratch directory for models and runs [a temporary one, removed]"
     )
     p.add_argument("--keep-work", action="store_true", help="keep the scratch directory")
+    p.add_argument(
+        "--estimates",
+        type=Path,
+        help="an earlier run's results.json (same mode): plan with the seconds its steps took",
+    )
     p.add_argument("--list", action="store_true", help="list the steps and exit")
     for key, kind, what in (
         ("bench-prompts", int, "prompts per step"),
@@ -1458,9 +1721,11 @@ def sizes_for(args: argparse.Namespace) -> Sizes:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     steps = all_steps()
+    estimates = estimates_for(steps, args.cpu, args.estimates)
     if args.list:
         for s in steps:
-            print(f"{s.name:<20} {s.what}{'  (extra: only when the budget allows)' if s.extra else ''}")
+            extra = "  (extra: only when its estimate fits the budget)" if s.extra else ""
+            print(f"{s.name:<20} ~{estimates[s.name]:4.0f} s  {s.what}{extra}")
         return 0
     steps, unknown = select(steps, args.only, args.skip)
     if unknown:
@@ -1468,6 +1733,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     out = args.out_dir.resolve()
     out.mkdir(parents=True, exist_ok=True)
+    for old in (*OUTPUTS, "bench-fp32.json", "bench-bf16.json"):  # an earlier run's (bench-*: older layout)
+        with contextlib.suppress(FileNotFoundError):
+            (out / old).unlink()
+    if (out / "logs").is_dir():  # the older layout's logs/NN-STEP.log
+        shutil.rmtree(out / "logs", ignore_errors=True)
     tmp = None
     if args.work:
         work = args.work.resolve()
@@ -1476,12 +1746,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         tmp = tempfile.mkdtemp(prefix="opd-gpu-check-")
         work = Path(tmp)
     check = Check(args, sizes_for(args), out, work)
+    check.estimates = estimates
+    check.plan = make_plan(steps, estimates, check.budget_s)
 
     def on_signal(signum: int, _frame: Any) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
 
     signal.signal(signal.SIGTERM, on_signal)
     print(f"opd GPU check ({'cpu' if args.cpu else 'gpu'}): results in {out}, scratch in {work}", flush=True)
+    total = sum(p["estimate_s"] for p in check.plan)
+    source = f"seconds from {args.estimates}" if args.estimates else "estimates"
+    print(f"plan ({source}): ~{total:.0f} s of steps for a budget of {check.budget_s:.0f} s", flush=True)
+    print(text_table(PLAN_HEADERS, plan_rows(check.plan)), flush=True)
+    check.write()
     code = 0
     try:
         deps, rest = steps[0], steps[1:]

@@ -47,15 +47,22 @@ How it is built (no part of torch is patched by `fake_cuda()` itself):
   ``torch.tensor(data, device="cuda")`` is built on the host and then moved through the mode.
 
 `cuda_runtime_stubs()` additionally replaces ``torch.cuda.get_rng_state`` / ``set_rng_state`` (used by
-``torch.random.fork_rng(devices=[cuda])``) and ``torch.cuda.synchronize`` with host-side no-ops, for code
-that calls the CUDA runtime directly.
+``torch.random.fork_rng(devices=[cuda])``) and ``torch.cuda.synchronize`` with host-side no-ops, and
+``torch.cuda.Event`` with a host clock (`HostEvent`), for code that calls the CUDA runtime directly.
+
+`count_host_transfers()` counts, while active, every device -> host transfer the simulated device sees (each
+one a host synchronization on a real GPU): ``.item()`` / ``float()`` / ``int()`` / ``bool()`` (ATen's
+``_local_scalar_dense``), ``.cpu()`` / ``.to("cpu")``, ``copy_`` into a host tensor, ``.tolist()``, and the
+operators whose output size depends on the values (``nonzero``, boolean-mask indexing, ``masked_select``,
+``unique``, ``repeat_interleave`` without ``output_size``, ``bincount``) or that answer a Python value
+(``equal``). Tests use it to keep host syncs out of hot loops.
 
 What it cannot tell you: anything about real kernels (dtype support such as bf16 on old GPUs, flash /
 memory-efficient attention paths, cuBLAS numerics, non-determinism), memory (sizes, OOM, the caching
-allocator), asynchrony (streams, events, timing, ``non_blocking`` races, the host syncs ``.item()``
-causes), NCCL / multi-GPU collectives and ``cuda:1``, CUDA graphs / ``torch.compile``, and the few ops
-whose CUDA kernels have their own device rules beyond those above (they are treated conservatively:
-refusing the mix). C++ code that branches on ``is_cuda()`` inside composite operators takes its
+allocator), asynchrony (streams, events, timing, ``non_blocking`` races; `count_host_transfers` counts
+the host syncs, not what they cost), NCCL / multi-GPU collectives and ``cuda:1``, CUDA graphs /
+``torch.compile``, and the few ops whose CUDA kernels have their own device rules beyond those above
+(they are treated conservatively: refusing the mix). C++ code that branches on ``is_cuda()`` inside composite operators takes its
 non-CUDA branch (attention takes SDPA's math path); ``torch.autocast("cuda")`` is disabled by torch
 (CUDA is unavailable), so autocast runs are not simulated. Random numbers come from the CPU generator, so
 sampled values match a CPU run, not a GPU run. Optimizers and ``clip_grad_norm_`` take their
@@ -67,7 +74,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import traceback
+from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -79,6 +90,9 @@ __all__ = [
     "CUDA",
     "FakeCudaMode",
     "FakeCudaTensor",
+    "HostEvent",
+    "HostTransfers",
+    "count_host_transfers",
     "cuda_runtime_stubs",
     "fake_cuda",
     "host",
@@ -105,6 +119,86 @@ _MASKED_FILL = {aten.masked_fill.Tensor, aten.masked_fill_.Tensor, aten.masked_f
 _FILL = {aten.fill_.Tensor, aten.fill.Tensor}  # a 0-dim value of any device, read with .item()
 # `where` moves 0-dim CPU condition/self/other to the output's device itself (several allowed).
 _WHERE = {aten.where.self, aten.where.self_out}
+
+
+# Operators that make the host wait for the device: their output size depends on the values computed, or
+# they answer a Python value (a real GPU copies the answer back before the host can go on).
+_SIZE_FROM_VALUES = {
+    aten.nonzero.default, aten.nonzero.out, aten.masked_select.default, aten.masked_select.out,
+    aten.equal.default, aten._unique.default, aten._unique2.default, aten.unique_dim.default,
+    aten.unique_consecutive.default, aten.repeat_interleave.Tensor, aten.bincount.default,
+}  # fmt: skip
+
+
+@dataclass
+class HostTransfers:
+    """Device -> host transfers counted by `count_host_transfers`: `ops` by kind, `where` by the line of the
+    code under test that asked (the innermost frame outside torch and this module)."""
+
+    ops: Counter[str] = field(default_factory=Counter)
+    where: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def count(self) -> int:
+        return sum(self.ops.values())
+
+    def record(self, kind: str) -> None:
+        self.ops[kind] += 1
+        self.where[_caller()] += 1
+
+    def __str__(self) -> str:
+        lines = [f"{self.count} device -> host transfers"]
+        lines += [f"  {n} x {where}" for where, n in self.where.most_common()]
+        return "\n".join(lines)
+
+
+_COUNTERS: list[HostTransfers] = []
+_HERE = str(Path(__file__).resolve())
+_TORCH = str(Path(torch.__file__).resolve().parent)
+
+
+def _caller() -> str:
+    for frame in reversed(traceback.extract_stack()):
+        name = str(Path(frame.filename).resolve()) if frame.filename[:1] != "<" else frame.filename
+        if name != _HERE and not name.startswith(_TORCH) and "/contextlib.py" not in name:
+            return f"{frame.filename}:{frame.lineno} ({frame.name})"
+    return "?"
+
+
+def _record_transfer(kind: str) -> None:
+    for counter in _COUNTERS:
+        counter.record(kind)
+
+
+@contextlib.contextmanager
+def count_host_transfers() -> Iterator[HostTransfers]:
+    """Count the device -> host transfers of the body (see the module docstring for what counts); yields the
+    `HostTransfers`, complete once the body exited. Use it under `fake_cuda()`."""
+    counter = HostTransfers()
+    _COUNTERS.append(counter)
+    try:
+        yield counter
+    finally:
+        _COUNTERS.remove(counter)
+
+
+def _transfer_kind(func: Any, args: tuple, kwargs: dict, fakes: list[torch.Tensor]) -> str | None:
+    """What kind of device -> host transfer `func` on these arguments is, or None."""
+    if func is aten._local_scalar_dense.default:
+        return "item"
+    if func in _SIZE_FROM_VALUES:
+        return str(func.name()).removeprefix("aten::")
+    if func is aten._to_copy.default and is_fake_cuda(args[0]):
+        device = kwargs.get("device")
+        if device is not None and torch.device(device).type == "cpu":
+            return "to(cpu)"
+    if func is aten.copy_.default and not is_fake_cuda(args[0]) and is_fake_cuda(args[1]):
+        return "copy_ to host"
+    if func in _INDEX or func in _INDEX_PUT:
+        index = args[1] if len(args) > 1 else kwargs.get("indices")
+        if any(is_fake_cuda(x) and x.dtype in (torch.bool, torch.uint8) for x in tree_flatten(index)[0]):
+            return "boolean-mask index"
+    return None
 
 
 class FakeCudaTensor(torch.Tensor):
@@ -150,6 +244,7 @@ class FakeCudaTensor(torch.Tensor):
         return 0
 
     def tolist(self) -> Any:  # type: ignore[override]
+        _record_transfer("tolist")
         return self.elem.tolist()  # a device -> host copy, as on CUDA
 
     def numpy(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
@@ -304,6 +399,8 @@ def _dispatch(func: Any, args: tuple, kwargs: dict, mode: FakeCudaMode | None = 
             out = func.decompose(*args, **kwargs)
         if out is not NotImplemented:
             return out
+    if _COUNTERS and fakes and (kind := _transfer_kind(func, args, kwargs, fakes)) is not None:
+        _record_transfer(kind)  # after the composite branch: a composite is counted by its parts
     if fakes and hosts:
         _check_mix(func, args, kwargs, fakes, hosts)
 
@@ -417,14 +514,46 @@ def fake_cuda() -> Iterator[torch.device]:
         torch._C._set_only_lift_cpu_tensors(lift)
 
 
+class HostEvent:
+    """``torch.cuda.Event`` on the host: `record` reads `time.perf_counter`, `elapsed_time` gives milliseconds
+    between two recorded events, `synchronize` / `wait` do nothing (nothing is queued) and `query` is True."""
+
+    def __init__(self, enable_timing: bool = False, blocking: bool = False, interprocess: bool = False):
+        self.enable_timing = enable_timing
+        self._t: float | None = None
+
+    def record(self, stream: Any = None) -> None:
+        import time
+
+        self._t = time.perf_counter()
+
+    def synchronize(self) -> None:
+        pass
+
+    def wait(self, stream: Any = None) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+    def elapsed_time(self, end: HostEvent) -> float:
+        if not (self.enable_timing and end.enable_timing) or self._t is None or end._t is None:
+            raise RuntimeError(
+                "Both events must be recorded with enable_timing=True (simulated by tests/fake_cuda.py)"
+            )
+        return (end._t - self._t) * 1000.0
+
+
 @contextlib.contextmanager
 def cuda_runtime_stubs() -> Iterator[None]:
     """Host-side no-ops for the CUDA runtime calls code may make around the simulated device:
     ``torch.cuda.get_rng_state`` / ``set_rng_state`` (``torch.random.fork_rng(devices=[cuda])`` saves
     and restores the device generator; sampling here uses the CPU generator, which fork_rng restores
-    anyway) and ``torch.cuda.synchronize`` (nothing is asynchronous here). ``torch.cuda.is_available()``
-    stays False."""
-    saved = {n: getattr(torch.cuda, n) for n in ("get_rng_state", "set_rng_state", "synchronize")}
+    anyway), ``torch.cuda.synchronize`` (nothing is asynchronous here) and ``torch.cuda.Event`` (a host
+    clock, `HostEvent`, for timers that use CUDA events where a test also makes ``torch.cuda.is_available()``
+    True). ``torch.cuda.is_available()`` stays False."""
+    saved = {n: getattr(torch.cuda, n) for n in ("get_rng_state", "set_rng_state", "synchronize", "Event")}
+    torch.cuda.Event = HostEvent  # type: ignore[assignment,misc]
     torch.cuda.get_rng_state = lambda device="cuda": torch.zeros(0, dtype=torch.uint8)  # type: ignore[assignment]
     torch.cuda.set_rng_state = lambda new_state, device="cuda": None  # type: ignore[assignment]
     torch.cuda.synchronize = lambda device=None: None  # type: ignore[assignment]

@@ -226,9 +226,12 @@ def test_gradient_checkpointing_on_the_simulated_gpu(tiny_pair, tmp_path, cpu_ru
 def test_optimizer_step_in_backward_on_the_simulated_gpu(tiny_pair, tmp_path, cpu_run):
     """optim.in_backward: AdamW steps each parameter in its post-accumulate-grad hook (gradient norms
     read back to the host one parameter at a time) on the GPU; same metrics and weights as the CPU run
-    of the plain optimizer step."""
+    of the plain optimizer step. optim.fused false: fused AdamW creates its step counter with
+    ``device=p.device`` inside the hook, where the simulator's device rewriting is not active (a backward
+    hook runs without torch-function modes); fused AdamW is checked in tests/test_gpu_defaults.py."""
     with gpu_machine() as gpu:
-        trainer, history = _train(_config(tiny_pair, tmp_path, **{"optim.in_backward": True}), gpu)
+        cfg = _config(tiny_pair, tmp_path, **{"optim.in_backward": True, "optim.fused": False})
+        trainer, history = _train(cfg, gpu)
         _assert_on_gpu(trainer)
         assert trainer.in_backward is not None and trainer.in_backward.stepped > 0
     _same_steps(history, cpu_run[0])

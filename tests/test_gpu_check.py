@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -54,7 +55,7 @@ def test_select_only_skip_and_unknown():
     names = [s.name for s in steps]
     assert names[0] == "deps" and "resume" in names and "bench-fp32" in names and "accelerate-ddp" in names
     chosen, unknown = gc.select(steps, "train,bench-*", None)
-    assert [s.name for s in chosen] == ["deps", "tiny", "train", "bench-fp32", "bench-bf16", "bench-trl"]
+    assert [s.name for s in chosen] == ["deps", "tiny", "train", "bench-trl", "bench-fp32", "bench-bf16"]
     assert unknown == []
     chosen, _ = gc.select(steps, "sft", None)  # with what it needs
     assert [s.name for s in chosen] == ["deps", "generate", "sft"]
@@ -105,11 +106,130 @@ def test_failed_step_gives_exit_1_and_rows(tmp_path):
     assert rows["broken"]["status"] == "FAIL" and "bug in a step" in rows["broken"]["note"]
     assert rows["too-big"]["status"] == "SKIP" and "budget" in rows["too-big"]["note"]
     assert data["failed"] == ["bad", "slow", "broken"]
-    log = tmp_path / "out" / rows["ok"]["log"]
+    log = tmp_path / "work" / rows["ok"]["log"]  # written in the scratch directory ...
     assert log.exists() and "hello" in log.read_text()
+    assert _archived(tmp_path / "out")[rows["ok"]["log"]].startswith("$ ")  # ... and packed into OUT
+    assert "hello" in _archived(tmp_path / "out")[rows["ok"]["log"]]
     summary = (tmp_path / "out" / "summary.md").read_text()
     assert summary.startswith("# opd GPU check (cpu): FAILED: 1 passed, 3 failed, 2 skipped")
     assert "| bad | FAIL |" in summary
+
+
+def _archived(out: Path) -> dict[str, str]:
+    import tarfile
+
+    with tarfile.open(out / "logs.tar.gz") as tar:
+        return {m.name: tar.extractfile(m).read().decode() for m in tar.getmembers() if m.isfile()}
+
+
+def test_order_by_value_and_the_plan():
+    names = [s.name for s in gc.all_steps()]
+    first = ["deps", "tiny", "train", "resume", "fsdp", "bench-trl", "bench-fp32", "bench-bf16"]
+    assert names[: len(first)] == first  # the training paths and the TRL comparison come first
+    extras = [s.name for s in gc.all_steps() if s.extra]
+    assert names[-len(extras) :] == extras == ["check", "analyze", "cold-start", "prompts-select"]
+    steps = gc.all_steps()
+    est = gc.estimates_for(steps, cpu=False)
+    assert est["bench-fp32"] == gc.ESTIMATES["bench-fp32"][0] and all(s.name in est for s in steps)
+    # a budget that ends 20 s after bench-fp32: too little for bench-bf16's 60 s minimum, enough for
+    # accelerate-ddp's 10 s (it takes longer than the 20 s, so it is the step the budget stops)
+    assert est["accelerate-ddp"] > 20
+    plan = gc.make_plan(steps, est, budget_s=sum(est[n] for n in first[:7]) + 20)
+    by = {p["step"]: p for p in plan}
+    assert by["train"]["fits"] == "yes" and by["train"]["by_s"] == sum(est[n] for n in first[:3])
+    assert by["bench-fp32"]["fits"] == "yes" and by["bench-fp32"]["by_s"] == sum(est[n] for n in first[:7])
+    # bench-bf16 needs its 60 s minimum and is skipped; accelerate-ddp (10 s minimum) then starts in its place
+    assert by["bench-bf16"]["fits"].startswith("no") and by["bench-bf16"]["by_s"] is None
+    assert by["accelerate-ddp"]["fits"].startswith("starts")
+    assert all(by[n]["fits"].startswith("no") for n in ("generate", "prompts-select"))
+    everything = gc.make_plan(steps, est, budget_s=10**5)
+    assert everything[-1]["by_s"] == sum(est.values()) and all(p["fits"] == "yes" for p in everything)
+    assert "estimate s" in gc.text_table(gc.PLAN_HEADERS, gc.plan_rows(plan))
+
+
+def test_estimates_from_an_earlier_run(tmp_path):
+    steps = gc.all_steps()
+    earlier = tmp_path / "results.json"
+    rows = [
+        {"name": "train", "status": "PASS", "seconds": 7.25},
+        {"name": "fsdp", "status": "SKIP", "seconds": 0},
+    ]
+    earlier.write_text(json.dumps({"mode": "gpu", "steps": rows}))
+    est = gc.estimates_for(steps, cpu=False, earlier=earlier)
+    assert est["train"] == 7.2 and est["fsdp"] == gc.ESTIMATES["fsdp"][0]  # a skipped step keeps its estimate
+    with pytest.raises(SystemExit, match="same mode"):
+        gc.estimates_for(steps, cpu=True, earlier=earlier)
+
+
+def test_a_step_cut_by_the_budget_is_stopped_not_failed(tmp_path):
+    check = _check(tmp_path, "--budget-s", "3")
+    check.estimates = {"long": 60.0}
+    steps = [
+        _cmd_step("long", "import time; print('working', flush=True); time.sleep(60)"),
+        _cmd_step("after", "pass"),
+        gc.Step("extra", "extra", lambda c: gc.StepResult("extra", "PASS"), extra=True, min_s=0, cpu_s=50),
+    ]
+    check.estimates["extra"] = 50.0
+    t = time.monotonic()
+    assert gc.run_steps(check, steps) == 0  # nothing failed
+    assert time.monotonic() - t < 30
+    data = json.loads((tmp_path / "out" / "results.json").read_text())
+    rows = {r["name"]: r for r in data["steps"]}
+    assert rows["long"]["status"] == "SKIP" and "stopped at the budget" in rows["long"]["note"]
+    assert "--only long" in rows["long"]["note"] and rows["long"]["estimate_s"] == 60.0
+    assert rows["after"]["status"] == "SKIP" and rows["after"]["note"].startswith("budget:")
+    assert rows["extra"]["status"] == "SKIP"
+    assert data["stopped_by_budget"] == ["long"]
+    assert "(1 stopped at the budget)" in (tmp_path / "out" / "summary.md").read_text()
+    assert "working" in _archived(tmp_path / "out")[rows["long"]["log"]]  # the stopped step's log is kept
+
+
+def test_out_dir_holds_three_files(tmp_path, monkeypatch):
+    """The GPU machine returns at most 8 files, no more than 2 folders down: OUT gets summary.md,
+    results.json and logs.tar.gz, whatever ran (a stale older layout there is removed)."""
+    out = tmp_path / "out"
+    (out / "logs").mkdir(parents=True)
+    (out / "logs" / "01-deps.log").write_text("old")
+    (out / "bench-fp32.json").write_text("{}")
+    fake = {
+        "python": "3.12",
+        "modules": {m: {"ok": True, "version": "1"} for m in (*gc.CORE_MODULES, *gc.OPTIONAL_MODULES)},
+        "cuda_available": False,
+    }
+    monkeypatch.setattr(gc, "probe", lambda check, log: fake)
+
+    def fake_bench(check):  # stands in for the benchmark: its JSON and an arm log, where the real one writes
+        (check.logs / "bench-fp32").mkdir(parents=True, exist_ok=True)
+        (check.logs / "bench-fp32" / "trl.log").write_text("arm log")
+        (check.logs / "bench-fp32.json").write_text("{}")
+        return check.simple("bench-fp32", [sys.executable, "-c", "print('bench')"], 60)
+
+    many = [gc.Step(f"s{i}", "x", lambda c, i=i: c.simple(f"s{i}", [sys.executable, "-c", "pass"], 60), min_s=0)
+            for i in range(12)]  # fmt: skip
+    steps = [gc.all_steps()[0], *many, gc.Step("bench-fp32", "b", fake_bench, min_s=0)]
+    monkeypatch.setattr(gc, "all_steps", lambda: steps)
+    assert gc.main(["--cpu", str(out), "--work", str(tmp_path / "work")]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["logs.tar.gz", "results.json", "summary.md"]
+    names = set(_archived(out))
+    # every step's log (deps wrote none: its probe is faked), the benchmark's JSON and its arm's log
+    assert {"logs/02-s0.log", "logs/14-bench-fp32.log", "logs/bench-fp32.json"} <= names
+    assert "logs/bench-fp32/trl.log" in names and len(names) == 15
+    data = json.loads((out / "results.json").read_text())
+    assert data["plan"][0]["step"] == "deps" and data["logs"] == "logs.tar.gz"
+    assert "(not installed)" in gc.describe_env({"opd_from": str(gc.REPO / "src" / "opd")})
+
+
+def test_archive_keeps_the_tail_of_a_huge_log(tmp_path, monkeypatch):
+    monkeypatch.setattr(gc, "ARCHIVE_MEMBER_MAX", 100)
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "01-x.log").write_text("a" * 500 + "THE END")
+    (tmp_path / "logs" / "model.safetensors").write_text("not a log")
+    assert gc.write_archive(tmp_path, tmp_path / "out.tar.gz") == 1
+    import tarfile
+
+    with tarfile.open(tmp_path / "out.tar.gz") as tar:
+        text = tar.extractfile("logs/01-x.log").read().decode()
+    assert text.endswith("THE END") and "first 407 bytes cut" in text
 
 
 def test_all_passing_gives_exit_0(tmp_path):
@@ -186,6 +306,7 @@ def _bench_json() -> dict:
                 "median_update_s": 0.5,
                 "tokens_per_s": tok,
                 "update_compute_dtype": dtype,
+                "teacher_compute_dtype": "float32",
                 "peak_rss_mb": 1000.0,
                 "cuda_peak_alloc_mb": 5000.0,
             }
@@ -214,9 +335,10 @@ def _bench_json() -> dict:
 
 def test_bench_rows_and_summary(tmp_path):
     headers, rows = gc.bench_rows(_bench_json())
-    assert headers[-1] == "CUDA peak MB"
+    assert headers[-1] == "CUDA peak MB" and headers[6] == "teacher in"
     by = {r[0]: r for r in rows}
-    assert by["opd[topk]"][4] == "2.50x" and by["trl"][4] == "1.00x" and by["opd[topk]"][6] == "5000"
+    assert by["opd[topk]"][4] == "2.50x" and by["trl"][4] == "1.00x" and by["opd[topk]"][7] == "5000"
+    assert by["trl"][6] == "float32"
     assert by["opd-full"][1] == "FAILED" and "out of memory" in by["opd-full"][2]
     data = {
         "mode": "gpu",

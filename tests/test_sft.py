@@ -213,3 +213,14 @@ def test_resume_of_a_finished_sft_run_says_so_and_changes_nothing(tiny_pair, tmp
         and "opd sft --resume" in res.output
     )
     assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in before} == before
+
+
+def test_sft_records_its_device_choices(tiny_pair, tmp_path):
+    """SFT takes OPD's speed settings (tf32, fused AdamW, the allocator, the collective timeout) and writes
+    what it chose to RUN_DIR/device.json, as opd train does; on the CPU nothing is switched on."""
+    data = _write_data(tmp_path / "d.jsonl")
+    t = _trainer(tiny_pair, data, tmp_path / "run", tf32=False, dist_timeout_s=1800)
+    choices = json.loads((tmp_path / "run" / "device.json").read_text())
+    assert choices["device"] == "cpu" and choices["fused_adamw"] is False
+    assert choices["tf32"]["applied"] is False
+    assert t.cfg.dist_timeout_s == 1800 and t.cfg.expandable_segments is True

@@ -42,7 +42,7 @@ def engine(pair):
     model = load_model(str(pair["student"]))
     stops = stop_ids_for(tok, model)
     gen = VLLMGenerator(str(pair["student"]), pad_id=tok.pad_token_id, stop_ids=stops, dtype="float32",
-                        max_model_len=128, seed=0, kv_cache_gb=1)  # fmt: skip
+                        max_model_len=128, seed=0, kv_cache_gb=1, seeded=True)  # fmt: skip
     return gen, tok, model, stops
 
 
@@ -181,6 +181,8 @@ def test_trainer_with_vllm_rollouts_and_vllm_teacher(pair, tmp_path: Path) -> No
         "float32",
         "--rollout.vllm_kv_cache_gb",
         "1",
+        "--rollout.vllm_seeded",  # the two runs must draw the same rollouts
+        "true",
     ]
     runs = {}
     for name, extra in (
@@ -266,3 +268,30 @@ def test_serve_teacher_real_server_on_loopback(pair, tmp_path: Path) -> None:
     assert f"--host 127.0.0.1 --port {port}" in out and "teacher ready" in out, out
     with pytest.raises(TeacherUnavailableError, match="failed 3 tries"):
         client.score_topk(roll)
+
+
+def test_padded_head_rows_are_never_sampled(pair, tmp_path) -> None:
+    """A student whose head has rows past the tokenizer, with those rows' logits far above every real
+    token's (tests/test_padded_vocab.py builds the same model for HF): the engine never samples them.
+    Last in the file: a second engine in the process must not run before the tests of the `engine` fixture."""
+    from opd.generation.rollout import tokenizer_vocab_size
+    from opd.models.tiny import build_tiny_model
+
+    tok = load_tokenizer(str(pair["student"]))
+    n = tokenizer_vocab_size(tok)
+    model = build_tiny_model(tok, hidden=128, layers=2, heads=2, vocab_pad_to=64, seed=3)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, 0] = 1.0
+        model.lm_head.weight[n:] = 0.0
+        model.lm_head.weight[n:, 0] = 50.0
+    model.save_pretrained(tmp_path / "padded")
+    tok.save_pretrained(tmp_path / "padded")
+    stops = stop_ids_for(tok, model)
+    gen = VLLMGenerator(str(tmp_path / "padded"), pad_id=tok.pad_token_id, stop_ids=stops, dtype="float32",
+                        max_model_len=128, kv_cache_gb=1, vocab_size=n)  # fmt: skip
+    for params in (
+        SamplingParams(temperature=1.0, max_new_tokens=12),
+        SamplingParams(temperature=0.0, max_new_tokens=12),
+    ):
+        roll = gen.generate(_prompts(tok), params, 2, 5, [0, 1, 2])
+        assert int(roll.response_mask.sum()) > 0 and int(roll.response_ids.max()) < n

@@ -61,6 +61,34 @@ MessagesColumn = Annotated[
 AnswerColumn = Annotated[
     str | None, Field(description="column of the reference answer; null to ignore this column")
 ]
+# The device-speed settings of a training command (`opd train`; `opd sft` takes the same), each defined once.
+Tf32 = Annotated[
+    bool,
+    Field(
+        description="CUDA only: float32 matmuls and cuDNN convolutions run on TF32 tensor cores (inputs rounded "
+        "to a 10-bit mantissa, float32 accumulation; ~6x the float32 rate on A100/H100); false: full float32. "
+        "Changes nothing on a CPU; the choice is recorded in RUN_DIR/device.json",
+    ),
+]
+ExpandableSegments = Annotated[
+    bool,
+    Field(
+        description="CUDA only: when PYTORCH_CUDA_ALLOC_CONF (and PYTORCH_ALLOC_CONF) is unset, set it to "
+        "expandable_segments:True before CUDA starts, so the caching allocator grows segments instead of "
+        "fragmenting under varying rollout lengths; never with a vLLM engine in the process (its memory "
+        "pool refuses expandable segments); recorded in RUN_DIR/device.json",
+    ),
+]
+DistTimeout = Annotated[
+    float | None,
+    Field(
+        gt=0,
+        description="several processes: seconds a collective waits for the others before this process fails; "
+        "null: 600 on CPU (gloo), 3600 on GPU (NCCL: torch's 600 s killed ranks waiting while the main "
+        "process evaluated, loaded the fidelity reference or wrote a checkpoint); raise it when one in-loop "
+        "evaluation takes longer; OPD_DIST_TIMEOUT (seconds) overrides it",
+    ),
+]
 
 
 class _Section(BaseModel):
@@ -89,9 +117,11 @@ class StudentConfig(_Section):
         "float32", description="float32 | bfloat16 | float16 | auto; keep float32 master weights: bfloat16 "
         "rounds away updates as small as lr 1e-6",
     )  # fmt: skip
-    autocast: Literal["none", "bfloat16", "float16"] = Field(
+    autocast: Literal["none", "bfloat16"] = Field(
         "none", description="mixed precision: the student's forward/backward (and HF rollouts) compute in this "
-        "dtype under torch.autocast while weights, gradients and optimizer state stay in student.dtype",
+        "dtype under torch.autocast while weights, gradients and optimizer state stay in student.dtype; with "
+        "sharding fsdp the all-gathered weights are bfloat16 too (FSDP2 MixedPrecisionPolicy, fp32 gradient "
+        "reduction). float16 is refused: opd has no loss scaling, and fp16's range underflows small gradients",
     )  # fmt: skip
     gradient_checkpointing: bool = Field(
         False, description="recompute each decoder layer's activations in backward instead of keeping them "
@@ -99,6 +129,17 @@ class StudentConfig(_Section):
     )  # fmt: skip
     trust_remote_code: TrustRemoteCode = False
     lora: LoraConfig = LoraConfig()
+
+    @field_validator("autocast", mode="before")
+    @classmethod
+    def _no_fp16_autocast(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip().lower() in ("float16", "fp16", "half"):
+            raise ValueError(
+                f"student.autocast {value} is not supported: float16 autocast needs loss scaling (a GradScaler), "
+                "which opd does not do, and without it fp16's narrow range flushes small gradients to zero; use "
+                "student.autocast bfloat16 (float32's range, no scaling needed) or none"
+            )
+        return value
 
 
 def check_server_url(url: str) -> str:
@@ -220,6 +261,11 @@ class RolloutConfig(_Section):
         0.3, gt=0, lt=1, description="vLLM share of GPU memory (gpu_memory_utilization); the student trains "
         "in the rest (and a vLLM teacher takes teacher.vllm_gpu_memory)",
     )  # fmt: skip
+    vllm_seeded: bool = Field(
+        False, description="backend vllm: per-request seeds: the same rollouts on any process count and after a "
+        "resume, on vLLM's slower seeded sampling path; false (default): vLLM's fast batched sampling, seeded "
+        "once at engine start, so a resumed run draws other (equally on-policy) rollouts than an unbroken one",
+    )  # fmt: skip
 
 
 # The objective's names and their descriptions come from opd.objectives.registry, the one list that
@@ -243,9 +289,12 @@ class LossConfig(_Section):
             d.name for d in registry.entries("divergence") if d.uses_beta) + ", in [0, 1] (see its description)",
     )  # fmt: skip
     chunk_size: int | None = Field(2048, ge=1, description="rows per chunk for full-vocabulary math")
-    chunk_max_elements: int | None = Field(  # objectives.DEFAULT_CHUNK_ELEMENTS (a test keeps them equal)
-        2**25, ge=1, description="cap on rows x vocabulary per chunk of full-vocabulary math (bounds each "
-        "temporary at ~128 MB fp32 whatever the vocabulary: 220 rows at 152k tokens); null: chunk_size alone",
+    # the default is objectives.DEFAULT_CHUNK_ELEMENTS (a test keeps them equal)
+    chunk_max_elements: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field(
+        "auto", description="cap on rows x vocabulary per chunk of full-vocabulary math, bounding each temporary "
+        "whatever the vocabulary; auto: by the compute device, 2^25 on the CPU (~128 MB fp32: 220 rows at 152k "
+        "tokens) and 2^28 on a CUDA GPU (~1 GiB fp32: 1766 rows at 152k, so far fewer kernel launches per step), "
+        "the number used is logged at start-up; a number: that cap on every device; null: chunk_size alone",
     )  # fmt: skip
     from_hidden_states: bool = Field(
         True, description="take the student's and HF teacher's last hidden states and project them to the vocabulary "
@@ -265,6 +314,19 @@ class LossConfig(_Section):
             expected = ", ".join(map(repr, names[:-1])) + f" or {names[-1]!r}"
             raise PydanticCustomError("literal_error", "Input should be {expected}", {"expected": expected})
         return value
+
+    @field_validator("chunk_max_elements", mode="before")
+    @classmethod
+    def _chunk_elements(cls, value: Any) -> Any:
+        if value is None or value == "auto":
+            return value
+        try:
+            number = int(value) if not isinstance(value, (bool, float)) else None
+        except (TypeError, ValueError):
+            number = None
+        if number is None or number < 1:
+            raise ValueError("must be a positive integer (rows x vocabulary), auto (by device) or null")
+        return number
 
     @model_validator(mode="after")
     def _combination(self) -> LossConfig:
@@ -301,6 +363,11 @@ class OptimConfig(_Section):
     )
     warmup_ratio: float = Field(0.0, ge=0.0, le=1.0, description="used when warmup_steps is 0")
     min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0, description="cosine floor as a fraction of lr")
+    fused: bool = Field(
+        True, description="CUDA only: AdamW's fused kernel (one launch for every parameter instead of a loop of "
+        "kernels; the same update up to rounding) when every trained parameter is a floating-point tensor "
+        "on a GPU; false: torch's default (foreach) implementation",
+    )  # fmt: skip
 
 
 class DiagnosticsConfig(_Section):
@@ -432,6 +499,9 @@ class TrainConfig(_Section):
         "none", description="fsdp = shard the student's weights, gradients and optimizer state over the processes "
         "(torch FSDP2, one unit per decoder layer; CPU/gloo or GPU); none = every process holds the whole student",
     )  # fmt: skip
+    tf32: Tf32 = True
+    expandable_segments: ExpandableSegments = True
+    dist_timeout_s: DistTimeout = None
 
     @model_validator(mode="after")
     def _sharding(self) -> TrainConfig:

@@ -22,18 +22,25 @@ between the host and the compute device.
   host) and read onto the CPU (``map_location="cpu"``), then copied into the model and optimizer, which
   already live on the compute device.
 - **Timers** (`clock`) synchronize the device first, so a phase is charged for the kernels it launched
-  rather than for those of the phase before it.
+  rather than for those of the phase before it; they stand at phase boundaries only. Inside a phase's
+  loop (the HF teacher's forward of each micro-batch) a `DeviceTimer` times sections with CUDA events,
+  which the device records in its own queue: nothing waits until the total is read, after the loop.
+- **Host syncs** (`.item()`, `float()`, ``nonzero``, a copy to the host) stay out of the loops of a step:
+  the loss, diagnostic and signal sums are added to on the device chunk by chunk and read back once per
+  step (tests/test_host_syncs.py counts them on the simulated GPU).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+from collections.abc import Iterator
 from typing import Any, TypeVar
 
 import torch
 
-__all__ = ["clock", "host", "place", "reduce_sum", "resolve_device", "synchronize"]
+__all__ = ["DeviceTimer", "clock", "host", "place", "reduce_sum", "resolve_device", "synchronize"]
 
 T = TypeVar("T")
 
@@ -81,6 +88,47 @@ def clock(device: torch.device | str) -> float:
     """`time.perf_counter()` after the device's queued work finished: a phase boundary."""
     synchronize(device)
     return time.perf_counter()
+
+
+class DeviceTimer:
+    """Seconds the device spends on sections of a loop, without a synchronization per section.
+
+    On a CUDA device each `section` records a start and an end event in the device's queue; `seconds` waits
+    for the last end event once and sums the elapsed times, so it belongs at the next phase boundary. Kernels
+    queued before a section are not charged to it (the start event runs after them). On the CPU, where
+    operators run synchronously, sections are timed with `time.perf_counter`; on other devices (MPS) each
+    section is bracketed with `clock`."""
+
+    def __init__(self, device: torch.device | str):
+        self.device = torch.device(device)
+        self._events = self.device.type == "cuda" and torch.cuda.is_available()
+        self._pairs: list[tuple[Any, Any]] = []
+        self._host = 0.0
+
+    @contextlib.contextmanager
+    def section(self) -> Iterator[None]:
+        if self._events:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            try:
+                yield
+            finally:
+                end.record()
+                self._pairs.append((start, end))
+            return
+        queued = self.device.type not in ("cpu", "cuda")  # MPS: asynchronous, without events here
+        t0 = clock(self.device) if queued else time.perf_counter()
+        try:
+            yield
+        finally:
+            self._host += (clock(self.device) if queued else time.perf_counter()) - t0
+
+    def seconds(self) -> float:
+        """The sections' total so far; on CUDA this waits for the last section's end (one synchronization)."""
+        if not self._pairs:
+            return self._host
+        self._pairs[-1][1].synchronize()
+        return self._host + sum(start.elapsed_time(end) for start, end in self._pairs) / 1000.0
 
 
 def host(t: torch.Tensor) -> torch.Tensor:

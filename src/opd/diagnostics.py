@@ -36,16 +36,19 @@ from opd.objectives.token import (
 __all__ = [
     "BINNED_METRICS",
     "MEAN_METRICS",
+    "DiagnosticSums",
     "EngineDrift",
     "StepStats",
     "StepStatsSettings",
     "target_diagnostic_sums",
     "target_signal_stats",
+    "add_row_sums",
     "diagnostic_sums",
     "finalize",
     "merge_sums",
     "sequence_mean_reward",
     "token_diagnostics",
+    "zero_sums",
 ]
 
 # metric name -> the count it is a mean over
@@ -157,45 +160,77 @@ def diagnostic_sums(
         )
     student, teacher = shared_vocab(student_logits, teacher_logits, vocab_size)
     dtype = compute_dtype(student, teacher)
-    device = student.device
-    f64 = torch.float64
-
-    sums: dict[str, Tensor] = {
-        f"{name}__sum": torch.zeros((), dtype=f64, device=device) for name in MEAN_METRICS
-    }
-    sums["tokens__count"] = torch.zeros((), dtype=f64, device=device)
-    sums["overlap_nonempty__count"] = torch.zeros((), dtype=f64, device=device)
-    binned = {name: torch.zeros(position_bins, dtype=f64, device=device) for name in BINNED_METRICS}
-    bin_tokens = torch.zeros(position_bins, dtype=f64, device=device)
-
+    sums = zero_sums(student.device, position_bins)
     b_idx, t_idx = masked_positions(mask)
     for start, stop in row_chunks(b_idx.numel(), chunk_size):
         bi, ti = b_idx[start:stop], t_idx[start:stop]
-        metrics = _row_metrics(student[bi, ti].to(dtype), teacher[bi, ti].to(dtype), k)
-        nonempty = metrics.pop("_nonempty")
-        for name, values in metrics.items():
-            sums[f"{name}__sum"] += values.sum().to(f64)
-        sums["tokens__count"] += float(stop - start)
-        sums["overlap_nonempty__count"] += nonempty.sum().to(f64)
-        if position_bins > 0:
-            assert bin_len is not None
-            bins = (ti * position_bins // bin_len).clamp_max(position_bins - 1)
-            bin_tokens.index_add_(0, bins, torch.ones_like(bins, dtype=f64))
-            for name in BINNED_METRICS:
-                binned[name].index_add_(0, bins, metrics[name].to(f64))
-
-    for i in range(position_bins):
-        sums[f"tokens/bin{i}__count"] = bin_tokens[i].clone()
-        for name in BINNED_METRICS:
-            sums[f"{name}/bin{i}__sum"] = binned[name][i].clone()
+        add_row_sums(sums, student[bi, ti].to(dtype), teacher[bi, ti].to(dtype), ti, k=k,
+                     position_bins=position_bins, bin_len=bin_len)  # fmt: skip
     return sums
+
+
+class DiagnosticSums(dict):
+    """`diagnostic_sums`' dict of float64 0-dim sums, as `zero_sums` makes it: its per-bin entries are views
+    of one ``[position_bins]`` vector per metric (`bins`, by metric name and ``"tokens"``), so `add_row_sums`
+    fills every bin with one ``index_add_`` per chunk. Used as a plain dict everywhere else."""
+
+    bins: dict[str, Tensor]
+
+
+def zero_sums(device: torch.device | str, position_bins: int = 0) -> DiagnosticSums:
+    """`diagnostic_sums`' keys, all zero, on `device` (see `DiagnosticSums`)."""
+    f64 = torch.float64
+    sums = DiagnosticSums(
+        {f"{name}__sum": torch.zeros((), dtype=f64, device=device) for name in MEAN_METRICS}
+    )
+    sums["tokens__count"] = torch.zeros((), dtype=f64, device=device)
+    sums["overlap_nonempty__count"] = torch.zeros((), dtype=f64, device=device)
+    sums.bins = {}
+    if position_bins > 0:
+        sums.bins = {name: torch.zeros(position_bins, dtype=f64, device=device)
+                     for name in ("tokens", *BINNED_METRICS)}  # fmt: skip
+        for i, view in enumerate(sums.bins["tokens"].unbind(0)):
+            sums[f"tokens/bin{i}__count"] = view
+        for name in BINNED_METRICS:
+            for i, view in enumerate(sums.bins[name].unbind(0)):
+                sums[f"{name}/bin{i}__sum"] = view
+    return sums
+
+
+@torch.no_grad()
+def add_row_sums(sums: DiagnosticSums, s_rows: Tensor, t_rows: Tensor, t_idx: Tensor, *, k: int = 16,
+                 position_bins: int = 0, bin_len: int | None = None) -> None:  # fmt: skip
+    """Add one chunk of masked rows to `sums` (made by `zero_sums` with the same `position_bins`), in place
+    on the device: student and teacher logits ``[n, V]`` (the shared vocabulary, in the compute dtype) and
+    the rows' response positions ``t_idx`` ``[n]`` (for the bins). No host sync, no copy of the sums; the
+    trainer's step statistics call it once per chunk of the loss."""
+    f64 = torch.float64
+    n = int(s_rows.shape[0])
+    if n == 0:
+        return
+    metrics = _row_metrics(s_rows, t_rows, k)
+    nonempty = metrics.pop("_nonempty")
+    for name, values in metrics.items():
+        sums[f"{name}__sum"] += values.sum().to(f64)
+    sums["tokens__count"] += float(n)
+    sums["overlap_nonempty__count"] += nonempty.sum().to(f64)
+    if position_bins > 0:
+        if bin_len is None:
+            raise ValueError("position_bins > 0 needs bin_len >= 1 (the response budget in tokens)")
+        if len(sums.bins["tokens"]) != position_bins:
+            raise ValueError(
+                f"position_bins={position_bins} but the sums were made with {len(sums.bins['tokens'])}"
+            )
+        bins = (t_idx * position_bins // bin_len).clamp_max(position_bins - 1)
+        sums.bins["tokens"].index_add_(0, bins, torch.ones_like(bins, dtype=f64))
+        for name in BINNED_METRICS:
+            sums.bins[name].index_add_(0, bins, metrics[name].to(f64))
 
 
 def merge_sums(a: dict[str, Tensor], b: dict[str, Tensor]) -> dict[str, Tensor]:
     """Add two sum dicts (micro-batches or processes); a key missing on one side counts as zero."""
-    out = {key: value.clone() for key, value in a.items()}
-    for key, value in b.items():
-        out[key] = out[key] + value if key in out else value.clone()
+    out = {key: value + b[key] if key in b else value.clone() for key, value in a.items()}
+    out.update({key: value.clone() for key, value in b.items() if key not in a})
     return out
 
 
@@ -359,37 +394,44 @@ class StepStats:
     """A step's diagnostics, signal stats and engine cross-check, accumulated one chunk of response rows at a
     time: from `head_loss_sum`'s `on_chunk` (hidden-state path) or by walking the masked rows of the logits
     (`add_logits`, plain path), so both paths share one accumulator and no metric needs a `[B, T, V]` tensor
-    of its own. Rows are laid out by `spread_rows` so position bins see every row's true position.
+    of its own. Each chunk's rows go straight to the row functions (`add_row_sums`, `row_signal_stats` and
+    their top-K twins), with each row's true response position for the bins.
 
     A micro-batch `mb` is anything with `response_mask`, `response_ids` and `engine_logprobs` (a Rollout).
-    Device: `sums` and `engine` stay on the compute device; `reward_sum` and `best_adv` are host."""
+    Device: every accumulator stays on the compute device and is added to in place, so a chunk costs no host
+    sync and no copy of the sums; `reward_sum` and `best_adv` are read back (one copy each) once the step's
+    last chunk is in."""
 
     def __init__(self, settings: StepStatsSettings, device: torch.device | str):
         self.settings, self.device = settings, device
         self.sums: dict[str, Tensor] = {}
         self.engine = EngineDrift.zeros(device)
-        self.reward_sum = 0.0
-        self.best_adv = torch.tensor([-1.0, 0.0], dtype=torch.float64)  # (|adv|, p - q there)
+        self._reward = torch.zeros((), dtype=torch.float64, device=device)
+        self._best = torch.tensor([-1.0, 0.0], dtype=torch.float64, device=device)  # (|adv|, p - q there)
+
+    @property
+    def reward_sum(self) -> float:
+        """The sampled-token reward log q - log p summed over the step's rows (a host copy: read it after the
+        step's last chunk)."""
+        return float(self._reward)
+
+    @property
+    def best_adv(self) -> Tensor:
+        """(largest |advantage|, p - q there) of the step, host float64 (a host copy, as `reward_sum`)."""
+        return self._best.detach().to(device="cpu", dtype=torch.float64)  # as opd.device.host (a layer up)
 
     def start(self, mb: Any, target: Any) -> Callable[[Tensor, Any, Tensor, Tensor], None]:
         """The callback for micro-batch `mb`'s chunks; every key exists after the first call, even with no
         masked row, so processes all-reduce the same key set."""
-        from opd.objectives.topk import TeacherTopK
+        from opd.objectives.topk import TeacherTopK, check_sparse_diagnostics, sparse_zero_sums
 
         if not self.sums:
-            v, device = self.settings.vocab_size, self.device
-            none = torch.zeros((1, 1), dtype=torch.bool, device=device)
             if isinstance(target, TeacherTopK):
-                k = target.k
-                empty: Any = TeacherTopK(torch.zeros((1, 1, k), dtype=torch.long, device=device),
-                                         torch.zeros((1, 1, k), device=device), torch.zeros((1, 1), device=device))  # fmt: skip
+                check_sparse_diagnostics(self.settings.diagnostics_k, target.k)
+                self.sums = sparse_zero_sums(self.device)
             else:
-                empty = torch.zeros((1, 1, v), device=device)
-            self.sums = target_diagnostic_sums(
-                torch.zeros((1, 1, v), device=device), empty, none, self.settings
-            )
-        width = int(mb.response_mask.shape[1])
-        return lambda s, t, bi, ti: self._rows(mb, width, s, t, bi, ti)
+                self.sums = zero_sums(self.device, self.settings.position_bins)
+        return lambda s, t, bi, ti: self._rows(mb, s, t, bi, ti)
 
     def add_logits(self, mb: Any, s_det: Tensor, target: Any) -> None:
         """Plain path: the micro-batch's detached `[B, T, V]` logits, walked in chunks of masked rows."""
@@ -404,28 +446,45 @@ class StepStats:
                       if isinstance(target, TeacherTopK) else target[bi, ti, :v])  # fmt: skip
             on_chunk(s_det[bi, ti, :v], t_rows, bi, ti)
 
-    def _rows(self, mb: Any, width: int, s_rows: Tensor, t_rows: Any, b_idx: Tensor, t_idx: Tensor) -> None:
-        from opd.objectives.hidden import spread_rows
-        from opd.objectives.topk import TeacherTopK
+    def _rows(self, mb: Any, s_rows: Tensor, t_rows: Any, b_idx: Tensor, t_idx: Tensor) -> None:
+        """One chunk: student rows ``[n, V]``, the target's rows (logits ``[n, V]`` or a `TeacherTopK` of
+        ``[n, K]`` / ``[n]``), the rows' batch and response positions ``[n]``. Device work only."""
+        from opd.objectives.token import row_signal_stats
+        from opd.objectives.topk import TeacherTopK, add_sparse_row_sums, sparse_row_signal_stats
 
         n = int(b_idx.numel())
         if n == 0:
             return
-        s, mask = spread_rows(s_rows, t_idx, width)
-        if isinstance(t_rows, TeacherTopK):
-            target: Any = TeacherTopK(spread_rows(t_rows.ids, t_idx, width)[0],
-                                      spread_rows(t_rows.logprobs, t_idx, width)[0],
-                                      spread_rows(t_rows.token_logprob, t_idx, width)[0])  # fmt: skip
-        else:
-            target = spread_rows(t_rows, t_idx, width)[0]
+        st = self.settings
         y = mb.response_ids[b_idx, t_idx]
-        self.sums = merge_sums(self.sums, target_diagnostic_sums(s, target, mask, self.settings))
         if mb.engine_logprobs is not None:
             ones = torch.ones((1, n), dtype=torch.bool, device=s_rows.device)
             self.engine.add(
                 s_rows.unsqueeze(0), y.unsqueeze(0), ones, mb.engine_logprobs[b_idx, t_idx].unsqueeze(0)
             )
-        st = target_signal_stats(s, target, spread_rows(y, t_idx, width)[0], mask, self.settings)
-        self.reward_sum += st["reward_mean"] * n
-        if st["adv_max_abs"] > self.best_adv[0]:
-            self.best_adv = torch.tensor([st["adv_max_abs"], st["p_minus_q_at_max_adv"]], dtype=torch.float64)
+        s_rows = s_rows[:, : st.vocab_size]
+        with torch.no_grad():
+            if isinstance(t_rows, TeacherTopK):
+                s = s_rows.to(torch.float64 if s_rows.dtype == torch.float64 else torch.float32)
+                for a, b in row_chunks(n, st.chunk_rows):
+                    rows = TeacherTopK(t_rows.ids[a:b], t_rows.logprobs[a:b], t_rows.token_logprob[a:b])
+                    add_sparse_row_sums(self.sums, s[a:b], rows, k=st.diagnostics_k)
+                    reward, best = sparse_row_signal_stats(
+                        s[a:b], rows, y[a:b], signal=st.signal, k=st.loss_k
+                    )
+                    self._add_signal(reward, best)
+            else:
+                t_rows = t_rows[:, : st.vocab_size]
+                dtype = compute_dtype(s_rows, t_rows)
+                s, t = s_rows.to(dtype), t_rows.to(dtype)
+                for a, b in row_chunks(n, st.chunk_rows):
+                    add_row_sums(self.sums, s[a:b], t[a:b], t_idx[a:b], k=st.diagnostics_k,
+                                 position_bins=st.position_bins, bin_len=st.bin_len)  # fmt: skip
+                    reward, best = row_signal_stats(s[a:b], t[a:b], y[a:b], signal=st.signal, k=st.loss_k,
+                                                    support=st.support)  # fmt: skip
+                    # a chunk without a valid slot counts as (0, 0), as `signal_stats` reports it
+                    self._add_signal(reward, torch.where(best[0] >= 0, best, torch.zeros_like(best)))
+
+    def _add_signal(self, reward: Tensor, best: Tensor) -> None:
+        self._reward += reward
+        self._best = torch.where(best[0] > self._best[0], best, self._best)

@@ -94,14 +94,14 @@ def _global_options(
 def _add_commands(app: typer.Typer) -> None:
     """Every command, one module each under opd/cli, and those installed packages declare in the
     ``opd.commands`` entry-point group (opd's own lab registers ``opd lab`` and ``opd demo`` that way, so
-    nothing outside opd/lab imports the lab)."""
-    from importlib.metadata import entry_points
-
+    nothing outside opd/lab imports the lab; from a source tree without metadata, `opd.runtime.entry_points`
+    supplies opd's own)."""
     from opd.cli import analyze, check, config, doctor, eval, prompts, recipes, serve, train
+    from opd.runtime import entry_points
 
     for module in (train, check, config, eval, prompts, recipes, doctor, analyze, serve):
         module.register(app)
-    for ep in entry_points(group="opd.commands"):
+    for ep in entry_points("opd.commands"):
         ep.load()(app)
 
 

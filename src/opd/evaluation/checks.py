@@ -81,8 +81,8 @@ def _nonfinite_result(who: str, logits: torch.Tensor, mask: torch.Tensor,
 
 
 def self_test_rollout(model: torch.nn.Module, prompts: list[list[int]], *, pad_id: int, stop_ids: list[int],
-                      max_new_tokens: int = 16, seed: int = 0) -> Rollout:  # fmt: skip
-    gen = HFGenerator(model, pad_id=pad_id, stop_ids=stop_ids)
+                      max_new_tokens: int = 16, seed: int = 0, vocab_size: int | None = None) -> Rollout:  # fmt: skip
+    gen = HFGenerator(model, pad_id=pad_id, stop_ids=stop_ids, vocab_size=vocab_size)
     params = SamplingParams(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=max_new_tokens)
     return gen.generate(prompts, params, 1, seed, list(range(len(prompts))))
 
@@ -253,7 +253,7 @@ def run_checks(
                          add_special_tokens=not uses_chat(template))  # fmt: skip
     with status("self-test rollouts and scoring..."):
         roll = self_test_rollout(s_model, ids, pad_id=s_tok.pad_token_id, stop_ids=stop_ids_for(s_tok, s_model),
-                                 max_new_tokens=max_new_tokens)  # fmt: skip
+                                 max_new_tokens=max_new_tokens, vocab_size=vocab)  # fmt: skip
         results.append(fidelity_self_test(s_model, roll, vocab_size=vocab, k=k))
         results.append(determinism_check(t_model, roll))
         diag = pair_diagnostics(s_model, t_model, roll, vocab_size=vocab, k=k)
@@ -337,7 +337,7 @@ def check_engine_teacher(teacher: Any, model: torch.nn.Module, prompt_ids: list[
         acc.wait_for_everyone()
         return None
     roll = self_test_rollout(model, prompt_ids[:n_prompts], pad_id=pad_id, stop_ids=stop_ids,
-                             max_new_tokens=min(max_tokens, max_new_tokens), seed=seed)  # fmt: skip
+                             max_new_tokens=min(max_tokens, max_new_tokens), seed=seed, vocab_size=vocab_size)  # fmt: skip
     result = None
     if acc.is_main_process:
         result = engine_fidelity(teacher, place(roll, acc.device), vocab_size=vocab_size, reference=tc.path,

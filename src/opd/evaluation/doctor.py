@@ -489,9 +489,9 @@ def _rollouts(
 ) -> list[Rollout]:  # fmt: skip
     """n samples per prompt in batches, seeded by `chunk_seed(seed, step, first prompt)` like training;
     `on_batch(prompts_done)` after each batch, for the progress bar."""
-    from opd.generation.rollout import HFGenerator, chunk_seed
+    from opd.generation.rollout import HFGenerator, chunk_seed, tokenizer_vocab_size
 
-    gen = HFGenerator(model, pad_id=tok.pad_token_id, stop_ids=stop_ids)
+    gen = HFGenerator(model, pad_id=tok.pad_token_id, stop_ids=stop_ids, vocab_size=tokenizer_vocab_size(tok))
     out = []
     for start in range(0, len(prompt_ids), batch_size):
         idx = list(range(start, min(start + batch_size, len(prompt_ids))))
@@ -859,7 +859,7 @@ def _continuation_advantage(
     """Truncate the longest student rollouts at each depth and let each teacher continue: accuracy of
     that minus the student's own says whether the teacher can take over from the student's states.
     Measured on the first template's rollouts, and shown with the recommended template too."""
-    from opd.generation.rollout import HFGenerator
+    from opd.generation.rollout import HFGenerator, tokenizer_vocab_size
 
     cfg, models = run.cfg, run.models
     rows = [(roll, r) for roll in first.rolls for r in range(len(roll))]
@@ -867,7 +867,8 @@ def _continuation_advantage(
     order = sorted(range(len(rows)), key=lambda i: -row_len[i])  # longest first
     chosen = sorted(order[: cfg.continuation_rollouts])
     for name, teacher in models.teachers.items():
-        gen = HFGenerator(teacher, pad_id=models.tok.pad_token_id, stop_ids=models.stops)
+        vocab = tokenizer_vocab_size(models.tok)  # a padded teacher head's rows are never sampled
+        gen = HFGenerator(teacher, pad_id=models.tok.pad_token_id, stop_ids=models.stops, vocab_size=vocab)
         m = reports[name].by_template[cfg.templates[0]]
         for depth in cfg.depths:
             prefixes = _prefixes(cfg, rows, row_len, chosen, depth)

@@ -10,9 +10,10 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
-from transformers import GenerationConfig, PreTrainedModel
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, PreTrainedModel
 
 
 @dataclass(frozen=True)
@@ -243,18 +244,54 @@ def chunk_seed(seed: int, step: int, first_prompt: int) -> int:
     return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 
-class HFGenerator:
-    """Batched sampling with KV cache via `model.generate`, left padding, stop on any stop id."""
+def tokenizer_vocab_size(tokenizer: Any) -> int:
+    """The ids `tokenizer` can produce: its length, or its highest id + 1 where the vocabulary has holes
+    (as `opd.models.loading.shared_vocab_size` counts them). A model's head rows past it are padding."""
+    vocab = tokenizer.get_vocab()
+    return max(len(tokenizer), max(vocab.values(), default=-1) + 1)
 
-    def __init__(self, model: PreTrainedModel, *, pad_id: int, stop_ids: list[int], synced: bool = False):
+
+class PaddedRowsMask(LogitsProcessor):
+    """Sets the logits of ids >= `vocab_size` (the head's padded rows, beyond the tokenizer) to -inf, in
+    place, so no sampler (greedy, temperature, top-k/top-p) can pick them.
+
+    Why: checkpoints pad their LM head (Qwen2.5: 151,936 rows for 151,665 tokens) and those rows' logits are
+    whatever training left there; a sampled padded id is an IndexError in the vocabulary-sliced loss on a CPU
+    and a device-side assert that poisons the CUDA context on a GPU. `generate` hands the processors a fresh
+    float32 copy of each step's logits, so writing into it is safe; processors passed to `generate` run
+    before its temperature/top-k/top-p warpers, so a truncation never keeps only padded ids."""
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = int(vocab_size)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if scores.shape[-1] > self.vocab_size:
+            scores[..., self.vocab_size :] = float("-inf")
+        return scores
+
+
+class HFGenerator:
+    """Batched sampling with KV cache via `model.generate`, left padding, stop on any stop id.
+
+    `vocab_size`: the tokenizer's vocabulary (`tokenizer_vocab_size`); ids at or past it (the head's padded
+    rows) are never sampled. None: every head row is a token."""
+
+    def __init__(self, model: PreTrainedModel, *, pad_id: int, stop_ids: list[int], synced: bool = False,
+                 vocab_size: int | None = None):  # fmt: skip
         if not stop_ids:
             raise ValueError("no stop token: the tokenizer has no EOS and rollout.stop_token_ids is empty")
+        if vocab_size is not None and vocab_size < 1:
+            raise ValueError(f"vocab_size must be >= 1 (the tokenizer's vocabulary), got {vocab_size}")
         self.model = model
         # A sharded (FSDP) model all-gathers every layer's weights on every forward, so all processes must
         # keep stepping until the longest generation anywhere is done: generate(synced_gpus=True).
         self.synced = synced
         self.pad_id = pad_id
         self.stop_ids = sorted(set(stop_ids))
+        self.vocab_size = vocab_size
+        if vocab_size is not None and (past := [i for i in self.stop_ids if i >= vocab_size]):
+            raise ValueError(f"stop ids {past} are past the tokenizer's {vocab_size} ids (the head's padded rows, "
+                             "never sampled, so no rollout would stop): remove them from rollout.stop_token_ids")  # fmt: skip
 
     def _generation_config(self, params: SamplingParams) -> GenerationConfig:
         greedy = params.temperature == 0.0
@@ -290,6 +327,13 @@ class HFGenerator:
             **extra,
         )
 
+    def _processors(self) -> LogitsProcessorList:
+        """The padded-rows mask where the head has rows past the tokenizer (none otherwise: no per-step cost)."""
+        rows = _head_rows(self.model)
+        if self.vocab_size is None or (rows is not None and rows <= self.vocab_size):
+            return LogitsProcessorList()
+        return LogitsProcessorList([PaddedRowsMask(self.vocab_size)])
+
     @torch.no_grad()
     def generate(
         self, prompts: list[list[int]], params: SamplingParams, n: int, seed: int, prompt_index: list[int]
@@ -311,7 +355,7 @@ class HFGenerator:
                 torch.manual_seed(seed)
                 out = self.model.generate(
                     input_ids=ids, attention_mask=mask, generation_config=self._generation_config(params),
-                    **({"synced_gpus": True} if self.synced else {}),
+                    logits_processor=self._processors(), **({"synced_gpus": True} if self.synced else {}),
                 )  # fmt: skip
         finally:
             self.model.train(was_training)
@@ -328,3 +372,14 @@ class HFGenerator:
             truncated=truncated,
             prompt_index=index,
         )
+
+
+def _head_rows(model: torch.nn.Module) -> int | None:
+    """The output rows of `model`'s LM head (its logits' width), None where it cannot be read."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    weight = getattr(head, "weight", None)
+    if weight is not None and weight.dim() == 2:
+        return int(weight.shape[0])  # a DTensor shard reports the global shape
+    n = getattr(getattr(model, "config", None), "vocab_size", None)
+    return int(n) if isinstance(n, int) else None

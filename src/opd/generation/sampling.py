@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from opd.generation.rollout import HFGenerator, Rollout, SamplingParams, chunk_seed
+from opd.generation.rollout import HFGenerator, Rollout, SamplingParams, chunk_seed, tokenizer_vocab_size
 
 
 @dataclass
@@ -59,13 +59,16 @@ def sample_responses(
 
     `indices` are the prompts' ids in their file (default 0..N-1); seeds are keyed by them, so
     re-running on a subset (a resumed job) reproduces the same samples for the same prompts.
-    `on_batch` sees each finished batch (for incremental writing and progress bars).
+    `on_batch` sees each finished batch (for incremental writing and progress bars). Ids past the
+    tokenizer's vocabulary (a padded head's rows) are never sampled.
     """
     indices = list(range(len(prompt_ids))) if indices is None else list(indices)
     if len(indices) != len(prompt_ids):
         raise ValueError("indices and prompt_ids differ in length")
     stops = list(stop_ids) if stop_ids is not None else stop_ids_for(tokenizer, model)
-    gen = HFGenerator(model, pad_id=tokenizer.pad_token_id, stop_ids=stops)
+    gen = HFGenerator(
+        model, pad_id=tokenizer.pad_token_id, stop_ids=stops, vocab_size=tokenizer_vocab_size(tokenizer)
+    )
     out: list[Sample] = []
     for start in range(0, len(prompt_ids), batch_size):
         idx = indices[start : start + batch_size]

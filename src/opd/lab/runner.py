@@ -998,7 +998,7 @@ def teacher_pair_probe(
     from opd.data import load_prompts
     from opd.device import resolve_device
     from opd.diagnostics import token_diagnostics
-    from opd.generation.rollout import HFGenerator, SamplingParams
+    from opd.generation.rollout import HFGenerator, SamplingParams, tokenizer_vocab_size
     from opd.generation.sampling import stop_ids_for
     from opd.generation.scoring import response_logits
     from opd.lab.world import MAX_NEW_TOKENS
@@ -1009,7 +1009,12 @@ def teacher_pair_probe(
     s_model, a_model, b_model = (load_model(p, device=device) for p in (student, teacher_a, teacher_b))
     prompts = [r.text for f in files for r in load_prompts(f)[:n]]
     ids = [tok(p)["input_ids"] for p in prompts]
-    gen = HFGenerator(s_model, pad_id=tok.pad_token_id, stop_ids=stop_ids_for(tok, s_model))
+    gen = HFGenerator(
+        s_model,
+        pad_id=tok.pad_token_id,
+        stop_ids=stop_ids_for(tok, s_model),
+        vocab_size=tokenizer_vocab_size(tok),
+    )
     roll = gen.generate(ids, SamplingParams(temperature=1.0, max_new_tokens=MAX_NEW_TOKENS), 1, seed,
                         list(range(len(ids))))  # fmt: skip
     ls, la, lb = (response_logits(m, roll) for m in (s_model, a_model, b_model))

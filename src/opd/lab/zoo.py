@@ -427,13 +427,18 @@ def gap_diagnostics(
     Returns {teacher: {"k4/overlap_ratio": ..., "reverse_kl": ..., ...}}.
     """
     from opd.diagnostics import token_diagnostics
-    from opd.generation.rollout import HFGenerator, SamplingParams
+    from opd.generation.rollout import HFGenerator, SamplingParams, tokenizer_vocab_size
     from opd.generation.sampling import stop_ids_for
     from opd.generation.scoring import response_logits
 
     problems = eval_problems(level)[:n]
     prompt_ids = [tok(p.prompt)["input_ids"] for p in problems]
-    gen = HFGenerator(student, pad_id=tok.pad_token_id, stop_ids=stop_ids_for(tok, student))
+    gen = HFGenerator(
+        student,
+        pad_id=tok.pad_token_id,
+        stop_ids=stop_ids_for(tok, student),
+        vocab_size=tokenizer_vocab_size(tok),
+    )
     roll = gen.generate(prompt_ids, SamplingParams(temperature=1.0, max_new_tokens=max_new_tokens), 1, seed,
                         list(range(len(problems))))  # fmt: skip
     s_logits = response_logits(student, roll)

@@ -66,13 +66,17 @@ def model_scheme(scheme: str) -> Callable[[str], Path]:
     """The resolver of ``SCHEME:NAME`` model specs, from the ``opd.model_schemes`` entry-point group.
 
     An entry point rather than an import: opd's lab registers ``lab`` this way, so loading a model never
-    imports the lab (and other packages can add schemes of their own)."""
-    from importlib.metadata import entry_points
+    imports the lab (and other packages can add schemes of their own). `opd.runtime.entry_points` adds
+    opd's own when no installed opd declares them (a source tree on PYTHONPATH)."""
+    from opd.runtime import entry_points
 
-    found = {ep.name: ep for ep in entry_points(group=MODEL_SCHEMES)}
+    found = {ep.name: ep for ep in entry_points(MODEL_SCHEMES)}
     if scheme not in found:
-        known = ", ".join(f"{n}:NAME" for n in sorted(found)) or "none (is opd installed? pip install -e .)"
-        raise ModelError(f"no resolver for {scheme}:... model specs; known: {known}")
+        known = ", ".join(f"{n}:NAME" for n in sorted(found)) or "none"
+        raise ModelError(
+            f"no resolver for {scheme}:... model specs; known: {known} (a package adds a scheme with an "
+            f"{MODEL_SCHEMES!r} entry point)"
+        )
     return found[scheme].load()
 
 
@@ -94,12 +98,12 @@ def model_defaults(spec: str) -> dict[str, str]:
     ``raw`` template), from the ``opd.model_defaults`` entry point of its scheme; {} for plain paths, hub
     ids and schemes that register none. An entry point, like `model_scheme`, so the core never imports
     the lab; the callable takes NAME and returns a mapping with keys from `DEFAULTABLE`."""
-    from importlib.metadata import entry_points
+    from opd.runtime import entry_points
 
     parsed = _scheme_of(spec)
     if parsed is None:
         return {}
-    found = {ep.name: ep for ep in entry_points(group=MODEL_DEFAULTS)}
+    found = {ep.name: ep for ep in entry_points(MODEL_DEFAULTS)}
     if parsed[0] not in found:
         return {}
     out = found[parsed[0]].load()(parsed[1]) or {}

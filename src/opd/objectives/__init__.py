@@ -6,6 +6,7 @@ signals, the divergences, chunking, and the loss straight from hidden states.
 - `token`: dense teacher logits at student-visited positions -> per-token loss (the paper's forms).
 - `topk`: the same losses from a teacher that only returns its top-K log-probs (vLLM, HTTP).
 - `hidden`: the loss from hidden states and LM-head weights, never materialising ``[B, T, V]`` logits.
+- `cross_entropy`: SFT's token cross-entropy the same way, from hidden states and head weights in chunks.
 
 No I/O and no models here: every function is tested against a float64 reference. The names users
 import (``opd.objectives.token_loss``, ...) are re-exported from here.

@@ -34,6 +34,7 @@ from torch.autograd.function import once_differentiable
 
 from opd.objectives.token import (
     DEFAULT_CHUNK_ELEMENTS,
+    ChunkElements,
     _make_row_loss,
     chunk_rows,
     compute_dtype,
@@ -41,7 +42,7 @@ from opd.objectives.token import (
     row_chunks,
     validate_objective,
 )
-from opd.objectives.topk import TeacherTopK, check_sparse_objective, sparse_per_token_loss
+from opd.objectives.topk import TeacherTopK, check_sparse_objective, sparse_row_loss
 
 __all__ = ["ChunkCallback", "head_loss_sum", "projected_rows", "spread_rows"]
 
@@ -187,18 +188,15 @@ def _check_teacher(teacher: Tensor, w_teacher: Tensor | None, b_teacher: Tensor 
 def _sparse_chunk_loss(teacher: TeacherTopK, y: Tensor, on_chunk: ChunkCallback | None, **objective: Any
                        ) -> Callable[[Tensor, Tensor, Tensor], Tensor]:  # fmt: skip
     """The loss of one chunk of student logit rows against a top-K teacher: the chunk's rows of the
-    teacher's ids/log-probs, as a one-row batch through `sparse_per_token_loss` (the same row maths as
-    whole batches)."""
+    teacher's ids/log-probs through `sparse_row_loss` (the row maths of `sparse_per_token_loss`, without a
+    mask, so no host sync per chunk)."""
 
     def chunk_loss(s_rows: Tensor, bi: Tensor, ti: Tensor) -> Tensor:
-        n = bi.numel()
         flat = TeacherTopK(teacher.ids[bi, ti], teacher.logprobs[bi, ti], teacher.token_logprob[bi, ti])
-        rows = TeacherTopK(flat.ids.unsqueeze(0), flat.logprobs.unsqueeze(0), flat.token_logprob.unsqueeze(0))
-        ones = torch.ones((1, n), dtype=torch.bool, device=s_rows.device)
         if on_chunk is not None:
             with torch.no_grad():
                 on_chunk(s_rows.detach(), flat, bi, ti)
-        return sparse_per_token_loss(s_rows.unsqueeze(0), rows, y[bi, ti].unsqueeze(0), ones, **objective)
+        return sparse_row_loss(s_rows, flat, y[bi, ti], **objective)
 
     return chunk_loss
 
@@ -238,7 +236,7 @@ def head_loss_sum(
     beta: float = 0.5,
     vocab_size: int | None = None,
     chunk_size: int | None = 2048,
-    max_chunk_elements: int | None = DEFAULT_CHUNK_ELEMENTS,
+    max_chunk_elements: ChunkElements = DEFAULT_CHUNK_ELEMENTS,
     w_teacher: Tensor | None = None,
     b_teacher: Tensor | None = None,
     on_chunk: ChunkCallback | None = None,
@@ -251,8 +249,10 @@ def head_loss_sum(
     ``TeacherTopK``), with the same gradients. A sum rather than a mean because the trainer normalises by
     the global token count of the step. ``vocab_size`` keeps the first rows of both heads, as
     ``per_token_loss(vocab_size=)`` keeps the first logit columns. Rows per chunk are
-    ``chunk_rows(V, chunk_size, max_chunk_elements)`` (``chunk_size=None``: one chunk, capped by
-    ``max_chunk_elements`` unless that is None too). The teacher gets no gradient.
+    ``chunk_rows(V, chunk_size, max_chunk_elements, device)`` (``"auto"``: by the hidden states' device, see
+    `opd.objectives.token.chunk_elements`; ``chunk_size=None``: one chunk, capped by ``max_chunk_elements``
+    unless that is None too). The teacher gets no gradient. No host sync per chunk: the masked positions
+    are found once (one ``nonzero``), the sums stay on the device.
 
     ``on_chunk``, when given, is called once per chunk in the forward (under no_grad) with the chunk's
     detached student logits ``[n, V]`` (the first ``vocab_size`` columns, in the compute dtype), the
@@ -274,7 +274,7 @@ def head_loss_sum(
         dtype = compute_dtype(h_student, w_student)
         y = y_all if y_all is not None else torch.zeros(mask.shape, dtype=torch.long, device=h_student.device)
         chunk_loss = _sparse_chunk_loss(teacher, y, on_chunk, signal=signal, divergence=divergence, k=k,
-                                        support=support, renorm=renorm, beta=beta)  # fmt: skip
+                                        renorm=renorm, beta=float(beta))  # fmt: skip
     else:
         _check_teacher(teacher, w_teacher, b_teacher, tuple(mask.shape))
         assert w_teacher is not None  # checked above; for type checkers
@@ -289,7 +289,7 @@ def head_loss_sum(
         "v": v,
         "b_idx": b_idx,
         "t_idx": t_idx,
-        "chunk_size": chunk_rows(v, chunk_size, max_chunk_elements),
+        "chunk_size": chunk_rows(v, chunk_size, max_chunk_elements, device=h_student.device),
         "chunk_loss": chunk_loss,
         "grad_enabled": torch.is_grad_enabled(),
         "project_dtype": project_dtype,
@@ -314,7 +314,7 @@ def projected_rows(
     *,
     vocab_size: int | None = None,
     chunk_size: int | None = 2048,
-    max_chunk_elements: int | None = DEFAULT_CHUNK_ELEMENTS,
+    max_chunk_elements: ChunkElements = DEFAULT_CHUNK_ELEMENTS,
 ) -> Iterator[tuple[Tensor, Tensor, list[Tensor]]]:
     """The logits of several models at the masked rows, one chunk of rows at a time, without gradient.
 
@@ -342,6 +342,7 @@ def projected_rows(
     v = _shared_rows(v, None, vocab_size)
     dtype = compute_dtype(*(x for h, w, _ in heads for x in (h, w)))
     b_idx, t_idx = masked_positions(mask)
-    for start, stop in row_chunks(b_idx.numel(), chunk_rows(v, chunk_size, max_chunk_elements)):
+    rows_per_chunk = chunk_rows(v, chunk_size, max_chunk_elements, device=heads[0][0].device)
+    for start, stop in row_chunks(b_idx.numel(), rows_per_chunk):
         bi, ti = b_idx[start:stop], t_idx[start:stop]
         yield bi, ti, [_project(h[bi, ti], w, b, v, dtype) for h, w, b in heads]

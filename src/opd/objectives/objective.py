@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from opd.objectives.hidden import ChunkCallback, head_loss_sum
-from opd.objectives.token import DEFAULT_CHUNK_ELEMENTS, per_token_loss
+from opd.objectives.token import DEFAULT_CHUNK_ELEMENTS, ChunkElements, per_token_loss
 from opd.objectives.topk import TeacherTopK, sparse_per_token_loss
 
 __all__ = ["Objective", "TeacherHidden", "hidden_loss_sum", "logits_loss", "nonfinite_target_positions"]
@@ -40,7 +40,8 @@ class TeacherHidden(NamedTuple):
 class Objective:
     """The loss settings of a run (`loss.*` of the config) and the shared vocabulary, as the row maths takes
     them. `chunk_rows`: masked rows per chunk on the logits path; `chunk_size` / `chunk_max_elements`: the
-    hidden-state path's chunking (rows are derived from the vocabulary there)."""
+    hidden-state path's chunking (rows are derived from the vocabulary there; ``"auto"`` is resolved by the
+    hidden states' device, while a run's Objective holds the number its device resolved it to)."""
 
     signal: str
     divergence: str = "reverse_kl"
@@ -51,7 +52,7 @@ class Objective:
     vocab_size: int | None = None
     chunk_rows: int | None = 2048
     chunk_size: int | None = 2048
-    chunk_max_elements: int | None = DEFAULT_CHUNK_ELEMENTS
+    chunk_max_elements: ChunkElements = DEFAULT_CHUNK_ELEMENTS
 
     def _maths(self) -> dict[str, Any]:
         return dict(signal=self.signal, divergence=self.divergence, k=self.k, support=self.support,
@@ -85,7 +86,8 @@ def nonfinite_target_positions(target: Any, mask: Tensor, vocab_size: int) -> Te
     host sync), to tell whether a non-finite step came from the teacher.
 
     Top-K log-probs use -inf for emptied slots and for a token the teacher gives probability 0, so only NaN
-    and +inf count there; hidden states and dense logits must be finite everywhere."""
+    and +inf count there; hidden states and dense logits must be finite everywhere. The target may be wider
+    than `mask` (a top-K target keeps its rollout chunk's columns); its first columns are the mask's."""
     if isinstance(target, TeacherTopK):
         lp = target.logprobs
         bad = torch.isnan(lp).any(-1) | (lp == math.inf).any(-1) | torch.isnan(target.token_logprob)
@@ -93,4 +95,7 @@ def nonfinite_target_positions(target: Any, mask: Tensor, vocab_size: int) -> Te
         bad = ~torch.isfinite(target.hidden).all(-1)
     else:
         bad = ~torch.isfinite(target[..., :vocab_size]).all(-1)
+    # A top-K target keeps the rollout chunk's columns (`TeacherTopK.select`) while the micro-batch's mask is
+    # trimmed to its own last response column (`Rollout.select`): the first columns are the same positions.
+    bad = bad[:, : mask.shape[1]]
     return (bad & mask.to(bad.device).bool()).sum()

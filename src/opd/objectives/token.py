@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterator
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -29,15 +30,22 @@ from opd.objectives import registry
 from opd.objectives.registry import DIVERGENCES, RENORMS, SIGNALS, SUPPORTS
 
 __all__ = [
+    "CPU_CHUNK_ELEMENTS",
+    "DEFAULT_CHUNK_ELEMENTS",
     "DIVERGENCES",
+    "GPU_CHUNK_ELEMENTS",
     "RENORMS",
     "SIGNALS",
     "SUPPORTS",
+    "ChunkElements",
+    "chunk_elements",
+    "chunk_rows",
     "compute_dtype",
     "divergence_from_log_probs",
     "masked_positions",
     "per_token_loss",
     "row_chunks",
+    "row_signal_stats",
     "shared_vocab",
     "signal_stats",
     "support_advantage",
@@ -48,6 +56,8 @@ __all__ = [
 ]
 
 RowLoss = Callable[[Tensor, Tensor, Tensor | None], Tensor]
+# loss.chunk_max_elements: rows x vocabulary per chunk, "auto" (by device) or None (no cap)
+ChunkElements = int | Literal["auto"] | None
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -143,23 +153,49 @@ def _check_chunk_size(chunk_size: int | None) -> None:
         raise ValueError(f"chunk_size={chunk_size!r} must be a positive integer or None (one chunk)")
 
 
-DEFAULT_CHUNK_ELEMENTS = 2**25  # rows x vocabulary per chunk: ~128 MB per fp32 temporary, 220 rows at 152k
+# rows x vocabulary per chunk on the CPU: ~128 MB per fp32 temporary, 220 rows at 152k
+CPU_CHUNK_ELEMENTS = 2**25
+# on a CUDA device: ~1 GiB per fp32 temporary, 1766 rows at 152k (chunk_size caps it)
+GPU_CHUNK_ELEMENTS = 2**28
+# loss.chunk_max_elements' default: by device (`chunk_elements`)
+DEFAULT_CHUNK_ELEMENTS: ChunkElements = "auto"
+
+
+def chunk_elements(setting: ChunkElements, device: torch.device | str | None = None) -> int | None:
+    """The rows x vocabulary cap per chunk that `setting` means on `device`: ``"auto"`` is
+    `GPU_CHUNK_ELEMENTS` on a CUDA device and `CPU_CHUNK_ELEMENTS` elsewhere (the CPU, or no device given);
+    a number or None is itself.
+
+    Why by device: on the CPU a chunk's cost is its arithmetic and a small chunk keeps the temporaries in
+    cache; on a GPU every chunk is a few dozen kernel launches whatever its size, so at 220 rows per chunk
+    the launches (not the maths) bound the loss, and the GPU has the memory for ~1 GiB temporaries.
+    """
+    if setting == "auto":
+        if device is not None and torch.device(device).type == "cuda":
+            return GPU_CHUNK_ELEMENTS
+        return CPU_CHUNK_ELEMENTS
+    if setting is not None and (isinstance(setting, bool) or not isinstance(setting, int) or setting < 1):
+        raise ValueError(f"max_elements={setting!r} must be a positive integer, 'auto' or None")
+    return setting
 
 
 def chunk_rows(
-    vocab: int, chunk_size: int | None = 2048, max_elements: int | None = DEFAULT_CHUNK_ELEMENTS
+    vocab: int,
+    chunk_size: int | None = 2048,
+    max_elements: ChunkElements = DEFAULT_CHUNK_ELEMENTS,
+    device: torch.device | str | None = None,
 ) -> int | None:
-    """Rows per chunk (at most ``chunk_size``) so that a [rows, vocab] temporary stays under ``max_elements``.
+    """Rows per chunk (at most ``chunk_size``) so that a [rows, vocab] temporary stays under ``max_elements``
+    (``"auto"``: by `device`, see `chunk_elements`; None: ``chunk_size`` alone).
 
     A row count alone is the wrong unit: 2048 rows are 0.8 MB at a 100-token vocabulary and 1.2 GB (fp32) at
     Qwen's 152k, and the loss and diagnostics each hold several such temporaries at once.
     """
     _check_chunk_size(chunk_size)
-    if max_elements is None:
+    cap_elements = chunk_elements(max_elements, device)
+    if cap_elements is None:
         return chunk_size
-    if max_elements < 1:
-        raise ValueError(f"max_elements={max_elements!r} must be a positive integer or None")
-    cap = max(1, max_elements // max(vocab, 1))
+    cap = max(1, cap_elements // max(vocab, 1))
     return cap if chunk_size is None else min(chunk_size, cap)
 
 
@@ -519,40 +555,54 @@ def signal_stats(
     b_idx, t_idx = masked_positions(mask)
     device = student.device
     reward_sum = torch.zeros((), dtype=torch.float64, device=device)
-    best_abs = torch.full((), -1.0, dtype=torch.float64, device=device)
-    best_pmq = torch.zeros((), dtype=torch.float64, device=device)
+    best = torch.tensor([-1.0, 0.0], dtype=torch.float64, device=device)
     for start, stop in row_chunks(b_idx.numel(), chunk_size):
         bi, ti = b_idx[start:stop], t_idx[start:stop]
-        s_rows = student[bi, ti].to(dtype)
-        t_rows = teacher[bi, ti].to(dtype)
-        lse_s = torch.logsumexp(s_rows, dim=-1, keepdim=True)
-        lse_t = torch.logsumexp(t_rows, dim=-1, keepdim=True)
-        reward = None
-        if response_tokens is not None:
-            y = response_tokens[bi, ti].long().unsqueeze(-1)
-            reward = (_gather_log_probs(t_rows, y, lse_t) - _gather_log_probs(s_rows, y, lse_s)).squeeze(-1)
-            reward_sum += reward.sum().to(torch.float64)
-        if signal == "sampled":
-            assert reward is not None
-            ids, valid, adv = y, torch.ones_like(y, dtype=torch.bool), reward.unsqueeze(-1)
-        else:
-            ids, valid = topk_support(s_rows, t_rows, k, support if signal == "topk" else "student")
-            log_p_sel = _gather_log_probs(s_rows, ids, lse_s)
-            adv = support_advantage(log_p_sel, _gather_log_probs(t_rows, ids, lse_t), valid)
-        score = torch.where(valid, adv.abs(), -1.0).flatten()
-        if score.numel() == 0:
-            continue
-        flat = score.argmax()
-        row, slot = flat // ids.shape[-1], flat % ids.shape[-1]
-        v = ids[row, slot]
-        pmq = (s_rows[row, v] - lse_s[row, 0]).exp() - (t_rows[row, v] - lse_t[row, 0]).exp()
-        better = score[flat].to(torch.float64) > best_abs
-        best_pmq = torch.where(better, pmq.to(torch.float64), best_pmq)
-        best_abs = torch.where(better, score[flat].to(torch.float64), best_abs)
+        y = response_tokens[bi, ti] if response_tokens is not None else None
+        reward, chunk_best = row_signal_stats(
+            student[bi, ti].to(dtype), teacher[bi, ti].to(dtype), y, signal=signal, k=k, support=support
+        )
+        reward_sum += reward
+        best = torch.where(chunk_best[0] > best[0], chunk_best, best)
     n = b_idx.numel()
+    reward_sum, best_abs, best_pmq = torch.cat([reward_sum.reshape(1), best]).tolist()  # one host copy
     return {
-        "reward_mean": float(reward_sum) / n if n else 0.0,
-        "adv_max_abs": float(best_abs.clamp_min(0.0)),
-        "p_minus_q_at_max_adv": float(best_pmq),
+        "reward_mean": reward_sum / n if n else 0.0,
+        "adv_max_abs": max(best_abs, 0.0),
+        "p_minus_q_at_max_adv": best_pmq,
         "n_tokens": float(n),
     }
+
+
+def row_signal_stats(s_rows: Tensor, t_rows: Tensor, y: Tensor | None, *, signal: str, k: int = 16,
+                     support: str = "student") -> tuple[Tensor, Tensor]:  # fmt: skip
+    """`signal_stats` of rows ``[n, V]`` (student and teacher logits of masked positions, in the compute
+    dtype) and their sampled tokens ``y`` ``[n]`` (None: no reward), on the rows' device with no host sync:
+    (the reward sum 0-dim, ``[largest |advantage|, p - q there]``), float64; the largest is -1 where no
+    slot is valid. The trainer's step statistics call it once per chunk of the loss."""
+    f64 = torch.float64
+    lse_s = torch.logsumexp(s_rows, dim=-1, keepdim=True)
+    lse_t = torch.logsumexp(t_rows, dim=-1, keepdim=True)
+    reward = None
+    reward_sum = torch.zeros((), dtype=f64, device=s_rows.device)
+    if y is not None:
+        y = y.long().unsqueeze(-1)
+        reward = (_gather_log_probs(t_rows, y, lse_t) - _gather_log_probs(s_rows, y, lse_s)).squeeze(-1)
+        reward_sum = reward_sum + reward.sum().to(f64)
+    if signal == "sampled":
+        if reward is None or y is None:
+            raise ValueError("signal='sampled' needs the sampled tokens to compute its advantage")
+        ids, valid, adv = y, torch.ones_like(y, dtype=torch.bool), reward.unsqueeze(-1)
+    else:
+        ids, valid = topk_support(s_rows, t_rows, k, support if signal == "topk" else "student")
+        log_p_sel = _gather_log_probs(s_rows, ids, lse_s)
+        adv = support_advantage(log_p_sel, _gather_log_probs(t_rows, ids, lse_t), valid)
+    score = torch.where(valid, adv.abs(), -1.0).flatten()
+    if score.numel() == 0:  # no row: a shape, known on the host
+        return reward_sum, torch.tensor([-1.0, 0.0], dtype=f64, device=s_rows.device)
+    # 1-element index tensors throughout: indexing with a 0-dim tensor would read it back to the host
+    flat = score.argmax().reshape(1)
+    row, slot = flat // ids.shape[-1], flat % ids.shape[-1]
+    v = ids[row, slot]
+    pmq = (s_rows[row, v] - lse_s[row, 0]).exp() - (t_rows[row, v] - lse_t[row, 0]).exp()
+    return reward_sum, torch.cat([score[flat].to(f64), pmq.to(f64)])

@@ -37,10 +37,15 @@ __all__ = [
     "FIDELITY_WARN_MEAN",
     "SPARSE_METRICS",
     "TeacherTopK",
+    "add_sparse_row_sums",
+    "check_sparse_diagnostics",
     "check_sparse_objective",
     "sparse_diagnostic_sums",
     "sparse_per_token_loss",
+    "sparse_row_loss",
+    "sparse_row_signal_stats",
     "sparse_signal_stats",
+    "sparse_zero_sums",
     "topk_fidelity",
     "topk_from_logits",
     "topk_from_prompt_logprobs",
@@ -76,10 +81,7 @@ class TeacherTopK:
     ) -> tuple[Tensor, Tensor, Tensor]:
         """(ids, log-probs, valid) of the first `k` slots at the given positions; slots emptied by
         `restrict` are invalid and carry log-prob 0 so no -inf reaches the arithmetic."""
-        ids = self.ids[b_idx, t_idx, :k].long()
-        log_q = self.logprobs[b_idx, t_idx, :k].to(dtype)
-        valid = torch.isfinite(log_q)
-        return ids, torch.where(valid, log_q, 0.0), valid
+        return _support(self.ids[b_idx, t_idx, :k], self.logprobs[b_idx, t_idx, :k], dtype)
 
     def restrict(self, vocab_size: int) -> TeacherTopK:
         """Empty the slots whose ids are past the shared vocabulary (id 0, log-prob -inf).
@@ -98,6 +100,13 @@ class TeacherTopK:
         return TeacherTopK(self.ids.to(device), self.logprobs.to(device), self.token_logprob.to(device))
 
 
+def _support(ids: Tensor, logprobs: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """`TeacherTopK.support` of already selected slots ``[..., k]``."""
+    log_q = logprobs.to(dtype)
+    valid = torch.isfinite(log_q)
+    return ids.long(), torch.where(valid, log_q, 0.0), valid
+
+
 def topk_from_logits(teacher_logits: Tensor, tokens: Tensor, k: int) -> TeacherTopK:
     """The top-K view of dense teacher logits (what an engine would return), for tests and HF teachers."""
     log_q = torch.log_softmax(teacher_logits.double() if teacher_logits.dtype == torch.float64 else
@@ -114,15 +123,17 @@ def topk_from_prompt_logprobs(rows: list[list[dict[int, tuple[int, float]]]], re
 
     ``rows[r][j]`` is the entry of response position j: ``{token_id: (rank, logprob)}`` holding the
     engine's top-k (ranks 1..k) and the actual token (with its own rank, possibly > k). Positions past
-    a row's list (padding) keep -inf log-probs and id 0, which no loss or metric reads (masked).
+    a row's list (padding) keep -inf log-probs and id 0, which no loss or metric reads (masked). The result
+    is built on the host (the trainer places it); `response_ids` may live anywhere, read back once.
     """
     b, t = response_ids.shape
     ids = torch.zeros((b, t, k), dtype=torch.long)
     lps = torch.full((b, t, k), float("-inf"), dtype=torch.float32)
     tok_lp = torch.full((b, t), float("-inf"), dtype=torch.float32)
+    tokens = response_ids.tolist()  # one device -> host copy, not one per response token
     for r, entries in enumerate(rows):
         for j, entry in enumerate(entries):
-            actual = int(response_ids[r, j])
+            actual = int(tokens[r][j])
             if actual not in entry:
                 raise ValueError(f"the engine returned no log-prob for the scored token {actual} (row {r}, "
                                  f"position {j}): is it serving a model with another tokenizer?")  # fmt: skip
@@ -171,29 +182,40 @@ def sparse_per_token_loss(
     validate_objective(signal, divergence, support, renorm, beta, k)
     check_sparse_objective(signal, support, k, teacher.k)
     student = student_logits[..., :vocab_size] if vocab_size else student_logits
-    dtype = torch.float64 if student.dtype == torch.float64 else torch.float32
+    dtype = _rows_dtype(student)
     b_idx, t_idx = masked_positions(mask)
-    s_rows = student[b_idx, t_idx].to(dtype)
-    lse = torch.logsumexp(s_rows, dim=-1, keepdim=True)
-    if signal == "sampled":
-        y = response_tokens.long()[b_idx, t_idx].unsqueeze(-1)
-        log_p_y = (s_rows.gather(-1, y) - lse).squeeze(-1)
-        reward = (teacher.token_logprob[b_idx, t_idx].to(dtype) - log_p_y).detach()
-        losses = -reward * log_p_y
-    else:
-        ids, log_q_sel, valid = teacher.support(b_idx, t_idx, k, dtype)  # emptied slots leave the support
-        if renorm == "weights":
-            log_p_sel = s_rows.gather(-1, ids) - lse
-            losses = -(support_advantage(log_p_sel, log_q_sel, valid) * log_p_sel).sum(-1)
-        else:
-            safe, nonempty = _safe_valid(valid)
-            log_p = support_log_probs(s_rows.gather(-1, ids), safe)
-            log_q = support_log_probs(log_q_sel, safe)
-            losses = torch.where(
-                nonempty, divergence_from_log_probs(log_p, log_q, divergence, beta, safe), 0.0
-            )
+    rows = TeacherTopK(
+        teacher.ids[b_idx, t_idx], teacher.logprobs[b_idx, t_idx], teacher.token_logprob[b_idx, t_idx]
+    )
+    y = response_tokens[b_idx, t_idx] if response_tokens is not None else torch.zeros_like(b_idx)
+    losses = sparse_row_loss(student[b_idx, t_idx].to(dtype), rows, y, signal=signal,
+                             divergence=divergence, k=k, renorm=renorm, beta=beta)  # fmt: skip
     zeros = torch.zeros(student.shape[:2], dtype=dtype, device=student.device)
     return zeros.index_put((b_idx, t_idx), losses)
+
+
+def sparse_row_loss(s_rows: Tensor, teacher: TeacherTopK, y: Tensor, *, signal: str, divergence: str = "reverse_kl",
+                    k: int = 16, renorm: str = "both", beta: float = 0.5) -> Tensor:  # fmt: skip
+    """`sparse_per_token_loss` of rows: the student's logits ``[n, V]`` at masked positions (in the compute
+    dtype), the teacher's rows there (`TeacherTopK` of ``[n, K]`` / ``[n]``) and the sampled tokens ``y``
+    ``[n]``; returns ``[n]``. No mask and so no ``nonzero``: the hidden-state loss calls it once per chunk
+    without a host sync. The objective is checked by the callers (`check_sparse_objective`)."""
+    dtype = s_rows.dtype
+    lse = torch.logsumexp(s_rows, dim=-1, keepdim=True)
+    if signal == "sampled":
+        y = y.long().unsqueeze(-1)
+        log_p_y = (s_rows.gather(-1, y) - lse).squeeze(-1)
+        reward = (teacher.token_logprob.to(dtype) - log_p_y).detach()
+        return -reward * log_p_y
+    # slots emptied by `TeacherTopK.restrict` leave the support
+    ids, log_q_sel, valid = _support(teacher.ids[:, :k], teacher.logprobs[:, :k], dtype)
+    if renorm == "weights":
+        log_p_sel = s_rows.gather(-1, ids) - lse
+        return -(support_advantage(log_p_sel, log_q_sel, valid) * log_p_sel).sum(-1)
+    safe, nonempty = _safe_valid(valid)
+    log_p = support_log_probs(s_rows.gather(-1, ids), safe)
+    log_q = support_log_probs(log_q_sel, safe)
+    return torch.where(nonempty, divergence_from_log_probs(log_p, log_q, divergence, beta, safe), 0.0)
 
 
 def _rows_dtype(student: Tensor) -> torch.dtype:
@@ -216,32 +238,51 @@ def sparse_signal_stats(student_logits: Tensor, teacher: TeacherTopK, response_t
     dtype = _rows_dtype(student)
     b_idx, t_idx = masked_positions(mask)
     n = b_idx.numel()
-    reward_sum, best, best_pmq = 0.0, -1.0, 0.0
+    reward_sum = torch.zeros((), dtype=torch.float64, device=student.device)
+    best = torch.tensor([-1.0, 0.0], dtype=torch.float64, device=student.device)
     for start, stop in row_chunks(n, chunk_size):
         bi, ti = b_idx[start:stop], t_idx[start:stop]
-        log_p = torch.log_softmax(student[bi, ti].to(dtype), dim=-1)
-        y = response_tokens.long()[bi, ti].unsqueeze(-1)
-        log_q_y = teacher.token_logprob[bi, ti].to(dtype).unsqueeze(-1)
-        reward = (log_q_y - log_p.gather(-1, y)).squeeze(-1)
-        reward_sum += float(reward.double().sum())
-        if signal == "sampled":
-            ids, log_q_sel, adv = y, log_q_y, reward.unsqueeze(-1)
-        else:
-            ids, log_q_sel, valid = teacher.support(bi, ti, k, dtype)
-            adv = torch.where(valid, support_advantage(log_p.gather(-1, ids), log_q_sel, valid), 0.0)
-        flat = adv.abs().flatten().argmax()
-        if float(adv.abs().flatten()[flat]) > best:
-            row, slot = flat // ids.shape[-1], flat % ids.shape[-1]
-            best = float(adv.abs().flatten()[flat])
-            best_pmq = float(log_p[row, ids[row, slot]].exp() - log_q_sel[row, slot].exp())
+        rows = TeacherTopK(teacher.ids[bi, ti], teacher.logprobs[bi, ti], teacher.token_logprob[bi, ti])
+        reward, chunk_best = sparse_row_signal_stats(student[bi, ti].to(dtype), rows, response_tokens[bi, ti],
+                                                     signal=signal, k=k)  # fmt: skip
+        reward_sum += reward
+        best = torch.where(chunk_best[0] > best[0], chunk_best, best)
     if n == 0:
         return {"reward_mean": 0.0, "adv_max_abs": 0.0, "p_minus_q_at_max_adv": 0.0, "n_tokens": 0.0}
+    reward_sum, best_abs, best_pmq = torch.cat([reward_sum.reshape(1), best]).tolist()  # one host copy
     return {
         "reward_mean": reward_sum / n,
-        "adv_max_abs": best,
+        "adv_max_abs": best_abs,
         "p_minus_q_at_max_adv": best_pmq,
         "n_tokens": float(n),
     }
+
+
+@torch.no_grad()
+def sparse_row_signal_stats(s_rows: Tensor, teacher: TeacherTopK, y: Tensor, *, signal: str,
+                            k: int = 16) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """`sparse_signal_stats` of rows (the student's logits ``[n, V]`` in the compute dtype, the teacher's rows
+    ``[n, K]`` / ``[n]``, the sampled tokens ``[n]``), on the rows' device with no host sync: (the reward sum
+    0-dim, ``[largest |advantage|, p - q there]``), float64. The largest is -1 where it is NaN."""
+    f64 = torch.float64
+    dtype = s_rows.dtype
+    log_p = torch.log_softmax(s_rows, dim=-1)
+    y = y.long().unsqueeze(-1)
+    log_q_y = teacher.token_logprob.to(dtype).unsqueeze(-1)
+    reward = (log_q_y - log_p.gather(-1, y)).squeeze(-1)
+    if signal == "sampled":
+        ids, log_q_sel, adv = y, log_q_y, reward.unsqueeze(-1)
+    else:
+        ids, log_q_sel, valid = _support(teacher.ids[:, :k], teacher.logprobs[:, :k], dtype)
+        adv = torch.where(valid, support_advantage(log_p.gather(-1, ids), log_q_sel, valid), 0.0)
+    score = adv.abs().flatten()
+    flat = score.argmax().reshape(1)  # 1-element index tensors: a 0-dim index would be read back to the host
+    row, slot = flat // ids.shape[-1], flat % ids.shape[-1]
+    pmq = log_p[row, ids[row, slot]].exp() - log_q_sel[row, slot].exp()
+    best = torch.cat([score[flat].to(f64), pmq.to(f64)])
+    # a NaN largest is never taken (as a comparison with it is false): reported as "none"
+    best = torch.where(best[0] > -1.0, best, torch.tensor([-1.0, 0.0], dtype=f64, device=best.device))
+    return reward.double().sum(), best
 
 
 SPARSE_METRICS: tuple[str, ...] = (
@@ -260,45 +301,69 @@ def sparse_diagnostic_sums(student_logits: Tensor, teacher: TeacherTopK, mask: T
                            vocab_size: int | None = None, chunk_size: int | None = 2048) -> dict[str, Tensor]:  # fmt: skip
     """Float64 sums/counts of `SPARSE_METRICS`, in `opd.diagnostics.diagnostic_sums`' format (so
     `merge_sums`/`finalize` and the trainer's cross-process reduction apply unchanged)."""
-    if k > teacher.k:
-        raise ConfigError(f"diagnostics.k {k} > the teacher's top-K {teacher.k}; lower diagnostics.k")
+    check_sparse_diagnostics(k, teacher.k)
     student = student_logits[..., :vocab_size] if vocab_size else student_logits
     dtype = _rows_dtype(student)
     b_idx, t_idx = masked_positions(mask)
-    f64, device = torch.float64, student.device  # opd.device: a step's sums live on the compute device
-    out = {f"{name}__sum": torch.zeros((), dtype=f64, device=device) for name in SPARSE_METRICS}
-    out["tokens__count"] = torch.tensor(float(b_idx.numel()), dtype=f64, device=device)
-    out["overlap_nonempty__count"] = torch.zeros((), dtype=f64, device=device)
-    kk = min(k, student.shape[-1])
+    out = sparse_zero_sums(student.device)  # opd.device: a step's sums live on the compute device
     for start, stop in row_chunks(b_idx.numel(), chunk_size):
         bi, ti = b_idx[start:stop], t_idx[start:stop]
-        s_rows = student[bi, ti].to(dtype)
-        log_p = torch.log_softmax(s_rows, dim=-1)
-        sp = s_rows.topk(kk, dim=-1).indices
-        sq, lq_top, sq_valid = teacher.support(bi, ti, kk, dtype)
-        # [N, k(student), k(teacher)]: which student top-k id sits at which teacher slot
-        match = (sp.unsqueeze(-1) == sq.unsqueeze(-2)) & sq_valid.unsqueeze(-2)
-        in_i = match.any(-1)
-        size = in_i.sum(-1)
-        nonempty = size > 0
-        lp_i = log_p.gather(-1, sp)
-        lq_i = torch.where(match, lq_top.unsqueeze(-2), 0.0).sum(-1)  # the teacher's log-prob there
-        mass_p = torch.where(in_i, lp_i.exp(), 0.0).sum(-1)
-        mass_q = torch.where(in_i, lq_i.exp(), 0.0).sum(-1)
-        safe = in_i | ~nonempty.unsqueeze(-1)
-        lpt = support_log_probs(lp_i, safe)
-        lqt = support_log_probs(torch.where(in_i, lq_i, lp_i), safe)
-        adv = torch.where(in_i, lpt.exp() * (lqt - lpt), 0.0).sum(-1) / size.clamp_min(1).to(dtype)
-        p = log_p.exp()
-        h_p = -torch.where(p > 0, p * log_p, 0.0).sum(-1)
-        del p, log_p, s_rows
-        out["overlap_ratio__sum"] += (size.to(f64) / kk).sum()
-        out["overlap_mass_student__sum"] += mass_p.to(f64).sum()
-        out["overlap_mass_teacher__sum"] += mass_q.to(f64).sum()
-        out["overlap_token_advantage__sum"] += torch.where(nonempty, adv, 0.0).to(f64).sum()
-        out["entropy_student__sum"] += h_p.to(f64).sum()
-        out["overlap_nonempty__count"] += nonempty.sum().to(f64)
+        rows = TeacherTopK(teacher.ids[bi, ti], teacher.logprobs[bi, ti], teacher.token_logprob[bi, ti])
+        add_sparse_row_sums(out, student[bi, ti].to(dtype), rows, k=k)
     return out
+
+
+def check_sparse_diagnostics(k: int, teacher_k: int) -> None:
+    if k > teacher_k:
+        raise ConfigError(f"diagnostics.k {k} > the teacher's top-K {teacher_k}; lower diagnostics.k")
+
+
+def sparse_zero_sums(device: torch.device | str) -> dict[str, Tensor]:
+    """`sparse_diagnostic_sums`' keys, all zero, on `device`."""
+    f64 = torch.float64
+    out = {f"{name}__sum": torch.zeros((), dtype=f64, device=device) for name in SPARSE_METRICS}
+    out["tokens__count"] = torch.zeros((), dtype=f64, device=device)
+    out["overlap_nonempty__count"] = torch.zeros((), dtype=f64, device=device)
+    return out
+
+
+@torch.no_grad()
+def add_sparse_row_sums(out: dict[str, Tensor], s_rows: Tensor, teacher: TeacherTopK, *, k: int = 16) -> None:
+    """Add one chunk of rows to `sparse_zero_sums`' sums, in place on the device with no host sync: the
+    student's logits ``[n, V]`` (the shared vocabulary, in the compute dtype) and the teacher's rows there
+    (`TeacherTopK` of ``[n, K]`` / ``[n]``)."""
+    f64 = torch.float64
+    n = int(s_rows.shape[0])
+    if n == 0:
+        return
+    dtype = s_rows.dtype
+    kk = min(k, s_rows.shape[-1])
+    log_p = torch.log_softmax(s_rows, dim=-1)
+    sp = s_rows.topk(kk, dim=-1).indices
+    sq, lq_top, sq_valid = _support(teacher.ids[:, :kk], teacher.logprobs[:, :kk], dtype)
+    # [N, k(student), k(teacher)]: which student top-k id sits at which teacher slot
+    match = (sp.unsqueeze(-1) == sq.unsqueeze(-2)) & sq_valid.unsqueeze(-2)
+    in_i = match.any(-1)
+    size = in_i.sum(-1)
+    nonempty = size > 0
+    lp_i = log_p.gather(-1, sp)
+    lq_i = torch.where(match, lq_top.unsqueeze(-2), 0.0).sum(-1)  # the teacher's log-prob there
+    mass_p = torch.where(in_i, lp_i.exp(), 0.0).sum(-1)
+    mass_q = torch.where(in_i, lq_i.exp(), 0.0).sum(-1)
+    safe = in_i | ~nonempty.unsqueeze(-1)
+    lpt = support_log_probs(lp_i, safe)
+    lqt = support_log_probs(torch.where(in_i, lq_i, lp_i), safe)
+    adv = torch.where(in_i, lpt.exp() * (lqt - lpt), 0.0).sum(-1) / size.clamp_min(1).to(dtype)
+    p = log_p.exp()
+    h_p = -torch.where(p > 0, p * log_p, 0.0).sum(-1)
+    del p, log_p
+    out["tokens__count"] += float(n)
+    out["overlap_ratio__sum"] += (size.to(f64) / kk).sum()
+    out["overlap_mass_student__sum"] += mass_p.to(f64).sum()
+    out["overlap_mass_teacher__sum"] += mass_q.to(f64).sum()
+    out["overlap_token_advantage__sum"] += torch.where(nonempty, adv, 0.0).to(f64).sum()
+    out["entropy_student__sum"] += h_p.to(f64).sum()
+    out["overlap_nonempty__count"] += nonempty.sum().to(f64)
 
 
 FIDELITY_WARN_MEAN = 0.05

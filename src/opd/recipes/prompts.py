@@ -647,7 +647,7 @@ def score_records(
     """
     from opd.data import prepare_prompts
     from opd.diagnostics import finalize
-    from opd.generation.rollout import HFGenerator, SamplingParams, chunk_seed
+    from opd.generation.rollout import HFGenerator, SamplingParams, chunk_seed, tokenizer_vocab_size
     from opd.generation.row_scoring import Comparison, score_rollout, scoring_head
     from opd.generation.sampling import stop_ids_for
 
@@ -657,7 +657,9 @@ def score_records(
     ]
     compare = [Comparison(0, 1, reward=True)]
     stops = list(stop_ids) if stop_ids is not None else stop_ids_for(tokenizer, student)
-    gen = HFGenerator(student, pad_id=tokenizer.pad_token_id, stop_ids=stops)
+    gen = HFGenerator(
+        student, pad_id=tokenizer.pad_token_id, stop_ids=stops, vocab_size=tokenizer_vocab_size(tokenizer)
+    )
     params = SamplingParams(temperature=temperature, top_p=top_p, top_k=0, max_new_tokens=max_new_tokens)
     # no limit when encoding: a prompt over max_prompt_tokens is marked skipped below, not refused
     _, ids = prepare_prompts(

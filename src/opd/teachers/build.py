@@ -12,17 +12,31 @@ from typing import Any
 import torch
 
 from opd.config import TeacherConfig
+from opd.errors import ConfigError
 from opd.models.loading import freeze_teacher
 from opd.teachers.contract import Teacher, TopKTeacher
 from opd.teachers.hf import HFTeacher
 
-__all__ = ["build_teacher", "describe_teacher", "loads_teacher_weights", "teacher_dtype_settings"]
+__all__ = [
+    "build_teacher",
+    "check_teacher_processes",
+    "describe_teacher",
+    "loads_teacher_weights",
+    "teacher_dtype_settings",
+    "teacher_engine_in_process",
+]
 
 
 def loads_teacher_weights(tc: TeacherConfig) -> bool:
     """Whether the run loads the teacher's weights itself (an HF teacher) rather than asking an engine or a
     server that loads them (only its tokenizer is read then)."""
     return tc.backend == "hf"
+
+
+def teacher_engine_in_process(tc: TeacherConfig) -> bool:
+    """Whether the teacher is an engine living in the training process (vLLM), with its own GPU memory pool
+    beside the trainer's (a server's engine runs elsewhere; an HF teacher is a module)."""
+    return tc.backend == "vllm"
 
 
 def teacher_dtype_settings(tc: TeacherConfig) -> dict[str, str]:
@@ -43,6 +57,19 @@ def describe_teacher(tc: TeacherConfig) -> dict[str, str]:
             "teacher returns": f"top-{tc.top_k} log-probs per position"}  # fmt: skip
 
 
+def check_teacher_processes(tc: TeacherConfig, processes: int) -> None:
+    """Refuse an in-process vLLM teacher in a run of several processes, before any model loads: each process
+    would start its own engine with vLLM's single-process defaults (no ``external_launcher``, no per-rank
+    device), all on the first GPU and outside the trainer's process group."""
+    if tc.backend == "vllm" and processes > 1:
+        raise ConfigError(
+            f"teacher.backend vllm runs one in-process engine, but this run has {processes} processes (each would "
+            "start an engine on the same device, outside the trainer's process group): launch one process, or "
+            "serve the teacher once (`opd serve-teacher`) and use teacher.backend http with teacher.urls (every "
+            "process asks the same servers), or teacher.backend hf"
+        )
+
+
 def build_teacher(
     tc: TeacherConfig,
     *,
@@ -55,6 +82,7 @@ def build_teacher(
     tokenizer: Any,
     probe_texts: list[str],
     log: Callable[[str], None],
+    processes: int,
 ) -> Teacher:
     """The run's teacher: the HF `model` here (on `device`, or CPU-offloaded and streamed to it), an
     in-process vLLM engine, or remote servers (top-K log-probs).
@@ -62,7 +90,8 @@ def build_teacher(
     `hidden_states`: an HF teacher hands the objective hidden states + head instead of logits
     (`loss.from_hidden_states`). `context(setting, what)`: the engine context the run needs, refusing a
     setting shorter than its longest prompt + response. `tokenizer` and `probe_texts`: a server is checked to
-    tokenize like the student."""
+    tokenize like the student. `processes`: the run's process count (an in-process engine needs one)."""
+    check_teacher_processes(tc, processes)
     if tc.backend == "hf":
         assert model is not None
         model = freeze_teacher(model)

@@ -72,7 +72,11 @@ def server_command(
     path = model_directory(model, "opd serve-teacher")
     cmd = [python or sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(path),
            "--host", host, "--port", str(port), "--max-logprobs", str(max_logprobs), "--dtype", dtype,
-           "--served-model-name", served_name or path.name, "--enforce-eager"]  # fmt: skip
+           "--served-model-name", served_name or path.name]  # fmt: skip
+    import torch
+
+    if not torch.cuda.is_available():  # eager only on the CPU build; a GPU server keeps its CUDA graphs
+        cmd.append("--enforce-eager")
     if max_model_len:
         cmd += ["--max-model-len", str(max_model_len)]
     if trust_remote_code:

@@ -13,7 +13,7 @@ import math
 import os
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -95,13 +95,24 @@ def lr_lambda(schedule: str, total_steps: int, warmup: int, min_ratio: float):
     return fn
 
 
+def fused_adamw(params: Iterable[torch.Tensor], allowed: bool = True) -> bool:
+    """Whether AdamW takes its fused kernel (`optim.fused`): every parameter a floating-point tensor on a
+    CUDA device. One kernel launch updates them all, where torch's default (foreach) launches several per
+    group of tensors; the update is the same up to rounding. Elsewhere (CPU, a mixed placement) torch's
+    default is kept: the CPU is not what this setting is for, and its results stay those of every earlier run."""
+    params = list(params)
+    return allowed and bool(params) and all(p.device.type == "cuda" and p.is_floating_point() for p in params)
+
+
 def build_optimizer(
     params: Iterable[torch.nn.Parameter], optim: OptimConfig, total_steps: int
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW and its lr schedule. The scheduler is never given to accelerate's prepare(), which would
-    step it once per process."""
+    """AdamW (fused on CUDA: `fused_adamw`) and its lr schedule. The scheduler is never given to
+    accelerate's prepare(), which would step it once per process."""
+    params = list(params)
+    fused = {"fused": True} if fused_adamw(params, optim.fused) else {}
     optimizer = torch.optim.AdamW(
-        list(params), lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay
+        params, lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay, **fused
     )
     warmup = optim.warmup_steps or round(optim.warmup_ratio * total_steps)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -323,6 +334,7 @@ class Steps(Protocol):
     """What `run_steps` drives: OPD's and SFT's trainers each say what one step is and when to save."""
 
     acc: Any
+    cfg: Any  # the run's config; its dist_timeout_s (if it has one) times the collectives
     start_step: int
     total_steps: int
     log: Callable[[str], Any]
@@ -350,7 +362,7 @@ def run_steps(loop: Steps, *, hint: str, save_final: bool,
     """
     from opd.progress import StopRequests
 
-    apply_dist_timeout(loop.acc)
+    apply_dist_timeout(loop.acc, getattr(loop.cfg, "dist_timeout_s", None))
     history: list[dict[str, float]] = []
     saved = loop.start_step  # the last step whose checkpoint is on disk (0: none)
     with StopRequests(loop.log, lambda: f"resume from the last checkpoint with: {hint}") as stop:
@@ -392,33 +404,43 @@ def stop_after(done: int, saved: int, hint: str, save: Callable[[int], Any]) -> 
 
 DIST_TIMEOUT_ENV = "OPD_DIST_TIMEOUT"
 CPU_DIST_TIMEOUT_S = 600.0
+GPU_DIST_TIMEOUT_S = 3600.0
 
 
-def dist_timeout_s(acc: Any) -> float | None:
-    """Seconds a collective may wait for the other processes before this one fails.
+def dist_timeout_s(acc: Any, setting: float | None = None) -> float | None:
+    """Seconds a collective may wait for the other processes before this one fails (None: torch's own).
 
-    ``OPD_DIST_TIMEOUT`` sets it; without it, gloo (CPU) runs get 10 minutes instead of torch's 30, so a
-    rank that died leaves the others failing within minutes, not half an hour (long enough for the
-    main process's in-loop evaluation and final save while the others wait at a barrier). GPU runs keep
-    torch's NCCL default unless the variable is set.
+    ``OPD_DIST_TIMEOUT`` (seconds; 0 or less: torch's default) wins, then `setting` (the config's
+    ``dist_timeout_s``), then the default of the device: 10 minutes on CPU (gloo, instead of torch's 30, so
+    a rank that hangs leaves the others failing within minutes; a rank that dies ends the job within
+    seconds either way, torchrun stops the rest), 60 minutes on a GPU (NCCL). The group's timeout covers
+    the whole run, not raised around phases: every wait for the main process alone (in-loop evaluation,
+    the engine teacher's fidelity reference, a checkpoint or the final model written) is at a barrier
+    whose length opd cannot bound (problems x samples x tokens, disk speed), and several of those
+    barriers are outside the loop (`evaluate` at step 0, the start-up checks). torch's NCCL default of
+    10 minutes killed the waiting ranks; an hour outlasts a paper-sized evaluation with HF generate.
     """
-    import os
-
     raw = os.environ.get(DIST_TIMEOUT_ENV)
     if raw:
         try:
             value = float(raw)
         except ValueError:
-            raise ConfigError(f"{DIST_TIMEOUT_ENV}={raw!r} is not a number of seconds") from None
+            raise ConfigError(
+                f"{DIST_TIMEOUT_ENV}={raw!r} is not a number of seconds; unset it to use dist_timeout_s"
+            ) from None
         return value if value > 0 else None
-    return CPU_DIST_TIMEOUT_S if acc.device.type == "cpu" else None
+    if setting is not None:
+        return float(setting)
+    return CPU_DIST_TIMEOUT_S if acc.device.type == "cpu" else GPU_DIST_TIMEOUT_S
 
 
-def apply_dist_timeout(acc: Any) -> None:
-    """Put `dist_timeout_s` on the default process group (no-op for one process)."""
+def apply_dist_timeout(acc: Any, setting: float | None) -> None:
+    """Put `dist_timeout_s(acc, setting)` on the default process group (no-op for one process).
+
+    `setting`: the run config's ``dist_timeout_s`` (None: the device's default)."""
     import torch.distributed as dist
 
-    seconds = dist_timeout_s(acc)
+    seconds = dist_timeout_s(acc, setting)
     if seconds is None or acc.num_processes <= 1 or not (dist.is_available() and dist.is_initialized()):
         return
     from datetime import timedelta
@@ -429,6 +451,79 @@ def apply_dist_timeout(acc: Any) -> None:
         _set_pg_timeout(timedelta(seconds=seconds))
     except (ImportError, AttributeError, RuntimeError, ValueError):  # a torch without it: keep its default
         pass
+
+
+# ----------------------------------------------------------------------------------------------------
+# the CUDA caching allocator and what a run chose for its device
+
+ALLOC_CONF_ENV = "PYTORCH_CUDA_ALLOC_CONF"
+# Every variable torch reads its allocator settings from (PYTORCH_ALLOC_CONF first, torch >= 2.9): any of
+# them set means the user chose, and opd leaves the allocator alone.
+ALLOC_CONF_ENVS = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_HIP_ALLOC_CONF")
+EXPANDABLE_SEGMENTS = "expandable_segments:True"
+_allocator: dict[str, Any] = {}  # what `configure_cuda_allocator` decided in this process
+
+
+def allocator_choice(*, cuda: bool, allowed: bool, engine_in_process: bool, cuda_started: bool,
+                     environ: Mapping[str, str]) -> tuple[str | None, str]:  # fmt: skip
+    """(the value to give PYTORCH_CUDA_ALLOC_CONF, or None to leave it; why) for a training process.
+
+    expandable_segments:True lets the caching allocator grow a segment in place instead of reserving new
+    blocks, so memory freed by one step's long rollouts is reused by the next step's differently shaped
+    ones instead of fragmenting (the OOM hint torch itself prints). Only on CUDA, only when the user set
+    no allocator variable (`environ`), only before CUDA starts (the allocator reads it once), and never
+    with a vLLM engine in the process (`engine_in_process`): vLLM's memory pool and its sleep mode refuse
+    expandable segments, and the engine's memory is accounted as a share of the GPU."""
+    if not allowed:
+        return None, "expandable_segments false"
+    if not cuda:
+        return None, "no CUDA device: the CUDA allocator is not used"
+    user = [name for name in ALLOC_CONF_ENVS if environ.get(name)]
+    if user:
+        return None, f"{user[0]} is set ({environ[user[0]]!r}): left as the user chose"
+    if engine_in_process:
+        return None, "a vLLM engine shares the process (rollout.backend or teacher.backend vllm)"
+    if cuda_started:
+        return None, "CUDA had already started in this process: the allocator's settings are fixed"
+    return EXPANDABLE_SEGMENTS, f"set by opd (expandable_segments true, {ALLOC_CONF_ENV} was unset)"
+
+
+def configure_cuda_allocator(*, allowed: bool, engine_in_process: bool,
+                             environ: MutableMapping[str, str] | None = None) -> dict[str, Any]:  # fmt: skip
+    """Apply `allocator_choice` for this process (call before anything touches CUDA: `opd train` does at
+    its start, before the accelerator); returns and remembers the choice for RUN_DIR/device.json. The
+    variable is inherited by the processes this one starts."""
+    env = os.environ if environ is None else environ
+    value, why = allocator_choice(
+        cuda=torch.cuda.is_available(), allowed=allowed, engine_in_process=engine_in_process,
+        cuda_started=torch.cuda.is_initialized(), environ=env,
+    )  # fmt: skip
+    if value is not None:
+        env[ALLOC_CONF_ENV] = value
+    choice = {"set_by_opd": value is not None, "why": why}
+    if environ is None:
+        _allocator.clear()
+        _allocator.update(choice)
+    return choice
+
+
+def device_choices(
+    acc: Any, *, tf32: dict[str, Any], optimizer: Any, dist_timeout: float | None
+) -> dict[str, Any]:
+    """What the run chose for speed on its device, for RUN_DIR/device.json: the TF32 choice
+    (`opd.precision.apply_tf32`), whether AdamW is fused, the CUDA allocator's settings (and whether opd
+    set them) and the collective timeout (`dist_timeout` is the config's ``dist_timeout_s``)."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it
+    env = {name: os.environ[name] for name in ALLOC_CONF_ENVS if name in os.environ}
+    allocator = dict(_allocator) or {"set_by_opd": False, "why": "not configured by opd in this process"}
+    return {
+        "device": str(acc.device),
+        "processes": int(acc.num_processes),
+        "tf32": tf32,
+        "fused_adamw": bool(inner.defaults.get("fused")),
+        "cuda_allocator": {"env": env, **allocator},
+        "dist_timeout_s": dist_timeout_s(acc, dist_timeout) if acc.num_processes > 1 else None,
+    }
 
 
 def stop_agreed(acc: Any, stop: Any) -> bool:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -60,30 +60,53 @@ def enable_activation_checkpointing(model: torch.nn.Module) -> int:
 
 @dataclass
 class StepInBackward:
-    """optim.in_backward bookkeeping for one backward pass: what the hooks did, for the step's metrics."""
+    """optim.in_backward bookkeeping for one backward pass: what the hooks did, for the step's metrics.
+
+    Device: the hooks never read the device. Each parameter's gradient norm is added to a float64 device
+    tensor and kept (0-dim, on the device) for the finite check; `grad_norm` reads them back once, after
+    backward, at the phase boundary."""
 
     armed: bool = False  # hooks act only between arm() and the end of the trainer's own backward
-    norm_sq: float = 0.0  # sum over parameters of |grad|^2, for the grad_norm metric
-    bad: str | None = None  # the first parameter with a non-finite gradient; no step after it
-    stepped: int = 0  # parameter tensors already stepped
+    stepped: int = 0  # parameter tensors stepped in this backward (all of those that got a gradient)
+    norm_sq: torch.Tensor | None = None  # sum over parameters of |grad|^2 (float64, on the device)
+    norms: list[torch.Tensor] = field(default_factory=list)  # each parameter's |grad|, in hook order
+    names: list[str] = field(default_factory=list)  # the parameters, in the same order
 
     def arm(self) -> None:
-        self.armed, self.norm_sq, self.bad, self.stepped = True, 0.0, None, 0
+        self.armed, self.stepped, self.norm_sq, self.norms, self.names = True, 0, None, [], []
+
+    def add(self, name: str, grad: torch.Tensor) -> None:
+        """One parameter's gradient, as its hook sees it: device arithmetic only."""
+        # The norm in the gradient's own dtype, like clip_grad_norm_: a float64 copy of a 152k x 896
+        # embedding gradient would cost 1 GB, the very memory this path exists to save.
+        norm = torch.linalg.vector_norm(grad.detach()).double()
+        sq = norm.square()
+        self.norm_sq = sq if self.norm_sq is None else self.norm_sq.add_(sq)
+        self.norms.append(norm)
+        self.names.append(name)
 
     def grad_norm(self, step: int, loss_sum: float, optimizer: torch.optim.Optimizer) -> float:
-        """The step's pre-clip gradient norm, summed in the hooks; a non-finite gradient met in a hook raises
-        `NonFiniteLossError` with ``weights_damaged`` (the tensors stepped before it cannot be taken back)."""
+        """The step's pre-clip gradient norm, summed in the hooks (one host copy); a non-finite gradient met
+        in a hook raises `NonFiniteLossError` with ``weights_damaged``, naming the first such parameter (in
+        backward order): every parameter was stepped by then, so the weights in memory are damaged."""
         from opd.train.loop import NonFiniteLossError
 
-        if self.bad is not None:
+        if self.norm_sq is None:
+            return 0.0
+        finite = torch.isfinite(torch.stack(self.norms))
+        values = torch.cat([self.norm_sq.reshape(1), finite.double()]).tolist()  # the one host copy
+        norm_sq, ok = values[0], values[1:]
+        if not all(ok):
+            bad = self.names[ok.index(0.0)]
             optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLossError(
-                f"non-finite gradient in {self.bad} at step {step} with optim.in_backward: {self.stepped} "
-                "parameter tensors had already been stepped, so the weights in memory are damaged and training stops",
+                f"non-finite gradient in {bad} at step {step} with optim.in_backward: the {self.stepped} "
+                "parameter tensors were stepped inside backward (the gradients are checked once, after it), "
+                "so the weights in memory are damaged and training stops",
                 {"loss": loss_sum, "grad_norm": math.nan},
                 weights_damaged=True,
             )
-        return math.sqrt(self.norm_sq)
+        return math.sqrt(norm_sq)
 
 
 def install_step_in_backward(
@@ -108,15 +131,13 @@ def install_step_in_backward(
     def hook(p: torch.Tensor) -> None:
         if not state.armed or p.grad is None:
             return
-        # The norm in the gradient's own dtype, like clip_grad_norm_: a float64 copy of a 152k x 896
-        # embedding gradient would cost 1 GB, the very memory this path exists to save.
-        sq = float(torch.linalg.vector_norm(p.grad.detach())) ** 2
-        state.norm_sq += sq
-        if state.bad is None and not math.isfinite(sq):
-            state.bad = names.get(p, "?")
-        if state.bad is None:
-            optimizer.step()
-            state.stepped += 1
+        state.add(names.get(p, "?"), p.grad)
+        # Every parameter is stepped, whatever its gradient: deciding here would read the device once per
+        # parameter. A non-finite gradient is found after backward (`StepInBackward.grad_norm`), which then
+        # declares the weights damaged and stops the run (NonFiniteLossError with weights_damaged), as it
+        # would have to anyway for the parameters stepped before the bad one.
+        optimizer.step()
+        state.stepped += 1
         p.grad = None
 
     for p in model.parameters():

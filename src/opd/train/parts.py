@@ -25,7 +25,7 @@ from opd.config import TrainConfig
 from opd.data import TRAIN_OPTIONS, PromptCursor, PromptRecord, load_prompts, prepare_prompts, prompt_columns
 from opd.diagnostics import StepStatsSettings
 from opd.errors import ConfigError, ModelError
-from opd.generation.build import build_generator, generator_dtype_settings
+from opd.generation.build import build_generator, check_generator_processes, generator_dtype_settings
 from opd.generation.rollout import SamplingParams
 from opd.generation.sampling import stop_ids_for
 from opd.generation.scoring import (
@@ -37,11 +37,23 @@ from opd.generation.scoring import (
 )
 from opd.models.loading import Pair, load_pair
 from opd.objectives.objective import Objective
-from opd.objectives.token import chunk_rows
-from opd.precision import check_dtypes
-from opd.teachers.build import build_teacher, loads_teacher_weights, teacher_dtype_settings
+from opd.objectives.token import chunk_elements, chunk_rows
+from opd.precision import apply_tf32, check_dtypes
+from opd.teachers.build import (
+    build_teacher,
+    check_teacher_processes,
+    loads_teacher_weights,
+    teacher_dtype_settings,
+)
 from opd.teachers.contract import Teacher, as_teacher
-from opd.train.loop import build_optimizer, check_launch, lock_run_dir, refuse_to_overwrite, unlock_run_dir
+from opd.train.loop import (
+    build_optimizer,
+    check_launch,
+    device_choices,
+    lock_run_dir,
+    refuse_to_overwrite,
+    unlock_run_dir,
+)
 from opd.train.memory import StepInBackward, install_step_in_backward
 
 __all__ = ["RunParts", "build_run_parts", "check_heads", "student_head"]
@@ -76,6 +88,7 @@ class RunParts:
     stop_ids: list[int]
     sampling: SamplingParams
     run_lock: Path | None  # the run directory's lock, held by the main process until the run ends
+    device_choices: dict[str, Any]  # TF32, fused AdamW, allocator, collective timeout: RUN_DIR/device.json
 
 
 def build_run_parts(
@@ -95,15 +108,15 @@ def build_run_parts(
     def warn(msg: str) -> None:
         log(f"[yellow]warning:[/] {msg}")
 
-    records, run_lock = _check_run(cfg, acc, resume=resume, warn=warn)
+    records, run_lock, tf32 = _check_run(cfg, acc, resume=resume, warn=warn)
     try:
-        return _build(cfg, acc, records, run_lock, log=log, warn=warn, teacher=teacher)
+        return _build(cfg, acc, records, run_lock, tf32, log=log, warn=warn, teacher=teacher)
     except BaseException:
         unlock_run_dir(run_lock)  # a run that never started leaves its directory to the next attempt
         raise
 
 
-def _build(cfg: TrainConfig, acc: Any, records: list[PromptRecord], run_lock: Path | None, *,
+def _build(cfg: TrainConfig, acc: Any, records: list[PromptRecord], run_lock: Path | None, tf32: dict[str, Any], *,
            log: Callable[[str], Any], warn: Callable[[str], None], teacher: Any) -> RunParts:  # fmt: skip
     """`build_run_parts` once the checks passed: everything that loads or allocates."""
     run_dir = Path(cfg.run_dir)
@@ -121,10 +134,14 @@ def _build(cfg: TrainConfig, acc: Any, records: list[PromptRecord], run_lock: Pa
     max_new = next((a["used"] for a in adjustments if a["setting"] == "rollout.max_new_tokens"),
                    cfg.rollout.max_new_tokens)  # fmt: skip
     lc, dc = cfg.loss, cfg.diagnostics
-    rows = chunk_rows(vocab, lc.chunk_size, lc.chunk_max_elements)
+    # loss.chunk_max_elements "auto" is resolved here, by the compute device, and held as used by the Objective
+    elements = chunk_elements(lc.chunk_max_elements, acc.device)
+    rows = chunk_rows(vocab, lc.chunk_size, elements)
+    if lc.chunk_max_elements == "auto":
+        log(f"loss.chunk_max_elements auto: {elements} on {acc.device.type} ({rows} response rows per chunk)")
     objective = Objective(
         signal=lc.signal, divergence=lc.divergence, k=lc.k, support=lc.support, renorm=lc.renorm, beta=lc.beta,
-        vocab_size=vocab, chunk_rows=rows, chunk_size=lc.chunk_size, chunk_max_elements=lc.chunk_max_elements,
+        vocab_size=vocab, chunk_rows=rows, chunk_size=lc.chunk_size, chunk_max_elements=elements,
     )  # fmt: skip
     stats_settings = StepStatsSettings(
         vocab_size=vocab, diagnostics_k=dc.k, position_bins=dc.position_bins, bin_len=max_new, signal=lc.signal,
@@ -151,6 +168,7 @@ def _build(cfg: TrainConfig, acc: Any, records: list[PromptRecord], run_lock: Pa
             hidden_states=lc.from_hidden_states, seed=cfg.seed,
             context=lambda setting, what: context(setting, what, scoring=True),
             tokenizer=pair.tokenizers.student, probe_texts=[texts[0], " 12 + 30 = 42\n"], log=log,
+            processes=acc.num_processes,
         )  # fmt: skip
     teacher = as_teacher(teacher, vocab_size=vocab, device=acc.device)
     teacher_model = getattr(teacher, "model", None)
@@ -162,6 +180,7 @@ def _build(cfg: TrainConfig, acc: Any, records: list[PromptRecord], run_lock: Pa
     generator = build_generator(
         ro, model=model, pad_id=pair.tokenizers.student.pad_token_id, stop_ids=stop_ids, synced=cfg.sharding == "fsdp",
         student_path=cfg.student.path, lora=cfg.student.lora.enabled, seed=cfg.seed, context=context,
+        vocab_size=vocab, processes=acc.num_processes,
     )  # fmt: skip
     return RunParts(
         tokenizer=pair.tokenizers.student, teacher_tokenizer=pair.tokenizers.teacher,
@@ -171,18 +190,21 @@ def _build(cfg: TrainConfig, acc: Any, records: list[PromptRecord], run_lock: Pa
         stats_settings=stats_settings, student=student, optimizer=optimizer, scheduler=scheduler,
         sharded=cfg.sharding == "fsdp", architecture=architecture, in_backward=in_backward, teacher=teacher,
         generator=generator, stop_ids=stop_ids, run_lock=run_lock,
+        device_choices=device_choices(acc, tf32=tf32, optimizer=optimizer, dist_timeout=cfg.dist_timeout_s),
         sampling=SamplingParams(temperature=ro.temperature, top_p=ro.top_p, top_k=ro.top_k, max_new_tokens=max_new),
     )  # fmt: skip
 
 
 def _check_run(cfg: TrainConfig, acc: Any, *, resume: bool,
-               warn: Callable[[str], None]) -> tuple[list[PromptRecord], Path | None]:  # fmt: skip
+               warn: Callable[[str], None]) -> tuple[list[PromptRecord], Path | None, dict[str, Any]]:  # fmt: skip
     """What must hold before anything is loaded: the launch, dtypes, process count, the prompt and eval
     files (read and checked here: a JSON error on line 37 used to surface after both models had loaded),
-    and an empty (or resumed) run_dir, locked for this run. Returns the prompt records and the lock."""
+    and an empty (or resumed) run_dir, locked for this run. Sets TF32 (`tf32`) first, so the precision
+    probe times float32 as the run will compute it. Returns the prompt records, the lock and the TF32 choice."""
     from opd.evaluation.eval import check_answers
 
     check_launch(acc)
+    tf32 = apply_tf32(acc.device, cfg.tf32)
     # bf16 autocast on a CPU without bf16 instructions turned one step into 15 minutes: refused before any load
     choices = {"student.autocast": cfg.student.autocast, "student.dtype": cfg.student.dtype,
                **teacher_dtype_settings(cfg.teacher), **generator_dtype_settings(cfg.rollout)}  # fmt: skip
@@ -192,6 +214,8 @@ def _check_run(cfg: TrainConfig, acc: Any, *, resume: bool,
             f"prompts_per_step={cfg.prompts_per_step} must be divisible by the number of processes "
             f"({acc.num_processes})"
         )
+    check_generator_processes(cfg.rollout, acc.num_processes)  # in-process engines need one process
+    check_teacher_processes(cfg.teacher, acc.num_processes)
     data, ec = cfg.data, cfg.eval
     columns = prompt_columns(data)
     records = load_prompts(data.prompts, **columns)
@@ -203,7 +227,7 @@ def _check_run(cfg: TrainConfig, acc: Any, *, resume: bool,
     if not resume:
         refuse_to_overwrite(run_dir, "opd train")
     set_seed(cfg.seed)
-    return records, lock
+    return records, lock, tf32
 
 
 def _load_pair(cfg: TrainConfig, warn: Callable[[str], None]) -> Pair:
@@ -295,7 +319,9 @@ def _build_update(cfg: TrainConfig, acc: Any, student: torch.nn.Module, total_st
     if cfg.sharding == "fsdp":
         from opd.train.sharding import shard_model
 
-        student = shard_model(student, acc.device, acc.num_processes)
+        student = shard_model(student, acc.device, acc.num_processes, autocast=cfg.student.autocast)
+    else:  # on the device before AdamW is built (prepare() would move it anyway): fused AdamW needs it there
+        student = student.to(acc.device)
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer, scheduler = build_optimizer(params, cfg.optim, total_steps)
     # The scheduler is deliberately not passed to prepare(): accelerate would step it once per process.

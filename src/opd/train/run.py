@@ -17,10 +17,12 @@ from rich.text import Text
 
 from opd.config import TrainConfig
 from opd.errors import InterruptedRun, OpdError, StorageError
+from opd.generation.build import rollout_engine_in_process
 from opd.progress import bar
+from opd.teachers.build import teacher_engine_in_process
 from opd.teachers.http import TeacherUnavailableError
 from opd.train.alarms import CollapseError
-from opd.train.loop import apply_dist_timeout, finished_run
+from opd.train.loop import apply_dist_timeout, configure_cuda_allocator, finished_run
 from opd.train.trainer import NonFiniteLossError, OPDTrainer
 
 
@@ -49,8 +51,11 @@ def run_training(cfg: TrainConfig, *, resume: bool, console: Console | None = No
     cfg = apply_model_defaults(cfg, [cfg.student.path, cfg.teacher.path],
                                {"template": "data.template", "verifier": "eval.verifier"},
                                console.print if os.environ.get("RANK", "0") == "0" else None)  # fmt: skip
+    # before the accelerator touches CUDA: the allocator reads its settings once, when CUDA starts
+    configure_cuda_allocator(allowed=cfg.expandable_segments, engine_in_process=vllm_in_process(cfg))
     trainer = OPDTrainer(cfg, resume=resume, log=lambda m: console.print(m) if _is_main() else None)
-    apply_dist_timeout(trainer.acc)  # before set-up's first collective: a dead rank fails the others fast
+    # before set-up's first collective: a hung rank fails the others, a long wait for rank 0 does not
+    apply_dist_timeout(trainer.acc, cfg.dist_timeout_s)
     ok = False
     try:
         trainer.setup()
@@ -86,6 +91,11 @@ def run_training(cfg: TrainConfig, *, resume: bool, console: Console | None = No
         final = f", final model in {cfg.run_dir}/final" if cfg.save_final else " (save_final false: no model)"
         console.print(f"[green]done[/]: metrics in {cfg.run_dir}/metrics.jsonl{final}")
     trainer.acc.end_training()
+
+
+def vllm_in_process(cfg: TrainConfig) -> bool:
+    """Whether a vLLM engine (rollouts or teacher) will share the training process and its GPU."""
+    return rollout_engine_in_process(cfg.rollout) or teacher_engine_in_process(cfg.teacher)
 
 
 def _startup_report(trainer: OPDTrainer, console: Console) -> None:
@@ -141,7 +151,8 @@ def _fidelity_at_startup(trainer: OPDTrainer, console: Console) -> None:
     model = trainer._unwrapped()
     prompts = trainer.prompt_ids[:2]
     roll = self_test_rollout(model, prompts, pad_id=trainer.tokenizer.pad_token_id, stop_ids=trainer.stop_ids,
-                             max_new_tokens=min(16, trainer.cfg.rollout.max_new_tokens), seed=trainer.cfg.seed)  # fmt: skip
+                             max_new_tokens=min(16, trainer.cfg.rollout.max_new_tokens), seed=trainer.cfg.seed,
+                             vocab_size=trainer.vocab_size)  # fmt: skip
     res = fidelity_self_test(model, roll, vocab_size=trainer.vocab_size, k=trainer.cfg.diagnostics.k)
     if trainer.acc.is_main_process:
         console.print(("[green]ok[/] " if res.ok else "[red]FAILED[/] ") + f"{res.name}: {res.detail}")

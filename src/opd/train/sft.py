@@ -29,6 +29,12 @@ Each step takes `batch_size` examples (global, across processes) from a `PromptC
 seeded permutations) and splits them into micro-batches; the loss is the sum of token cross-entropies
 divided by the number of target tokens of the WHOLE step, so micro-batch size and process count do not
 change the gradient.
+
+Memory, with `opd train`'s levers: the loss is taken from the last hidden states and the LM head one chunk
+of target rows at a time (`from_hidden_states`, default; `opd.objectives.cross_entropy`), so no
+``[B, S, V]`` logits exist; `autocast` bfloat16 computes on fp32 master weights; `gradient_checkpointing`
+recomputes the decoder layers in backward; `micro_batch_tokens` caps the padded tokens of a micro-batch.
+Each gives the plain path's loss and gradients (docs/memory.md).
 """
 
 from __future__ import annotations
@@ -43,9 +49,19 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from opd.config import ChatTemplateKwargs, Dtype, OptimConfig, TrackingConfig, TrustRemoteCode, dump_config
+from opd.config import (
+    ChatTemplateKwargs,
+    DistTimeout,
+    Dtype,
+    ExpandableSegments,
+    OptimConfig,
+    Tf32,
+    TrackingConfig,
+    TrustRemoteCode,
+    dump_config,
+)
 from opd.data import (
     check_messages,
     check_rendered,
@@ -58,13 +74,15 @@ from opd.data import (
 from opd.device import clock, reduce_sum
 from opd.errors import ConfigError, DataError, StorageError
 from opd.files import atomic_write_text, json_safe
-from opd.precision import check_dtypes
+from opd.precision import apply_tf32, check_dtypes
 from opd.progress import bar
 from opd.train import checkpoint as ckpt
 from opd.train.loop import (
     NonFiniteLossError,
     build_optimizer,
     check_launch,
+    configure_cuda_allocator,
+    device_choices,
     finished_run,
     grad_norm,
     lock_run_dir,
@@ -126,6 +144,34 @@ class SFTConfig(BaseModel):
     )
     batch_size: int = Field(32, ge=1, description="examples per optimizer step, global across processes")
     micro_batch_size: int = Field(4, ge=1, description="examples per forward/backward (grad accumulation)")
+    micro_batch_tokens: int | None = Field(
+        None, ge=1, description="also cap each micro-batch at this many padded tokens (rows x its longest "
+        "example), as opd train's micro_batch_tokens: a process's examples of a step are sorted by length and "
+        "packed under both caps (an example longer than the cap runs alone), so long and short examples cost "
+        "even memory; the loss stays a mean over the whole step. null: micro_batch_size alone, in draw order",
+    )  # fmt: skip
+    autocast: Literal["none", "bfloat16"] = Field(
+        "none", description="mixed precision, as opd train's student.autocast: the forward and backward compute "
+        "in this dtype under torch.autocast (the LM head's matmuls too) while weights, gradients and AdamW "
+        "state stay in dtype. float16 is refused: there is no loss scaling, and fp16's range underflows "
+        "small gradients",
+    )  # fmt: skip
+    gradient_checkpointing: bool = Field(
+        False, description="recompute each decoder layer's activations in backward instead of keeping them "
+        "(opd.train.memory.enable_activation_checkpointing, as opd train's student.gradient_checkpointing): "
+        "much less memory for ~1/3 more compute; the same loss and gradients, dropout included (the "
+        "recomputation replays the RNG state)",
+    )  # fmt: skip
+    from_hidden_states: bool = Field(
+        True, description="take the model's last hidden states and project them through the LM head one chunk "
+        "of target rows at a time inside the loss (opd.objectives.cross_entropy), never building the [B, S, V] "
+        "logits, as opd train's loss.from_hidden_states; the same loss and gradients. false = the plain path: "
+        "the model's logits, then cross_entropy (needed only for a model whose head is not a linear layer; a "
+        "start-up probe refuses those)",
+    )  # fmt: skip
+    tf32: Tf32 = True
+    expandable_segments: ExpandableSegments = True
+    dist_timeout_s: DistTimeout = None
     shuffle: bool = Field(
         True, description="draw the examples in a new seeded order each epoch; false: file order"
     )
@@ -143,6 +189,17 @@ class SFTConfig(BaseModel):
         2, ge=1, description="checkpoints kept in RUN_DIR/checkpoints; older ones are deleted",
     )  # fmt: skip
     save_final: bool = Field(True, description="save the fine-tuned model to RUN_DIR/final at the end")
+
+    @field_validator("autocast", mode="before")
+    @classmethod
+    def _no_fp16_autocast(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip().lower() in ("float16", "fp16", "half"):
+            raise ValueError(
+                f"autocast {value} is not supported: float16 autocast needs loss scaling (a GradScaler), which "
+                "opd does not do, and without it fp16's narrow range flushes small gradients to zero; use "
+                "--autocast bfloat16 (float32's range, no scaling needed) or none"
+            )
+        return value
 
     def require_paths(self) -> None:
         missing = [name for name in ("model", "data") if not getattr(self, name)]
@@ -303,14 +360,74 @@ def collate(examples: list[SFTExample], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def token_ce_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sum over target tokens of -log p(token | prefix); the caller normalises by the step's count."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    logits = out.logits[:, :-1].float()
-    labels = batch["labels"][:, 1:]
-    return torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE, reduction="sum"
-    )
+def plan_micro_batches(lengths: list[int], max_rows: int, max_tokens: int | None) -> list[list[int]]:
+    """Positions into `lengths` grouped into micro-batches of at most `max_rows` examples and, with
+    `max_tokens`, at most that many padded tokens (rows x the group's longest example, what `collate`
+    builds). None: consecutive slices in the given order. With a budget the examples are taken longest
+    first and packed greedily; one longer than the budget runs alone. Every position appears once."""
+    if max_rows < 1 or (max_tokens is not None and max_tokens < 1):
+        raise ValueError(f"need max_rows >= 1 and max_tokens >= 1 or None; got {max_rows}, {max_tokens}")
+    if max_tokens is None:
+        return [list(range(s, min(s + max_rows, len(lengths)))) for s in range(0, len(lengths), max_rows)]
+    groups: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        g = groups[-1] if groups else None  # longest first: a group's width is its first example's length
+        if g is not None and len(g) < max_rows and (len(g) + 1) * lengths[g[0]] <= max_tokens:
+            g.append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def autocast_context(device: torch.device | str, autocast: str) -> Any:
+    """`torch.autocast` in `autocast`'s dtype on `device`'s type; a null context for ``none``."""
+    if autocast == "none":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=getattr(torch, autocast))
+
+
+def token_ce_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], *, from_hidden_states: bool = False,
+                 autocast: str = "none") -> torch.Tensor:  # fmt: skip
+    """Sum over target tokens of -log p(token | prefix); the caller normalises by the step's count.
+
+    `from_hidden_states`: the model's last hidden states and its LM head through
+    `opd.objectives.cross_entropy.head_ce_sum` (chunks of target rows, no ``[B, S, V]`` logits; the head's
+    matmuls in the `autocast` dtype, as the model's own head would run them); otherwise the model's logits
+    and ``cross_entropy``. The forward runs under `autocast`; both paths give the same loss and gradients.
+    """
+    from opd.generation.scoring import head_weights, last_hidden_states
+    from opd.objectives.cross_entropy import head_ce_sum
+
+    ids, attn, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    if not from_hidden_states:
+        with autocast_context(ids.device, autocast):
+            logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits[:, :-1]
+        logits = logits.float()
+        return torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]),
+            labels[:, 1:].reshape(-1),
+            ignore_index=IGNORE,
+            reduction="sum",
+        )
+    with autocast_context(ids.device, autocast):
+        h = last_hidden_states(model, input_ids=ids, attention_mask=attn)
+    # position t predicts label t + 1; the last position predicts nothing
+    targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE)
+    mask = targets != IGNORE
+    w, b = head_weights(model)
+    project = None if autocast == "none" else getattr(torch, autocast)
+    return head_ce_sum(h, w, b, targets.clamp_min(0), mask, project_dtype=project)
+
+
+def check_sft_head(model: torch.nn.Module) -> None:
+    """`from_hidden_states` projects with the LM head's weight itself: the model's logits must be exactly that
+    projection (`opd.generation.scoring.check_head_projection`), else a ConfigError naming the setting."""
+    from opd.generation.scoring import check_head_projection, head_weights
+
+    try:
+        check_head_projection(model, *head_weights(model))
+    except ValueError as exc:
+        raise ConfigError(f"opd sft from_hidden_states: {exc}; set --from_hidden_states false") from None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -341,7 +458,8 @@ class SFTTrainer:
         cfg, acc = self.cfg, self.acc
         world = acc.num_processes
         check_launch(acc)  # the same launch and dtype checks as opd train, before anything loads
-        check_dtypes(acc.device, {"dtype": cfg.dtype}, policy=cfg.precision_check,
+        tf32 = apply_tf32(acc.device, cfg.tf32)  # before the probe, so it times float32 as the run will
+        check_dtypes(acc.device, {"dtype": cfg.dtype, "autocast": cfg.autocast}, policy=cfg.precision_check,
                      log=lambda msg: self.log(f"[yellow]warning:[/] {msg}"))  # fmt: skip
         if cfg.batch_size % world:
             raise ConfigError(
@@ -364,8 +482,15 @@ class SFTTrainer:
                 f"(e.g. {self.data_report['skipped_examples'][0]}); see {self.run_dir}/data_report.json"
             )
         model = load_model(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+        if cfg.from_hidden_states:
+            check_sft_head(model)
+        if cfg.gradient_checkpointing:  # train mode stays: the recomputation replays dropout's RNG state
+            from opd.train.memory import enable_activation_checkpointing
+
+            enable_activation_checkpointing(model)
         self.cursor = PromptCursor(len(self.examples), seed=cfg.seed, shuffle=cfg.shuffle)
         self.total_steps = cfg.steps or max(1, math.ceil(cfg.epochs * len(self.examples) / cfg.batch_size))
+        model = model.to(acc.device)  # before AdamW: fused only when every parameter is on CUDA
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer, self.scheduler = build_optimizer(params, cfg.optim, self.total_steps)
         self.model, self.optimizer = acc.prepare(model, self.optimizer)
@@ -395,6 +520,10 @@ class SFTTrainer:
                 self.run_dir / "data_report.json",
                 json.dumps(json_safe(self.data_report), indent=1, allow_nan=False) + "\n",
             )
+            device = device_choices(acc, tf32=tf32, optimizer=self.optimizer, dist_timeout=cfg.dist_timeout_s)
+            atomic_write_text(
+                self.run_dir / "device.json", json.dumps(json_safe(device), indent=1, allow_nan=False) + "\n"
+            )
         self.metrics = open_metrics(
             self.run_dir,
             cfg.tracking,
@@ -416,7 +545,9 @@ class SFTTrainer:
         global_tokens = sum(self.examples[i].n_targets for i in indices)
         per = len(indices) // world
         mine = indices[acc.process_index * per : (acc.process_index + 1) * per]
-        micro = [mine[s : s + cfg.micro_batch_size] for s in range(0, len(mine), cfg.micro_batch_size)]
+        plan = plan_micro_batches([len(self.examples[i].input_ids) for i in mine], cfg.micro_batch_size,
+                                  cfg.micro_batch_tokens)  # fmt: skip
+        micro = [[mine[k] for k in group] for group in plan]
         loss_sum = torch.zeros((), dtype=torch.float64, device=acc.device)  # opd.device: step sums on device
         for i, mb in enumerate(micro):
             batch = {
@@ -424,7 +555,8 @@ class SFTTrainer:
             }
             sync = contextlib.nullcontext() if i == len(micro) - 1 else acc.no_sync(self.model)
             with sync:
-                ce = token_ce_sum(self.model, batch)
+                ce = token_ce_sum(self.model, batch, from_hidden_states=cfg.from_hidden_states,
+                                  autocast=cfg.autocast)  # fmt: skip
                 acc.backward(ce * (world / global_tokens))
             loss_sum += ce.detach().double()
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -523,6 +655,7 @@ def sft_with_progress(cfg: Any, *, resume: bool, log: Callable[[str], Any] | Non
             return None
     # a lab:NAME student trains with the lab's template unless told otherwise
     cfg = apply_model_defaults(cfg, [cfg.model], {"template": "template"}, log)
+    configure_cuda_allocator(allowed=cfg.expandable_segments, engine_in_process=False)  # before CUDA starts
     trainer = SFTTrainer(cfg, resume=resume, log=log)
     trainer.setup()
     main = trainer.acc.is_main_process

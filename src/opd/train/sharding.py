@@ -26,13 +26,36 @@ __all__ = [
     "grad_norm_value",
     "load_full_model_state",
     "load_full_optimizer_state",
+    "mixed_precision_policy",
     "restore_architecture",
     "shard_model",
 ]
 
 
-def shard_model(model: torch.nn.Module, device: torch.device, world: int) -> torch.nn.Module:
-    """Shard `model` in place over a 1-D mesh of `world` ranks; returns it (now an FSDP module)."""
+def mixed_precision_policy(autocast: str) -> Any:
+    """The FSDP2 `MixedPrecisionPolicy` for ``student.autocast``, None without autocast.
+
+    With autocast, FSDP2 must all-gather the weights in the autocast dtype: gathered in float32, every
+    layer's unsharded weights are leaf tensors that autocast casts and caches until its context exits, so a
+    whole `generate` (or a micro-batch's forward) kept a bf16 copy of every layer alive and resharding saved
+    nothing. Gathered in bf16 there is nothing to cast (and half the all-gather traffic); gradients are
+    reduce-scattered in float32 (`reduce_dtype`) into the float32 master shards the optimizer steps.
+    Autocast stays on: it still runs the ops it keeps in float32 (softmax, log_softmax, norms' reductions)
+    in float32, as without sharding."""
+    if autocast == "none":
+        return None
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return MixedPrecisionPolicy(param_dtype=getattr(torch, autocast), reduce_dtype=torch.float32)
+
+
+def shard_model(
+    model: torch.nn.Module, device: torch.device, world: int, *, autocast: str = "none"
+) -> torch.nn.Module:
+    """Shard `model` in place over a 1-D mesh of `world` ranks; returns it (now an FSDP module).
+
+    `autocast` (``student.autocast``): with a dtype, the weights are all-gathered in it
+    (`mixed_precision_policy`)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -40,10 +63,12 @@ def shard_model(model: torch.nn.Module, device: torch.device, world: int) -> tor
 
     layers = decoder_layers(model, "sharding fsdp (one unit per decoder layer; else use sharding none)")
     mesh = init_device_mesh(device.type, (world,))
+    policy = mixed_precision_policy(autocast)
+    kw = {} if policy is None else {"mp_policy": policy}
     model.to(device)
     for layer in layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(layer, mesh=mesh, **kw)
+    fully_shard(model, mesh=mesh, **kw)
     return model
 
 

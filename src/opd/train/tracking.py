@@ -136,12 +136,17 @@ def _step_of(line: str) -> int:
 
 
 def write_run_files(run_dir: Path, config_yaml: str, adjustments: list[dict[str, Any]],
-                    resume_step: int | None) -> None:  # fmt: skip
+                    resume_step: int | None, *, device: dict[str, Any] | None = None) -> None:  # fmt: skip
     """The run directory's own files at (re)start: config.yaml, adjustments.json (settings used other than
-    asked, when any) and samples.jsonl cut back to `resume_step` (a resumed run redoes the steps after it;
-    a new run starts it empty). Main process only."""
+    asked, when any), device.json (`device`: what this start chose for speed on its device, TF32, fused
+    AdamW, the CUDA allocator, the collective timeout: `opd.train.loop.device_choices`; rewritten at every
+    start, since a resume may run on other hardware) and samples.jsonl cut back to `resume_step` (a resumed
+    run redoes the steps after it; a new run starts it empty). Main process only."""
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.yaml", config_yaml)
+    if device is not None:
+        text = json.dumps(json_safe(device), indent=1, allow_nan=False) + "\n"
+        atomic_write_text(run_dir / "device.json", text)
     if adjustments:
         text = json.dumps(json_safe({"adjustments": adjustments}), indent=1, allow_nan=False) + "\n"
         atomic_write_text(run_dir / "adjustments.json", text)

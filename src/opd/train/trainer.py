@@ -7,7 +7,8 @@ Built on accelerate so the same code runs in one process or data-parallel under 
   each micro-batch contributes sum(per-token loss) * world_size / global_token_count, so gradient
   accumulation and the number of processes do not change the gradient (TRL #4719).
 - Rollout sampling is seeded by (seed, step, position of the prompt chunk in the global batch), so the
-  same global batch gives the same rollouts on 1 or N processes and after a resume.
+  same global batch gives the same rollouts on 1 or N processes and after a resume (HF rollouts always;
+  vLLM rollouts with rollout.vllm_seeded, whose per-request seeds take vLLM's slower sampling path).
 - One optimizer step per batch of rollouts: the policy that sampled is the policy being scored, so the
   student's "old" log-probs are the detached values of the training forward itself (PPO ratio 1). The
   student is scored with dropout off for the same reason.
@@ -26,7 +27,7 @@ import torch
 from accelerate import Accelerator
 
 from opd.config import TrainConfig, dump_config
-from opd.device import clock, host, place, reduce_sum
+from opd.device import DeviceTimer, clock, host, place, reduce_sum
 from opd.diagnostics import StepStats
 from opd.errors import ConfigError
 from opd.files import json_safe
@@ -135,8 +136,9 @@ class OPDTrainer:
         vars(self).update({f.name: getattr(parts, f.name) for f in fields(parts) if f.name != "teacher"})
         self._teacher = parts.teacher
         resume_step = self._restore() if self.resume else None
-        if acc.is_main_process:  # config.yaml, adjustments.json, samples.jsonl cut back to the resumed step
-            write_run_files(self.run_dir, dump_config(cfg), self.adjustments, resume_step)
+        if acc.is_main_process:  # config.yaml, adjustments.json, device.json, samples.jsonl cut to the resume
+            write_run_files(self.run_dir, dump_config(cfg), self.adjustments, resume_step,
+                            device=self.device_choices)  # fmt: skip
         adjusted = {"adjustments": self.adjustments} if self.adjustments else {}
         self.metrics = open_metrics(self.run_dir, cfg.tracking, main=acc.is_main_process,
                                     config={**cfg.model_dump(mode="json"), **adjusted}, resume_step=resume_step)  # fmt: skip
@@ -322,8 +324,11 @@ class OPDTrainer:
         """Phase 3. Gradients are synchronised across processes on the last micro-batch only; with
         `optim.in_backward` the weights step inside backward, so a non-finite loss is refused before it."""
         acc, device = self.acc, self.acc.device
-        local_tokens = sum(int(r.response_mask.sum()) for r in rollouts)
-        global_tokens = int(self._reduce(torch.tensor(float(local_tokens), dtype=torch.float64)).item())
+        # one host copy for the step's token count (not one per rollout chunk)
+        local = sum(
+            (r.response_mask.sum() for r in rollouts), torch.zeros((), dtype=torch.long, device=device)
+        )
+        global_tokens = int(self._reduce(local.double()).item())
         micro = self._micro_batches(rollouts)
         if self.in_backward is not None and len(micro) > 1:  # the config check should make this unreachable
             raise ConfigError(f"optim.in_backward needs one micro-batch per step; this step has {len(micro)}")
@@ -331,10 +336,12 @@ class OPDTrainer:
         out = _Accumulated(torch.zeros((), dtype=torch.float64, device=device), StepStats(self.stats_settings, device),
                            global_tokens, teacher_nonfinite=torch.zeros((), dtype=torch.float64, device=device))  # fmt: skip
         scale = acc.num_processes / max(global_tokens, 1)
+        # The HF teacher's forward of each micro-batch, timed with device events: no synchronization inside
+        # the loop (the total is read once, after it); in_backward's finite check is its only host read.
+        teacher_time = DeviceTimer(device)
         for i, (chunk, rows, mb) in enumerate(micro):
-            ts = clock(device)
-            target = targets.target(chunk, rows, mb)
-            out.t_teacher += clock(device) - ts
+            with teacher_time.section():
+                target = targets.target(chunk, rows, mb)
             out.teacher_nonfinite += nonfinite_target_positions(target, mb.response_mask, self.vocab_size)
             sync = contextlib.nullcontext() if i == len(micro) - 1 else acc.no_sync(self.student)
             with sync:
@@ -356,6 +363,7 @@ class OPDTrainer:
                         ib.armed = False
             out.loss_sum += loss_mb.detach().double()
             del target, loss_mb, objective
+        out.t_teacher = teacher_time.seconds()
         return out
 
     def _grad_norm(self, step: int, loss_sum: torch.Tensor) -> float:
@@ -508,7 +516,7 @@ class OPDTrainer:
         damaged weights. Periodic checkpoints due on an alarming step are deferred to the next clean
         step, so rotation (``keep_checkpoints``) never evicts the last good one for a suspect one.
         """
-        apply_dist_timeout(self.acc)
+        apply_dist_timeout(self.acc, self.cfg.dist_timeout_s)
         self._eval = self._evaluator()
         try:
             if self._eval is not None and self.start_step == 0:
