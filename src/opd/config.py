@@ -170,7 +170,8 @@ def check_server_url(url: str) -> str:
 class TeacherConfig(_Section):
     """Where the teacher runs. `hf` gives full logits (every objective); `vllm` (in-process engine) and
     `http` (vLLM servers, `opd serve-teacher`) give the top-`top_k` log-probs per position, which serve
-    the sampled-token and teacher-support top-k objectives exactly and refuse the others."""
+    the sampled-token and teacher-support top-k objectives exactly and refuse the others; `http` with
+    `payload hidden` (`opd serve-teacher --engine hf`) gives hidden states + head, every objective."""
 
     path: str = Field(
         "", description="local dir, .gguf file, or hub id; must share the student's tokenizer "
@@ -197,6 +198,16 @@ class TeacherConfig(_Section):
     retries: int = Field(5, ge=0, description="backend http: retries per request (next server each time)")
     backoff_s: float = Field(1.0, ge=0, description="backend http: first retry wait, doubled per retry")
     sequences_per_request: int = Field(8, ge=1, description="backend http: sequences per request")
+    payload: Literal["topk", "hidden", "ids"] = Field(
+        "topk", description="backend http: what the servers return; topk = top_k log-probs per position (vLLM "
+        "servers); hidden = the teacher's last hidden states, projected here with its LM head (loaded once from "
+        "teacher.path or the server; every objective); ids = log-probs at the sampled token and the teacher's "
+        "top_k from the full distribution; hidden and ids need `opd serve-teacher --engine hf`",
+    )  # fmt: skip
+    payload_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="backend http, payload hidden: dtype of the hidden states on the wire (bfloat16 "
+        "halves the bytes; a float32 server's states are then rounded)",
+    )  # fmt: skip
     vllm_dtype: Literal["bfloat16", "float16", "float32"] = Field(
         "bfloat16", description="backend vllm: dtype"
     )
@@ -550,14 +561,17 @@ class TrainConfig(_Section):
     def _teacher_backend(self) -> TrainConfig:
         """A top-K teacher cannot serve every objective: refuse the impossible ones before any compute."""
         tc = self.teacher
-        if tc.backend == "hf":
+        if tc.backend == "hf" or (tc.backend == "http" and tc.payload == "hidden"):
             return self
         from opd.objectives.topk import check_sparse_objective
 
         try:
             check_sparse_objective(self.loss.signal, self.loss.support, self.loss.k, tc.top_k)
         except ConfigError as exc:
-            raise ValueError(f"teacher.backend {tc.backend}: {exc}") from None
+            which = f"teacher.backend {tc.backend}" + (f", teacher.payload {tc.payload}" if tc.backend == "http" else "")
+            serve = ("; teacher.payload hidden (`opd serve-teacher MODEL --engine hf`) serves every objective"
+                     if tc.backend == "http" else "")  # fmt: skip
+            raise ValueError(f"{which}: {exc}{serve}") from None
         if self.diagnostics.k > tc.top_k:
             raise ValueError(
                 f"teacher.backend {tc.backend}: diagnostics.k {self.diagnostics.k} > teacher.top_k {tc.top_k}; "

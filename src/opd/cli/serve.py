@@ -59,10 +59,23 @@ def register(app: typer.Typer) -> None:
         python: str | None = typer.Option(None, "--python", help="interpreter that has vllm [this one]"),
         trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
         log_file: str | None = typer.Option(None, "--log-file", help="server output to this file"),
+        engine: str | None = typer.Option(
+            None,
+            "--engine",
+            help="vllm (top-K log-probs) | hf (opd's transformers server: hidden, ids, topk) [vllm]",
+        ),
+        device: str | None = typer.Option(None, "--device", help="engine hf: auto | cpu | cuda:N [auto]"),
+        device_map: str | None = typer.Option(None, "--device-map", help="engine hf: e.g. auto, over GPUs"),
+        max_batch_tokens: int | None = typer.Option(None, "--max-batch-tokens", help="engine hf [16384]"),
+        max_request_tokens: int | None = typer.Option(
+            None, "--max-request-tokens", help="engine hf [262144]"
+        ),
     ) -> None:
-        """Start a vLLM server that scores token ids with prompt log-probs, on 127.0.0.1 by default.
+        """Start a server that scores token ids, on 127.0.0.1 by default: vLLM (prompt log-probs) or, with
+        --engine hf, opd's own transformers server (hidden states, log-probs at ids, or vLLM's top-K).
 
-        Arguments after `--` go to vLLM unchanged. Train against it with
+        Arguments after `--` go to vLLM unchanged. With --engine hf train with `--teacher.backend http
+        --teacher.urls URL --teacher.payload hidden` (every objective) or `--teacher.payload ids`. Train against it with
         `--teacher.backend http --teacher.urls URL --loss.support teacher` (or --loss.signal sampled);
         several servers: --teacher.urls [http://a:8000, http://b:8000].
         Set OPD_TEACHER_API_KEY (on both sides) before binding to a non-loopback address.
@@ -72,7 +85,8 @@ def register(app: typer.Typer) -> None:
         named = dict(
             model=model, host=host, port=port, max_logprobs=max_logprobs, dtype=dtype, max_model_len=max_model_len,
             kv_cache_gb=kv_cache_gb, served_name=served_name, python=python, log_file=log_file,
-            trust_remote_code=trust_remote_code or None, vllm_args=list(ctx.args),
+            trust_remote_code=trust_remote_code or None, vllm_args=list(ctx.args), engine=engine, device=device,
+            device_map=device_map, max_batch_tokens=max_batch_tokens, max_request_tokens=max_request_tokens,
         )  # fmt: skip
         server = None
         _stop_on_signals()
@@ -87,11 +101,18 @@ def register(app: typer.Typer) -> None:
             server.start()
             console.print(f"starting the teacher server: {' '.join(server.cmd)}")
             server.wait_ready(cfg.ready_timeout_s)
-            console.print(
-                f"[green]teacher ready[/] at {cfg.url} (top-{cfg.max_logprobs} log-probs); train with\n"
-                f"  opd train ... --teacher.backend http --teacher.urls {cfg.url} --teacher.top_k "
-                f"{min(cfg.max_logprobs, 20)} --teacher.path {cfg.model}\nCtrl-C stops it."
-            )
+            if cfg.engine == "hf":
+                console.print(
+                    f"[green]teacher ready[/] at {cfg.url} (opd scoring server, {cfg.dtype}); train with\n"
+                    f"  opd train ... --teacher.backend http --teacher.urls {cfg.url} --teacher.payload hidden "
+                    f"--teacher.path {cfg.model}\nCtrl-C stops it."
+                )
+            else:
+                console.print(
+                    f"[green]teacher ready[/] at {cfg.url} (top-{cfg.max_logprobs} log-probs); train with\n"
+                    f"  opd train ... --teacher.backend http --teacher.urls {cfg.url} --teacher.top_k "
+                    f"{min(cfg.max_logprobs, 20)} --teacher.path {cfg.model}\nCtrl-C stops it."
+                )
             code = server.proc.wait() if server.proc else 0
         except OpdError as exc:
             _shutdown(server)

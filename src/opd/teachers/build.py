@@ -53,8 +53,11 @@ def describe_teacher(tc: TeacherConfig) -> dict[str, str]:
     if tc.backend == "hf":
         return {"path": tc.path, "dtype": tc.dtype}
     where = ", ".join(tc.urls) if tc.backend == "http" else tc.path
+    returns = {"topk": f"top-{tc.top_k} log-probs per position",
+               "hidden": f"last hidden states ({tc.payload_dtype}), projected with its LM head here",
+               "ids": f"log-probs at the sampled token and its top-{tc.top_k} (full distribution)"}  # fmt: skip
     return {"path": f"{tc.backend}: {where}", "dtype": tc.vllm_dtype if tc.backend == "vllm" else "(server's)",
-            "teacher returns": f"top-{tc.top_k} log-probs per position"}  # fmt: skip
+            "teacher returns": returns[tc.payload] if tc.backend == "http" else returns["topk"]}  # fmt: skip
 
 
 def check_teacher_processes(tc: TeacherConfig, processes: int) -> None:
@@ -117,6 +120,22 @@ def build_teacher(
             max_model_len=context(tc.vllm_max_model_len, "teacher.vllm_max_model_len"),
         )  # fmt: skip
         return TopKTeacher(engine, vocab_size=vocab_size, device=device)
+    if tc.payload != "topk":  # opd's own scoring server: hidden states + head, or log-probs at ids
+        from opd.teachers.remote import ScoringServerTeacher
+
+        remote = ScoringServerTeacher(
+            tc.urls, payload=tc.payload, device=device, vocab_size=vocab_size, k=tc.top_k,
+            payload_dtype=tc.payload_dtype, hidden_states=hidden_states, head_path=tc.path,
+            trust_remote_code=tc.trust_remote_code, model=tc.model_name, timeout_s=tc.timeout_s,
+            retries=tc.retries, backoff_s=tc.backoff_s, sequences_per_request=tc.sequences_per_request,
+        )  # fmt: skip
+        served = remote.max_model_len()
+        if served is not None:
+            context(served, f"the teacher server's max_model_len ({remote.served})")
+        remote.check_tokenizer(tokenizer, probe_texts)
+        log(f"teacher: {remote.served} at {', '.join(remote.urls)} (payload {tc.payload}, server dtype "
+            f"{remote.info['dtype']})")  # fmt: skip
+        return remote
     from opd.teachers.http import HTTPTeacher
 
     server = HTTPTeacher(

@@ -31,6 +31,7 @@ from opd.errors import ConfigError, OpdError, TokenizerMismatchError
 from opd.generation.rollout import Rollout
 from opd.generation.vllm import response_requests
 from opd.objectives.topk import TeacherTopK, topk_from_prompt_logprobs
+from opd.teachers import wire
 
 __all__ = ["HTTPTeacher", "TeacherUnavailableError", "parse_prompt_logprobs"]
 
@@ -118,7 +119,10 @@ class HTTPTeacher:
         )
         try:
             with urllib.request.urlopen(req, timeout=timeout) as resp:
-                return json.loads(resp.read())
+                raw = resp.read()
+                if resp.headers.get_content_type() == wire.CONTENT_TYPE:  # opd's own server: tensors
+                    return wire.decode(raw)
+                return json.loads(raw)
         except urllib.error.HTTPError as exc:
             detail = exc.read().decode(errors="replace")[:500]
             if 400 <= exc.code < 500 and exc.code not in (408, 429):
@@ -137,7 +141,7 @@ class HTTPTeacher:
                 return self._call(url, path, body, timeout or self.timeout_s)
             except _ClientError as exc:
                 raise ConfigError(f"the teacher server refused the request: {exc}") from None
-            except (OSError, json.JSONDecodeError) as exc:  # refused, reset, timeout, 5xx, torn body
+            except (OSError, json.JSONDecodeError, wire.WireError) as exc:  # refused, reset, 5xx, torn body
                 errors.append(f"{url}: {exc}")
                 if attempt < self.retries:
                     with self._lock:

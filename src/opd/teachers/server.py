@@ -19,6 +19,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -27,7 +28,7 @@ from opd.errors import ConfigError, OpdError
 from opd.models.loading import model_directory
 from opd.teachers.http import API_KEY_ENV
 
-__all__ = ["ServeTeacherConfig", "TeacherServer", "build_server", "server_command"]
+__all__ = ["ServeTeacherConfig", "TeacherServer", "build_server", "hf_server_command", "server_command"]
 
 
 class ServeTeacherConfig(BaseModel):
@@ -36,6 +37,10 @@ class ServeTeacherConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field("", description="local Hugging Face model directory or lab:NAME")
+    engine: Literal["vllm", "hf"] = Field(
+        "vllm", description="vllm = vLLM's OpenAI server (top-K log-probs: teacher.payload topk); hf = opd's own "
+        "transformers server, prefill only (teacher.payload hidden | ids | topk)",
+    )  # fmt: skip
     host: str = Field("127.0.0.1", description="bind address; 0.0.0.0 exposes it (set OPD_TEACHER_API_KEY)")
     port: int = Field(8000, ge=1, le=65535, description="port the server listens on")
     max_logprobs: int = Field(20, ge=1, description="largest teacher.top_k clients may ask for")
@@ -48,11 +53,44 @@ class ServeTeacherConfig(BaseModel):
     ready_timeout_s: float = Field(900.0, gt=0, description="how long to wait for the server to answer")
     log_file: str | None = Field(None, description="write the server's output here instead of the terminal")
     vllm_args: list[str] = Field(default_factory=list, description="extra vLLM server arguments")
+    device: str = Field("auto", description="engine hf: auto | cpu | cuda | cuda:N (one device)")
+    device_map: str | None = Field(
+        None, description="engine hf: transformers device_map (e.g. auto) for a teacher larger than one GPU"
+    )
+    max_batch_tokens: int = Field(16384, ge=1, description="engine hf: padded tokens per forward")
+    max_request_tokens: int = Field(262144, ge=1, description="engine hf: most tokens in one request (413 "
+                                    "above)")  # fmt: skip
+    max_request_mb: float = Field(
+        256.0, gt=0, description="engine hf: largest request body in MiB (413 above)"
+    )
 
     @property
     def url(self) -> str:
         host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
         return f"http://{host}:{self.port}"
+
+
+def hf_server_command(cfg: ServeTeacherConfig) -> list[str]:
+    """The argv of opd's own scoring server (`opd.teachers.hf_server`) for `cfg` (engine hf)."""
+    if cfg.dtype not in ("float32", "bfloat16"):
+        raise ConfigError(f"opd serve-teacher --engine hf runs float32 or bfloat16, not --dtype {cfg.dtype}")
+    if cfg.vllm_args:
+        raise ConfigError(
+            f"arguments after `--` ({' '.join(cfg.vllm_args)}) go to vLLM; --engine hf takes none"
+        )
+    path = model_directory(cfg.model, "opd serve-teacher --engine hf")
+    cmd = [cfg.python or sys.executable, "-m", "opd.teachers.hf_server", "--model", str(path), "--host", cfg.host,
+           "--port", str(cfg.port), "--dtype", cfg.dtype, "--device", cfg.device, "--max-logprobs",
+           str(cfg.max_logprobs), "--served-name", cfg.served_name or path.name, "--max-batch-tokens",
+           str(cfg.max_batch_tokens), "--max-request-tokens", str(cfg.max_request_tokens), "--max-request-mb",
+           str(cfg.max_request_mb)]  # fmt: skip
+    if cfg.device_map:
+        cmd += ["--device-map", cfg.device_map]
+    if cfg.max_model_len:
+        cmd += ["--max-model-len", str(cfg.max_model_len)]
+    if cfg.trust_remote_code:
+        cmd.append("--trust-remote-code")
+    return cmd
 
 
 def server_command(
@@ -90,9 +128,16 @@ class TeacherServer:
     """A running `opd serve-teacher` process: start, wait until it answers, stop (also as a context)."""
 
     def __init__(
-        self, cmd: list[str], *, url: str, kv_cache_gb: int = 4, log_path: Path | None = None
+        self,
+        cmd: list[str],
+        *,
+        url: str,
+        kv_cache_gb: int = 4,
+        log_path: Path | None = None,
+        engine: str = "vllm",
     ) -> None:
         self.cmd = cmd
+        self.engine = engine
         self.url = url
         self.kv_cache_gb = kv_cache_gb
         self.log_path = log_path
@@ -100,7 +145,14 @@ class TeacherServer:
 
     def start(self) -> TeacherServer:
         python = self.cmd[0]
-        probe = subprocess.run([python, "-c", "import vllm"], capture_output=True)
+        needs = "import vllm" if self.engine == "vllm" else "import fastapi, uvicorn, opd.teachers.hf_server"
+        probe = subprocess.run([python, "-c", needs], capture_output=True)
+        if probe.returncode != 0 and self.engine != "vllm":
+            raise ConfigError(
+                f"{python} cannot run opd's scoring server ({needs}: "
+                f"{probe.stderr.decode(errors='replace').strip().splitlines()[-1:]}); install opd with its "
+                "dependencies there (pip install opd) or point --python at an environment that has them"
+            )
         if probe.returncode != 0:
             from opd.generation.vllm import EXTRA_HINT
 
@@ -119,9 +171,11 @@ class TeacherServer:
         return self
 
     def ready(self) -> bool:
+        # opd's server answers /health without the API key; vLLM lists its model once it is ready
+        path, key = ("/health", "status") if self.engine == "hf" else ("/v1/models", "data")
         try:
-            with urllib.request.urlopen(self.url + "/v1/models", timeout=5) as resp:
-                return bool(json.loads(resp.read()).get("data"))
+            with urllib.request.urlopen(self.url + path, timeout=5) as resp:
+                return bool(json.loads(resp.read()).get(key))
         except (OSError, json.JSONDecodeError, urllib.error.URLError):
             return False
 
@@ -166,10 +220,12 @@ def build_server(cfg: ServeTeacherConfig) -> TeacherServer:
     """The server `cfg` describes, not started."""
     if not cfg.model:
         raise ConfigError("opd serve-teacher needs MODEL (a local model directory or lab:NAME)")
+    log = Path(cfg.log_file) if cfg.log_file else None
+    if cfg.engine == "hf":
+        return TeacherServer(hf_server_command(cfg), url=cfg.url, log_path=log, engine="hf")
     cmd = server_command(
         cfg.model, python=cfg.python, host=cfg.host, port=cfg.port, max_logprobs=cfg.max_logprobs,
         dtype=cfg.dtype, max_model_len=cfg.max_model_len, served_name=cfg.served_name,
         trust_remote_code=cfg.trust_remote_code, extra=cfg.vllm_args,
     )  # fmt: skip
-    log = Path(cfg.log_file) if cfg.log_file else None
     return TeacherServer(cmd, url=cfg.url, kv_cache_gb=cfg.kv_cache_gb, log_path=log)
