@@ -568,7 +568,9 @@ class TrainConfig(_Section):
         try:
             check_sparse_objective(self.loss.signal, self.loss.support, self.loss.k, tc.top_k)
         except ConfigError as exc:
-            which = f"teacher.backend {tc.backend}" + (f", teacher.payload {tc.payload}" if tc.backend == "http" else "")
+            which = f"teacher.backend {tc.backend}" + (
+                f", teacher.payload {tc.payload}" if tc.backend == "http" else ""
+            )
             serve = ("; teacher.payload hidden (`opd serve-teacher MODEL --engine hf`) serves every objective"
                      if tc.backend == "http" else "")  # fmt: skip
             raise ValueError(f"{which}: {exc}{serve}") from None

@@ -5,7 +5,9 @@ objective table of docs/api.md (`markdown_table`) and the tests all read these e
 description and the combinations it allows are written once. A divergence carries its fast row function
 (what `divergence_from_log_probs` runs on every row) and a deliberately plain float64 reference (a Python
 loop over the support); `tests/test_objective_registry.py` checks every entry's two against each other, so
-adding a divergence is one `register_divergence(Divergence(...))` call and nothing else.
+adding a divergence is one `register_divergence(Divergence(...))` call and nothing else. The maths of
+``renorm="tail"`` (the k+1 tail bucket, `tail_bucket_log_probs`) lives here too, with its own float64
+reference (`tail_bucket_reference`), because it turns any registered divergence into one over k+1 outcomes.
 """
 
 from __future__ import annotations
@@ -37,8 +39,12 @@ __all__ = [
     "markdown_table",
     "register_divergence",
     "renorm",
+    "rest_log_prob",
+    "rest_of_rows",
     "signal",
     "support",
+    "tail_bucket_log_probs",
+    "tail_bucket_reference",
     "unregister_divergence",
 ]
 
@@ -206,6 +212,96 @@ def _tvd_reference(log_p: Tensor, log_q: Tensor, beta: float) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------------------
+# renorm "tail": the k+1 tail bucket, fast and float64 reference
+# --------------------------------------------------------------------------------------------------------
+
+
+def _log1mexp(x: Tensor) -> Tensor:
+    """log(1 - exp(x)) for x < 0, accurate at both ends (Mächler 2012); each branch gets an input clamped
+    to its own side so neither produces an inf whose zero-weighted gradient would still be NaN."""
+    cut = -math.log(2.0)
+    near = torch.log(-torch.expm1(x.clamp(min=cut)))
+    far = torch.log1p(-torch.exp(x.clamp(max=cut)))
+    return torch.where(x > cut, near, far)
+
+
+def rest_log_prob(log_sel: Tensor, valid: Tensor) -> Tensor:
+    """log(1 - the mass on the support) ``[N, 1]`` from full-vocabulary log-probabilities at the support
+    ``[N, k]`` alone (what a top-K teacher returns), in log space: `_log1mexp` of the support's logsumexp.
+
+    The remaining mass is floored at the dtype's epsilon, so a support holding (by rounding) all of the
+    mass, e.g. an engine's top-K log-probs summing to a hair over 1, gives a tiny tail instead of a NaN; an
+    empty support leaves all of it (log 1 = 0)."""
+    top = math.log1p(-torch.finfo(log_sel.dtype).eps)  # log of the largest support mass kept below 1
+    # an empty row's logsumexp is -inf with a NaN gradient: one fake slot keeps it finite, `where` drops it
+    nonempty = valid.any(-1, keepdim=True)
+    safe = valid | (~nonempty & (torch.arange(valid.shape[-1], device=valid.device) == 0))
+    mass = torch.logsumexp(log_sel.masked_fill(~safe, float("-inf")), dim=-1, keepdim=True)
+    return torch.where(nonempty, _log1mexp(mass.clamp(max=top)), 0.0)
+
+
+def rest_of_rows(
+    rows: Tensor, ids: Tensor, valid: Tensor, lse: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """The exact log-probability of every token outside the support, from a model's whole logit rows
+    ``[N, V]`` (the support: ``ids`` ``[N, k]`` where ``valid``; ids may repeat; ``lse`` ``[N, 1]``: the rows'
+    logsumexp if already known): ``(log_rest [N, 1], has_rest [N, 1])``. A logsumexp over the tokens
+    outside, so a tail far below the float32 resolution of 1 - mass is still exact, and so is its gradient;
+    ``has_rest`` is False where the support covers the whole vocabulary (log_rest is then a placeholder)."""
+    n, v = rows.shape
+    # one byte per token; invalid slots write to a spare column, repeated ids all write True (deterministic)
+    inside = torch.zeros((n, v + 1), dtype=torch.bool, device=rows.device)
+    inside = inside.scatter_(-1, torch.where(valid, ids, v), True)[:, :v]
+    has_rest = ~inside.all(-1, keepdim=True)
+    # rows with nothing outside keep their whole row, so the logsumexp and its gradient stay finite
+    outside = rows.masked_fill(inside & has_rest, float("-inf"))
+    if lse is None:
+        lse = torch.logsumexp(rows, -1, keepdim=True)
+    return torch.logsumexp(outside, -1, keepdim=True) - lse, has_rest
+
+
+def tail_bucket_log_probs(log_p_sel: Tensor, log_q_sel: Tensor, valid: Tensor, log_p_rest: Tensor,
+                          log_q_rest: Tensor, has_rest: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """renorm "tail": both models' distributions over the k support slots plus one slot for the rest.
+
+    ``log_p_sel`` / ``log_q_sel`` ``[N, k]`` are FULL-vocabulary log-probabilities at the support ids (not
+    renormalised; the student's live), ``valid`` ``[N, k]`` marks the real slots (invalid ones may hold any
+    finite value), ``log_p_rest`` / ``log_q_rest`` ``[N, 1]`` each model's log-mass outside the support
+    (`rest_of_rows` from whole rows, `rest_log_prob` from the support alone) and ``has_rest`` ``[N, 1]``
+    whether any token is outside (None: everywhere). Returns ``(log_p, log_q, valid)`` of ``[N, k + 1]``: the
+    support slots as given and, last, the rest, valid where ``has_rest``. Both are proper distributions over
+    k + 1 outcomes, so every registered divergence applies unchanged and, for the built-in ones (all
+    f-divergences), is >= 0 and at most the full-vocabulary divergence, the outcomes being a coarsening of
+    the vocabulary (data-processing inequality; `tests/test_tail_bucket.py` checks both).
+    """
+    rest_valid = torch.ones_like(valid[..., :1]) if has_rest is None else has_rest
+    log_p = torch.cat([torch.where(valid, log_p_sel, 0.0), torch.where(rest_valid, log_p_rest, 0.0)], -1)
+    log_q = torch.cat([torch.where(valid, log_q_sel, 0.0), torch.where(rest_valid, log_q_rest, 0.0)], -1)
+    return log_p, log_q, torch.cat([valid, rest_valid], dim=-1)
+
+
+def tail_bucket_reference(log_p_row: Tensor, log_q_row: Tensor, ids: Sequence[int], divergence: str,
+                          beta: float) -> Tensor:  # fmt: skip
+    """The tail-bucket divergence of ONE row in plain float64: ``log_p_row`` / ``log_q_row`` ``[V]`` are both
+    models' full-vocabulary log-probabilities (only the entries at ``ids`` are read, so a top-K teacher's
+    known ones suffice), ``ids`` the support. The k + 1 outcomes are the ids one by one and "any other
+    token", whose probability is 1 minus the sum of the others; the divergence is the registered entry's
+    own reference over those outcomes."""
+    p_slots, q_slots = [], []
+    p_rest = torch.ones((), dtype=torch.float64)
+    q_rest = torch.ones((), dtype=torch.float64)
+    for i in ids:
+        p_i, q_i = torch.exp(log_p_row[i].double()), torch.exp(log_q_row[i].double())
+        p_slots.append(p_i)
+        q_slots.append(q_i)
+        p_rest = p_rest - p_i
+        q_rest = q_rest - q_i
+    log_p = torch.log(torch.stack([*p_slots, p_rest]))
+    log_q = torch.log(torch.stack([*q_slots, q_rest]))
+    return lookup("divergence", divergence).reference(log_p, log_q, beta)
+
+
+# --------------------------------------------------------------------------------------------------------
 # The registry
 # --------------------------------------------------------------------------------------------------------
 
@@ -254,6 +350,15 @@ _ENTRIES: dict[str, dict[str, Any]] = {
                 short="the released-code weighting",
                 signals=("topk",),
                 divergences=("reverse_kl",),
+            ),
+            Renorm(
+                "tail",
+                "the k+1 tail bucket: neither model renormalised, each one's mass outside the support "
+                "(1 - its mass on it) added as one extra slot, the divergence taken over those k+1 outcomes, "
+                "a lower bound of the full-vocabulary one; any support with a full-distribution teacher, "
+                "loss.support teacher with a top-K teacher (vLLM/HTTP), whose top-K gives its tail",
+                short="add each model's remaining mass as one extra slot",
+                signals=("topk",),
             ),
         )
     },

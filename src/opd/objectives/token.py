@@ -316,6 +316,25 @@ def _topk_both_rows(
     return torch.where(nonempty, loss, 0.0)
 
 
+def _topk_tail_rows(
+    s_rows: Tensor, t_rows: Tensor, *, k: int, support: str, divergence: str, beta: float
+) -> Tensor:
+    """renorm tail: the support's k slots plus one for each model's remaining mass, neither renormalised
+    (`opd.objectives.registry.tail_bucket_log_probs`)."""
+    ids, valid = topk_support(s_rows, t_rows, k, support)
+    log_p_rest, has_rest = registry.rest_of_rows(s_rows, ids, valid)
+    log_q_rest, _ = registry.rest_of_rows(t_rows.detach(), ids, valid)
+    log_p, log_q, slots = registry.tail_bucket_log_probs(
+        _gather_log_probs(s_rows, ids),
+        _gather_log_probs(t_rows, ids),
+        valid,
+        log_p_rest,
+        log_q_rest,
+        has_rest,
+    )
+    return divergence_from_log_probs(log_p, log_q, divergence, beta, valid=slots)
+
+
 def support_advantage(log_p_sel: Tensor, log_q_sel: Tensor, valid: Tensor) -> Tensor:
     """Released-code advantage A(v) = w(v)·δ(v) on the support (0 on invalid slots), detached.
 
@@ -356,6 +375,8 @@ def _make_row_loss(signal: str, divergence: str, k: int, support: str, renorm: s
         return sampled
     if signal == "topk" and renorm == "weights":
         fn = functools.partial(_topk_weights_rows, k=k, support=support)
+    elif signal == "topk" and renorm == "tail":
+        fn = functools.partial(_topk_tail_rows, k=k, support=support, divergence=divergence, beta=beta)
     elif signal == "topk":
         fn = functools.partial(_topk_both_rows, k=k, support=support, divergence=divergence, beta=beta)
     else:

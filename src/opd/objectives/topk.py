@@ -11,7 +11,9 @@ objectives, with no approximation:
 
 Everything else (full vocabulary, the student's or the union/overlap support, teacher entropy) needs
 teacher log-probs at ids the engine did not return, so `check_sparse_objective` refuses it and names the
-alternatives. These functions mirror `opd.objectives.token` row by row and are tested against it on dense
+alternatives. ``renorm="tail"`` (opt-in) keeps to what the engine returned as well: the teacher's remaining
+mass is 1 minus its top-k mass, so the divergence over the top-k plus one "everything else" slot is exact,
+a lower bound of the full-vocabulary one rather than the truncated sum, which is biased and often negative. These functions mirror `opd.objectives.token` row by row and are tested against it on dense
 logits cut down to their top-K.
 """
 
@@ -23,6 +25,7 @@ import torch
 from torch import Tensor
 
 from opd.errors import ConfigError
+from opd.objectives import registry
 from opd.objectives.token import (
     _safe_valid,
     divergence_from_log_probs,
@@ -155,7 +158,8 @@ def check_sparse_objective(signal: str, support: str, k: int, teacher_k: int) ->
     )
     if signal == "full":
         raise ConfigError(f"loss.signal full needs the teacher's full distribution, which a top-K teacher "
-                          f"(vLLM/HTTP) does not return; use {ok}")  # fmt: skip
+                          f"(vLLM/HTTP) does not return; use {ok} (with loss.renorm tail for a lower bound of "
+                          "the full divergence: the remaining mass of both models as one extra slot)")  # fmt: skip
     if signal == "topk" and support != "teacher":
         raise ConfigError(f"loss.support {support} needs teacher log-probs at the student's top-k ids, which a "
                           f"top-K teacher does not return; use {ok}")  # fmt: skip
@@ -212,6 +216,13 @@ def sparse_row_loss(s_rows: Tensor, teacher: TeacherTopK, y: Tensor, *, signal: 
     if renorm == "weights":
         log_p_sel = s_rows.gather(-1, ids) - lse
         return -(support_advantage(log_p_sel, log_q_sel, valid) * log_p_sel).sum(-1)
+    if renorm == "tail":
+        # the student's rest exactly from its whole row; the teacher's from its top-k alone (all it sent)
+        log_p_rest, has_rest = registry.rest_of_rows(s_rows, ids, valid, lse)
+        log_p, log_q, slots = registry.tail_bucket_log_probs(s_rows.gather(-1, ids) - lse, log_q_sel, valid,
+                                                             log_p_rest, registry.rest_log_prob(log_q_sel, valid),
+                                                             has_rest)  # fmt: skip
+        return divergence_from_log_probs(log_p, log_q, divergence, beta, slots)
     safe, nonempty = _safe_valid(valid)
     log_p = support_log_probs(s_rows.gather(-1, ids), safe)
     log_q = support_log_probs(log_q_sel, safe)
