@@ -133,13 +133,19 @@ class StudentConfig(_Section):
     @field_validator("autocast", mode="before")
     @classmethod
     def _no_fp16_autocast(cls, value: Any) -> Any:
-        if isinstance(value, str) and value.strip().lower() in ("float16", "fp16", "half"):
-            raise ValueError(
-                f"student.autocast {value} is not supported: float16 autocast needs loss scaling (a GradScaler), "
-                "which opd does not do, and without it fp16's narrow range flushes small gradients to zero; use "
-                "student.autocast bfloat16 (float32's range, no scaling needed) or none"
-            )
-        return value
+        return refuse_fp16_autocast(value, "student.autocast", "student.autocast")
+
+
+def refuse_fp16_autocast(value: Any, name: str, spelling: str) -> Any:
+    """`value` unless it asks for float16 autocast (opd train's student.autocast, opd sft's autocast), which is
+    refused naming bfloat16; `name` is the setting as the error names it, `spelling` as the user would type it."""
+    if isinstance(value, str) and value.strip().lower() in ("float16", "fp16", "half"):
+        raise ValueError(
+            f"{name} {value} is not supported: float16 autocast needs loss scaling (a GradScaler), which opd does "
+            "not do, and without it fp16's narrow range flushes small gradients to zero; use "
+            f"{spelling} bfloat16 (float32's range, no scaling needed) or none"
+        )
+    return value
 
 
 def check_server_url(url: str) -> str:

@@ -61,6 +61,7 @@ from opd.config import (
     TrackingConfig,
     TrustRemoteCode,
     dump_config,
+    refuse_fp16_autocast,
 )
 from opd.data import (
     check_messages,
@@ -193,13 +194,7 @@ class SFTConfig(BaseModel):
     @field_validator("autocast", mode="before")
     @classmethod
     def _no_fp16_autocast(cls, value: Any) -> Any:
-        if isinstance(value, str) and value.strip().lower() in ("float16", "fp16", "half"):
-            raise ValueError(
-                f"autocast {value} is not supported: float16 autocast needs loss scaling (a GradScaler), which "
-                "opd does not do, and without it fp16's narrow range flushes small gradients to zero; use "
-                "--autocast bfloat16 (float32's range, no scaling needed) or none"
-            )
-        return value
+        return refuse_fp16_autocast(value, "autocast", "--autocast")
 
     def require_paths(self) -> None:
         missing = [name for name in ("model", "data") if not getattr(self, name)]
